@@ -154,6 +154,24 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class RebuildConfig:
+    """Background rebuilds of a live stack (``exclude_frame``, ``set_reference``).
+
+    Attributes
+    ----------
+    memory_limit_mb : int
+        Memory the rebuild's integration may use (as ``livestack integrate
+        --memory-limit``), MiB; frames that do not fit go through a scratch file in the
+        stack folder.
+    nice : int
+        Niceness the rebuild process adds to itself (0-19), so live frames come first.
+    """
+
+    memory_limit_mb: int = field(default=2048, metadata=_rng(64, None))
+    nice: int = field(default=10, metadata=_rng(0, 19))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """Logging.
 
@@ -173,7 +191,7 @@ class Config:
 
     Attributes
     ----------
-    watch, output, server, masters, routing, pipeline, log
+    watch, output, server, masters, routing, pipeline, rebuild, log
         The sections; see their classes.
     source : str or None
         File the values were read from (None: embedded defaults). Not a YAML key.
@@ -185,6 +203,7 @@ class Config:
     masters: MastersConfig = field(default_factory=MastersConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    rebuild: RebuildConfig = field(default_factory=RebuildConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = field(default=None, metadata={"internal": True})
 

@@ -7,7 +7,10 @@ Two layers:
     read, route, masters, :class:`~livestack.pipeline.session.StackSession`, journal
     outcome, checkpoint / ``stack.fits`` / preview cadence, hub events and metrics. It also
     resumes stacks (checkpoint + journal replay), executes operator commands and rebuilds
-    stacks. ``livestack stack`` drives it directly; the daemon drives it from its worker.
+    stacks: ``exclude_frame`` / ``set_reference`` run the integration engine in a child
+    process (:mod:`livestack.rebuild`) while the old stack keeps stacking and serving, then
+    seed a live session from its result, replay the frames that arrived meanwhile and swap.
+    ``livestack stack`` drives it directly; the daemon drives it from its worker.
 :class:`Daemon`
     The long-running service: the asyncio loop in the main thread runs the live server,
     signal handling, the systemd watchdog and status; one worker thread runs the engine;
@@ -35,8 +38,10 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import stat as stat_mod
+import subprocess
 import sys
 import threading
 import time
@@ -105,6 +110,9 @@ COMMAND_WAIT_S = 5.0
 SHUTDOWN_S = 9.0
 #: Longest wait for the checkpoint thread at finalize/close (0.6 GB + fsync on a slow SD card).
 CHECKPOINT_WAIT_S = 300.0
+
+#: How long a cancelled rebuild process may take to clean up before it is killed.
+REBUILD_STOP_S = 3.0
 
 CheckpointWriter = Callable[[Path, dict, dict], int]
 
@@ -179,18 +187,38 @@ class _Runtime:
     started: str = field(default_factory=_now_iso)
 
 
+def _remove_files(folder: Path, names: Iterable[str]) -> None:
+    """Remove our own files ``names`` from ``folder`` where they exist."""
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+
+
 @dataclass
 class _Rebuild:
-    """A background rebuild of one stack (exclude a frame / set the reference)."""
+    """A background rebuild of one stack (exclude a frame / set the reference).
+
+    Two phases: the integration engine runs in a child process (:mod:`livestack.rebuild`)
+    while the old session keeps stacking and serving; then the frames the old session took
+    meanwhile are replayed onto the session seeded from the integration, and it replaces
+    the old one.
+    """
 
     stack_id: str
-    session: StackSession
-    order: list[int]                       # row ids in processing order
+    why: str
+    reference: str | None                   # path of the new reference (None: keep it)
+    folder: Path
+    process: subprocess.Popen[bytes] | None = None
+    log_file: Any = None
+    attempts: int = 1
+    started: float = field(default_factory=time.monotonic)
+    last_seq_seen: int = 0                  # the old session's rows up to here are in it
+    # catch-up phase
+    session: StackSession | None = None
+    base_inverse: Transform | None = None   # old-reference coords -> the new reference
+    order: list[int] = field(default_factory=list)  # rows to replay after the integration
     done: set[int] = field(default_factory=set)
-    base_inverse: Transform | None = None  # maps old-reference coords to the new reference
     updates: list[tuple[int, int, list[float] | None]] = field(default_factory=list)
-    last_seq_seen: int = 0
-    why: str = ""
 
 
 @dataclass
@@ -368,6 +396,8 @@ class Engine:
 
         The journal's counts stay readable in :attr:`final_counts`.
         """
+        for stack_id in list(self.rebuilds):
+            self._cancel_rebuild(stack_id)
         if self._checkpoints is not None and not self._checkpoints.stop(CHECKPOINT_WAIT_S):
             log.error("checkpoints not written within %.0f s; the journal is replayed at the "
                       "next start instead", CHECKPOINT_WAIT_S)
@@ -409,6 +439,11 @@ class Engine:
         folder = self.output_root / stack_id
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(folder)
+        from livestack.rebuild import FILE_NAMES as rebuild_files
+
+        _remove_files(folder, rebuild_files)  # of a rebuild the last run did not finish
+        for scratch in folder.glob(".livestack-integrate-*"):  # a killed rebuild's scratch
+            shutil.rmtree(scratch, ignore_errors=True)
         row = self.journal.stack(stack_id)
         if row is None:
             key = stack_key_of(info) if info is not None else {}
@@ -1034,7 +1069,7 @@ class Engine:
         from livestack.pipeline.session import StackSession
 
         self.journal.deactivate(stack_id)
-        self.rebuilds.pop(stack_id, None)
+        self._cancel_rebuild(stack_id)
         rt = self.runtime(stack_id)
         row = self.journal.stack(stack_id)
         assert row is not None
@@ -1049,38 +1084,140 @@ class Engine:
         self.checkpoint(rt)
         log.info("%s: reset (the frames stay in the journal, inactive)", stack_id)
 
-    def _start_rebuild(self, stack_id: str, first_row: int | None, why: str) -> None:
-        from livestack.pipeline.session import StackSession
+    def _start_rebuild(self, stack_id: str, first_row: int | None, why: str,
+                       attempts: int = 1) -> None:
+        """Start integrating the stack's active frames in a child process.
 
+        Frames whose raw file is missing or changed are marked ``failed`` first (they
+        cannot be integrated). A rebuild already running for the stack is cancelled: the
+        new one covers the newer command too.
+        """
+        from livestack import rebuild as rb
+        from livestack.config import config_to_dict
+        from livestack.integrate import check_frame_file, load_session
+
+        self._cancel_rebuild(stack_id)
         rt = self.runtime(stack_id)
-        rows = self.journal.rows_after(stack_id, 0)
-        order = [r.id for r in rows]
-        if first_row is not None and first_row in order:
-            order.remove(first_row)
-            order.insert(0, first_row)
-        by_id = {r.id: r for r in rows}
-        base = next((by_id[i] for i in order if by_id[i].transform is not None
-                     and by_id[i].status == "accepted"), None)
-        base_inverse = None
-        if base is not None and base.transform is not None:
-            from livestack.pipeline.types import Transform as _Transform
-
-            base_inverse = _Transform.from_list(base.transform, base.model or "similarity"
-                                                ).inverse()
-        self.rebuilds[stack_id] = _Rebuild(
-            stack_id, StackSession(stack_id, self.config.pipeline), order,
-            base_inverse=base_inverse, last_seq_seen=max((r.seq or 0 for r in rows), default=0),
-            why=why)
-        log.info("%s: rebuilding (%s) from %d journal row(s) in the background", stack_id,
-                 why, len(order))
+        reference = None
+        if first_row is not None:
+            ref_row = self.journal.row(first_row)
+            reference = ref_row.path if ref_row is not None else None
+        try:
+            frames = load_session(journal=self.journal, stack_id=stack_id).frames
+        except UsageError as exc:  # nothing accepted is left: an empty stack
+            log.info("%s: %s; the stack is emptied", stack_id, exc)
+            self._reset(stack_id)
+            return
+        row_ids: list[int] = []
+        for frame in frames:
+            try:
+                check_frame_file(frame)
+            except FrameError as exc:
+                self._drop_from_rebuild(stack_id, frame.row_id, exc.reason, exc.message)
+                continue
+            if frame.row_id is not None:
+                row_ids.append(frame.row_id)
+        if not row_ids:
+            log.warning("%s: no frame of the stack can be re-read; the stack is emptied",
+                        stack_id)
+            self._reset(stack_id)
+            return
+        _remove_files(rt.folder, rb.FILE_NAMES)
+        request = rb.RebuildRequest(
+            journal=str(self.journal.path), stack_id=stack_id, reference=reference,
+            config={"pipeline": config_to_dict(self.config.pipeline),
+                    "masters": config_to_dict(self.config.masters)},
+            folder=str(rt.folder),
+            memory_limit_bytes=self.config.rebuild.memory_limit_mb * 1024 * 1024,
+            row_ids=row_ids, nice=self.config.rebuild.nice)
+        job = _Rebuild(stack_id, why, reference, rt.folder, attempts=attempts,
+                       last_seq_seen=self.journal.last_seq(stack_id))
+        request.save(rt.folder / rb.REQUEST_NAME)
+        try:
+            job.log_file = open(rt.folder / rb.LOG_NAME, "wb")
+            job.process = subprocess.Popen(
+                [sys.executable, "-m", "livestack.rebuild", str(rt.folder / rb.REQUEST_NAME)],
+                stdin=subprocess.DEVNULL, stdout=job.log_file, stderr=subprocess.STDOUT,
+                close_fds=True)
+        except OSError as exc:
+            if job.log_file is not None:
+                job.log_file.close()
+            raise StorageError(f"{rt.folder}: cannot start the rebuild process: "
+                               f"{exc.strerror or exc}") from None
+        self.rebuilds[stack_id] = job
+        log.info("%s: rebuilding (%s) with the integration engine in the background "
+                 "(pid %d)", stack_id, why, job.process.pid)
         self._publish_stack(rt)
 
-    def rebuild_step(self) -> bool:
-        """Process one frame of a pending rebuild; swap when done. False when none is left."""
+    def _drop_from_rebuild(self, stack_id: str, row_id: int | None, reason: str,
+                           message: str) -> None:
+        """Mark a frame that cannot be re-read ``failed`` so rebuilds leave it out."""
+        if row_id is None:
+            return
+        row = self.journal.row(row_id)
+        if row is None:
+            return
+        log.warning("%s: %s: cannot rebuild with it: %s", row.path, reason, message)
+        self.journal.finish(row.id, "failed", reason=f"replay_{reason}", message=message,
+                            stack_id=stack_id, seq=row.seq)
+
+    def _accepted_in(self, row_id: int, stack_id: str) -> bool:
+        """True if journal row ``row_id`` is an active, accepted frame of ``stack_id``."""
+        row = self.journal.row(row_id)
+        return (row is not None and row.active and row.stack_id == stack_id
+                and row.status == "accepted")
+
+    def _cancel_rebuild(self, stack_id: str) -> None:
+        """Stop a stack's rebuild (its process removes its scratch file on SIGTERM)."""
+        job = self.rebuilds.pop(stack_id, None)
+        if job is not None:
+            self._stop_process(job)
+
+    @staticmethod
+    def _stop_process(job: _Rebuild) -> None:
+        if job.process is not None and job.process.poll() is None:
+            job.process.terminate()
+            try:
+                job.process.wait(REBUILD_STOP_S)
+            except subprocess.TimeoutExpired:
+                job.process.kill()
+                job.process.wait()
+        if job.log_file is not None:
+            job.log_file.close()
+            job.log_file = None
+
+    def rebuild_step(self, wait_s: float = 0.0) -> bool:
+        """Advance a pending rebuild by one step; swap when done.
+
+        Parameters
+        ----------
+        wait_s : float
+            How long to wait for a running integration to finish (0: just look).
+
+        Returns
+        -------
+        bool
+            True when something was done (a result loaded, a frame replayed, a swap);
+            False when no rebuild is pending or the integration is still running.
+        """
         if not self.rebuilds:
             return False
         stack_id, job = next(iter(self.rebuilds.items()))
         rt = self.runtime(stack_id)
+        if job.session is None:
+            assert job.process is not None
+            try:
+                code = job.process.wait(wait_s) if wait_s > 0 else job.process.poll()
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is None:
+                return False
+            self._stop_process(job)
+            if code != 0:
+                self._rebuild_failed(rt, job, code)
+                return True
+            self._seed_from_result(rt, job)
+            return True
         # Frames stacked into the old session meanwhile join the end of the rebuild.
         for row in self.journal.rows_after(stack_id, job.last_seq_seen):
             if row.id not in job.order:
@@ -1112,7 +1249,96 @@ class Engine:
             job.updates.append((row.id, len(job.updates) + 1, new_tr))
         return True
 
+    def _rebuild_failed(self, rt: _Runtime, job: _Rebuild, code: int) -> None:
+        """A rebuild process failed: drop a frame it could not read and retry, or give up."""
+        from livestack import rebuild as rb
+
+        del self.rebuilds[rt.stack_id]
+        error = rb.read_error(job.folder / rb.ERROR_NAME) or {}
+        message = str(error.get("message") or f"exit status {code}, see "
+                      f"{job.folder / rb.LOG_NAME}")
+        reason = str(error.get("reason") or "failed")
+        culprit = next((r for r in self.journal.rows(stack_id=rt.stack_id)
+                        if r.active and message.startswith(f"{r.path}:")), None)
+        if culprit is not None and job.attempts < 3:
+            self._drop_from_rebuild(rt.stack_id, culprit.id, reason, message)
+            self._restart_rebuild(rt, job)
+            return
+        self._abandon_rebuild(rt, job, message)
+
+    def _restart_rebuild(self, rt: _Runtime, job: _Rebuild) -> None:
+        """Start the same rebuild again on the journal as it is now."""
+        first = None
+        if job.reference is not None:
+            first = next((r.id for r in self.journal.rows(stack_id=rt.stack_id)
+                          if r.active and r.path == job.reference and r.status == "accepted"),
+                         None)
+        self.rebuilds.pop(rt.stack_id, None)
+        self._start_rebuild(rt.stack_id, first, job.why, attempts=job.attempts + 1)
+
+    def _seed_from_result(self, rt: _Runtime, job: _Rebuild) -> None:
+        """Load the integration and seed the new live session from it (catch-up phase)."""
+        from livestack import rebuild as rb
+        from livestack.pipeline.session import StackSession
+        from livestack.pipeline.types import Transform as _Transform
+
+        try:
+            result = rb.read_result(job.folder / rb.RESULT_NAME)
+        except StorageError as exc:
+            self._abandon_rebuild(rt, job, str(exc))
+            return
+        finally:
+            _remove_files(job.folder, (rb.RESULT_NAME, rb.REQUEST_NAME, rb.ERROR_NAME))
+        moved = [row_id for row_id, _ in result.rows
+                 if not self._accepted_in(row_id, rt.stack_id)]
+        if moved:
+            # A frame left the stack while it was integrated (rerouted): again without it.
+            if job.attempts >= 3:
+                self._abandon_rebuild(rt, job, "frames keep leaving the stack")
+                return
+            log.info("%s: %d integrated frame(s) left the stack meanwhile; rebuilding again",
+                     rt.stack_id, len(moved))
+            self._restart_rebuild(rt, job)
+            return
+        ref_row = self.journal.row(result.reference_row)
+        noise = result.product.frame_noise_adu
+        try:
+            if noise is None:
+                raise ValueError("the result has no per-frame noise")
+            raw, info = self._read(result.reference)
+            masters = self._select_masters(info)
+            session = StackSession.from_product(rt.stack_id, self.config.pipeline,
+                                                result.product, noise, raw, info, masters)
+        except (FrameError, ValueError) as exc:
+            self._abandon_rebuild(rt, job, str(exc))
+            return
+        _remove_files(job.folder, (rb.LOG_NAME,))  # kept only when something went wrong
+        job.session = session
+        # The reference goes first: a replay of the journal makes its first frame the
+        # reference, and the stored transforms refer to this one.
+        ordered = sorted(result.rows, key=lambda r: r[0] != result.reference_row)
+        job.updates = [(row_id, seq, tr) for seq, (row_id, tr) in enumerate(ordered, start=1)]
+        job.done = {row_id for row_id, _ in result.rows}
+        if ref_row is not None and ref_row.transform is not None:
+            # Frames the old session took meanwhile are on the old reference's grid.
+            job.base_inverse = _Transform.from_list(ref_row.transform,
+                                                    ref_row.model or "similarity").inverse()
+        log.info("%s: rebuild (%s) integrated %d frames in %.1f s; catching up", rt.stack_id,
+                 job.why, len(result.rows), time.monotonic() - job.started)
+
+    def _abandon_rebuild(self, rt: _Runtime, job: _Rebuild, message: str) -> None:
+        """Give a rebuild up: one error line and an alert; the old stack stays."""
+        self.rebuilds.pop(rt.stack_id, None)
+        log.error("%s: rebuild (%s) failed: %s; the stack keeps its previous frames until the "
+                  "next restart replays the journal", rt.stack_id, job.why, message)
+        if self.hub is not None:
+            self.hub.publish({"type": "alert", "level": "error", "code": "rebuild_failed",
+                              "message": f"{rt.stack_id}: rebuild failed: {message}",
+                              "stack_id": rt.stack_id})
+        self._publish_stack(rt)
+
     def _swap(self, rt: _Runtime, job: _Rebuild) -> None:
+        assert job.session is not None
         self.journal.rewrite_stack(rt.stack_id, job.updates)
         row = self.journal.stack(rt.stack_id)
         assert row is not None

@@ -72,6 +72,7 @@ from livestack.pipeline.normalize import (
     NormalizeConfig,
     frame_stats,
     normalization,
+    normalized_noise,
     star_flux_scale,
 )
 from livestack.pipeline.select import parse_select, selection_values
@@ -209,6 +210,8 @@ class _Registered:
     transform: Transform
     metrics: FrameMetrics | None
     masters: tuple[str, ...] = field(default_factory=tuple)
+    #: Background sigma after normalisation (ADU), one value per channel.
+    noise_adu: tuple[float, ...] = ()
 
 
 # ----------------------------------------------------------------------------- session
@@ -558,36 +561,48 @@ def _fmt_bytes(n: int) -> str:
 
 # ------------------------------------------------------------------------- registration
 def _check_files(plan: IntegrationPlan) -> None:
-    """Every raw file must exist, be a complete FITS file and be unchanged since it was
-    stacked; else one :class:`FrameError` naming it, before anything is computed or written.
+    """Every raw file must pass :func:`check_frame_file`, before anything is computed or
+    written."""
+    for frame in plan.frames:
+        check_frame_file(frame)
+
+
+def check_frame_file(frame: SessionFrame) -> None:
+    """Check that a session frame's raw file exists, is a complete FITS file and is
+    unchanged since it was stacked.
 
     Unchanged means the same size and, when the modification time differs, the same
     SHA-256 as recorded in the journal.
+
+    Raises
+    ------
+    FrameReadError
+        ``missing``, ``unreadable``, ``changed_on_disk`` or a FITS completeness reason,
+        in one message naming the file.
     """
     from livestack.storage.fitsio import check_complete
     from livestack.storage.journal import sha256_file
 
-    for frame in plan.frames:
+    try:
+        st = os.stat(frame.path)
+    except FileNotFoundError:
+        raise FrameReadError("missing", f"{frame.path}: raw frame listed in the journal "
+                                        "is missing") from None
+    except OSError as exc:
+        raise FrameReadError("unreadable", f"{frame.path}: cannot read: "
+                                           f"{exc.strerror or exc}") from None
+    changed = frame.size is not None and st.st_size != frame.size
+    if (not changed and frame.mtime_ns is not None and st.st_mtime_ns != frame.mtime_ns
+            and frame.sha256 is not None):
         try:
-            st = os.stat(frame.path)
-        except FileNotFoundError:
-            raise FrameReadError("missing", f"{frame.path}: raw frame listed in the journal "
-                                            "is missing") from None
+            changed = sha256_file(frame.path) != frame.sha256
         except OSError as exc:
             raise FrameReadError("unreadable", f"{frame.path}: cannot read: "
                                                f"{exc.strerror or exc}") from None
-        changed = frame.size is not None and st.st_size != frame.size
-        if (not changed and frame.mtime_ns is not None and st.st_mtime_ns != frame.mtime_ns
-                and frame.sha256 is not None):
-            try:
-                changed = sha256_file(frame.path) != frame.sha256
-            except OSError as exc:
-                raise FrameReadError("unreadable", f"{frame.path}: cannot read: "
-                                                   f"{exc.strerror or exc}") from None
-        if changed:
-            raise FrameReadError("changed_on_disk", f"{frame.path}: content changed since it "
-                                                    "was stacked")
-        check_complete(Path(frame.path))
+    if changed:
+        raise FrameReadError("changed_on_disk", f"{frame.path}: content changed since it "
+                                                "was stacked")
+    check_complete(Path(frame.path))
 
 
 def _metrics_of(frame: SessionFrame) -> FrameMetrics | None:
@@ -824,13 +839,14 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
                 signal_scale = _signal_scale(index == ref_index, frame.transform, stars,
                                              ref_stars)
                 n_star_scaled += signal_scale is not None
-                planes, weight = _register(frame, image, shape, pipeline.warp.kernel,
-                                           ref_stats, ref_metrics, norm_config, keep_dir,
-                                           plan.reference.path, planes_buffer, signal_scale)
+                planes, weight, noise = _register(frame, image, shape, pipeline.warp.kernel,
+                                                  ref_stats, ref_metrics, norm_config, keep_dir,
+                                                  plan.reference.path, planes_buffer,
+                                                  signal_scale)
                 del image
                 store.put(index, planes)
                 facts[index] = _Registered(info, weight, frame.transform, _metrics_of(frame),
-                                           applied)
+                                           applied, noise)
                 if progress is not None:
                     progress("register", done, n)
         del planes, planes_buffer  # the last frame's planes are the buffer
@@ -875,7 +891,7 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
               kernel: str, ref_stats: FrameStats, ref_metrics: FrameMetrics | None,
               norm_config: NormalizeConfig, keep_dir: Path | None, reference: str,
               out: NDArray[np.float32], signal_scale: float | None = None
-              ) -> tuple[NDArray[np.float32], float]:
+              ) -> tuple[NDArray[np.float32], float, tuple[float, ...]]:
     """Warp one calibrated frame onto the reference and normalise it, as the live stack does.
 
     Parameters
@@ -908,6 +924,8 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
     planes : ndarray, shape (channels, ny, nx), float32
         ``out``, NaN outside the footprint.
     weight : float
+    noise_adu : tuple of float
+        The normalised frame's background sigma per channel (ADU).
 
     Raises
     ------
@@ -934,7 +952,8 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         registered = warped.image.reshape(channels, *shape).copy()
         np.copyto(registered, np.float32(np.nan), where=~warped.footprint)
         _write_registered(keep_dir, frame, registered, frame.transform, reference)
-    return planes, float(norm.weight)
+    noise = np.atleast_1d(np.asarray(normalized_noise(stats, norm), dtype=np.float64))
+    return planes, float(norm.weight), tuple(float(v) for v in noise)
 
 
 def _luminance(image: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -1053,7 +1072,8 @@ def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: Normal
     return StackProduct(
         image=out(maps["image"]), weight=weight, count=out(maps["count"]),
         rejected_low=out(maps["rejected_low"]), rejected_high=out(maps["rejected_high"]),
-        records=records, header=header, **({"std": out(std)} if std is not None else {}))
+        records=records, header=header, **({"std": out(std)} if std is not None else {}),
+        frame_noise_adu=np.array([f.noise_adu for f in facts], dtype=np.float64))
 
 
 def integrate_session(stack_dir: str | Path | None = None,
@@ -1101,6 +1121,7 @@ __all__ = [
     "MemoryPlan",
     "Session",
     "SessionFrame",
+    "check_frame_file",
     "find_journal",
     "integrate_plan",
     "integrate_session",

@@ -375,26 +375,20 @@ def test_hub_events_and_an_alert_after_five_rejections(tmp_path: Path,
 
 
 def _rebuild(engine: Engine) -> None:
-    for _ in range(100):
-        if not engine.rebuild_step():
+    """Drive a pending rebuild to its swap, waiting on the integration process."""
+    for _ in range(200):
+        if not engine.rebuilds:
             return
+        engine.rebuild_step(wait_s=300)
     raise AssertionError("rebuild did not finish")
-
-
-def _expected_without(engine: Engine, stack_id: str) -> np.ndarray:
-    """The stack re-made from the journal's active rows with their stored transforms."""
-    session = StackSession(stack_id, engine.config.pipeline)
-    for row in engine.journal.rows_after(stack_id, 0):
-        raw, info, _ = read_frame(Path(row.path))
-        tr = Transform.from_list(row.transform, row.model) if row.transform else None
-        session.process(raw, info, None, stored_transform=tr)
-    return session.product().image
 
 
 def test_commands_exclude_reference_reset_pause_new_stack(tmp_path: Path,
                                                           frames: list[Path]) -> None:
+    from livestack.integrate import integrate_session
+
     watch = copy_frames(frames[:6], tmp_path / "in")
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks", background_checkpoints=False)
     for path in watch[:5]:
         engine.process_path(path)
     (stack_id,) = engine.runtimes
@@ -407,30 +401,58 @@ def test_commands_exclude_reference_reset_pause_new_stack(tmp_path: Path,
     with pytest.raises(UsageError, match="unknown stack"):
         engine.validate_command("reset", {"stack_id": "../../etc"})
 
-    # exclude a frame: rebuilt without it; the old session serves until the swap.
+    # What `livestack integrate STACK --exclude frame-2` gives (its defaults).
+    expected = integrate_session(journal=engine.journal, stack_id=stack_id,
+                                 exclude=[watch[2].name], pipeline=engine.config.pipeline)
+
+    # exclude a frame: the integration engine rebuilds the stack in a child process while
+    # the old session keeps serving; then the rebuilt stack replaces it.
     old_session = rt.session
     args = engine.validate_command("exclude_frame", {"file": watch[2].name})
     engine.execute_command("exclude_frame", args)
-    assert rt.session is old_session and stack_id in engine.rebuilds
-    engine.process_path(watch[5])  # a new frame during the rebuild joins both
+    job = engine.rebuilds[stack_id]
+    assert rt.session is old_session and job.process is not None
+    assert engine.summary(rt)["state"] == "rebuilding"
     _rebuild(engine)
-    assert rt.session is not old_session
-    assert rt.session.n_accepted == n0  # -1 excluded, +1 new
+    assert rt.session is not old_session and not engine.rebuilds
+    assert rt.session.n_accepted == n0 - 1
     assert not last_row(engine, watch[2]).active
-    assert_same_image(rt.session.product().image, _expected_without(engine, stack_id),
-                      rel=0.0)
-    assert engine.wait_checkpoints(30)
+    product = rt.session.product()
+    np.testing.assert_array_equal(product.image, expected.image)
+    np.testing.assert_array_equal(product.count, expected.count)
+    np.testing.assert_array_equal(product.weight, expected.weight)
+    np.testing.assert_array_equal(product.rejected_high, expected.rejected_high)
+    with fits.open(rt.folder / "stack.fits") as hdul:
+        np.testing.assert_array_equal(hdul[0].data, expected.image)
+        assert hdul[0].header["NCOMBINE"] == n0 - 1
+        assert hdul[0].header["INTEGRAT"] == "batch+live"
+        assert hdul[0].header["REJECT"] == "winsorized"
     assert load_checkpoint(rt.folder / CHECKPOINT_NAME)[1]["generation"] == rt.generation
+    assert not list(rt.folder.glob("rebuild*")), "the rebuild's files are removed"
 
-    # set the reference: that frame becomes seq 1 with the identity transform.
+    # set the reference while a new frame arrives: the frame is stacked into the old
+    # session at once and into the rebuilt one after the integration.
     args = engine.validate_command("set_reference", {"file": watch[4].name})
     engine.execute_command("set_reference", args)
+    engine.process_path(watch[5])
+    assert rt.session.n_accepted == n0  # the old session took it
     _rebuild(engine)
     assert rt.session.reference_file == os.path.abspath(watch[4])
-    first = engine.journal.rows_after(stack_id, 0)[0]
-    assert first.path == os.path.abspath(watch[4])
-    np.testing.assert_allclose(np.reshape(first.transform, (2, 3)), np.eye(2, 3), atol=1e-9)
+    rows = engine.journal.rows_after(stack_id, 0)
+    assert rows[0].path == os.path.abspath(watch[4])
+    np.testing.assert_allclose(np.reshape(rows[0].transform, (2, 3)), np.eye(2, 3), atol=1e-9)
+    assert rows[-1].path == os.path.abspath(watch[5])  # replayed onto the rebuilt stack
     assert rt.session.n_accepted == n0
+    # The live frame's journal transform now maps it onto the new reference: it matches
+    # a fresh registration against frame 4 to a small fraction of a pixel.
+    ref_session = StackSession("check", engine.config.pipeline)
+    for path in (watch[4], watch[5]):
+        raw, info, _ = read_frame(path)
+        outcome = ref_session.process(raw, info, None)
+    assert outcome.transform is not None
+    fresh = outcome.transform.apply(np.array([[100.0, 80.0]]))
+    stored = Transform.from_list(rows[-1].transform, rows[-1].model or "similarity")
+    assert np.abs(stored.apply(np.array([[100.0, 80.0]])) - fresh).max() < 0.05
 
     # pause / resume / snapshot
     engine.execute_command("pause", {})
@@ -556,8 +578,10 @@ def test_run_subprocess_systemd_notify_signals_and_outputs(tmp_path: Path,
             time.sleep(0.05)
         assert [s["frames"] for s in stacks] == [3]
         # Operator commands: refused without the token, executed by the worker with it.
-        def command(name: str, auth: str | None) -> tuple[int, dict]:
-            req = urllib.request.Request(url + f"api/command/{name}", data=b"{}",
+        def command(name: str, auth: str | None, args: dict | None = None
+                    ) -> tuple[int, dict]:
+            req = urllib.request.Request(url + f"api/command/{name}",
+                                         data=json.dumps(args or {}).encode(),
                                          method="POST",
                                          headers={"Content-Type": "application/json"})
             if auth:
@@ -581,6 +605,10 @@ def test_run_subprocess_systemd_notify_signals_and_outputs(tmp_path: Path,
         while not (any(m.startswith("WATCHDOG=1") for m in messages) and any(
                 m.startswith("STATUS=") and "3 stacked" in m for m in messages)):
             messages.append(sock.recv(4096).decode())
+        # Excluding a frame rebuilds in the background (a child process) and swaps.
+        status, reply = command("exclude_frame", token, {"file": frames[1].name})
+        assert status == 200 and reply.get("ok") is True, reply
+        d.wait_line(lambda s: "rebuild (exclude_frame) done: 2 frames" in s, timeout_s=120)
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
         code = d.proc.wait(timeout=15)
@@ -599,11 +627,13 @@ def test_run_subprocess_systemd_notify_signals_and_outputs(tmp_path: Path,
     assert kinds.index("READY") < kinds.index("WATCHDOG") < kinds.index("STOPPING")
     (folder,) = {p.parent for p in out.rglob("stack.fits")}
     db = sqlite3.connect(out / "journal.sqlite")
-    accepted = db.execute("SELECT COUNT(*) FROM frames WHERE status='accepted'").fetchone()[0]
-    last_seq = db.execute("SELECT MAX(seq) FROM frames").fetchone()[0]
+    accepted = db.execute("SELECT COUNT(*) FROM frames WHERE status='accepted' AND active=1"
+                          ).fetchone()[0]
+    last_seq = db.execute("SELECT MAX(seq) FROM frames WHERE active=1").fetchone()[0]
     db.close()
     with fits.open(folder / "stack.fits") as hdul:
-        assert hdul[0].header["NCOMBINE"] == accepted >= 2
+        assert hdul[0].header["NCOMBINE"] == accepted == 2
+        assert hdul[0].header["INTEGRAT"] == "batch+live"
     assert load_checkpoint(folder / CHECKPOINT_NAME)[1]["seq"] == last_seq
     assert (folder / "preview.jpg").is_file()
     text = "\n".join(d.drain())
@@ -876,6 +906,77 @@ def test_checkpoint_thread_survives_a_bug_and_drain_returns(
         assert thread.stop(60)
     assert written == ["good"]
     assert any(r.exc_info for r in caplog.records)
+
+
+def test_viewers_see_the_old_stack_until_the_rebuild_swaps(tmp_path: Path,
+                                                            frames: list[Path]) -> None:
+    watch = copy_frames(frames[:6], tmp_path / "in")
+    hub = RecordingHub()
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks", hub=hub)  # type: ignore[arg-type]
+    for path in watch[:5]:
+        engine.process_path(path)
+    (stack_id,) = engine.runtimes
+    rt = engine.runtimes[stack_id]
+    old_session = rt.session
+    engine.execute_command("exclude_frame",
+                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    mark = len(hub.events)
+    engine.process_path(watch[5])  # a live frame during the rebuild
+    during = [e for e in hub.events[mark:] if e["type"] == "stack"]
+    # ... goes into the old stack, which viewers keep getting (with the excluded frame).
+    assert rt.session is old_session
+    assert during and all(e["state"] == "rebuilding" for e in during)
+    assert during[-1]["frames"] == 6
+    assert hub.previews[-1][1] == hub.hub.stack(stack_id)["preview_version"]
+    previews_before = len(hub.previews)
+    _rebuild(engine)
+    after = [e for e in hub.events if e["type"] == "stack"][-1]
+    assert after["state"] == "running" and after["frames"] == 5  # 6 - 1 excluded
+    assert len(hub.previews) == previews_before + 1  # the swap pushes the rebuilt preview
+    engine.close()
+
+
+def test_rebuild_leaves_out_a_frame_deleted_from_disk(tmp_path: Path,
+                                                      frames: list[Path]) -> None:
+    watch = copy_frames(frames[:5], tmp_path / "in")
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    for path in watch:
+        engine.process_path(path)
+    (stack_id,) = engine.runtimes
+    watch[3].unlink()  # the user tidied up
+    engine.execute_command("exclude_frame",
+                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    _rebuild(engine)
+    rt = engine.runtimes[stack_id]
+    assert rt.session.n_accepted == 3
+    gone = last_row(engine, watch[3])
+    assert gone.status == "failed" and gone.reason == "replay_missing"
+    assert {r.path for r in engine.journal.rows_after(stack_id, 0, ("accepted",))} == {
+        os.path.abspath(p) for p in (watch[0], watch[2], watch[4])}
+    engine.close()
+
+
+def test_closing_the_engine_stops_a_running_rebuild(tmp_path: Path,
+                                                    frames: list[Path]) -> None:
+    watch = copy_frames(frames[:5], tmp_path / "in")
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    for path in watch:
+        engine.process_path(path)
+    (stack_id,) = engine.runtimes
+    folder = engine.runtimes[stack_id].folder
+    engine.execute_command("exclude_frame",
+                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    process = engine.rebuilds[stack_id].process
+    assert process is not None
+    engine.close()
+    assert process.poll() is not None and not engine.rebuilds
+    assert not list(folder.glob(".livestack-integrate-*"))
+    # The next start replays the journal: the exclusion holds.
+    again = Engine(make_config(tmp_path), tmp_path / "stacks")
+    again.resume()
+    assert again.runtime(stack_id).session.n_accepted == 4
+    assert not list(folder.glob("rebuild*"))
+    again.close()
 
 
 def test_rebuild_skips_a_row_rerouted_to_another_stack(tmp_path: Path,

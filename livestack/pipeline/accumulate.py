@@ -553,6 +553,91 @@ class RunningStack:
          stack._rej_hi) = loaded
         return stack
 
+    @classmethod
+    def from_maps(cls, config: StackConfig, *, mean: NDArray[np.float32],
+                  weight: NDArray[np.float32], count: NDArray[np.uint16],
+                  std: NDArray[np.float32] | None, rejected_low: NDArray[np.uint16],
+                  rejected_high: NDArray[np.uint16], n_frames: int,
+                  frame_noise_adu: NDArray[np.float64]) -> RunningStack:
+        """Seed a stack from a batch result so live frames can keep accumulating on it.
+
+        The daemon's background rebuild (exclude a frame, change the reference) integrates
+        the session with the batch engine and continues live from its maps.
+
+        Parameters
+        ----------
+        config : StackConfig
+        mean : ndarray, shape (ny, nx) or (3, ny, nx), float32
+            Weighted mean of the kept samples (ADU); NaN where none was kept.
+        weight : ndarray, shape (ny, nx) or like ``mean``, float32
+            Summed weights of the kept samples; a 2-D map is used for every channel.
+        count, rejected_low, rejected_high : ndarray like ``mean``, uint16
+            Kept / rejected samples per pixel.
+        std : ndarray like ``mean``, float32, or None
+            Weighted standard deviation of the kept samples (``sqrt(m2 / wsum * n / (n-1))``,
+            as :meth:`std_map`); None (or NaN) leaves the variance to the noise model.
+        n_frames : int
+            Frames in the batch result (>= 1).
+        frame_noise_adu : ndarray, shape (n_frames, channels) or (n_frames,), float64
+            Each normalised frame's background sigma (ADU), > 0.
+
+        Returns
+        -------
+        RunningStack
+            Past its warm-up: the next :meth:`add` tests against the seeded statistics.
+
+        Raises
+        ------
+        ValueError
+            On shape mismatches, ``n_frames < 1`` or non-positive noise.
+        """
+        mean_arr = np.asarray(mean, dtype=np.float32)
+        stack = cls(mean_arr.shape, config)
+        planes = (stack._nc, stack._ny, stack._nx)
+        if n_frames < 1:
+            raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+        noise = np.asarray(frame_noise_adu, dtype=np.float64).reshape(n_frames, -1)
+        if noise.shape[1] not in (1, stack._nc) or not np.all(np.isfinite(noise) & (noise > 0)):
+            raise ValueError(f"frame_noise_adu must be finite, > 0 and (n_frames, "
+                             f"{stack._nc}); got shape {noise.shape}")
+        noise = np.broadcast_to(noise, (n_frames, stack._nc))
+
+        def plane(arr: NDArray[Any], dtype: Any, name: str) -> NDArray[Any]:
+            a = np.asarray(arr, dtype=dtype)
+            if a.shape == planes[1:]:  # mono maps, or one weight map for every channel
+                a = np.broadcast_to(a, planes)
+            if a.shape != planes:
+                raise ValueError(f"{name} has shape {a.shape}, expected {stack.shape}")
+            return np.ascontiguousarray(a, dtype=dtype).copy()
+
+        n = plane(count, np.uint16, "count")
+        m = plane(mean_arr, np.float32, "mean")
+        w = plane(weight, np.float32, "weight")
+        covered = n > 0
+        m[~covered] = 0.0
+        w[~covered] = 0.0
+        m2 = np.zeros(planes, dtype=np.float32)
+        if std is not None:
+            s = plane(std, np.float64, "std")
+            nf = n.astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                seeded = s * s * w * (nf - 1.0) / nf  # inverse of std_map()
+            ok = (n >= 2) & np.isfinite(seeded)
+            m2[ok] = seeded[ok]
+        stack._mean, stack._m2, stack._wsum, stack._count = m, m2, w, n
+        stack._rej_lo = plane(rejected_low, np.uint16, "rejected_low")
+        stack._rej_hi = plane(rejected_high, np.uint16, "rejected_high")
+        stack._warm = False
+        stack.n_frames = int(n_frames)
+        stack._noise_sq_sum = (noise * noise).sum(axis=0)
+        # The sky level that gates the structure branch: the median of the stack itself.
+        sample = m[:, ::_SKY_STEP, ::_SKY_STEP]
+        counted = n[:, ::_SKY_STEP, ::_SKY_STEP] > 0
+        for c in range(stack._nc):
+            values = sample[c][counted[c]]
+            stack._sky[c] = float(np.median(values)) if values.size else 0.0
+        return stack
+
     def _allocate_warm_buffer(self, frames: NDArray[np.float32]) -> None:
         if frames.shape[0] == 0:
             return

@@ -31,6 +31,9 @@ class StackProduct:
         Keys are FITS keywords (<= 8 characters); values are str, int, float or bool.
     std : ndarray like ``image``, float32, optional
         Per-pixel weighted standard deviation of the accepted samples.
+    frame_noise_adu : ndarray, shape (n_accepted, channels), float64, optional
+        Background sigma (ADU) of each accepted frame after normalisation, in the order
+        of the accepted ``records`` (batch integrations; lets a live stack continue).
     """
 
     image: NDArray[np.float32]
@@ -41,3 +44,4 @@ class StackProduct:
     records: list[FrameRecord]
     header: dict[str, object]
     std: NDArray[np.float32] | None = None
+    frame_noise_adu: NDArray[np.float64] | None = None

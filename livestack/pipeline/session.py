@@ -206,6 +206,8 @@ class StackSession:
         self._weights: list[float] = []
         #: False once the stack's reference differs from the one stored transforms refer to.
         self._stored_transforms_valid = True
+        #: Header values of the batch integration this session continues (see from_product).
+        self.base_header: dict[str, object] = {}
 
     # ------------------------------------------------------------------ frames
     def process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
@@ -242,8 +244,24 @@ class StackSession:
             self._record(outcome, info)
             return outcome
 
-    def _process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
-                 stored_transform: Transform | None, timer: _Timer) -> FrameOutcome:
+    def _prepare(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
+                 timer: _Timer) -> tuple[np.ndarray, np.ndarray, StarList, FrameMetrics]:
+        """Calibrate, correct, debayer and measure one raw frame.
+
+        Returns
+        -------
+        image : ndarray, (ny, nx) or (3, ny, nx), float32
+            The calibrated (debayered) frame, ADU.
+        lum : ndarray, (ny, nx), float32
+            Its luminance (``image`` itself for mono).
+        stars : StarList
+        metrics : FrameMetrics
+
+        Raises
+        ------
+        FrameError
+            ``not_2d``, ``shape_mismatch``, ``all_nan`` or a calibration problem.
+        """
         cfg = self.config
         if raw.ndim != 2:
             raise FrameError("not_2d", f"{info.path}: expected a 2-D image, got shape {raw.shape}")
@@ -282,7 +300,12 @@ class StackSession:
             detect_cfg = replace(detect_cfg, pixel_scale_arcsec=info.pixel_scale_arcsec)
         stars, metrics = measure(lum, detect_cfg)
         timer.lap("detect")
+        return image, lum, stars, metrics
 
+    def _process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
+                 stored_transform: Transform | None, timer: _Timer) -> FrameOutcome:
+        cfg = self.config
+        image, lum, stars, metrics = self._prepare(raw, info, masters, timer)
         verdict = self.gate.evaluate(metrics)
         if not verdict.accepted:
             outcome = FrameOutcome(info.path, "rejected", verdict.reason, verdict.message,
@@ -426,6 +449,9 @@ class StackSession:
         }
         if self._reference is not None:
             header["REFFRAME"] = self._reference.file
+        if self.base_header:
+            header.update(self.base_header)
+            header["INTEGRAT"] = "batch+live"  # a rebuild's batch result, then live frames
         starts = [r.date_obs for r in accepted if r.date_obs is not None]
         if starts:
             header["DATE-OBS"] = _iso(min(starts))
@@ -489,7 +515,8 @@ class StackSession:
             "gate": self.gate.to_dict(),
             "weights": list(self._weights),
             "stored_transforms_valid": self._stored_transforms_valid,
-            "records": [_record_to_json(r) for r in self.records],
+            "base_header": dict(self.base_header),
+            "records": [record_to_json(r) for r in self.records],
             "first_info": None if self.first_info is None else _info_to_json(self.first_info),
         }
         if self._stack is not None:
@@ -527,7 +554,8 @@ class StackSession:
         session.gate = QualityGate.from_dict(config.gate, meta["gate"])
         session._weights = [float(w) for w in meta.get("weights", [])]
         session._stored_transforms_valid = bool(meta.get("stored_transforms_valid", True))
-        session.records = [_record_from_json(r) for r in meta["records"]]
+        session.base_header = dict(meta.get("base_header", {}))
+        session.records = [record_from_json(r) for r in meta["records"]]
         if meta.get("first_info") is not None:
             session.first_info = _info_from_json(meta["first_info"])
         stack_state = {k[len("stack."):]: v for k, v in arrays.items() if k.startswith("stack.")}
@@ -548,7 +576,79 @@ class StackSession:
         return session
 
 
+    @classmethod
+    def from_product(cls, stack_id: str, config: PipelineConfig, product: StackProduct,
+                     frame_noise_adu: np.ndarray, reference_raw: np.ndarray,
+                     reference_info: FrameInfo, reference_masters: MasterSet | None
+                     ) -> StackSession:
+        """A live session that continues from a batch integration of the same frames.
+
+        The daemon's background rebuild (exclude a frame, change the reference) runs the
+        integration engine and then keeps stacking live frames onto its result.
+
+        Parameters
+        ----------
+        stack_id : str
+        config : PipelineConfig
+        product : StackProduct
+            The integration: a weighted mean with its weight, count, rejection and
+            (preferably) ``std`` maps; ``records`` lists the integrated frames as
+            ``accepted`` with their transforms onto the reference.
+        frame_noise_adu : ndarray, shape (n_accepted, channels), float64
+            Background sigma (ADU) of each integrated frame after normalisation.
+        reference_raw : ndarray, shape (ny, nx), float32
+            The reference frame's raw pixels (its stars and statistics become the
+            session's reference for the live frames that follow).
+        reference_info : FrameInfo
+        reference_masters : MasterSet or None
+
+        Returns
+        -------
+        StackSession
+
+        Raises
+        ------
+        FrameError
+            The reference frame cannot be calibrated or measured.
+        ValueError
+            The product does not match the reference frame's grid or has no frame.
+        """
+        session = cls(stack_id, config)
+        image, lum, stars, metrics = session._prepare(reference_raw, reference_info,
+                                                      reference_masters, _Timer())
+        if tuple(product.image.shape) != tuple(image.shape):
+            raise ValueError(f"{reference_info.path}: integration shape {product.image.shape} "
+                             f"differs from the reference frame's {image.shape}")
+        ref_stats = frame_stats(image, None)
+        _check_noise(np.asarray(ref_stats.noise_adu, dtype=np.float64), reference_info)
+        session._set_reference(reference_info, image, lum, stars, metrics, ref_stats)
+        accepted = [r for r in product.records if r.verdict == "accepted"]
+        session._stack = RunningStack.from_maps(
+            config.stack, mean=product.image, weight=product.weight, count=product.count,
+            std=product.std, rejected_low=product.rejected_low,
+            rejected_high=product.rejected_high, n_frames=len(accepted),
+            frame_noise_adu=frame_noise_adu)
+        session.records = list(product.records)
+        for record in accepted:
+            if record.metrics is not None:
+                session.gate.record_accepted(record.metrics)
+        session.n_accepted = len(accepted)
+        session.total_exposure_s = float(sum(r.exposure_s for r in accepted))
+        session._weights = [float(r.weight) for r in accepted]
+        egain = product.header.get("EGAIN")
+        if isinstance(egain, (int, float)):
+            session.egain_e_per_adu = float(egain)
+        session.base_header = {k: product.header[k] for k in _BATCH_KEYS
+                               if k in product.header}
+        session.base_header["NBATCH"] = len(accepted)
+        return session
+
+
 # ---------------------------------------------------------------- helpers
+#: Header values a batch-seeded session keeps from its integration (see ``from_product``).
+_BATCH_KEYS = ("REJECT", "REJLOW", "REJHIGH", "NSTARSCL", "HISTORY")
+
+
 def _check_noise(noise_adu: np.ndarray, info: FrameInfo) -> None:
     """Raise ``FrameError("zero_noise")`` unless every channel's noise is finite and > 0.
 
@@ -610,7 +710,8 @@ def _info_from_json(d: dict[str, Any]) -> FrameInfo:
     return FrameInfo(**d)
 
 
-def _record_to_json(record: FrameRecord) -> dict[str, Any]:
+def record_to_json(record: FrameRecord) -> dict[str, Any]:
+    """A :class:`FrameRecord` as JSON-able values (checkpoints, rebuild results)."""
     return {
         "file": record.file, "verdict": record.verdict, "reason": record.reason,
         "weight": record.weight,
@@ -623,7 +724,14 @@ def _record_to_json(record: FrameRecord) -> dict[str, Any]:
     }
 
 
-def _record_from_json(d: dict[str, Any]) -> FrameRecord:
+def record_from_json(d: dict[str, Any]) -> FrameRecord:
+    """The inverse of :func:`record_to_json`.
+
+    Raises
+    ------
+    KeyError, ValueError, TypeError
+        On an incomplete or malformed record.
+    """
     metrics = None if d["metrics"] is None else FrameMetrics(**d["metrics"])
     transform = (None if d["transform"] is None
                  else Transform.from_list(d["transform"], d.get("model") or "similarity"))
@@ -663,4 +771,6 @@ __all__ = [
     "Verdict",
     "WarpConfig",
     "outcome_to_json",
+    "record_from_json",
+    "record_to_json",
 ]

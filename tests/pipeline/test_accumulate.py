@@ -418,3 +418,59 @@ def test_preview_mean_equals_block_average_of_mean() -> None:
             got = stack.preview_mean(size).reshape(expected.shape)
             assert np.array_equal(np.isnan(got), np.isnan(expected))
             assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=1e-6)
+
+
+# ------------------------------------------------------------ seeding from a batch result
+def test_a_stack_seeded_from_batch_maps_continues_like_the_live_one() -> None:
+    rng = np.random.default_rng(11)
+    scene = Scene(rng)
+    truth = scene.expected()
+    sigma = float(np.sqrt(scene.sky.mean() + READ_NOISE ** 2))
+    frames = [scene.observe(rng, truth) for _ in range(20)]
+    yy, xx = np.mgrid[0:scene.ny, 0:scene.nx]
+    trail = np.abs(xx - 0.7 * yy - 40.0) <= 1.0
+    frames[15][trail] += np.float32(20.0 * sigma)  # a satellite after the seeding
+    live, _ = stack_frames(frames[:10])
+    noise = np.array([frame_stats(f, None).noise_adu for f in frames[:10]])
+    seeded = RunningStack.from_maps(
+        StackConfig(), mean=live.mean(), weight=live.weight_map(), count=live.count_map(),
+        std=live.std_map(), rejected_low=live.reject_low_map(),
+        rejected_high=live.reject_high_map(), n_frames=10, frame_noise_adu=noise)
+    # The maps come back as given.
+    np.testing.assert_array_equal(seeded.mean(), live.mean())
+    np.testing.assert_array_equal(seeded.count_map(), live.count_map())
+    np.testing.assert_array_equal(seeded.weight_map(), live.weight_map())
+    np.testing.assert_allclose(seeded.std_map(), live.std_map(), rtol=1e-5)
+    assert seeded.n_frames == 10
+    # Ten more frames (one with a trail) into both: the same rejections, the same image.
+    counts_live, counts_seeded = [], []
+    for frame in frames[10:]:
+        fp = np.ones(frame.shape, bool)
+        n = frame_stats(frame, fp).noise_adu
+        counts_live.append(live.add(frame, fp, 1.0, n))
+        counts_seeded.append(seeded.add(frame, fp, 1.0, n))
+    sigma_stack = sigma / np.sqrt(len(frames))
+    diff = np.abs(seeded.mean() - live.mean()) / sigma_stack
+    print(f"\nseeded vs live after 10 more frames: max {diff.max():.3f}, "
+          f"p99.9 {np.quantile(diff, 0.999):.3f} sigma_stack; rejections "
+          f"{sum(c[1] for c in counts_seeded)} vs {sum(c[1] for c in counts_live)} high")
+    assert np.quantile(diff, 0.999) < 0.05
+    assert np.abs(seeded.mean() - truth)[trail].mean() / sigma_stack <= 1.0
+    high_live = sum(c[1] for c in counts_live)
+    assert abs(sum(c[1] for c in counts_seeded) - high_live) <= 0.05 * high_live
+
+
+def test_seeding_rejects_mismatched_maps() -> None:
+    mean = np.zeros((8, 8), np.float32)
+    ok = {"weight": np.ones((8, 8), np.float32), "count": np.ones((8, 8), np.uint16),
+          "std": None, "rejected_low": np.zeros((8, 8), np.uint16),
+          "rejected_high": np.zeros((8, 8), np.uint16)}
+    with pytest.raises(ValueError, match="count has shape"):
+        RunningStack.from_maps(StackConfig(), mean=mean, **{**ok, "count": np.ones((4, 8))},
+                               n_frames=1, frame_noise_adu=np.ones(1))
+    with pytest.raises(ValueError, match="frame_noise_adu"):
+        RunningStack.from_maps(StackConfig(), mean=mean, **ok, n_frames=1,
+                               frame_noise_adu=np.zeros(1))
+    with pytest.raises(ValueError, match="n_frames"):
+        RunningStack.from_maps(StackConfig(), mean=mean, **ok, n_frames=0,
+                               frame_noise_adu=np.ones(0))

@@ -432,3 +432,45 @@ def test_replay_without_the_original_reference_registers_afresh() -> None:
     assert meta["stored_transforms_valid"] is False
     restored = StackSession.restore("replay", PipelineConfig(), arrays, meta)
     assert restored._stored_transforms_valid is False
+
+
+def test_a_session_continues_from_a_batch_product() -> None:
+    from dataclasses import replace
+
+    from livestack.pipeline.normalize import frame_stats
+
+    config = SimConfig(width=320, height=240, n_stars=150, flux_powerlaw_index=1.0,
+                       drift_px_per_frame=(0.6, 0.3))
+    sim = Simulator(config, seed=8)
+    live, outcomes = _run(sim, config, 6, None)
+    assert [o.verdict for o in outcomes] == ["accepted"] * 6
+    # A "batch" product of the first 6 frames: the live maps plus the std map.
+    assert live._stack is not None
+    product = replace(live.product(), std=live._stack.std_map(),
+                      header={"REJECT": "winsorized", "EGAIN": 1.5, "HISTORY": "batch"})
+    noise = np.full((6, 1), float(frame_stats(live.stacked_image(), None).noise_adu) * 2.0)
+    ref = sim.light(0)
+    seeded = StackSession.from_product(
+        "seeded", PipelineConfig(), product, noise, ref.data.astype(np.float32),
+        _info(ref.header, "frame_000.fits", ref.data.shape), None)
+    assert seeded.n_accepted == 6 and seeded.reference_file == "frame_000.fits"
+    assert seeded.egain_e_per_adu == 1.5
+    np.testing.assert_array_equal(seeded.stacked_image(), live.stacked_image())
+    # The next frame registers against the seeded reference as it does in the live session.
+    frame = sim.light(6)
+    info = _info(frame.header, "frame_006.fits", frame.data.shape)
+    cont = seeded.process(frame.data.astype(np.float32), info, None)
+    same = live.process(frame.data.astype(np.float32), info, None)
+    assert cont.verdict == same.verdict == "accepted"
+    assert cont.transform is not None and same.transform is not None
+    points = _grid((config.height, config.width))
+    assert np.abs(cont.transform.apply(points) - same.transform.apply(points)).max() < 0.02
+    assert seeded.n_accepted == 7
+    header = seeded.product().header
+    assert header["INTEGRAT"] == "batch+live" and header["NBATCH"] == 6
+    assert header["NCOMBINE"] == 7 and header["REJECT"] == "winsorized"
+    # The batch header survives a checkpoint.
+    arrays, meta = seeded.state()
+    restored = StackSession.restore("seeded", PipelineConfig(), arrays, meta)
+    assert restored.product().header["NBATCH"] == 6
+    np.testing.assert_array_equal(restored.stacked_image(), seeded.stacked_image())
