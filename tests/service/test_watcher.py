@@ -34,7 +34,8 @@ def fits_bytes(seed: int, shape: tuple[int, int] = (200, 300)) -> bytes:
 def write_slowly(path: Path, payload: bytes, chunk: int = 16384, pause_s: float = 0.01) -> float:
     """INDI style: open(O_CREAT|O_TRUNC) on the final name, write chunks, close.
 
-    Returns the monotonic time right after close().
+    Returns the monotonic time right before close(): the watcher may see the close
+    event (and report) before close() has returned to this thread.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -43,8 +44,9 @@ def write_slowly(path: Path, payload: bytes, chunk: int = 16384, pause_s: float 
                 time.sleep(pause_s)    # the writer's pace, not a wait for an event
             os.write(fd, payload[start:start + chunk])
     finally:
+        closing_at = time.monotonic()
         os.close(fd)
-    return time.monotonic()
+    return closing_at
 
 
 class Collector:
