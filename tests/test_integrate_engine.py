@@ -346,6 +346,82 @@ def test_cli_writes_the_stack_fits(session_dir: dict[str, Any], tmp_path: Path,
     assert not (tmp_path / "never.fits").exists()
 
 
+def _mad_noise(image: NDArray[np.float32]) -> float:
+    """Robust per-pixel noise from horizontal neighbour differences (stars barely count)."""
+    diff = np.diff(image, axis=1)
+    diff = diff[np.isfinite(diff)]
+    return float(1.4826 * np.median(np.abs(diff - np.median(diff))) / np.sqrt(2.0))
+
+
+def test_cli_interpolation_overrides_the_warp_kernel(session_dir: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    from astropy.io import fits
+
+    from livestack import integrate_cli
+
+    parser = argparse.ArgumentParser()
+    integrate_cli.add_parser(parser.add_subparsers())
+    common = ["integrate", str(session_dir["stack"]), "--darks",
+              str(session_dir["base"] / "cal" / "darks"), "--no-progress"]
+    images, kernels = {}, {}
+    for name, extra in (("default", []), ("bilinear", ["--interpolation", "bilinear"])):
+        out = tmp_path / f"{name}.fits"
+        args = parser.parse_args([*common, "-o", str(out), *extra])
+        assert args.func(args) == 0
+        with fits.open(out) as hdul:
+            kernels[name] = hdul[0].header["WARPKERN"]
+            images[name] = np.asarray(hdul[0].data, dtype=np.float32)
+    assert kernels == {"default": "lanczos3", "bilinear": "bilinear"}
+    assert images["default"].shape == images["bilinear"].shape
+    assert not np.allclose(images["default"], images["bilinear"], equal_nan=True)
+    # bilinear averages neighbours at sub-pixel shifts: less per-pixel noise than lanczos3
+    assert _mad_noise(images["bilinear"]) < 0.95 * _mad_noise(images["default"])
+
+
+def test_cli_interpolation_takes_precedence_over_the_config(
+        session_dir: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import livestack.integrate
+    from livestack import integrate_cli
+    from livestack.pipeline.warp import KERNELS
+
+    assert set(integrate_cli.INTERPOLATION) == set(KERNELS)
+    seen: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_integrate_plan(plan: Any, config: Any, *, pipeline: Any, **kwargs: Any) -> Any:
+        seen.append(pipeline.warp.kernel)
+        raise Stop
+
+    monkeypatch.setattr(livestack.integrate, "integrate_plan", fake_integrate_plan)
+    config = tmp_path / "bicubic.yaml"
+    config.write_text("pipeline:\n  warp:\n    kernel: bicubic\n")
+    parser = argparse.ArgumentParser()
+    integrate_cli.add_parser(parser.add_subparsers())
+    for extra in ([], ["--interpolation", "nearest"]):
+        args = parser.parse_args(["integrate", str(session_dir["stack"]), "-c", str(config),
+                                  "-o", str(tmp_path / "never.fits"), "--no-progress",
+                                  "--darks", str(session_dir["base"] / "cal" / "darks"),
+                                  *extra])
+        with pytest.raises(Stop):
+            args.func(args)
+    assert seen == ["bicubic", "nearest"]
+
+
+def test_cli_unknown_interpolation_is_a_one_line_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from livestack.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["integrate", "STACK", "--interpolation", "lanczos4"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--interpolation" in errors[0] and "lanczos4" in errors[0]
+    assert "Traceback" not in err
+
+
 def test_parse_size() -> None:
     from livestack.integrate_cli import parse_size
 
