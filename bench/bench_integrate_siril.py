@@ -17,8 +17,17 @@ Printed side by side:
 * median star FWHM (px), measured with the same detector (livestack's) on both images;
 * because the two tools normalise to different signal scales and interpolate with
   different sharpness, also the noise per unit of signal (the stack's slope against the
-  registered reference frame over star pixels) after blurring the sharper stack to the
-  other's FWHM: the like-for-like noise comparison;
+  registered reference frame over star pixels) after blurring the sharper stacks to the
+  blurriest one's FWHM (an exact Gaussian, its width iterated until the measured FWHM
+  matches; the reached FWHM is printed). The slope is taken on the unblurred stacks and
+  weights the star cores, so it still favours the sharper stacks;
+* the fairer like-for-like comparison: point-source detection SNR. Every stack is
+  filtered with the same Gaussian (FWHM 1.5, 2.3, 3.0 and 4.0 px) and, for isolated
+  unsaturated stars found on Siril's stack in the region all the lights cover (and matched
+  within 1 px on every stack; both tools register onto tres1-050, so the grids agree), the
+  filtered value at the star minus the local-annulus median is divided by the filtered
+  image's robust background noise. Each row is the median over stars of that SNR's
+  ratio to Siril's (Siril = 1);
 * trail residual: mean of (all-frames stack - clean stack) over the trail pixels, in
   units of the clean stack's noise (a plain mean is shown for scale);
 * seconds per frame (wall clock; the machine may be shared, the ratio is what matters).
@@ -30,12 +39,16 @@ OpenCV interpolation, and the residual printed in units of the frame's noise (th
 interpolation Siril used leaves a residual far below the noise). Siril 1.0.6's
 ``register`` has no interpolation option (``-interp=`` came with 1.2).
 
-With ``--also-kernel bilinear`` (or another of livestack's warp kernels) the integration
-is also run with that resampling kernel (``pipeline.warp.kernel`` in a ``-c`` YAML), for a
-like-for-like comparison with Siril's resampling.
+With ``--also-kernel bilinear bicubic`` (any of livestack's other warp kernels) the
+integration is also run with each of those resampling kernels (``livestack integrate
+--interpolation KERNEL``), for a like-for-like comparison with Siril's resampling. One
+table shows Siril and every livestack kernel side by side; the noise-per-unit-signal row
+blurs every column to the blurriest column's FWHM, and the last two rows say whether each
+livestack column's background noise and star FWHM are no worse than Siril's (compared
+unrounded).
 
     /work/venv/bin/python bench/bench_integrate_siril.py [--data DIR] [--dir WORK]
-        [--also-kernel KERNEL]
+        [--also-kernel KERNEL [KERNEL ...]]
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ from numpy.typing import NDArray
 
 TRAIL_FRAMES = ("tres1-061.fit", "tres1-087.fit")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "oscaar_tres1"
+SNR_FILTERS = (1.5, 2.3, 3.0, 4.0)  # FWHM (px) of the common detection filters
 
 SIRIL_SCRIPT = """requires 1.0.0
 cd darks
@@ -144,16 +158,206 @@ def photometric_scale(image: NDArray[np.float32], reference: NDArray[np.float32]
     return float(np.sum(a * (image[ok] - bg_i)) / np.sum(a * a))
 
 
-def smoothed_to(image: NDArray[np.float32], fwhm_from: float, fwhm_to: float
-                ) -> NDArray[np.float32]:
-    """Gaussian-blur ``image`` so that its star FWHM goes from ``fwhm_from`` to ``fwhm_to``."""
-    from scipy import ndimage
+def gaussian_blur(image: NDArray[np.float32], sigma: float) -> NDArray[np.float32]:
+    """Convolve ``image`` with a Gaussian of standard deviation ``sigma`` (exact variance).
 
-    sigma = np.sqrt(max(fwhm_to ** 2 - fwhm_from ** 2, 0.0)) / 2.3548
-    filled = np.where(np.isfinite(image), image, np.nanmedian(image)).astype(np.float32)
-    out = ndimage.gaussian_filter(filled, sigma)
+    The filter is applied in the Fourier domain (``scipy.ndimage.fourier_gaussian``), so
+    the added variance is ``sigma^2`` even for sub-pixel sigmas, where a sampled kernel
+    (``gaussian_filter``) adds far less (none at all below sigma 0.125 px). The image
+    wraps around at the edges; NaNs are filled with the median while filtering.
+
+    Parameters
+    ----------
+    image : ndarray of float32
+        The image; NaN marks pixels no frame covered.
+    sigma : float
+        Gaussian sigma in pixels; 0 returns a copy.
+
+    Returns
+    -------
+    ndarray of float32
+        The filtered image, NaN where ``image`` is NaN.
+    """
+    from scipy import fft, ndimage
+
+    filled = np.where(np.isfinite(image), image, np.nanmedian(image)).astype(np.float64)
+    if sigma > 0:
+        spectrum = ndimage.fourier_gaussian(fft.rfft2(filled), sigma, n=filled.shape[1])
+        filled = fft.irfft2(spectrum, s=filled.shape)
+    out = filled.astype(np.float32)
     out[~np.isfinite(image)] = np.nan
     return out
+
+
+def blurred_to(image: NDArray[np.float32], fwhm_from: float, fwhm_to: float,
+               tolerance: float = 0.0005, max_iterations: int = 8
+               ) -> tuple[NDArray[np.float32], float]:
+    """Gaussian-blur ``image`` until its measured median star FWHM reaches ``fwhm_to``.
+
+    The first blur adds ``fwhm_to^2 - fwhm_from^2`` in quadrature; the detector's FWHM
+    does not add exactly in quadrature, so the blur variance is then corrected by the
+    secant method on (variance, measured FWHM^2) until the FWHM is within ``tolerance``.
+
+    Parameters
+    ----------
+    image : ndarray of float32
+        The stack to blur.
+    fwhm_from : float
+        Its measured median star FWHM (px).
+    fwhm_to : float
+        The FWHM to reach (px); nothing is done if ``fwhm_from >= fwhm_to``.
+    tolerance : float
+        Stop when the measured FWHM is within this of ``fwhm_to`` (px).
+    max_iterations : int
+        At most this many blur-and-measure rounds.
+
+    Returns
+    -------
+    blurred : ndarray of float32
+        The blurred image (the closest of the rounds).
+    achieved : float
+        Its measured median star FWHM (px).
+    """
+    if fwhm_from >= fwhm_to:
+        return image, fwhm_from
+    goal = fwhm_to ** 2
+    tried = [(0.0, fwhm_from ** 2)]  # (blur variance, measured FWHM^2)
+    variance = (goal - fwhm_from ** 2) / 2.3548 ** 2
+    best: tuple[float, NDArray[np.float32], float] = (np.inf, image, fwhm_from)
+    for _ in range(max_iterations):
+        out = gaussian_blur(image, float(np.sqrt(variance)))
+        achieved = fwhm(out)[0]
+        if abs(achieved - fwhm_to) < best[0]:
+            best = (abs(achieved - fwhm_to), out, achieved)
+        if abs(achieved - fwhm_to) <= tolerance:
+            break
+        (v0, a0), (v1, a1) = tried[-1], (variance, achieved ** 2)
+        tried.append((v1, a1))
+        step = (goal - a1) * (v1 - v0) / (a1 - a0) if a1 != a0 else v1
+        variance = float(np.clip(v1 + step, v1 / 4, v1 * 4))
+    return best[1], best[2]
+
+
+def full_overlap_core(stack: Path, n_frames: int, margin: int = 20) -> NDArray[np.bool_]:
+    """Pixels that every light covers in a livestack output, shrunk by ``margin`` pixels.
+
+    Parameters
+    ----------
+    stack : Path
+        A ``livestack integrate`` output (COUNT, REJLOW and REJHIGH extensions).
+    n_frames : int
+        Number of lights stacked.
+    margin : int
+        Binary-erosion iterations, to keep star cutouts away from the overlap edge.
+
+    Returns
+    -------
+    ndarray of bool
+        True inside the full-overlap region.
+    """
+    from astropy.io import fits
+    from scipy import ndimage
+
+    with fits.open(stack) as hdul:
+        covered = sum(np.asarray(hdul[name].data, dtype=np.float64)
+                      for name in ("COUNT", "REJLOW", "REJHIGH"))
+    if covered.ndim == 3:
+        covered = covered[0]
+    return ndimage.binary_erosion(covered == n_frames, iterations=margin)
+
+
+def detection_stars(images: dict[str, NDArray[np.float32]], core: NDArray[np.bool_],
+                    isolation: float = 20.0, peak_max: float = 30000.0,
+                    tolerance: float = 1.0) -> dict[str, NDArray[np.float64]]:
+    """Isolated, unsaturated stars found on the first image, matched in every image.
+
+    Parameters
+    ----------
+    images : dict of str to ndarray of float32
+        The stacks; the first one (Siril's) defines the star list.
+    core : ndarray of bool
+        Where stars may lie (full overlap).
+    isolation : float
+        Minimum distance (px) to the nearest other detected star.
+    peak_max : float
+        Maximum pixel value (ADU) within 3 px of the star on the first image (far below
+        the sensor's ~60000 ADU saturation, so no frame clipped the star).
+    tolerance : float
+        Maximum distance (px) between a star's positions on two stacks.
+
+    Returns
+    -------
+    dict of str to ndarray of float64, shape (N, 2)
+        Each image's own (x, y) centroids of the N stars matched in all images.
+    """
+    from scipy.spatial import cKDTree
+
+    from livestack.pipeline.detect import DetectConfig, detect_stars
+
+    def centroids(image: NDArray[np.float32]) -> NDArray[np.float64]:
+        filled = np.nan_to_num(image, nan=float(np.nanmedian(image)))
+        return np.asarray(detect_stars(filled, DetectConfig())[0].xy, dtype=np.float64)
+
+    names = list(images)
+    first = images[names[0]]
+    xy = centroids(first)
+    neighbour = cKDTree(xy).query(xy, k=2)[0][:, 1]
+    ny, nx = first.shape
+    keep = []
+    for (x, y), (ix, iy), distance in zip(xy, np.rint(xy).astype(int), neighbour,
+                                          strict=True):
+        if (distance > isolation and 3 <= ix < nx - 3 and 3 <= iy < ny - 3 and core[iy, ix]
+                and np.nanmax(first[iy - 3:iy + 4, ix - 3:ix + 4]) < peak_max):
+            keep.append((x, y))
+    chosen = np.array(keep, dtype=np.float64).reshape(-1, 2)
+    positions = {names[0]: chosen}
+    found = np.ones(len(chosen), dtype=bool)
+    for name in names[1:]:
+        other = centroids(images[name])
+        distance, index = cKDTree(other).query(chosen, distance_upper_bound=tolerance)
+        found &= np.isfinite(distance)
+        positions[name] = other[np.minimum(index, len(other) - 1)]
+    return {name: xy_[found] for name, xy_ in positions.items()}
+
+
+def detection_snr(image: NDArray[np.float32], positions: NDArray[np.float64],
+                  core: NDArray[np.bool_], filter_fwhm: float, annulus: tuple[float, float]
+                  = (8.0, 12.0)) -> NDArray[np.float64]:
+    """Per-star detection SNR after a Gaussian matched filter of FWHM ``filter_fwhm``.
+
+    Parameters
+    ----------
+    image : ndarray of float32
+        The stack.
+    positions : ndarray of float64, shape (N, 2)
+        The stars' (x, y) centroids on this stack.
+    core : ndarray of bool
+        The full-overlap region, where the filtered image's noise is measured.
+    filter_fwhm : float
+        FWHM (px) of the Gaussian filter, the same for every stack.
+    annulus : tuple of float
+        Inner and outer radius (px) of the local-background annulus.
+
+    Returns
+    -------
+    ndarray of float64, shape (N,)
+        Filtered value at each star's centroid (cubic spline) minus the median of the
+        filtered annulus, over the filtered image's robust background noise in the core.
+    """
+    from scipy import ndimage
+
+    filtered = gaussian_blur(image, filter_fwhm / 2.3548)
+    noise = robust_noise(np.where(core, filtered, np.nan).astype(np.float32))
+    smooth = np.nan_to_num(filtered, nan=float(np.nanmedian(filtered))).astype(np.float64)
+    peaks = ndimage.map_coordinates(smooth, [positions[:, 1], positions[:, 0]], order=3)
+    r = int(np.ceil(annulus[1]))
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    local = []
+    for (x, y), (ix, iy) in zip(positions, np.rint(positions).astype(int), strict=True):
+        cut = smooth[iy - r:iy + r + 1, ix - r:ix + r + 1]
+        rr = np.hypot(dy - (y - iy), dx - (x - ix))
+        local.append(np.median(cut[(rr >= annulus[0]) & (rr < annulus[1])]))
+    return (peaks - np.array(local)) / noise
 
 
 def trail_mask(registered: list[Path], clean: NDArray[np.float32]) -> NDArray[np.bool_]:
@@ -240,8 +444,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/livestack-bench-siril"))
-    parser.add_argument("--also-kernel", choices=("nearest", "bilinear", "bicubic", "lanczos3"),
-                        help="also integrate with this warp kernel (extra table rows)")
+    parser.add_argument("--also-kernel", nargs="+", default=[], metavar="KERNEL",
+                        choices=("nearest", "bilinear", "bicubic", "lanczos3"),
+                        help="also integrate with these warp kernels (extra table columns)")
     args = parser.parse_args()
     if shutil.which("siril-cli") is None:
         print("siril-cli not found (apt-get install siril)", file=sys.stderr)
@@ -263,13 +468,16 @@ def main() -> int:
     copy_inputs(args.data, ours)
     stack_wall = run_livestack(["stack", str(ours / "lights"), "--darks", str(ours / "darks"),
                                 "-o", str(ours / "out"), "--no-progress"])
+    from astropy.io import fits
+
     from livestack.integrate import load_session
 
     stack_dir = load_session(ours / "out").folder
     assert stack_dir is not None
     common = [str(stack_dir), "--darks", str(ours / "darks"), "--reject", "winsorized",
               "--low", "3", "--high", "3", "--normalize", "additive-scaling", "--no-progress"]
-    integrate_wall = run_livestack(["integrate", *common, "-o", str(ours / "all.fits")])
+    # the default column runs without --interpolation: the configuration's kernel
+    walls = {"livestack": run_livestack(["integrate", *common, "-o", str(ours / "all.fits")])}
     run_livestack(["integrate", *common, "-o", str(ours / "clean.fits"),
                    "--exclude", *TRAIL_FRAMES])
     run_livestack(["integrate", *common, "-o", str(ours / "plain.fits"), "--reject", "none"])
@@ -277,21 +485,22 @@ def main() -> int:
                    "--normalize", "additive"])
     register_only(stack_dir, ours / "darks", (*TRAIL_FRAMES, "tres1-050.fit"),
                   ours / "registered")
-    if args.also_kernel:
-        config = ours / f"warp-{args.also_kernel}.yaml"
-        config.write_text(f"pipeline:\n  warp:\n    kernel: {args.also_kernel}\n")
-        for name, extra in (("all", []), ("clean", ["--exclude", *TRAIL_FRAMES])):
-            run_livestack(["integrate", *common, "-c", str(config), "-o",
-                           str(ours / f"{args.also_kernel}-{name}.fits"), *extra])
+    default_kernel = str(fits.getheader(ours / "all.fits")["WARPKERN"])
+    kernels = [k for k in dict.fromkeys(args.also_kernel) if k != default_kernel]
+    for k in kernels:
+        walls[k] = run_livestack(["integrate", *common, "--interpolation", k,
+                                  "-o", str(ours / f"{k}-all.fits")])
+        run_livestack(["integrate", *common, "--interpolation", k,
+                       "-o", str(ours / f"{k}-clean.fits"), "--exclude", *TRAIL_FRAMES])
+        assert fits.getheader(ours / f"{k}-all.fits")["WARPKERN"] == k
 
     reference = load(ours / "registered" / "r_tres1-050.fits")
     images = {
         "siril": (load(siril_all), load(siril_clean)),
         "livestack": (load(ours / "all.fits"), load(ours / "clean.fits")),
     }
-    if args.also_kernel:
-        images[args.also_kernel] = (load(ours / f"{args.also_kernel}-all.fits"),
-                                    load(ours / f"{args.also_kernel}-clean.fits"))
+    for k in kernels:
+        images[k] = (load(ours / f"{k}-all.fits"), load(ours / f"{k}-clean.fits"))
     plain = load(ours / "plain.fits")
     mask = trail_mask([ours / "registered" / f"r_{Path(name).stem}.fits"
                        for name in TRAIL_FRAMES], images["livestack"][1])
@@ -304,52 +513,71 @@ def main() -> int:
         rows[tool] = (noise, star_fwhm, n_stars, residual, scale)
     plain_residual = float(np.nanmean((plain - images["livestack"][1])[mask])
                            / robust_noise(images["livestack"][1]))
-    # per unit of signal, at the blurrier of the two resolutions
-    target = max(rows["siril"][1], rows["livestack"][1])
-    matched = {tool: robust_noise(smoothed_to(images[tool][0], rows[tool][1], target))
-               / rows[tool][4] for tool in images}
+    # per unit of signal, every column blurred to the blurriest column's resolution
+    target = max(row[1] for row in rows.values())
+    matched, achieved = {}, {}
+    for tool in images:
+        blurred, achieved[tool] = blurred_to(images[tool][0], rows[tool][1], target)
+        matched[tool] = robust_noise(blurred) / rows[tool][4]
     additive = load(ours / "additive.fits")
     add_scale = photometric_scale(additive, reference)
-    add_matched = robust_noise(smoothed_to(additive, fwhm(additive)[0], target)) / add_scale
+    add_blurred, add_achieved = blurred_to(additive, fwhm(additive)[0], target)
+    add_matched = robust_noise(add_blurred) / add_scale
+    reached = sorted({f"{value:.3f}" for value in achieved.values()})
+    # point-source detection: the same Gaussian filter on every stack, per-star SNR vs Siril
+    core = full_overlap_core(ours / "all.fits", n_frames)
+    stars = detection_stars({tool: images[tool][0] for tool in images}, core)
+    n_common = len(stars["siril"])
+    snr_ratio = {}
+    for width in SNR_FILTERS:
+        base = detection_snr(images["siril"][0], stars["siril"], core, width)
+        snr_ratio[width] = {
+            tool: float(np.median(detection_snr(images[tool][0], stars[tool], core, width)
+                                  / base)) for tool in images}
+
+    tools = list(images)
+    ours_tools = tools[1:]
+
+    def row(label: str, cell: dict[str, str]) -> None:
+        print(f"| {label} | " + " | ".join(cell.get(t, "") for t in tools) + " |")
+
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
 
     print()
     print(f"oscaar_tres1: {n_frames} lights 1092x736, 20 darks; trail mask {int(mask.sum())} px")
-    print("| | Siril 1.0.6 | livestack integrate |")
-    print("|---|---|---|")
-    print(f"| background noise (robust sigma, ADU) | {rows['siril'][0]:.2f} | "
-          f"{rows['livestack'][0]:.2f} |")
-    print(f"| median star FWHM (px) [stars] | {rows['siril'][1]:.2f} [{rows['siril'][2]}] | "
-          f"{rows['livestack'][1]:.2f} [{rows['livestack'][2]}] |")
-    print(f"| signal scale vs the reference frame (star pixels) | {rows['siril'][4]:.3f} | "
-          f"{rows['livestack'][4]:.3f} |")
-    print(f"| noise per unit signal at FWHM {target:.2f} px (sharper one Gaussian-blurred) | "
-          f"{matched['siril']:.2f} | {matched['livestack']:.2f} "
-          f"(--normalize additive: {add_matched:.2f}) |")
-    print(f"| trail residual (clean-stack sigmas; plain mean {plain_residual:+.2f}) | "
-          f"{rows['siril'][3]:+.3f} | {rows['livestack'][3]:+.3f} |")
-    print(f"| seconds per frame, wall | {siril_wall / n_frames:.3f} (convert+calibrate+register"
-          f"+stack) | {integrate_wall / n_frames:.3f} integrate CLI; "
-          f"{(stack_wall + integrate_wall) / n_frames:.3f} with the live pass |")
-    print(f"| ratio (Siril / livestack integrate) | 1.0 | {siril_wall / integrate_wall:.2f}x |")
+    print("| | Siril 1.0.6 | " + " | ".join(
+        [f"livestack {default_kernel} (default)", *(f"livestack {k}" for k in kernels)]) + " |")
+    print("|---|" + "---|" * len(tools))
+    row("background noise (robust sigma, ADU)", {t: f"{rows[t][0]:.2f}" for t in tools})
+    row("median star FWHM (px) [stars]",
+        {t: f"{rows[t][1]:.3f} [{rows[t][2]}]" for t in tools})
+    row("signal scale vs the reference frame (star pixels)",
+        {t: f"{rows[t][4]:.3f}" for t in tools})
+    row(f"noise per unit signal at FWHM {target:.3f} px (sharper ones Gaussian-blurred to a "
+        f"measured FWHM of {' to '.join(reached)} px; scale from unblurred star pixels)",
+        {t: f"{matched[t]:.2f}" for t in tools})
+    for width in SNR_FILTERS:
+        row(f"detection SNR vs Siril, common Gaussian filter FWHM {width} px "
+            f"(median over {n_common} stars)", {t: f"{snr_ratio[width][t]:.3f}" for t in tools})
+    row(f"trail residual (clean-stack sigmas; {default_kernel} --reject none "
+        f"{plain_residual:+.2f})", {t: f"{rows[t][3]:+.3f}" for t in tools})
+    row("seconds per frame, wall",
+        {"siril": f"{siril_wall / n_frames:.3f} (convert+calibrate+register+stack)",
+         **{t: f"{walls[t] / n_frames:.3f} integrate CLI" for t in ours_tools}})
+    row("background noise <= Siril's", {t: yes(rows[t][0] <= rows["siril"][0])
+                                        for t in ours_tools})
+    row("star FWHM <= Siril's", {t: yes(rows[t][1] <= rows["siril"][1]) for t in ours_tools})
     print()
+    print(f"live pass ('livestack stack', journal + transforms): {stack_wall / n_frames:.3f} s "
+          f"per frame; Siril / livestack {default_kernel} integrate wall: "
+          f"{siril_wall / walls['livestack']:.2f}x")
+    print(f"livestack {default_kernel} with --normalize additive: noise per unit signal at "
+          f"FWHM {target:.3f} px (reached {add_achieved:.3f}) {add_matched:.2f} (signal scale "
+          f"{add_scale:.3f})")
     print("Siril's registered frame 10 rebuilt with OpenCV, residual in noise sigmas: "
           + ", ".join(f"{name} {value:.2f}" for name, value in interp.items())
-          + f" -> Siril resampled with {min(interp, key=lambda n: interp[n])}; livestack "
-          "warps with lanczos3")
-    if args.also_kernel:
-        k = args.also_kernel
-        print()
-        print(f"livestack integrate with warp kernel {k}")
-        print(f"| | Siril 1.0.6 | livestack lanczos3 (default) | livestack {k} |")
-        print("|---|---|---|---|")
-        print(f"| background noise (ADU) | {rows['siril'][0]:.2f} | {rows['livestack'][0]:.2f} "
-              f"| {rows[k][0]:.2f} |")
-        print(f"| median star FWHM (px) | {rows['siril'][1]:.2f} | {rows['livestack'][1]:.2f} "
-              f"| {rows[k][1]:.2f} |")
-        print(f"| noise per unit signal at FWHM {target:.2f} px | {matched['siril']:.2f} | "
-              f"{matched['livestack']:.2f} | {matched[k]:.2f} |")
-        print(f"| trail residual (clean-stack sigmas) | {rows['siril'][3]:+.3f} | "
-              f"{rows['livestack'][3]:+.3f} | {rows[k][3]:+.3f} |")
+          + f" -> Siril resampled with {min(interp, key=lambda n: interp[n])}")
     return 0
 
 
