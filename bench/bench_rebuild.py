@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -62,6 +63,8 @@ def main() -> int:
                                "output": {"checkpoint_every_frames": 1000,
                                           "fits_every_frames": 1000}})
     out = work / "stacks"
+    if out.exists():  # a previous run's journal would take the frames for duplicates
+        shutil.rmtree(out)
     engine = Engine(config, out, background_checkpoints=False)
 
     def timed(path: Path) -> float:

@@ -57,6 +57,7 @@ from livestack.config import is_within
 from livestack.errors import (
     CalibrationError,
     FrameError,
+    JournalError,
     LivestackError,
     MasterError,
     StorageError,
@@ -1019,6 +1020,9 @@ class Engine:
             wanted = [r for r in rows if r.status == "accepted"]
             if name == "set_reference" and not wanted:
                 raise UsageError(f"{name}: {file!r} was not accepted; pick an accepted frame")
+            if name == "set_reference" and not os.path.isfile(wanted[-1].path):
+                raise UsageError(f"{name}: {wanted[-1].path} is no longer on disk; pick another "
+                                 "frame")
             out["row_id"] = (wanted or rows)[-1].id
         return out
 
@@ -1096,12 +1100,16 @@ class Engine:
         from livestack.config import config_to_dict
         from livestack.integrate import check_frame_file, load_session
 
+        previous = self.rebuilds.get(stack_id)
         self._cancel_rebuild(stack_id)
         rt = self.runtime(stack_id)
         reference = None
         if first_row is not None:
             ref_row = self.journal.row(first_row)
             reference = ref_row.path if ref_row is not None else None
+        elif previous is not None:
+            # A set_reference still being rebuilt holds for the newer command too.
+            reference = previous.reference
         try:
             frames = load_session(journal=self.journal, stack_id=stack_id).frames
         except UsageError as exc:  # nothing accepted is left: an empty stack
@@ -1117,6 +1125,11 @@ class Engine:
                 continue
             if frame.row_id is not None:
                 row_ids.append(frame.row_id)
+        if reference is not None and not any(
+                f.path == reference and f.row_id in row_ids for f in frames):
+            log.warning("%s: the chosen reference %s cannot be re-read; the rebuild keeps the "
+                        "stack's reference", stack_id, reference)
+            reference = None
         if not row_ids:
             log.warning("%s: no frame of the stack can be re-read; the stack is emptied",
                         stack_id)
@@ -1138,7 +1151,7 @@ class Engine:
             job.process = subprocess.Popen(
                 [sys.executable, "-m", "livestack.rebuild", str(rt.folder / rb.REQUEST_NAME)],
                 stdin=subprocess.DEVNULL, stdout=job.log_file, stderr=subprocess.STDOUT,
-                close_fds=True)
+                close_fds=True, start_new_session=True)  # Ctrl-C is for the daemon
         except OSError as exc:
             if job.log_file is not None:
                 job.log_file.close()
@@ -1169,9 +1182,12 @@ class Engine:
 
     def _cancel_rebuild(self, stack_id: str) -> None:
         """Stop a stack's rebuild (its process removes its scratch file on SIGTERM)."""
+        from livestack import rebuild as rb
+
         job = self.rebuilds.pop(stack_id, None)
         if job is not None:
             self._stop_process(job)
+            _remove_files(job.folder, rb.FILE_NAMES)
 
     @staticmethod
     def _stop_process(job: _Rebuild) -> None:
@@ -1182,9 +1198,23 @@ class Engine:
             except subprocess.TimeoutExpired:
                 job.process.kill()
                 job.process.wait()
+                for scratch in job.folder.glob(".livestack-integrate-*"):  # it had no time
+                    shutil.rmtree(scratch, ignore_errors=True)
         if job.log_file is not None:
             job.log_file.close()
             job.log_file = None
+
+    def abandon_rebuilds(self, message: str) -> None:
+        """Give every pending rebuild up (after an unexpected error in one of them)."""
+        for stack_id, job in list(self.rebuilds.items()):
+            self._stop_process(job)
+            self._abandon_rebuild(self.runtime(stack_id), job, message)
+
+    def terminate_rebuilds(self) -> None:
+        """Ask every rebuild process to stop, without waiting (any thread; at shutdown)."""
+        for job in list(self.rebuilds.values()):
+            if job.process is not None and job.process.poll() is None:
+                job.process.terminate()
 
     def rebuild_step(self, wait_s: float = 0.0) -> bool:
         """Advance a pending rebuild by one step; swap when done.
@@ -1202,7 +1232,11 @@ class Engine:
         """
         if not self.rebuilds:
             return False
-        stack_id, job = next(iter(self.rebuilds.items()))
+        # A job that can move on goes first (catching up, or its process has ended).
+        stack_id, job = next(
+            ((k, j) for k, j in self.rebuilds.items()
+             if j.session is not None or (j.process is not None and j.process.poll() is not None)),
+            next(iter(self.rebuilds.items())))
         rt = self.runtime(stack_id)
         if job.session is None:
             assert job.process is not None
@@ -1254,6 +1288,11 @@ class Engine:
         from livestack import rebuild as rb
 
         del self.rebuilds[rt.stack_id]
+        if code in (rb.EXIT_CANCELLED, -signal.SIGTERM, -signal.SIGKILL):
+            # Stopped from outside (systemd stopping the whole unit, a kill): not a failure.
+            log.info("%s: rebuild (%s) was stopped (exit %d); the journal replay at the next "
+                     "start applies the command", rt.stack_id, job.why, code)
+            return
         error = rb.read_error(job.folder / rb.ERROR_NAME) or {}
         message = str(error.get("message") or f"exit status {code}, see "
                       f"{job.folder / rb.LOG_NAME}")
@@ -1344,7 +1383,9 @@ class Engine:
         assert row is not None
         rt.session = job.session
         rt.generation = row.generation
-        rt.last_seq = len(job.updates)
+        # Rows numbered after the rebuilt ones (rejected, failed, excluded) add nothing:
+        # the checkpoint covers them, so a restart does not read them again.
+        rt.last_seq = self.journal.last_seq(rt.stack_id)
         del self.rebuilds[rt.stack_id]
         counts = self.journal.counts(rt.stack_id)
         rt.rejected, rt.failed = counts["rejected"], counts["failed"]
@@ -1497,15 +1538,19 @@ class Worker(threading.Thread):
             # one step at a time while no frame waits (see _warm_up_steps).
             while not (self.ready.wait(0.5) or self.stop_requested.is_set()):
                 self.heartbeat = time.monotonic()
+            rebuild_moving = False
             warm_up: Iterator[str] | None = _warm_up_steps(
                 engine.config, with_masters=engine.masters is not None) if self.warm_up else None
             while not self.stop_requested.is_set():
                 self.heartbeat = time.monotonic()
-                item = self.queue.get(0.0 if warm_up is not None else 0.5,
+                # No idle tick while a rebuild catches up or warm-up steps remain.
+                item = self.queue.get(0.0 if warm_up is not None or rebuild_moving else 0.5,
                                       paths=not engine.paused)
                 if item is None:
-                    if engine.rebuild_step():
+                    if self._rebuild_step(engine):
+                        rebuild_moving = True
                         continue
+                    rebuild_moving = False
                     engine.idle()
                     if warm_up is not None:
                         warm_up = self._warm_up_step(warm_up)
@@ -1525,7 +1570,7 @@ class Worker(threading.Thread):
                 else:
                     self._process(engine, payload)
                     if engine.rebuilds:
-                        engine.rebuild_step()
+                        self._rebuild_step(engine)
                 self.busy_since = None
             engine.finalize()
         except BaseException as exc:  # recorded and logged; the daemon then exits with 1
@@ -1534,6 +1579,23 @@ class Worker(threading.Thread):
         finally:
             self.resumed.set()
             self.finished.set()
+
+    @staticmethod
+    def _rebuild_step(engine: Engine) -> bool:
+        """One rebuild step; a rebuild that breaks is given up, the live stack goes on."""
+        try:
+            return engine.rebuild_step()
+        except JournalError:
+            raise
+        except LivestackError as exc:  # e.g. a retry that cannot write its request
+            engine.abandon_rebuilds(str(exc))
+            return True
+        except Exception as exc:
+            # A bug in a rebuild must not end an unattended night: traceback in the log,
+            # the old stack keeps going.
+            log.exception("rebuild step failed: %s", exc)
+            engine.abandon_rebuilds(f"internal error: {exc}")
+            return True
 
     def _process(self, engine: Engine, path: Path) -> None:
         try:
@@ -1857,6 +1919,8 @@ class Daemon:
         engine = self.worker.engine
         if engine is not None and finished:
             engine.close()
+        elif engine is not None:
+            engine.terminate_rebuilds()  # no orphan rebuild process outlives the daemon
         log.info("stopped")
         return code
 

@@ -952,7 +952,10 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         registered = warped.image.reshape(channels, *shape).copy()
         np.copyto(registered, np.float32(np.nan), where=~warped.footprint)
         _write_registered(keep_dir, frame, registered, frame.transform, reference)
-    noise = np.atleast_1d(np.asarray(normalized_noise(stats, norm), dtype=np.float64))
+    # The noise a live stack continuing from this integration expects: measured on the
+    # frame before warping (interpolation smooths it), as the live pipeline does.
+    unwarped = frame_stats(image, None)
+    noise = np.atleast_1d(np.asarray(normalized_noise(unwarped, norm), dtype=np.float64))
     return planes, float(norm.weight), tuple(float(v) for v in noise)
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from livestack.errors import FrameError, LivestackError, StorageError
+from livestack.integrate import IntegrationCancelled
 from livestack.pipeline.product import StackProduct
 
 log = logging.getLogger("livestack.rebuild")
@@ -45,6 +47,10 @@ RESULT_NAME = "rebuild.npz"
 REQUEST_NAME = "rebuild-request.json"
 ERROR_NAME = "rebuild-error.json"
 LOG_NAME = "rebuild.log"
+#: Exit status of a child stopped by SIGTERM (or its parent's death) after cleaning up.
+EXIT_CANCELLED = 130
+#: How often the child checks that the daemon that started it is still there.
+PARENT_CHECK_S = 1.0
 #: Files of a rebuild in the stack folder (removed when it ends or the daemon starts).
 FILE_NAMES = (RESULT_NAME, REQUEST_NAME, ERROR_NAME, LOG_NAME)
 
@@ -284,9 +290,24 @@ def run_request(request: RebuildRequest) -> None:
         log.info("%s: %d of the requested rows left the stack; integrating %d",
                  request.stack_id, len(wanted) - len(frames), len(frames))
     plan = plan_integration(replace(session, frames=frames), reference=request.reference)
-    product = integrate_plan(plan, rebuild_config(config.pipeline), pipeline=config.pipeline,
-                             masters=masters, memory_limit_bytes=request.memory_limit_bytes,
-                             scratch_dir=folder)
+    orphaned = threading.Event()
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        # A daemon killed outright cannot stop us: notice it and stop (scratch removed).
+        while not orphaned.wait(PARENT_CHECK_S):
+            if os.getppid() != parent:
+                log.warning("%s: the daemon is gone; rebuild cancelled", request.stack_id)
+                orphaned.set()
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    try:
+        product = integrate_plan(plan, rebuild_config(config.pipeline),
+                                 pipeline=config.pipeline, masters=masters,
+                                 memory_limit_bytes=request.memory_limit_bytes,
+                                 scratch_dir=folder, cancel=orphaned)
+    finally:
+        orphaned.set()  # ends the watcher
     write_result(folder / RESULT_NAME, product, plan)
 
 
@@ -310,9 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_exits():
             run_request(request)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, IntegrationCancelled):
         log.info("%s: rebuild cancelled", request.stack_id)
-        return 130
+        return EXIT_CANCELLED
     except LivestackError as exc:
         log.error("%s: rebuild failed: %s", request.stack_id, exc)
         write_error(error_path, exc)

@@ -629,7 +629,7 @@ def test_run_subprocess_systemd_notify_signals_and_outputs(tmp_path: Path,
     db = sqlite3.connect(out / "journal.sqlite")
     accepted = db.execute("SELECT COUNT(*) FROM frames WHERE status='accepted' AND active=1"
                           ).fetchone()[0]
-    last_seq = db.execute("SELECT MAX(seq) FROM frames WHERE active=1").fetchone()[0]
+    last_seq = db.execute("SELECT MAX(seq) FROM frames").fetchone()[0]
     db.close()
     with fits.open(folder / "stack.fits") as hdul:
         assert hdul[0].header["NCOMBINE"] == accepted == 2
@@ -977,6 +977,93 @@ def test_closing_the_engine_stops_a_running_rebuild(tmp_path: Path,
     assert again.runtime(stack_id).session.n_accepted == 4
     assert not list(folder.glob("rebuild*"))
     again.close()
+
+
+def test_a_pending_reference_survives_a_newer_command(tmp_path: Path,
+                                                       frames: list[Path]) -> None:
+    watch = copy_frames(frames[:5], tmp_path / "in")
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    for path in watch:
+        engine.process_path(path)
+    (stack_id,) = engine.runtimes
+    engine.execute_command("set_reference",
+                           engine.validate_command("set_reference", {"file": watch[3].name}))
+    engine.execute_command("exclude_frame",  # before the first rebuild has swapped
+                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    _rebuild(engine)
+    rt = engine.runtimes[stack_id]
+    assert rt.session.reference_file == os.path.abspath(watch[3])
+    assert rt.session.n_accepted == 4
+    # A reference whose file is gone is refused up front.
+    watch[2].unlink()
+    with pytest.raises(UsageError, match="no longer on disk"):
+        engine.validate_command("set_reference", {"file": watch[2].name})
+    engine.close()
+
+
+def test_rejected_rows_are_not_read_again_after_a_rebuild(tmp_path: Path,
+                                                          frames: list[Path]) -> None:
+    watch = copy_frames(frames[:5], tmp_path / "in")
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks", background_checkpoints=False)
+    for path in watch[:2]:
+        engine.process_path(path)
+    (rt,) = engine.runtimes.values()
+    strict = config_from_dict({"pipeline": {"gate": {"min_stars": 100000}}})
+    rt.session.gate.config = strict.pipeline.gate  # clouds: the next two are rejected
+    for path in watch[2:4]:
+        engine.process_path(path)
+    rt.session.gate.config = engine.config.pipeline.gate
+    engine.process_path(watch[4])
+    assert engine.journal.counts(rt.stack_id)["rejected"] == 2
+    engine.execute_command("exclude_frame",
+                           engine.validate_command("exclude_frame", {"file": watch[0].name}))
+    _rebuild(engine)
+    assert rt.session.n_accepted == 2
+    seq = load_checkpoint(rt.folder / CHECKPOINT_NAME)[1]["seq"]
+    assert seq == engine.journal.last_seq(rt.stack_id)  # the rejected rows are covered
+    assert engine.journal.rows_after(rt.stack_id, seq) == []
+    engine.close()
+
+
+def test_an_unusable_rebuild_result_keeps_the_old_stack(tmp_path: Path,
+                                                        frames: list[Path]) -> None:
+    watch = copy_frames(frames[:4], tmp_path / "in")
+    hub = RecordingHub()
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks", hub=hub)  # type: ignore[arg-type]
+    for path in watch:
+        engine.process_path(path)
+    (stack_id,) = engine.runtimes
+    rt = engine.runtimes[stack_id]
+    old_session = rt.session
+    engine.execute_command("exclude_frame",
+                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    job = engine.rebuilds[stack_id]
+    assert job.process is not None and job.process.wait(300) == 0
+    (rt.folder / "rebuild.npz").write_bytes(b"torn")  # as if the disk lost it
+    assert engine.rebuild_step()
+    assert not engine.rebuilds and rt.session is old_session
+    alerts = [e for e in hub.events if e["type"] == "alert"]
+    assert alerts and alerts[-1]["code"] == "rebuild_failed"
+    assert engine.summary(rt)["state"] == "running"
+    engine.close()
+
+
+def test_the_worker_gives_up_a_rebuild_that_raises() -> None:
+    from livestack.daemon import Worker
+
+    class Broken:
+        def __init__(self) -> None:
+            self.abandoned: list[str] = []
+
+        def rebuild_step(self) -> bool:
+            raise RuntimeError("bug")
+
+        def abandon_rebuilds(self, message: str) -> None:
+            self.abandoned.append(message)
+
+    broken = Broken()
+    assert Worker._rebuild_step(broken)  # type: ignore[arg-type]
+    assert broken.abandoned == ["internal error: bug"]
 
 
 def test_rebuild_skips_a_row_rerouted_to_another_stack(tmp_path: Path,

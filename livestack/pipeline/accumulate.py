@@ -585,6 +585,9 @@ class RunningStack:
         -------
         RunningStack
             Past its warm-up: the next :meth:`add` tests against the seeded statistics.
+            It takes over ``mean``, ``count``, ``rejected_low`` and ``rejected_high`` (and
+            a 3-D ``weight``) when they already have the state's dtype, without copying,
+            and writes into ``mean`` and ``weight``: do not reuse them afterwards.
 
         Raises
         ------
@@ -603,27 +606,31 @@ class RunningStack:
         noise = np.broadcast_to(noise, (n_frames, stack._nc))
 
         def plane(arr: NDArray[Any], dtype: Any, name: str) -> NDArray[Any]:
-            a = np.asarray(arr, dtype=dtype)
+            # The caller's array itself when it already fits (no copy: 26 MP colour maps
+            # are large), a new one for a 2-D map shared by every channel.
+            a = np.asarray(arr)
             if a.shape == planes[1:]:  # mono maps, or one weight map for every channel
-                a = np.broadcast_to(a, planes)
-            if a.shape != planes:
+                return np.ascontiguousarray(np.broadcast_to(a.astype(dtype, copy=False),
+                                                            planes)).copy()
+            if a.shape != planes and a.shape != stack.shape:
                 raise ValueError(f"{name} has shape {a.shape}, expected {stack.shape}")
-            return np.ascontiguousarray(a, dtype=dtype).copy()
+            return np.ascontiguousarray(a, dtype=dtype).reshape(planes)
 
         n = plane(count, np.uint16, "count")
         m = plane(mean_arr, np.float32, "mean")
         w = plane(weight, np.float32, "weight")
-        covered = n > 0
-        m[~covered] = 0.0
-        w[~covered] = 0.0
         m2 = np.zeros(planes, dtype=np.float32)
-        if std is not None:
-            s = plane(std, np.float64, "std")
-            nf = n.astype(np.float64)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                seeded = s * s * w * (nf - 1.0) / nf  # inverse of std_map()
-            ok = (n >= 2) & np.isfinite(seeded)
-            m2[ok] = seeded[ok]
+        s = None if std is None else plane(std, np.float32, "std")
+        for c in range(stack._nc):  # one channel at a time keeps the temporaries small
+            empty = n[c] == 0
+            m[c][empty] = 0.0
+            w[c][empty] = 0.0
+            if s is not None:
+                nf = n[c].astype(np.float32)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    seeded = s[c] * s[c] * w[c] * ((nf - 1.0) / nf)  # inverse of std_map()
+                ok = (n[c] >= 2) & np.isfinite(seeded)
+                m2[c][ok] = seeded[ok]
         stack._mean, stack._m2, stack._wsum, stack._count = m, m2, w, n
         stack._rej_lo = plane(rejected_low, np.uint16, "rejected_low")
         stack._rej_hi = plane(rejected_high, np.uint16, "rejected_high")

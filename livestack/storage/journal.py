@@ -427,10 +427,11 @@ class Journal:
         with self._tx() as db:
             # Move the old numbers out of the way first (seq is unique per stack in use).
             db.execute("UPDATE frames SET seq=-seq WHERE stack_id=? AND seq>0", (stack_id,))
+            # Only rows still in the stack (one may have been rerouted meanwhile).
             db.executemany(
                 "UPDATE frames SET seq=?, transform=COALESCE(?, transform), updated=? "
-                "WHERE id=?",
-                [(seq, json.dumps(tr) if tr is not None else None, now, rid)
+                "WHERE id=? AND stack_id=?",
+                [(seq, json.dumps(tr) if tr is not None else None, now, rid, stack_id)
                  for rid, seq, tr in updates])
             top = len(updates)
             # Rows not in the rebuild keep a positive order after the rebuilt ones.
