@@ -1045,10 +1045,12 @@ class Engine:
             self._reset(stack_id)
         elif name == "exclude_frame":
             self.journal.deactivate(stack_id, [args["row_id"]])
-            self._start_rebuild(stack_id, first_row=None, why="exclude_frame")
+            self._start_rebuild(stack_id, why="exclude_frame")
         elif name == "set_reference":
             self.journal.deactivate(stack_id, [])  # bump the generation only
-            self._start_rebuild(stack_id, first_row=args["row_id"], why="set_reference")
+            ref_row = self.journal.row(args["row_id"])
+            self._start_rebuild(stack_id, why="set_reference",
+                                reference=ref_row.path if ref_row is not None else None)
         for rt in self.runtimes.values():
             self._publish_stack(rt)
         return {"ok": True}
@@ -1088,7 +1090,7 @@ class Engine:
         self.checkpoint(rt)
         log.info("%s: reset (the frames stay in the journal, inactive)", stack_id)
 
-    def _start_rebuild(self, stack_id: str, first_row: int | None, why: str,
+    def _start_rebuild(self, stack_id: str, why: str, reference: str | None = None,
                        attempts: int = 1) -> None:
         """Start integrating the stack's active frames in a child process.
 
@@ -1103,11 +1105,7 @@ class Engine:
         previous = self.rebuilds.get(stack_id)
         self._cancel_rebuild(stack_id)
         rt = self.runtime(stack_id)
-        reference = None
-        if first_row is not None:
-            ref_row = self.journal.row(first_row)
-            reference = ref_row.path if ref_row is not None else None
-        elif previous is not None:
+        if reference is None and previous is not None:
             # A set_reference still being rebuilt holds for the newer command too.
             reference = previous.reference
         try:
@@ -1307,13 +1305,8 @@ class Engine:
 
     def _restart_rebuild(self, rt: _Runtime, job: _Rebuild) -> None:
         """Start the same rebuild again on the journal as it is now."""
-        first = None
-        if job.reference is not None:
-            first = next((r.id for r in self.journal.rows(stack_id=rt.stack_id)
-                          if r.active and r.path == job.reference and r.status == "accepted"),
-                         None)
         self.rebuilds.pop(rt.stack_id, None)
-        self._start_rebuild(rt.stack_id, first, job.why, attempts=job.attempts + 1)
+        self._start_rebuild(rt.stack_id, job.why, job.reference, attempts=job.attempts + 1)
 
     def _seed_from_result(self, rt: _Runtime, job: _Rebuild) -> None:
         """Load the integration and seed the new live session from it (catch-up phase)."""

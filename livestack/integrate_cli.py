@@ -10,15 +10,11 @@ Heavy modules (numpy, numba, astropy) are imported only when the command runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 from livestack.errors import UsageError
@@ -112,17 +108,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-class _MastersWithTolerance:
-    """A ``MasterLibrary`` with the configured temperature tolerance bound in."""
-
-    def __init__(self, library: Any, temp_tolerance_c: float) -> None:
-        self.library = library
-        self.temp_tolerance_c = temp_tolerance_c
-
-    def select(self, info: Any) -> Any:
-        return self.library.select(info, temp_tolerance_c=self.temp_tolerance_c)
-
-
 def _masters(args: argparse.Namespace, config: Any, err: TextIO) -> Any:
     if args.bias or args.darks or args.flats:
         from livestack.storage.masters import masters_for_cli
@@ -132,10 +117,11 @@ def _masters(args: argparse.Namespace, config: Any, err: TextIO) -> Any:
 
         return masters_for_cli(bias=opt(args.bias), darks=opt(args.darks), flats=opt(args.flats))
     if config.masters.paths:
+        from livestack.integrate import TolerantMasters
         from livestack.storage.masters import MasterLibrary
 
         library = MasterLibrary.from_paths([Path(p) for p in config.masters.paths])
-        return _MastersWithTolerance(library, config.masters.temp_tolerance_c)
+        return TolerantMasters(library, config.masters.temp_tolerance_c)
     err.write("livestack integrate: no masters given (--bias/--darks/--flats or masters.paths "
               "in -c CONFIG): frames are integrated without calibration frames\n")
     return None
@@ -155,23 +141,6 @@ def _progress(stream: TextIO) -> Callable[[str, int, int], None]:
         stream.flush()
 
     return update
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt (so the scratch file is removed) while running."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -203,7 +172,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         raise UsageError(f"integrate: {exc}") from None
 
     from livestack.config import load_config
-    from livestack.integrate import integrate_plan, load_session, plan_integration
+    from livestack.integrate import (
+        integrate_plan,
+        load_session,
+        plan_integration,
+        sigterm_interrupts,
+    )
 
     settings = load_config(args.config)
     pipeline = settings.pipeline
@@ -221,7 +195,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     scratch = Path(args.scratch) if args.scratch else output.parent
     masters = _masters(args, settings, err)
 
-    with _sigterm_interrupts():
+    with sigterm_interrupts():
         product = integrate_plan(
             plan, config, pipeline=pipeline, normalize=args.normalize,
             masters=masters, memory_limit_bytes=memory_limit,

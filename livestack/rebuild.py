@@ -26,19 +26,17 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from livestack.errors import FrameError, LivestackError, StorageError
-from livestack.integrate import IntegrationCancelled
+from livestack.integrate import IntegrationCancelled, TolerantMasters, sigterm_interrupts
 from livestack.pipeline.product import StackProduct
 
 log = logging.getLogger("livestack.rebuild")
@@ -243,19 +241,6 @@ def read_error(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-@contextlib.contextmanager
-def _sigterm_exits() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, so the engine's ``finally`` removes the scratch."""
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_request(request: RebuildRequest) -> None:
     """Integrate the stack a request names and write the result next to it.
 
@@ -272,10 +257,9 @@ def run_request(request: RebuildRequest) -> None:
     folder = Path(request.folder)
     masters = None
     if config.masters.paths:
-        from livestack.integrate_cli import _MastersWithTolerance
         from livestack.storage.masters import MasterLibrary
 
-        masters = _MastersWithTolerance(
+        masters = TolerantMasters(
             MasterLibrary.from_paths([Path(p) for p in config.masters.paths]),
             config.masters.temp_tolerance_c)
     journal = Journal(request.journal)
@@ -305,7 +289,7 @@ def run_request(request: RebuildRequest) -> None:
         product = integrate_plan(plan, rebuild_config(config.pipeline),
                                  pipeline=config.pipeline, masters=masters,
                                  memory_limit_bytes=request.memory_limit_bytes,
-                                 scratch_dir=folder, cancel=orphaned)
+                                 scratch_dir=folder, cancel=orphaned, frame_noise=True)
     finally:
         orphaned.set()  # ends the watcher
     write_result(folder / RESULT_NAME, product, plan)
@@ -329,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.nice(request.nice)
     try:
-        with _sigterm_exits():
+        with sigterm_interrupts():
             run_request(request)
     except (KeyboardInterrupt, IntegrationCancelled):
         log.info("%s: rebuild cancelled", request.stack_id)

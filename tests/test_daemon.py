@@ -383,6 +383,22 @@ def _rebuild(engine: Engine) -> None:
     raise AssertionError("rebuild did not finish")
 
 
+def _command(engine: Engine, name: str, **args: object) -> dict:
+    """Validate and run an operator command as the worker does."""
+    return engine.execute_command(name, engine.validate_command(name, args))
+
+
+def _stacked(tmp_path: Path, frames: list[Path], n: int, **engine_kw: object
+             ) -> tuple[Engine, list[Path], str]:
+    """An engine that has stacked the first ``n`` frames into one stack."""
+    watch = copy_frames(frames[:n], tmp_path / "in")
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks", **engine_kw)  # type: ignore[arg-type]
+    for path in watch:
+        engine.process_path(path)
+    (stack_id,) = engine.runtimes
+    return engine, watch, stack_id
+
+
 def test_commands_exclude_reference_reset_pause_new_stack(tmp_path: Path,
                                                           frames: list[Path]) -> None:
     from livestack.integrate import integrate_session
@@ -918,8 +934,7 @@ def test_viewers_see_the_old_stack_until_the_rebuild_swaps(tmp_path: Path,
     (stack_id,) = engine.runtimes
     rt = engine.runtimes[stack_id]
     old_session = rt.session
-    engine.execute_command("exclude_frame",
-                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    _command(engine, "exclude_frame", file=watch[1].name)
     mark = len(hub.events)
     engine.process_path(watch[5])  # a live frame during the rebuild
     during = [e for e in hub.events[mark:] if e["type"] == "stack"]
@@ -938,14 +953,9 @@ def test_viewers_see_the_old_stack_until_the_rebuild_swaps(tmp_path: Path,
 
 def test_rebuild_leaves_out_a_frame_deleted_from_disk(tmp_path: Path,
                                                       frames: list[Path]) -> None:
-    watch = copy_frames(frames[:5], tmp_path / "in")
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    for path in watch:
-        engine.process_path(path)
-    (stack_id,) = engine.runtimes
+    engine, watch, stack_id = _stacked(tmp_path, frames, 5)
     watch[3].unlink()  # the user tidied up
-    engine.execute_command("exclude_frame",
-                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    _command(engine, "exclude_frame", file=watch[1].name)
     _rebuild(engine)
     rt = engine.runtimes[stack_id]
     assert rt.session.n_accepted == 3
@@ -958,14 +968,9 @@ def test_rebuild_leaves_out_a_frame_deleted_from_disk(tmp_path: Path,
 
 def test_closing_the_engine_stops_a_running_rebuild(tmp_path: Path,
                                                     frames: list[Path]) -> None:
-    watch = copy_frames(frames[:5], tmp_path / "in")
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    for path in watch:
-        engine.process_path(path)
-    (stack_id,) = engine.runtimes
+    engine, watch, stack_id = _stacked(tmp_path, frames, 5)
     folder = engine.runtimes[stack_id].folder
-    engine.execute_command("exclude_frame",
-                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    _command(engine, "exclude_frame", file=watch[1].name)
     process = engine.rebuilds[stack_id].process
     assert process is not None
     engine.close()
@@ -981,15 +986,9 @@ def test_closing_the_engine_stops_a_running_rebuild(tmp_path: Path,
 
 def test_a_pending_reference_survives_a_newer_command(tmp_path: Path,
                                                        frames: list[Path]) -> None:
-    watch = copy_frames(frames[:5], tmp_path / "in")
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    for path in watch:
-        engine.process_path(path)
-    (stack_id,) = engine.runtimes
-    engine.execute_command("set_reference",
-                           engine.validate_command("set_reference", {"file": watch[3].name}))
-    engine.execute_command("exclude_frame",  # before the first rebuild has swapped
-                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    engine, watch, stack_id = _stacked(tmp_path, frames, 5)
+    _command(engine, "set_reference", file=watch[3].name)
+    _command(engine, "exclude_frame", file=watch[1].name)  # before the first rebuild swaps
     _rebuild(engine)
     rt = engine.runtimes[stack_id]
     assert rt.session.reference_file == os.path.abspath(watch[3])
@@ -1015,8 +1014,7 @@ def test_rejected_rows_are_not_read_again_after_a_rebuild(tmp_path: Path,
     rt.session.gate.config = engine.config.pipeline.gate
     engine.process_path(watch[4])
     assert engine.journal.counts(rt.stack_id)["rejected"] == 2
-    engine.execute_command("exclude_frame",
-                           engine.validate_command("exclude_frame", {"file": watch[0].name}))
+    _command(engine, "exclude_frame", file=watch[0].name)
     _rebuild(engine)
     assert rt.session.n_accepted == 2
     seq = load_checkpoint(rt.folder / CHECKPOINT_NAME)[1]["seq"]
@@ -1027,16 +1025,11 @@ def test_rejected_rows_are_not_read_again_after_a_rebuild(tmp_path: Path,
 
 def test_an_unusable_rebuild_result_keeps_the_old_stack(tmp_path: Path,
                                                         frames: list[Path]) -> None:
-    watch = copy_frames(frames[:4], tmp_path / "in")
     hub = RecordingHub()
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks", hub=hub)  # type: ignore[arg-type]
-    for path in watch:
-        engine.process_path(path)
-    (stack_id,) = engine.runtimes
+    engine, watch, stack_id = _stacked(tmp_path, frames, 4, hub=hub)
     rt = engine.runtimes[stack_id]
     old_session = rt.session
-    engine.execute_command("exclude_frame",
-                           engine.validate_command("exclude_frame", {"file": watch[1].name}))
+    _command(engine, "exclude_frame", file=watch[1].name)
     job = engine.rebuilds[stack_id]
     assert job.process is not None and job.process.wait(300) == 0
     (rt.folder / "rebuild.npz").write_bytes(b"torn")  # as if the disk lost it
@@ -1068,11 +1061,7 @@ def test_the_worker_gives_up_a_rebuild_that_raises() -> None:
 
 def test_rebuild_skips_a_row_rerouted_to_another_stack(tmp_path: Path,
                                                        frames: list[Path]) -> None:
-    watch = copy_frames(frames[:5], tmp_path / "in")
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    for path in watch:
-        engine.process_path(path)
-    (stack_id,) = engine.runtimes
+    engine, watch, stack_id = _stacked(tmp_path, frames, 5)
     engine.execute_command("exclude_frame", engine.validate_command(
         "exclude_frame", {"stack_id": stack_id, "file": watch[1].name}))
     # Mid-rebuild, a row moves to another stack (what _reroute does).
