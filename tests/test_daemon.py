@@ -625,6 +625,13 @@ def test_run_subprocess_systemd_notify_signals_and_outputs(tmp_path: Path,
         status, reply = command("exclude_frame", token, {"file": frames[1].name})
         assert status == 200 and reply.get("ok") is True, reply
         d.wait_line(lambda s: "rebuild (exclude_frame) done: 2 frames" in s, timeout_s=120)
+        # Empty the notify queue (AF_UNIX datagram queues hold ~10 messages; a full one
+        # makes the daemon's non-blocking notify drop STOPPING).
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                messages.append(sock.recv(4096).decode())
+        sock.settimeout(30)
         t0 = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
         code = d.proc.wait(timeout=15)
