@@ -53,7 +53,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -64,6 +63,7 @@ from numpy.typing import NDArray
 from livestack.errors import FrameError, FrameReadError, LivestackError, StorageError, UsageError
 from livestack.pipeline.calibrate import MasterSet, calibrate
 from livestack.pipeline.detect import detect_stars
+from livestack.pipeline.fitskeys import time_keywords
 from livestack.pipeline.integrate import (
     KEY_CHUNK_BYTES,
     IntegrateConfig,
@@ -77,6 +77,12 @@ from livestack.pipeline.normalize import (
     normalization,
     normalized_noise,
     star_flux_scale,
+)
+from livestack.pipeline.saturation import (
+    FrameSaturation,
+    StackSaturation,
+    clamp_ringing,
+    frame_saturation,
 )
 from livestack.pipeline.select import parse_select, selection_values
 from livestack.pipeline.types import FrameInfo, FrameMetrics, FrameRecord, StarList, Transform
@@ -95,8 +101,9 @@ JOURNAL_NAME = "journal.sqlite"
 #: ``progress(stage, done, total)`` with stage ``"register"`` or ``"combine"``.
 ProgressCallback = Callable[[str, int, int], None]
 #: A calibrated frame: image, header facts, the description of the masters applied and
-#: its stars (None when the normalisation does not need them).
-_Loaded = tuple[NDArray[np.float32], FrameInfo, tuple[str, ...], StarList | None]
+#: its stars (None when the normalisation does not need them), its saturated pixels.
+_Loaded = tuple[NDArray[np.float32], FrameInfo, tuple[str, ...], StarList | None,
+                FrameSaturation | None]
 
 _IDENTITY_TOL = 1e-12
 _NORMALIZE_NAMES = {
@@ -650,6 +657,8 @@ def _calibrated(frame: SessionFrame, masters: MasterSource | None, pipeline: Any
         Description of the masters applied.
     stars : StarList or None
         Stars in frame pixel coordinates, or None when ``find_stars`` is False.
+    saturation : FrameSaturation or None
+        Saturated pixels and white level (``pipeline.saturation``), as the live stack.
 
     Raises
     ------
@@ -663,6 +672,7 @@ def _calibrated(frame: SessionFrame, masters: MasterSource | None, pipeline: Any
     raw, info, _ = read_frame(Path(frame.path))
     chosen = masters.select(info) if masters is not None else None
     image = calibrate(raw, chosen, info.bayer_pattern)
+    saturation = frame_saturation(raw, image, info, pipeline.saturation)
     cosmetic = pipeline.cosmetic
     if cosmetic.auto_hot_pixels and (chosen is None or chosen.defects is None):
         hot = find_isolated_hot_pixels(image, cosmetic.hot_sigma, info.bayer_pattern)
@@ -682,7 +692,8 @@ def _calibrated(frame: SessionFrame, masters: MasterSource | None, pipeline: Any
     if find_stars:
         stars, _, _ = detect_stars(image if image.ndim == 2 else _luminance(image),
                                    pipeline.detect)
-    return image, info, chosen.description if chosen is not None else (), stars
+    return (image, info, chosen.description if chosen is not None else (), stars,
+            saturation)
 
 
 def _write_registered(folder: Path, frame: SessionFrame, planes: NDArray[np.float32],
@@ -832,8 +843,8 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
     ref_index = plan.frames.index(plan.reference)
     # The photometric scale needs every frame's stars (and the reference's).
     find_stars = method == "additive_scaling"
-    ref_image, ref_info, ref_masters, ref_stars = _calibrated(plan.reference, masters,
-                                                              pipeline, find_stars)
+    ref_image, ref_info, ref_masters, ref_stars, ref_sat = _calibrated(
+        plan.reference, masters, pipeline, find_stars)
     channels = 3 if ref_image.ndim == 3 else 1
     shape = (int(ref_image.shape[-2]), int(ref_image.shape[-1]))
     mem = plan_memory(n, channels, shape, memory_limit_bytes, std_map=config.std_map,
@@ -849,7 +860,8 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
     ndim = ref_image.ndim
     order = [ref_index, *[i for i in range(n) if i != ref_index]]
     facts: list[_Registered | None] = [None] * n
-    loaded: _Loaded | None = (ref_image, ref_info, ref_masters, ref_stars)
+    loaded: _Loaded | None = (ref_image, ref_info, ref_masters, ref_stars, ref_sat)
+    stack_saturation = StackSaturation()  # fixed by the reference, registered first
     del ref_image
     n_star_scaled = 0
 
@@ -869,7 +881,7 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
                     assert ahead is not None
                     loaded = ahead.result()
                 ahead = pool.submit(load, order[done]) if done < n else None
-                image, info, applied, stars = loaded
+                image, info, applied, stars, saturation = loaded
                 loaded = None
                 if image.shape[-2:] != shape or image.ndim != ndim:
                     raise FrameError("shape_mismatch", f"{frame.path}: shape {image.shape} "
@@ -880,7 +892,9 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
                 planes, weight, noise = _register(frame, image, shape, pipeline.warp.kernel,
                                                   ref_stats, ref_metrics, norm_config, keep_dir,
                                                   plan.reference.path, planes_buffer,
-                                                  signal_scale, frame_noise)
+                                                  signal_scale, frame_noise,
+                                                  (saturation, pipeline.saturation,
+                                                   stack_saturation))
                 del image
                 store.put(index, planes)
                 facts[index] = _Registered(info, weight, frame.transform, _metrics_of(frame),
@@ -893,8 +907,11 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
         maps = _combine(store, weights, config, mem.band_rows, progress, check_cancel)
     finally:
         store.close()
-    return _product(plan, config, norm_config, pipeline, registered_facts, maps,
-                    n_star_scaled if find_stars else None)
+    product = _product(plan, config, norm_config, pipeline, registered_facts, maps,
+                       n_star_scaled if find_stars else None)
+    if stack_saturation.level_adu is not None:
+        product.header["SATURATE"] = float(stack_saturation.level_adu.min())
+    return product
 
 
 def _signal_scale(is_reference: bool, transform: Transform, stars: StarList | None,
@@ -929,7 +946,8 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
               kernel: str, ref_stats: FrameStats, ref_metrics: FrameMetrics | None,
               norm_config: NormalizeConfig, keep_dir: Path | None, reference: str,
               out: NDArray[np.float32], signal_scale: float | None = None,
-              measure_noise: bool = False
+              measure_noise: bool = False,
+              saturation: tuple[FrameSaturation | None, Any, StackSaturation] | None = None
               ) -> tuple[NDArray[np.float32], float, tuple[float, ...]]:
     """Warp one calibrated frame onto the reference and normalise it, as the live stack does.
 
@@ -959,6 +977,10 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         falls back to the ratio of the dispersions (reference / warped frame).
     measure_noise : bool
         Measure the noise a live continuation needs (see ``integrate_plan(frame_noise=)``).
+    saturation : tuple, optional
+        ``(frame's FrameSaturation or None, SaturationConfig, the stack's
+        StackSaturation)``: clamp the warp's ringing and stack saturated samples at the
+        stack's white level (:mod:`livestack.pipeline.saturation`). None: neither.
 
     Returns
     -------
@@ -976,6 +998,10 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
     """
     channels = 3 if image.ndim == 3 else 1
     warped = warp(image, frame.transform, shape, kernel)
+    saturated = None
+    if saturation is not None:
+        warped, saturated = clamp_ringing(warped, image, frame.transform, saturation[0],
+                                          saturation[1])
     if not warped.footprint.any():
         raise FrameError("no_overlap", f"{frame.path}: the aligned frame does not overlap "
                                        "the reference")
@@ -990,6 +1016,9 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         reference_fwhm_px=ref_metrics.fwhm_px if ref_metrics else None,
         reference_noise_adu=ref_metrics.noise_adu if ref_metrics else None)
     planes = normalized_planes(warped.image, warped.footprint, norm, out)
+    if saturation is not None:
+        saturation[2].apply(planes, warped.footprint, saturated, saturation[0], norm.location,
+                            norm.scale, norm.reference_location)
     if keep_dir is not None:
         registered = warped.image.reshape(channels, *shape).copy()
         np.copyto(registered, np.float32(np.nan), where=~warped.footprint)
@@ -1038,10 +1067,6 @@ def _combine(store: _FrameStore, weights: NDArray[np.float64], config: Integrate
     return maps
 
 
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-
-
 def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: NormalizeConfig,
              pipeline: Any, facts: list[_Registered], maps: dict[str, NDArray[Any]],
              n_star_scaled: int | None = None) -> Any:
@@ -1080,19 +1105,13 @@ def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: Normal
     }
     if n_star_scaled is not None:
         header["NSTARSCL"] = n_star_scaled  # frames scaled by matched-star flux ratio
-    starts = [(i.date_obs, i.exposure_s) for i in infos if i.date_obs is not None]
-    if starts:
-        header["DATE-OBS"] = _iso(min(s for s, _ in starts))
-        header["DATE-END"] = _iso(max(s + timedelta(seconds=e) for s, e in starts))
-    mjds = [i.mjd_obs for i in infos if i.mjd_obs is not None]
-    if mjds:
-        header["MJD-OBS"] = float(np.mean(mjds))
+    header.update(time_keywords((i.date_obs, i.exposure_s) for i in infos))
     first = infos[plan.frames.index(plan.reference)]
     header["OBJECT"] = first.object_name
     header["FILTER"] = first.filter_name
     header["XBINNING"] = first.binning[0]
     header["YBINNING"] = first.binning[1]
-    if first.bayer_pattern:
+    if first.bayer_pattern and mono:  # a debayered (RGB) stack carries no CFA keys
         header["CFAPAT"] = first.bayer_pattern
     gains = [i.egain_e_per_adu for i in infos if i.egain_e_per_adu is not None]
     if gains:

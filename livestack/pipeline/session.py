@@ -16,7 +16,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from livestack.pipeline.calibrate import MasterSet, calibrate
 from livestack.pipeline.cosmetic import correct_defects, find_isolated_hot_pixels
 from livestack.pipeline.debayer import debayer, luminance
 from livestack.pipeline.detect import DetectConfig, measure
+from livestack.pipeline.fitskeys import time_keywords
 from livestack.pipeline.normalize import (
     FrameStats,
     NormalizeConfig,
@@ -40,6 +41,13 @@ from livestack.pipeline.normalize import (
 from livestack.pipeline.product import StackProduct
 from livestack.pipeline.quality import GateConfig, QualityGate
 from livestack.pipeline.register import RegisterConfig, Registrar
+from livestack.pipeline.saturation import (
+    FrameSaturation,
+    SaturationConfig,
+    StackSaturation,
+    clamp_ringing,
+    frame_saturation,
+)
 from livestack.pipeline.stretch import auto_stretch, encode_jpeg
 from livestack.pipeline.types import (
     FrameInfo,
@@ -119,6 +127,7 @@ class PipelineConfig:
     gradient: GradientConfig = field(default_factory=GradientConfig)
     cosmetic: CosmeticConfig = field(default_factory=CosmeticConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    saturation: SaturationConfig = field(default_factory=SaturationConfig)
 
 
 @dataclass(frozen=True)
@@ -208,6 +217,8 @@ class StackSession:
         self._stored_transforms_valid = True
         #: Header values of the batch integration this session continues (see from_product).
         self.base_header: dict[str, object] = {}
+        #: The stack's saturation level (pipeline.saturation).
+        self.saturation = StackSaturation()
 
     # ------------------------------------------------------------------ frames
     def process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
@@ -245,7 +256,8 @@ class StackSession:
             return outcome
 
     def _prepare(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
-                 timer: _Timer) -> tuple[np.ndarray, np.ndarray, StarList, FrameMetrics]:
+                 timer: _Timer) -> tuple[np.ndarray, np.ndarray, StarList, FrameMetrics,
+                                         FrameSaturation | None]:
         """Calibrate, correct, debayer and measure one raw frame.
 
         Returns
@@ -256,6 +268,8 @@ class StackSession:
             Its luminance (``image`` itself for mono).
         stars : StarList
         metrics : FrameMetrics
+        saturation : FrameSaturation or None
+            Saturated pixels (on the debayered grid) and the calibrated white level.
 
         Raises
         ------
@@ -272,6 +286,7 @@ class StackSession:
                 f"{self._reference.luminance.shape}",
             )
         calibrated = calibrate(raw, masters, info.bayer_pattern)
+        saturation = frame_saturation(raw, calibrated, info, cfg.saturation)
         if (cfg.cosmetic.auto_hot_pixels and (masters is None or masters.defects is None)):
             hot = find_isolated_hot_pixels(calibrated, cfg.cosmetic.hot_sigma, info.bayer_pattern)
             if hot.any():
@@ -300,12 +315,12 @@ class StackSession:
             detect_cfg = replace(detect_cfg, pixel_scale_arcsec=info.pixel_scale_arcsec)
         stars, metrics = measure(lum, detect_cfg)
         timer.lap("detect")
-        return image, lum, stars, metrics
+        return image, lum, stars, metrics, saturation
 
     def _process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
                  stored_transform: Transform | None, timer: _Timer) -> FrameOutcome:
         cfg = self.config
-        image, lum, stars, metrics = self._prepare(raw, info, masters, timer)
+        image, lum, stars, metrics, saturation = self._prepare(raw, info, masters, timer)
         verdict = self.gate.evaluate(metrics)
         if not verdict.accepted:
             outcome = FrameOutcome(info.path, "rejected", verdict.reason, verdict.message,
@@ -348,6 +363,7 @@ class StackSession:
                              reference_noise_adu=ref.metrics.noise_adu)
         timer.lap("normalize")
         warped = warp(image, transform, ref.luminance.shape, cfg.warp.kernel)
+        warped, saturated = clamp_ringing(warped, image, transform, saturation, cfg.saturation)
         timer.lap("warp")
         if not warped.footprint.any():
             raise FrameError("no_overlap",
@@ -358,6 +374,8 @@ class StackSession:
             raise FrameError("bad_weight",
                              f"{info.path}: frame weight {norm.weight} is not finite and > 0")
         normalised = apply_normalization(warped.image, warped.footprint, norm, out=warped.image)
+        self.saturation.apply(normalised, warped.footprint, saturated, saturation, norm.location,
+                              norm.scale, norm.reference_location)
         timer.lap("normalize")
 
         if self._stack is None:
@@ -452,25 +470,18 @@ class StackSession:
         if self.base_header:
             header.update(self.base_header)
             header["INTEGRAT"] = "batch+live"  # a rebuild's batch result, then live frames
-        starts = [r.date_obs for r in accepted if r.date_obs is not None]
-        if starts:
-            header["DATE-OBS"] = _iso(min(starts))
-            ends = [r.date_obs + timedelta(seconds=r.exposure_s) for r in accepted
-                    if r.date_obs is not None]
-            header["DATE-END"] = _iso(max(ends))
-        mjds = [r.mjd_obs for r in accepted if r.mjd_obs is not None]
-        if mjds:
-            header["MJD-OBS"] = float(np.mean(mjds))
+        header.update(time_keywords((r.date_obs, r.exposure_s) for r in accepted))
         if self.first_info is not None:
             fi = self.first_info
             header["OBJECT"] = fi.object_name
             header["FILTER"] = fi.filter_name
             header["XBINNING"] = fi.binning[0]
             header["YBINNING"] = fi.binning[1]
-            if fi.bayer_pattern:
-                header["CFAPAT"] = fi.bayer_pattern
+            # Colour frames are debayered: the stack is RGB, so no CFA keys (fitskeys).
         if self.egain_e_per_adu is not None:
             header["EGAIN"] = self.egain_e_per_adu
+        if self.saturation.level_adu is not None:
+            header["SATURATE"] = float(self.saturation.level_adu.min())
         return header
 
     def preview_jpeg(self, max_size_px: int | None = None, quality: int | None = None) -> bytes:
@@ -516,6 +527,7 @@ class StackSession:
             "weights": list(self._weights),
             "stored_transforms_valid": self._stored_transforms_valid,
             "base_header": dict(self.base_header),
+            "saturation_adu": self.saturation.to_json(),
             "records": [record_to_json(r) for r in self.records],
             "first_info": None if self.first_info is None else _info_to_json(self.first_info),
         }
@@ -555,6 +567,7 @@ class StackSession:
         session._weights = [float(w) for w in meta.get("weights", [])]
         session._stored_transforms_valid = bool(meta.get("stored_transforms_valid", True))
         session.base_header = dict(meta.get("base_header", {}))
+        session.saturation = StackSaturation.from_json(meta.get("saturation_adu"))
         session.records = [record_from_json(r) for r in meta["records"]]
         if meta.get("first_info") is not None:
             session.first_info = _info_from_json(meta["first_info"])
@@ -614,8 +627,8 @@ class StackSession:
             The product does not match the reference frame's grid or has no frame.
         """
         session = cls(stack_id, config)
-        image, lum, stars, metrics = session._prepare(reference_raw, reference_info,
-                                                      reference_masters, _Timer())
+        image, lum, stars, metrics, _ = session._prepare(reference_raw, reference_info,
+                                                         reference_masters, _Timer())
         if tuple(product.image.shape) != tuple(image.shape):
             raise ValueError(f"{reference_info.path}: integration shape {product.image.shape} "
                              f"differs from the reference frame's {image.shape}")
@@ -680,10 +693,6 @@ def _accept_message(info: FrameInfo, metrics: FrameMetrics, transform: Transform
     return (f"accepted: {metrics.star_count} stars, FWHM {metrics.fwhm_px:.2f} px, "
             f"shift ({transform.dx:+.1f}, {transform.dy:+.1f}) px, "
             f"rotation {transform.rotation_deg:+.2f} deg, weight {weight:.2f}")
-
-
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
 
 
 def _stats_to_json(stats: FrameStats) -> dict[str, Any]:

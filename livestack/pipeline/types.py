@@ -59,7 +59,15 @@ class FrameInfo:
     ra_deg, dec_deg : float or None
         Pointing in degrees.
     pixel_scale_arcsec : float or None
-        Arcseconds per (binned) pixel, from XPIXSZ (already binned)/FOCALLEN or SCALE.
+        Arcseconds per (binned) pixel, from SCALE, PIXSCALE, IM_SCALE, SECPIX or
+        XPIXSZ (already binned)/FOCALLEN.
+    saturation_adu : float or None
+        Raw level (ADU) at and above which a pixel is saturated, from SATURATE, DATAMAX
+        or the BITPIX range; None when no keyword says it.
+    saturation_source : str
+        The keyword ``saturation_adu`` came from (``"SATURATE"``, ``"DATAMAX"``,
+        ``"BITPIX"``), ``""`` when None. A BITPIX level is the container's and may be
+        narrowed from the data (``pipeline.saturation.resolve_level``).
     """
 
     path: str
@@ -79,6 +87,8 @@ class FrameInfo:
     ra_deg: float | None = None
     dec_deg: float | None = None
     pixel_scale_arcsec: float | None = None
+    saturation_adu: float | None = None
+    saturation_source: str = ""
 
 
 @dataclass(frozen=True)

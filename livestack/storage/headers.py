@@ -34,7 +34,19 @@ Pixel scale
 N.I.N.A., INDI and ZWO follow (the real data sets say "Pixel Width in microns
 (after binning)" and "pixel size in microns (with binning)"), so the scale is
 ``XPIXSZ / FOCALLEN * 206.265`` arcsec. INDI's unbinned ``PIXSIZE1`` is
-multiplied by ``XBINNING``. ``SCALE``/``PIXSCALE`` win when present.
+multiplied by ``XBINNING``. ``SCALE``/``PIXSCALE``/``IM_SCALE``/``SECPIX`` win when
+present (:func:`_pixel_scale`).
+
+Saturation level
+----------------
+:func:`saturation_level` reads the level a pixel saturates at, first found wins:
+``SATURATE`` (the camera's white level; the RAW/TIFF reader writes it there too),
+``DATAMAX`` (the FITS standard's maximum valid value), then the container's range from
+``BITPIX``/``BZERO`` (8 -> 255, unsigned 16 -> 65535, signed 16 -> 32767, unsigned
+32 -> 4294967295). A level from ``BITPIX`` is only the container's: a 12- or 14-bit
+camera writes 16-bit files, and :func:`livestack.pipeline.saturation.resolve_level`
+narrows it from the data (its maximum being <= 4095 or <= 16383, or a flat-topped
+maximum). Floating-point data has no level from BITPIX.
 """
 
 from __future__ import annotations
@@ -275,9 +287,18 @@ def _ra_dec(header: Mapping[str, Any]) -> tuple[float | None, float | None]:
 
 
 def _pixel_scale(header: Mapping[str, Any], xbin: int) -> float | None:
-    scale = _float(header, "SCALE", "PIXSCALE", "SECPIX", "SECPIX1")
-    if scale is not None and scale > 0:
-        return scale
+    """Arcsec per (binned) pixel: a scale keyword, else pixel size over focal length.
+
+    Scale keywords, first present and positive wins: ``SCALE`` (Siril, MaxIm),
+    ``PIXSCALE`` (N.I.N.A., SharpCap), ``IM_SCALE`` (MicroObservatory, which has no
+    FOCALLEN), ``SECPIX``/``SECPIX1`` (IRAF, WCSTools). Otherwise ``FOCALLEN`` (mm) with
+    ``XPIXSZ`` (binned pixel size, um) or ``PIXSIZE1``/``PIXSIZE`` (unbinned) times the
+    x binning. None when no combination is present.
+    """
+    for key in ("SCALE", "PIXSCALE", "IM_SCALE", "SECPIX", "SECPIX1"):
+        scale = _float(header, key)
+        if scale is not None and scale > 0:
+            return scale
     focal_mm = _float(header, "FOCALLEN", "FOCAL")
     if focal_mm is None or focal_mm <= 0:
         return None
@@ -288,6 +309,34 @@ def _pixel_scale(header: Mapping[str, Any], xbin: int) -> float | None:
     if binned_um is None or binned_um <= 0:
         return None
     return binned_um / focal_mm * 206.265
+
+
+def saturation_level(header: Mapping[str, Any]) -> tuple[float | None, str]:
+    """The saturation level in ADU and the keyword it came from (module docstring).
+
+    Returns
+    -------
+    level_adu : float or None
+        None when no keyword says it (floating-point data without SATURATE/DATAMAX).
+    source : str
+        ``"SATURATE"``, ``"DATAMAX"``, ``"BITPIX"`` or ``""``.
+    """
+    for key in ("SATURATE", "DATAMAX"):
+        level = _float(header, key)
+        if level is not None and level > 0:
+            return level, key
+    bitpix = _int(header, "BITPIX", default=0)
+    bzero = _float(header, "BZERO") or 0.0
+    bscale = _float(header, "BSCALE")
+    if bscale not in (None, 1.0) or bitpix <= 0:
+        return None, ""
+    if bitpix == 8:
+        return 255.0, "BITPIX"
+    if bitpix in (16, 32):
+        unsigned_zero = 2.0 ** (bitpix - 1)
+        top = 2.0 ** bitpix - 1 if bzero == unsigned_zero else unsigned_zero - 1 + bzero
+        return top, "BITPIX"
+    return None, ""
 
 
 def effective_bayer_pattern(header: Mapping[str, Any], ny: int) -> str | None:
@@ -346,6 +395,7 @@ def parse_frame_info(header: Mapping[str, Any], path: str, shape: tuple[int, int
     date_obs, mjd_obs = _parse_dates(header)
     ra, dec = _ra_dec(header)
     ny = int(shape[0])
+    saturation_adu, saturation_source = saturation_level(header)
     return FrameInfo(
         path=path,
         image_type=image_type,
@@ -364,4 +414,6 @@ def parse_frame_info(header: Mapping[str, Any], path: str, shape: tuple[int, int
         ra_deg=ra,
         dec_deg=dec,
         pixel_scale_arcsec=_pixel_scale(header, xbin),
+        saturation_adu=saturation_adu,
+        saturation_source=saturation_source,
     )

@@ -3,11 +3,12 @@
 Layout
 ------
 * Primary HDU: the stacked image, float32 (colour: NAXIS3 = 3, planes R, G, B), with
-  NCOMBINE, EXPTIME (total of the accepted frames, s), DATE-OBS (first accepted start),
-  DATE-END (last accepted end), MJD-OBS (mean of the accepted starts), NEFF, EGAINEFF,
+  NCOMBINE, EXPTIME (total of the accepted frames, s), DATE-OBS/MJD-OBS (first accepted
+  start), DATE-AVG/MJD-AVG (mean mid-exposure), DATE-END/MJD-END (last accepted end;
+  :func:`livestack.pipeline.fitskeys.time_keywords`), NEFF, EGAINEFF,
   BUNIT = 'ADU', IMAGETYP = 'Master Light', CREATOR, then every item of
   ``product.header`` (which wins over the computed values; structural keywords such as
-  NAXIS or BZERO are ignored).
+  NAXIS or BZERO are ignored, and so are CFA keys such as CFAPAT on an RGB image).
 * ``WEIGHT`` float32, ``COUNT``/``REJLOW``/``REJHIGH`` uint16 (stored as int16 with
   BZERO = 32768, the FITS convention; astropy reads them back as uint16), optional ``STD``
   float32.
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from astropy.io import fits
 from numpy.typing import NDArray
 
 from livestack.errors import StorageError
+from livestack.pipeline.fitskeys import TIME_COMMENTS, is_cfa_key, time_keywords
 from livestack.pipeline.product import StackProduct
 from livestack.pipeline.types import FrameMetrics, FrameRecord, Transform
 from livestack.storage.atomic import atomic_write
@@ -157,15 +159,8 @@ def _computed_header(product: StackProduct) -> list[tuple[str, object, str]]:
         ("NCOMBINE", len(accepted), "number of frames combined"),
         ("EXPTIME", float(sum(r.exposure_s for r in accepted)), "[s] total exposure"),
     ]
-    starts = [r.date_obs for r in accepted if r.date_obs is not None]
-    if starts:
-        cards.append(("DATE-OBS", _iso(min(starts)), "UTC start of the first frame"))
-        ends = [r.date_obs + timedelta(seconds=r.exposure_s) for r in accepted
-                if r.date_obs is not None]
-        cards.append(("DATE-END", _iso(max(ends)), "UTC end of the last frame"))
-    mjds = [r.mjd_obs for r in accepted if r.mjd_obs is not None]
-    if mjds:
-        cards.append(("MJD-OBS", float(np.mean(mjds)), "mean MJD of the frame starts"))
+    for key, value in time_keywords((r.date_obs, r.exposure_s) for r in accepted).items():
+        cards.append((key, value, TIME_COMMENTS[key]))
     weights = np.array([r.weight for r in accepted if r.weight > 0], dtype=np.float64)
     if weights.size:
         n_eff = float(weights.sum() ** 2 / np.sum(weights ** 2))
@@ -186,8 +181,8 @@ def _primary(product: StackProduct) -> fits.PrimaryHDU:
     for key, value, comment in _computed_header(product):
         _set(header, key, value, comment)
     for key, value in product.header.items():
-        if key.upper() in _STRUCTURAL:
-            continue
+        if key.upper() in _STRUCTURAL or (image.ndim == 3 and is_cfa_key(key)):
+            continue  # an RGB stack is not a mosaic: no CFA keys (pipeline.fitskeys)
         _set(header, key, value)
     return hdu
 

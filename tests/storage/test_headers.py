@@ -191,6 +191,39 @@ def test_pixel_scale_variants() -> None:
     assert _info(XPIXSZ=3.76, FOCALLEN=0).pixel_scale_arcsec is None
 
 
+@pytest.mark.parametrize("key", ["IM_SCALE", "PIXSCALE", "SCALE", "SECPIX", "SECPIX1"])
+def test_pixel_scale_keys_cameras_write(key: str) -> None:
+    # MicroObservatory frames carry IM_SCALE = 5.21 and no FOCALLEN.
+    assert _info(**{key: 5.21}).pixel_scale_arcsec == 5.21
+    assert _info(**{key: 0.0}).pixel_scale_arcsec is None       # a zero is no scale
+    assert _info(**{key: "n/a"}).pixel_scale_arcsec is None     # nor is text
+    # A scale keyword wins over the optics.
+    assert _info(**{key: 5.21}, XPIXSZ=3.76, FOCALLEN=500).pixel_scale_arcsec == 5.21
+
+
+def test_no_scale_keyword_gives_none() -> None:
+    assert _info().pixel_scale_arcsec is None
+    assert _info(FOCALLEN=500).pixel_scale_arcsec is None
+    assert _info(XPIXSZ=3.76).pixel_scale_arcsec is None
+
+
+def test_saturation_level_precedence() -> None:
+    # SATURATE (the camera's white level, also what the RAW reader writes) wins.
+    info = _info(SATURATE=4095, DATAMAX=60000, BITPIX=16, BZERO=32768)
+    assert (info.saturation_adu, info.saturation_source) == (4095.0, "SATURATE")
+    info = _info(DATAMAX=60000, BITPIX=16, BZERO=32768)
+    assert (info.saturation_adu, info.saturation_source) == (60000.0, "DATAMAX")
+    info = _info(BITPIX=16, BZERO=32768)
+    assert (info.saturation_adu, info.saturation_source) == (65535.0, "BITPIX")
+    assert _info(BITPIX=16).saturation_adu == 32767.0          # signed 16-bit
+    assert _info(BITPIX=8).saturation_adu == 255.0
+    assert _info(BITPIX=32, BZERO=2147483648).saturation_adu == 4294967295.0
+    for cards in ({"BITPIX": -32}, {}, {"BITPIX": 16, "BZERO": 32768, "BSCALE": 2.0},
+                  {"SATURATE": 0, "BITPIX": -32}, {"SATURATE": "bad", "BITPIX": -64}):
+        info = _info(**cards)
+        assert (info.saturation_adu, info.saturation_source) == (None, ""), cards
+
+
 def test_binning_gain_offset_temperature() -> None:
     info = _info(XBINNING=2, YBINNING=2, GAIN=100, OFFSET=50, CCD_TEMP=-10.5)
     assert info.binning == (2, 2)

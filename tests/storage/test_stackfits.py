@@ -101,7 +101,13 @@ def test_headers(tmp_path: Path) -> None:
     assert header["EXPTIME"] == pytest.approx(90.0)
     assert header["DATE-OBS"] == "2024-03-01T22:00:00.000"
     assert header["DATE-END"] == "2024-03-01T22:02:30.000"    # frame 3 starts at +120 s
-    assert header["MJD-OBS"] == pytest.approx(np.mean([r.mjd_obs for r in accepted]))
+    # MJD-OBS is DATE-OBS (the start), not the mean; the mean mid-exposure of the starts
+    # 0, 40 and 120 s plus 15 s is 68.333 s: DATE-AVG/MJD-AVG.
+    mjd0 = 60370.0 + 22.0 / 24.0
+    assert header["MJD-OBS"] == pytest.approx(mjd0, abs=1e-9)
+    assert header["DATE-AVG"] == "2024-03-01T22:01:08.333"
+    assert header["MJD-AVG"] == pytest.approx(mjd0 + (160.0 / 3.0 + 15.0) / 86400, abs=1e-9)
+    assert header["MJD-END"] == pytest.approx(mjd0 + 150.0 / 86400, abs=1e-9)
     assert header["NEFF"] == pytest.approx(n_eff)
     assert header["EGAINEFF"] == pytest.approx(0.78 * n_eff)
     assert header["EGAIN"] == 0.78
@@ -166,3 +172,17 @@ def test_written_file_is_world_readable_regardless_of_mkstemp(tmp_path: Path) ->
     write_stack_fits(path, product(colour=True))
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["stack.fits"]
+
+
+def test_rgb_stack_drops_cfa_keys_mono_keeps_them(tmp_path: Path) -> None:
+    cfa = {"CFAPAT": "RGGB", "BAYERPAT": "RGGB", "XBAYROFF": 1, "YBAYROFF": 0}
+    for colour in (True, False):
+        src = product(colour)
+        src = StackProduct(src.image, src.weight, src.count, src.rejected_low,
+                           src.rejected_high, src.records, {**src.header, **cfa}, src.std)
+        path = tmp_path / f"stack{colour}.fits"
+        write_stack_fits(path, src)
+        header = read_stack_fits(path).header
+        for key in cfa:
+            assert (key in header) is (not colour), key
+        assert header["OBJECT"] == "M 94"

@@ -1,0 +1,357 @@
+"""Saturated pixels: find them, carry them through the pipeline, stack them as saturated.
+
+A star whose core is flat-topped at the camera's white level has no true peak in the
+frame. Three things then go wrong on the way to the stack unless the pipeline knows
+which pixels were saturated (issue 9, part 1):
+
+1. **Lanczos3 rings** next to the plateau's steep edges, undershooting into the sky by
+   up to ~10 % of the step (a dark ring);
+2. **normalisation** maps the white level to a different value in every frame and past
+   what the camera can record;
+3. **rejection** sees the scattered plateau values as outliers and rejects the high
+   ones, which deepens the ring.
+
+What this module does, per frame:
+
+* :func:`resolve_level` finds the level: the config override, else the header's
+  ``SATURATE``/``DATAMAX`` (:attr:`FrameInfo.saturation_adu`), else the container's
+  BITPIX range narrowed from the data (a maximum <= 4095 or <= 16383 is a 12- or 14-bit
+  camera in a 16-bit file), else the frame's own flat-topped maximum (at least
+  ``min_flat_pixels`` pixels share the maximum, which noise practically never does).
+* :func:`raw_mask` marks ``raw >= level`` on the raw (CFA) grid; :func:`debayered_mask`
+  widens it to the 3x3 CFA neighbourhood so it holds for any demosaic algorithm (each
+  algorithm reads at most the 3x3 neighbourhood's same-colour samples at full weight;
+  wider ones such as RCD reach further with small weights that the clamp below bounds).
+* :func:`clamp_ringing` (after the warp) bounds output pixels near a steep step or a
+  saturated pixel to their bilinear cell: never below the cell's minimum, and never above
+  its maximum when the cell is saturated. This is PixInsight's idea of clamping Lanczos
+  (a threshold on the jump between neighbouring pixels, 0.3 of the range by default),
+  applied as a post-pass: elsewhere the output is Lanczos3's, bit for bit, so its
+  sharpness and noise are unchanged. It also warps the mask (nearest input pixel).
+* :class:`StackSaturation` fixes the stack's level (the first frame's white level after
+  calibration and normalisation) and, in each normalised frame, sets the saturated
+  samples to it and clips every sample to it. A saturated core is then the same value in
+  every frame: the mean is the level, the dispersion is zero, nothing there is an outlier,
+  and no stacked value exceeds what the camera can record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from livestack.pipeline.types import BoolImage, FrameInfo, Transform, Warped
+
+#: Data maxima that identify a 12- and a 14-bit camera inside a 16-bit container.
+_NARROW_LEVELS = (4095.0, 16383.0)
+#: Radius (px) of the dilation of steep/saturated seeds: Lanczos3 reads 3 px each side.
+_LANCZOS3_RADIUS = 3
+#: Row/column stride of the sample the calibration offset is measured on.
+_OFFSET_STEP = 8
+
+
+@dataclass(frozen=True)
+class SaturationConfig:
+    """How saturated pixels are found and handled.
+
+    Attributes
+    ----------
+    enabled : bool
+        Find saturated pixels, clamp the warp near them and stack them as saturated.
+        False restores the plain linear pipeline.
+    level_adu : float or None
+        Raw level (ADU) at and above which a pixel is saturated; overrides the header
+        and the data. None: automatic (see :func:`resolve_level`). Range: > 0.
+    clamp_threshold : float
+        A jump between neighbouring pixels larger than this fraction of the frame's
+        range (calibrated saturation level minus the sky) marks a steep step whose
+        Lanczos ringing is clamped. 0 clamps everywhere; 1 only near saturated pixels.
+        Frames whose level is unknown are not clamped. Range: [0, 1].
+    min_flat_pixels : int
+        Pixels that must share the frame's maximum for it to count as a flat-topped
+        (saturated) level when no keyword gives one. Range: >= 2.
+    """
+
+    enabled: bool = True
+    level_adu: float | None = field(default=None,
+                                    metadata={"min": 0.0, "max": None, "lo_open": True})
+    clamp_threshold: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})
+    min_flat_pixels: int = field(default=4, metadata={"min": 2, "max": None})
+
+    def __post_init__(self) -> None:
+        if self.level_adu is not None and not (np.isfinite(self.level_adu)
+                                               and self.level_adu > 0):
+            raise ValueError(f"level_adu must be > 0 or null, got {self.level_adu}")
+        if not 0.0 <= self.clamp_threshold <= 1.0:
+            raise ValueError(f"clamp_threshold must be in [0, 1], got {self.clamp_threshold}")
+        if self.min_flat_pixels < 2:
+            raise ValueError(f"min_flat_pixels must be >= 2, got {self.min_flat_pixels}")
+
+
+@dataclass(frozen=True)
+class FrameSaturation:
+    """A frame's saturation facts after calibration.
+
+    Attributes
+    ----------
+    mask : ndarray, shape (ny, nx), bool, or None
+        Saturated pixels of the calibrated (debayered) frame; None when none is.
+    level_adu : float
+        The white level in calibrated ADU (raw level minus the calibration offset).
+    range_adu : float
+        Level minus the sky: what :attr:`SaturationConfig.clamp_threshold` is a fraction of.
+    """
+
+    mask: BoolImage | None
+    level_adu: float
+    range_adu: float
+
+
+def resolve_level(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
+                  ) -> float | None:
+    """The raw level (ADU) at and above which this frame's pixels are saturated.
+
+    Parameters
+    ----------
+    raw : ndarray, shape (ny, nx)
+        Raw pixels as read (ADU; NaN allowed).
+    info : FrameInfo
+        ``saturation_adu``/``saturation_source`` from the header.
+    config : SaturationConfig
+
+    Returns
+    -------
+    float or None
+        In order: ``config.level_adu``; a SATURATE or DATAMAX level; a BITPIX level,
+        narrowed to 4095 or 16383 when the data's maximum is at most that; the data's
+        maximum when at least ``min_flat_pixels`` (and at most 1 %) of the pixels share it
+        and it is below the level found so far. None when nothing says it.
+    """
+    if config.level_adu is not None:
+        return float(config.level_adu)
+    level = info.saturation_adu
+    if level is not None and info.saturation_source in ("SATURATE", "DATAMAX"):
+        return float(level)
+    from livestack.pipeline import kernels_saturation as ks
+
+    frame = np.ascontiguousarray(raw, dtype=np.float32)
+    data_max, n_at_max = ks.max_and_count(frame)
+    if not np.isfinite(data_max):
+        return level
+    if level is not None:
+        for narrow in _NARROW_LEVELS:
+            if level > narrow and data_max <= narrow:
+                level = narrow
+                break
+    flat_top = (n_at_max >= config.min_flat_pixels and n_at_max <= 0.01 * frame.size
+                and data_max > 0)
+    if flat_top and (level is None or data_max < level):
+        level = float(data_max)
+    return None if level is None else float(level)
+
+
+def raw_mask(raw: NDArray[Any], level_adu: float | None) -> BoolImage | None:
+    """``raw >= level_adu`` without isolated pixels (NaN is not saturated).
+
+    An isolated saturated pixel (no saturated 8-neighbour) is a hot pixel or a cosmic
+    ray, not a star: cosmetic correction and rejection handle those, and marking it
+    would put it back into the stack at the white level.
+
+    Parameters
+    ----------
+    raw : ndarray, shape (ny, nx)
+    level_adu : float or None
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), bool, or None
+        None when no pixel is saturated.
+    """
+    if level_adu is None:
+        return None
+    mask = np.asarray(raw) >= np.float32(level_adu)
+    ys, xs = np.nonzero(mask)  # sparse: stars' cores and hot pixels
+    if ys.size == 0:
+        return None
+    ny, nx = mask.shape
+    neighbours = np.zeros(ys.size, dtype=np.int32)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                yy, xx = ys + dy, xs + dx
+                inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+                neighbours[inside] += mask[yy[inside], xx[inside]]
+    isolated = neighbours == 0
+    mask[ys[isolated], xs[isolated]] = False
+    return None if bool(isolated.all()) else mask
+
+
+def debayered_mask(cfa_mask: BoolImage | None) -> BoolImage | None:
+    """Mark a pixel saturated when any CFA pixel in its 3x3 neighbourhood is.
+
+    Independent of the demosaic algorithm: a debayered pixel's three values come from
+    its CFA neighbourhood, so a saturated neighbour can clip any of them.
+
+    Parameters
+    ----------
+    cfa_mask : ndarray, shape (ny, nx), bool, or None
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), bool, or None
+    """
+    if cfa_mask is None:
+        return None
+    ny, nx = cfa_mask.shape
+    ys, xs = np.nonzero(cfa_mask)  # sparse: stars' cores, not the frame
+    out = np.zeros_like(cfa_mask)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out[np.clip(ys + dy, 0, ny - 1), np.clip(xs + dx, 0, nx - 1)] = True
+    return out
+
+
+def frame_saturation(raw: NDArray[Any], calibrated: NDArray[Any], info: FrameInfo,
+                     config: SaturationConfig) -> FrameSaturation | None:
+    """Find a frame's saturated pixels and its white level after calibration.
+
+    Parameters
+    ----------
+    raw : ndarray, shape (ny, nx)
+        Raw pixels (ADU), CFA for colour.
+    calibrated : ndarray, shape (ny, nx), float32
+        The same frame after bias/dark/flat (still CFA for colour).
+    info : FrameInfo
+    config : SaturationConfig
+
+    Returns
+    -------
+    FrameSaturation or None
+        None when disabled or when no level is known. The calibrated level is the raw
+        level minus the calibration offset (median of raw minus median of calibrated on a
+        sparse grid: the dark/bias pedestal); flat-field gain is ignored, the mask is
+        exact (it comes from the raw pixels).
+    """
+    if not config.enabled:
+        return None
+    level = resolve_level(raw, info, config)
+    if level is None:
+        return None
+    mask = raw_mask(raw, level)
+    if info.bayer_pattern:
+        mask = debayered_mask(mask)
+    sub_raw = np.asarray(raw[::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
+    sub_cal = np.asarray(calibrated[::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
+    finite = np.isfinite(sub_raw) & np.isfinite(sub_cal)
+    if not finite.any():
+        return None
+    raw_sky = float(np.median(sub_raw[finite]))
+    cal_sky = float(np.median(sub_cal[finite]))
+    level_cal = level - (raw_sky - cal_sky)
+    return FrameSaturation(mask, level_cal, max(level_cal - cal_sky, 1e-6))
+
+
+def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transform,
+                  saturation: FrameSaturation | None, config: SaturationConfig
+                  ) -> tuple[Warped, BoolImage | None]:
+    """Clamp the warp's ringing near steep steps and saturated pixels (module docstring).
+
+    Parameters
+    ----------
+    warped : Warped
+        :func:`~livestack.pipeline.warp.warp`'s result for ``image``; its image is
+        modified in place.
+    image : ndarray, shape (ny, nx) or (3, ny, nx), float32
+        The frame that was warped (ADU).
+    transform : Transform
+        Frame -> reference, as given to the warp.
+    saturation : FrameSaturation or None
+        From :func:`frame_saturation`; None leaves ``warped`` untouched.
+    config : SaturationConfig
+
+    Returns
+    -------
+    warped : Warped
+        The same object, clamped.
+    saturated : ndarray, shape like the footprint, bool, or None
+        Output pixels whose nearest input pixel is saturated; None when none is.
+    """
+    if saturation is None:
+        return warped, None
+    from livestack.pipeline import kernels_saturation as ks
+
+    src = np.ascontiguousarray(image, dtype=np.float32)
+    src = src[np.newaxis] if src.ndim == 2 else src
+    out = warped.image[np.newaxis] if warped.image.ndim == 2 else warped.image
+    empty = np.zeros((0, 0), dtype=np.bool_)
+    sat = saturation.mask if saturation.mask is not None else empty
+    threshold = config.clamp_threshold * saturation.range_adu
+    flags = np.empty(src.shape[1:], dtype=np.uint8)
+    ks.steep_flags(src, sat, float(threshold), _LANCZOS3_RADIUS, flags)
+    inv = np.ascontiguousarray(transform.inverse().matrix, dtype=np.float64)
+    sat_out = np.empty(warped.footprint.shape, dtype=np.bool_)
+    ks.clamp_warped(out, warped.footprint, src, flags, sat, inv, sat_out)
+    return warped, (sat_out if saturation.mask is not None and sat_out.any() else None)
+
+
+@dataclass
+class StackSaturation:
+    """The stack's saturation level and how saturated samples enter the stack.
+
+    Attributes
+    ----------
+    level_adu : ndarray, shape (channels,), float64, or None
+        The stack's level in normalised ADU: the first frame's calibrated white level
+        mapped by its normalisation (the reference's own level when it has one). None
+        until a frame with a known level arrives.
+    """
+
+    level_adu: NDArray[np.float64] | None = None
+
+    def apply(self, planes: NDArray[np.float32], footprint: BoolImage,
+              saturated: BoolImage | None, frame: FrameSaturation | None,
+              location: Any, scale: Any, reference_location: Any) -> None:
+        """Set saturated samples to the stack's level and clip all samples to it.
+
+        Parameters
+        ----------
+        planes : ndarray, shape (ny, nx) or (channels, ny, nx), float32
+            The frame after normalisation, modified in place.
+        footprint : ndarray, shape (ny, nx), bool
+        saturated : ndarray, shape (ny, nx), bool, or None
+            From :func:`clamp_ringing`.
+        frame : FrameSaturation or None
+            This frame's facts; None (level unknown) leaves ``planes`` untouched.
+        location, scale, reference_location : float or ndarray (channels,)
+            The frame's :class:`~livestack.pipeline.types.Normalization` terms.
+        """
+        if frame is None:
+            return
+        view = planes[np.newaxis] if planes.ndim == 2 else planes
+        nc = view.shape[0]
+        if self.level_adu is None:
+            level = ((frame.level_adu - np.asarray(location, dtype=np.float64)) *
+                     np.asarray(scale, dtype=np.float64) +
+                     np.asarray(reference_location, dtype=np.float64))
+            self.level_adu = np.broadcast_to(level, (nc,)).astype(np.float64).copy()
+        for c in range(nc):
+            level_c = np.float32(self.level_adu[c])
+            plane = view[c]
+            if saturated is not None:
+                plane[saturated & footprint] = level_c
+            np.minimum(plane, level_c, out=plane, where=footprint)
+
+    def to_json(self) -> list[float] | None:
+        """The level as a JSON list (checkpoints), None when unknown."""
+        return None if self.level_adu is None else [float(v) for v in self.level_adu]
+
+    @classmethod
+    def from_json(cls, value: Any) -> StackSaturation:
+        """Inverse of :meth:`to_json`; anything else (old checkpoints) is unknown."""
+        if isinstance(value, list) and value and all(isinstance(v, (int, float))
+                                                     for v in value):
+            return cls(np.asarray(value, dtype=np.float64))
+        return cls()
