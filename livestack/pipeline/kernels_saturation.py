@@ -1,6 +1,7 @@
 """numba kernels behind :mod:`livestack.pipeline.saturation`.
 
 * :func:`max_and_count`: a frame's maximum and how many pixels hold it (one pass).
+* :func:`saturated_mask`: ``raw >= level`` without isolated (hot) pixels.
 * :func:`steep_flags`: which input pixels lie within the Lanczos3 support of a steep step
   or a saturated pixel (seeds, then a separable box dilation).
 * :func:`clamp_warped`: the post-warp clamp of the flagged output pixels to their
@@ -53,9 +54,115 @@ def max_and_count(raw: NDArray[np.float32]) -> tuple[float, int]:  # pragma: no 
 
 
 @njit(cache=True, nogil=True, parallel=True)
+def saturated_mask(raw: NDArray[np.float32], level: float,
+                   mask: NDArray[np.bool_]) -> int:  # pragma: no cover - numba
+    """``mask = raw >= level`` without isolated pixels; return the number left.
+
+    An isolated pixel (no saturated 8-neighbour) is cleared in place: it can never be
+    the neighbour of a saturated pixel, so clearing it changes no other pixel's test.
+    """
+    ny, nx = raw.shape
+    for y in prange(ny):
+        for x in range(nx):
+            mask[y, x] = raw[y, x] >= level
+    counts = np.zeros(ny, dtype=np.int64)
+    for y in prange(ny):
+        n = 0
+        for x in range(nx):
+            if not mask[y, x]:
+                continue
+            alone = True
+            for yy in range(max(0, y - 1), min(ny, y + 2)):
+                for xx in range(max(0, x - 1), min(nx, x + 2)):
+                    if (yy != y or xx != x) and mask[yy, xx]:
+                        alone = False
+            if alone:
+                mask[y, x] = False
+            else:
+                n += 1
+        counts[y] = n
+    return int(counts.sum())
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _seeds(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: float,
+           seeds: NDArray[np.uint8], counts: NDArray[np.int64]) -> None:  # pragma: no cover
+    """Seed map (2 saturated, 1 steep, 0 neither) and the number of seeds per row.
+
+    Branch-free inner loop over the row's interior (LLVM vectorises it); the first and
+    last column take the same test with their one horizontal neighbour.
+    """
+    nc, ny, nx = src.shape
+    has_sat = sat.shape[0] == ny
+    thr = np.float32(threshold)
+    for y in prange(ny):
+        ym = max(y - 1, 0)
+        yp = min(y + 1, ny - 1)
+        out = seeds[y]
+        out[:] = 0
+        for c in range(nc):
+            r0 = src[c, y]
+            rm = src[c, ym]
+            rp = src[c, yp]
+            for x in range(1, nx - 1):
+                v = r0[x]
+                m = max(max(abs(r0[x + 1] - v), abs(r0[x - 1] - v)),
+                        max(abs(rm[x] - v), abs(rp[x] - v)))
+                out[x] |= m > thr
+            if nx > 1:
+                v = r0[0]
+                m = max(max(abs(r0[1] - v), abs(rm[0] - v)), abs(rp[0] - v))
+                out[0] |= m > thr
+                v = r0[nx - 1]
+                m = max(max(abs(r0[nx - 2] - v), abs(rm[nx - 1] - v)), abs(rp[nx - 1] - v))
+                out[nx - 1] |= m > thr
+        if has_sat:
+            srow = sat[y]
+            for x in range(nx):
+                if srow[x]:
+                    out[x] = 2
+        n = 0
+        for x in range(nx):
+            n += out[x] != 0
+        counts[y] = n
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _seed_columns(seeds: NDArray[np.uint8], offsets: NDArray[np.int64],
+                  columns: NDArray[np.int32]) -> None:  # pragma: no cover - numba
+    ny, nx = seeds.shape
+    for y in prange(ny):
+        k = offsets[y]
+        for x in range(nx):
+            if seeds[y, x]:
+                columns[k] = x
+                k += 1
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _dilate(seeds: NDArray[np.uint8], offsets: NDArray[np.int64],
+            columns: NDArray[np.int32], radius: int,
+            flags: NDArray[np.uint8]) -> None:  # pragma: no cover - numba
+    """Box dilation gathered per output row (race-free), taking the larger seed value."""
+    ny, nx = seeds.shape
+    for y in prange(ny):
+        row = flags[y]
+        row[:] = 0
+        for yy in range(max(0, y - radius), min(ny, y + radius + 1)):
+            for k in range(offsets[yy], offsets[yy + 1]):
+                x = columns[k]
+                value = seeds[yy, x]
+                for xx in range(max(0, x - radius), min(nx, x + radius + 1)):
+                    if row[xx] < value:
+                        row[xx] = value
+
+
 def steep_flags(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: float,
-                radius: int, flags: NDArray[np.uint8]) -> None:  # pragma: no cover - numba
+                radius: int, flags: NDArray[np.uint8]) -> None:
     """Flag the pixels within ``radius`` (box) of a steep step or a saturated pixel.
+
+    Seeds are found in one dense pass; the dilation then only visits the seeds (stars'
+    edges and cores: a few percent of a frame at most), gathered per output row.
 
     Parameters
     ----------
@@ -72,56 +179,15 @@ def steep_flags(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: flo
         Written: 2 within ``radius`` of a saturated pixel, else 1 within ``radius`` of a
         steep pixel, else 0.
     """
-    nc, ny, nx = src.shape
-    has_sat = sat.shape[0] == ny
-    seeds = np.zeros((ny, nx), dtype=np.uint8)
-    for y in prange(ny):
-        for x in range(nx):
-            if has_sat and sat[y, x]:
-                seeds[y, x] = 2
-                continue
-            hit = False
-            c = 0
-            while not hit and c < nc:
-                v = src[c, y, x]
-                if x + 1 < nx and abs(src[c, y, x + 1] - v) > threshold:
-                    hit = True
-                elif x > 0 and abs(src[c, y, x - 1] - v) > threshold:
-                    hit = True
-                elif y + 1 < ny and abs(src[c, y + 1, x] - v) > threshold:
-                    hit = True
-                elif y > 0 and abs(src[c, y - 1, x] - v) > threshold:
-                    hit = True
-                c += 1
-            if hit:
-                seeds[y, x] = 1
-    # Horizontal dilation: running counts of seeds (any, saturated) in [x - r, x + r].
-    horiz = np.zeros((ny, nx), dtype=np.uint8)
-    for y in prange(ny):
-        n_any = 0
-        n_sat = 0
-        for x in range(min(radius, nx)):
-            n_any += seeds[y, x] > 0
-            n_sat += seeds[y, x] == 2
-        for x in range(nx):
-            if x + radius < nx:
-                n_any += seeds[y, x + radius] > 0
-                n_sat += seeds[y, x + radius] == 2
-            if x - radius - 1 >= 0:
-                n_any -= seeds[y, x - radius - 1] > 0
-                n_sat -= seeds[y, x - radius - 1] == 2
-            horiz[y, x] = 2 if n_sat > 0 else (1 if n_any > 0 else 0)
-    for y in prange(ny):
-        y0 = max(0, y - radius)
-        y1 = min(ny, y + radius + 1)
-        for x in range(nx):
-            f = 0
-            for yy in range(y0, y1):
-                if horiz[yy, x] > f:
-                    f = horiz[yy, x]
-                    if f == 2:
-                        break
-            flags[y, x] = f
+    ny = src.shape[1]
+    seeds = np.empty(src.shape[1:], dtype=np.uint8)
+    counts = np.empty(ny, dtype=np.int64)
+    _seeds(src, sat, threshold, seeds, counts)
+    offsets = np.zeros(ny + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    columns = np.empty(int(offsets[-1]), dtype=np.int32)
+    _seed_columns(seeds, offsets, columns)
+    _dilate(seeds, offsets, columns, radius, flags)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -166,26 +232,28 @@ def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray
     ny, nx = flags.shape
     has_sat = sat.shape[0] == ny
     changed = np.zeros(ny_out, dtype=np.int64)
+    m00, m10 = inv[0, 0], inv[1, 0]
     for y in prange(ny_out):
         n = 0
+        sat_out[y, :] = False
+        u0 = inv[0, 1] * y + inv[0, 2]
+        v0 = inv[1, 1] * y + inv[1, 2]
+        frow = foot[y]
         for x in range(nx_out):
-            sat_out[y, x] = False
-            if not foot[y, x]:
-                continue
-            u = inv[0, 0] * x + inv[0, 1] * y + inv[0, 2]
-            v = inv[1, 0] * x + inv[1, 1] * y + inv[1, 2]
-            if has_sat:
-                ru = math.floor(u + 0.5)
-                rv = math.floor(v + 0.5)
-                if 0 <= ru < nx and 0 <= rv < ny:
-                    sat_out[y, x] = sat[rv, ru]
+            u = m00 * x + u0
+            v = m10 * x + v0
             fu = math.floor(u)
             fv = math.floor(v)
-            if fu < 0 or fv < 0 or fu >= nx or fv >= ny:
+            if fu < 0 or fv < 0 or fu >= nx or fv >= ny or not frow[x]:
                 continue
             flag = flags[fv, fu]
             if flag == 0:
                 continue
+            if has_sat and flag == 2:  # a saturated nearest pixel implies flag 2 here
+                ru = math.floor(u + 0.5)
+                rv = math.floor(v + 0.5)
+                if 0 <= ru < nx and 0 <= rv < ny:
+                    sat_out[y, x] = sat[rv, ru]
             u1 = min(fu + 1, nx - 1)
             v1 = min(fv + 1, ny - 1)
             for c in range(nc):

@@ -50,7 +50,7 @@ _NARROW_LEVELS = (4095.0, 16383.0)
 #: Radius (px) of the dilation of steep/saturated seeds: Lanczos3 reads 3 px each side.
 _LANCZOS3_RADIUS = 3
 #: Row/column stride of the sample the calibration offset is measured on.
-_OFFSET_STEP = 8
+_OFFSET_STEP = 16
 
 
 @dataclass(frozen=True)
@@ -172,21 +172,11 @@ def raw_mask(raw: NDArray[Any], level_adu: float | None) -> BoolImage | None:
     """
     if level_adu is None:
         return None
-    mask = np.asarray(raw) >= np.float32(level_adu)
-    ys, xs = np.nonzero(mask)  # sparse: stars' cores and hot pixels
-    if ys.size == 0:
-        return None
-    ny, nx = mask.shape
-    neighbours = np.zeros(ys.size, dtype=np.int32)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                yy, xx = ys + dy, xs + dx
-                inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-                neighbours[inside] += mask[yy[inside], xx[inside]]
-    isolated = neighbours == 0
-    mask[ys[isolated], xs[isolated]] = False
-    return None if bool(isolated.all()) else mask
+    from livestack.pipeline import kernels_saturation as ks
+
+    frame = np.ascontiguousarray(raw, dtype=np.float32)
+    mask = np.empty(frame.shape, dtype=np.bool_)
+    return mask if ks.saturated_mask(frame, float(np.float32(level_adu)), mask) else None
 
 
 def debayered_mask(cfa_mask: BoolImage | None) -> BoolImage | None:
