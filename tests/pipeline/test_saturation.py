@@ -265,3 +265,24 @@ def test_integrate_has_no_holes(tmp_path: Path) -> None:
     assert product.header["DATE-OBS"] == "2024-03-01T22:00:00.000"
     assert product.header["DATE-END"] == "2024-03-01T22:08:00.000"
     assert product.header["DATE-AVG"] == "2024-03-01T22:04:00.000"
+
+
+def test_colour_stack_has_no_holes_in_any_plane() -> None:
+    # A grey sky read through a Bayer mosaic: the mask is widened to the 3x3 CFA
+    # neighbourhood, so it holds for any demosaic algorithm.
+    from livestack.pipeline.session import StackSession
+
+    sky = SaturatedSky(SKIES["12bit"], seed=8)
+    session = StackSession("colour", PipelineConfig())
+    for i in range(6):
+        info = replace(sky.info(i), bayer_pattern="RGGB")
+        outcome = session.process(sky.frame(i), info, None,
+                                  stored_transform=sky.transform(i) if i else None)
+        assert outcome.verdict == "accepted", outcome.message
+    image = session.product().image
+    assert image.shape == (3, *sky.config.shape)
+    assert float(np.nanmax(image)) <= 4095.0 * (1 + 1e-6)
+    for plane in image:
+        reports = star_reports(plane, sky)
+        assert [r.holes for r in reports] == [0] * sky.n_bright, reports
+    assert "CFAPAT" not in session.product().header
