@@ -58,16 +58,31 @@ def saturated_mask(raw: NDArray[np.float32], level: float,
                    mask: NDArray[np.bool_]) -> int:  # pragma: no cover - numba
     """``mask = raw >= level`` without isolated pixels; return the number left.
 
+    When no pixel reaches ``level`` the mask is not written (0 is returned).
+
     An isolated pixel (no saturated 8-neighbour) is cleared in place: it can never be
     the neighbour of a saturated pixel, so clearing it changes no other pixel's test.
     """
     ny, nx = raw.shape
-    for y in prange(ny):
+    above = np.zeros(ny, dtype=np.int64)
+    for y in prange(ny):  # read-only first: most frames have no saturated pixel
+        n = 0
         for x in range(nx):
-            mask[y, x] = raw[y, x] >= level
+            n += raw[y, x] >= level
+        above[y] = n
+    if above.sum() == 0:
+        return 0
+    for y in prange(ny):
+        if above[y] == 0:
+            mask[y, :] = False
+        else:
+            for x in range(nx):
+                mask[y, x] = raw[y, x] >= level
     counts = np.zeros(ny, dtype=np.int64)
     for y in prange(ny):
         n = 0
+        if above[y] == 0:
+            continue
         for x in range(nx):
             if not mask[y, x]:
                 continue
@@ -139,6 +154,29 @@ def _seed_columns(seeds: NDArray[np.uint8], offsets: NDArray[np.int64],
                 k += 1
 
 
+#: Side (px) of the source tiles whose "any flag" bit lets the clamp skip whole runs.
+TILE_PX = 32
+
+
+@njit(cache=True, nogil=True)
+def _tiles(seeds: NDArray[np.uint8], offsets: NDArray[np.int64], columns: NDArray[np.int32],
+           radius: int, tiles: NDArray[np.uint8]) -> None:  # pragma: no cover - numba
+    """Mark the :data:`TILE_PX` tiles that any seed's dilation box touches (sparse)."""
+    ny, nx = seeds.shape
+    nty, ntx = tiles.shape
+    tiles[:, :] = 0
+    for y in range(ny):
+        ty0 = max(0, y - radius) // TILE_PX
+        ty1 = min(ny - 1, y + radius) // TILE_PX
+        for k in range(offsets[y], offsets[y + 1]):
+            x = columns[k]
+            tx0 = max(0, x - radius) // TILE_PX
+            tx1 = min(nx - 1, x + radius) // TILE_PX
+            for ty in range(ty0, min(ty1, nty - 1) + 1):
+                for tx in range(tx0, min(tx1, ntx - 1) + 1):
+                    tiles[ty, tx] = 1
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _dilate(seeds: NDArray[np.uint8], offsets: NDArray[np.int64],
             columns: NDArray[np.int32], radius: int,
@@ -158,7 +196,7 @@ def _dilate(seeds: NDArray[np.uint8], offsets: NDArray[np.int64],
 
 
 def steep_flags(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: float,
-                radius: int, flags: NDArray[np.uint8]) -> None:
+                radius: int, flags: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """Flag the pixels within ``radius`` (box) of a steep step or a saturated pixel.
 
     Seeds are found in one dense pass; the dilation then only visits the seeds (stars'
@@ -178,8 +216,13 @@ def steep_flags(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: flo
     flags : ndarray, shape (ny, nx), uint8
         Written: 2 within ``radius`` of a saturated pixel, else 1 within ``radius`` of a
         steep pixel, else 0.
+
+    Returns
+    -------
+    ndarray, shape (ceil(ny / TILE_PX), ceil(nx / TILE_PX)), uint8
+        1 for the tiles that hold a flagged pixel (for :func:`clamp_warped`).
     """
-    ny = src.shape[1]
+    ny, nx = src.shape[1:]
     seeds = np.empty(src.shape[1:], dtype=np.uint8)
     counts = np.empty(ny, dtype=np.int64)
     _seeds(src, sat, threshold, seeds, counts)
@@ -188,11 +231,16 @@ def steep_flags(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: flo
     columns = np.empty(int(offsets[-1]), dtype=np.int32)
     _seed_columns(seeds, offsets, columns)
     _dilate(seeds, offsets, columns, radius, flags)
+    tiles = np.empty(((ny + TILE_PX - 1) // TILE_PX, (nx + TILE_PX - 1) // TILE_PX),
+                     dtype=np.uint8)
+    _tiles(seeds, offsets, columns, radius, tiles)
+    return tiles
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray[np.float32],
-                 flags: NDArray[np.uint8], sat: NDArray[np.bool_], inv: NDArray[np.float64],
+                 flags: NDArray[np.uint8], tiles: NDArray[np.uint8], sat: NDArray[np.bool_],
+                 inv: NDArray[np.float64],
                  sat_out: NDArray[np.bool_]) -> int:  # pragma: no cover - numba
     """Clamp flagged output pixels to their bilinear cell's range; warp the mask.
 
@@ -215,6 +263,9 @@ def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray
         The planes that were warped.
     flags : ndarray, shape (ny, nx), uint8
         From :func:`steep_flags`.
+    tiles : ndarray, uint8
+        :func:`steep_flags`' return value: runs of :data:`TILE_PX` output pixels whose
+        source cells lie in unflagged tiles are skipped without a per-pixel test.
     sat : ndarray, shape (ny, nx) bool, or shape (0, 0)
         Saturated input pixels; empty when none.
     inv : ndarray, shape (2, 3), float64
@@ -228,45 +279,104 @@ def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray
     int
         Number of output values changed (all planes).
     """
-    nc, ny_out, nx_out = out.shape
-    ny, nx = flags.shape
-    has_sat = sat.shape[0] == ny
+    ny_out, nx_out = out.shape[1:]
     changed = np.zeros(ny_out, dtype=np.int64)
     m00, m10 = inv[0, 0], inv[1, 0]
+    nty, ntx = tiles.shape
     for y in prange(ny_out):
         n = 0
         sat_out[y, :] = False
         u0 = inv[0, 1] * y + inv[0, 2]
         v0 = inv[1, 1] * y + inv[1, 2]
         frow = foot[y]
-        for x in range(nx_out):
-            u = m00 * x + u0
-            v = m10 * x + v0
-            fu = math.floor(u)
-            fv = math.floor(v)
-            if fu < 0 or fv < 0 or fu >= nx or fv >= ny or not frow[x]:
-                continue
-            flag = flags[fv, fu]
-            if flag == 0:
-                continue
-            if has_sat and flag == 2:  # a saturated nearest pixel implies flag 2 here
-                ru = math.floor(u + 0.5)
-                rv = math.floor(v + 0.5)
-                if 0 <= ru < nx and 0 <= rv < ny:
-                    sat_out[y, x] = sat[rv, ru]
-            u1 = min(fu + 1, nx - 1)
-            v1 = min(fv + 1, ny - 1)
-            for c in range(nc):
-                a = src[c, fv, fu]
-                b = src[c, fv, u1]
-                d = src[c, v1, fu]
-                e = src[c, v1, u1]
-                val = out[c, y, x]
-                new = max(val, min(min(a, b), min(d, e)))
-                if flag == 2:
-                    new = min(new, max(max(a, b), max(d, e)))
-                if new != val:
-                    out[c, y, x] = new
-                    n += 1
+        for xs in range(0, nx_out, TILE_PX):
+            xe = min(nx_out, xs + TILE_PX)
+            # Source cells of this run: a segment; its bounding box's tiles decide.
+            ua = m00 * xs + u0
+            ub = m00 * (xe - 1) + u0
+            va = m10 * xs + v0
+            vb = m10 * (xe - 1) + v0
+            tx0 = max(0, math.floor(min(ua, ub)) // TILE_PX)
+            tx1 = min(ntx - 1, math.floor(max(ua, ub)) // TILE_PX)
+            ty0 = max(0, math.floor(min(va, vb)) // TILE_PX)
+            ty1 = min(nty - 1, math.floor(max(va, vb)) // TILE_PX)
+            hit = False
+            for ty in range(ty0, ty1 + 1):
+                for tx in range(tx0, tx1 + 1):
+                    if tiles[ty, tx]:
+                        hit = True
+            if hit:
+                n += _clamp_run(out, frow, src, flags, sat, sat_out[y], m00, m10, u0, v0,
+                                y, xs, xe)
         changed[y] = n
     return int(changed.sum())
+
+
+@njit(cache=True, nogil=True)
+def _clamp_run(out: NDArray[np.float32], frow: NDArray[np.bool_], src: NDArray[np.float32],
+               flags: NDArray[np.uint8], sat: NDArray[np.bool_], srow: NDArray[np.bool_],
+               m00: float, m10: float, u0: float, v0: float, y: int, xs: int,
+               xe: int) -> int:  # pragma: no cover - numba
+    """The per-pixel clamp of output pixels ``xs .. xe - 1`` of row ``y``."""
+    nc = out.shape[0]
+    ny, nx = flags.shape
+    has_sat = sat.shape[0] == ny
+    n = 0
+    for x in range(xs, xe):
+        u = m00 * x + u0
+        v = m10 * x + v0
+        fu = math.floor(u)
+        fv = math.floor(v)
+        if fu < 0 or fv < 0 or fu >= nx or fv >= ny or not frow[x]:
+            continue
+        flag = flags[fv, fu]
+        if flag == 0:
+            continue
+        if has_sat and flag == 2:  # a saturated nearest pixel implies flag 2 here
+            ru = math.floor(u + 0.5)
+            rv = math.floor(v + 0.5)
+            if 0 <= ru < nx and 0 <= rv < ny:
+                srow[x] = sat[rv, ru]
+        u1 = min(fu + 1, nx - 1)
+        v1 = min(fv + 1, ny - 1)
+        for c in range(nc):
+            a = src[c, fv, fu]
+            b = src[c, fv, u1]
+            d = src[c, v1, fu]
+            e = src[c, v1, u1]
+            val = out[c, y, x]
+            new = max(val, min(min(a, b), min(d, e)))
+            if flag == 2:
+                new = min(new, max(max(a, b), max(d, e)))
+            if new != val:
+                out[c, y, x] = new
+                n += 1
+    return n
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def apply_level(planes: NDArray[np.float32], foot: NDArray[np.bool_],
+                saturated: NDArray[np.bool_],
+                levels: NDArray[np.float32]) -> None:  # pragma: no cover - numba
+    """In the footprint: saturated samples become the level, all are clipped to it.
+
+    Parameters
+    ----------
+    planes : ndarray, shape (nc, ny, nx), float32
+        Normalised samples, modified in place.
+    foot : ndarray, shape (ny, nx), bool
+    saturated : ndarray, shape (ny, nx) bool, or shape (0, 0)
+        Warped saturation mask; empty when none.
+    levels : ndarray, shape (nc,), float32
+        The stack's level per plane.
+    """
+    nc, ny, nx = planes.shape
+    has_sat = saturated.shape[0] == ny
+    for y in prange(ny):
+        for c in range(nc):
+            level = levels[c]
+            row = planes[c, y]
+            for x in range(nx):
+                if foot[y, x]:
+                    if (has_sat and saturated[y, x]) or row[x] > level:
+                        row[x] = level

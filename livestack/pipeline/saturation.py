@@ -280,10 +280,10 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
     sat = saturation.mask if saturation.mask is not None else empty
     threshold = config.clamp_threshold * saturation.range_adu
     flags = np.empty(src.shape[1:], dtype=np.uint8)
-    ks.steep_flags(src, sat, float(threshold), _LANCZOS3_RADIUS, flags)
+    tiles = ks.steep_flags(src, sat, float(threshold), _LANCZOS3_RADIUS, flags)
     inv = np.ascontiguousarray(transform.inverse().matrix, dtype=np.float64)
     sat_out = np.empty(warped.footprint.shape, dtype=np.bool_)
-    ks.clamp_warped(out, warped.footprint, src, flags, sat, inv, sat_out)
+    ks.clamp_warped(out, warped.footprint, src, flags, tiles, sat, inv, sat_out)
     return warped, (sat_out if saturation.mask is not None and sat_out.any() else None)
 
 
@@ -327,12 +327,11 @@ class StackSaturation:
                      np.asarray(scale, dtype=np.float64) +
                      np.asarray(reference_location, dtype=np.float64))
             self.level_adu = np.broadcast_to(level, (nc,)).astype(np.float64).copy()
-        for c in range(nc):
-            level_c = np.float32(self.level_adu[c])
-            plane = view[c]
-            if saturated is not None:
-                plane[saturated & footprint] = level_c
-            np.minimum(plane, level_c, out=plane, where=footprint)
+        from livestack.pipeline import kernels_saturation as ks
+
+        empty = np.zeros((0, 0), dtype=np.bool_)
+        ks.apply_level(view, footprint, saturated if saturated is not None else empty,
+                       self.level_adu.astype(np.float32))
 
     def to_json(self) -> list[float] | None:
         """The level as a JSON list (checkpoints), None when unknown."""
