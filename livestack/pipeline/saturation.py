@@ -49,6 +49,8 @@ from livestack.pipeline.types import BoolImage, FrameInfo, Transform, Warped
 _NARROW_LEVELS = (4095.0, 16383.0)
 #: Radius (px) of the dilation of steep/saturated seeds: Lanczos3 reads 3 px each side.
 _LANCZOS3_RADIUS = 3
+#: A frame whose normalised level exceeds the stack's by this factor raises it.
+_LEVEL_RAISE = 1.05
 #: Row/column stride of the sample the calibration offset is measured on.
 _OFFSET_STEP = 16
 
@@ -295,8 +297,9 @@ class StackSaturation:
     ----------
     level_adu : ndarray, shape (channels,), float64, or None
         The stack's level in normalised ADU: the first frame's calibrated white level
-        mapped by its normalisation (the reference's own level when it has one). None
-        until a frame with a known level arrives.
+        mapped by its normalisation (the reference's own level when it has one), raised
+        when a later frame's level is more than 5 % higher (a 12/14-bit guess made on
+        an earlier frame's low data). None until a frame with a known level arrives.
     """
 
     level_adu: NDArray[np.float64] | None = None
@@ -322,11 +325,16 @@ class StackSaturation:
             return
         view = planes[np.newaxis] if planes.ndim == 2 else planes
         nc = view.shape[0]
-        if self.level_adu is None:
-            level = ((frame.level_adu - np.asarray(location, dtype=np.float64)) *
-                     np.asarray(scale, dtype=np.float64) +
-                     np.asarray(reference_location, dtype=np.float64))
-            self.level_adu = np.broadcast_to(level, (nc,)).astype(np.float64).copy()
+        level = np.broadcast_to(
+            (frame.level_adu - np.asarray(location, dtype=np.float64)) *
+            np.asarray(scale, dtype=np.float64) +
+            np.asarray(reference_location, dtype=np.float64), (nc,)).astype(np.float64)
+        if self.level_adu is None or np.any(level > _LEVEL_RAISE * self.level_adu):
+            # First level, or a frame that records far more than the stack's level (the
+            # 12/14-bit guess was wrong for an earlier frame whose data stayed low): the
+            # higher level wins, so no real signal is ever clipped at a guessed level.
+            self.level_adu = (level.copy() if self.level_adu is None
+                              else np.maximum(self.level_adu, level))
         from livestack.pipeline import kernels_saturation as ks
 
         empty = np.zeros((0, 0), dtype=np.bool_)

@@ -286,3 +286,29 @@ def test_colour_stack_has_no_holes_in_any_plane() -> None:
         reports = star_reports(plane, sky)
         assert [r.holes for r in reports] == [0] * sky.n_bright, reports
     assert "CFAPAT" not in session.product().header
+
+
+def test_a_wrong_bit_depth_guess_never_clips_real_signal() -> None:
+    # A 16-bit camera whose first frames stay below 4095 look 12-bit (BITPIX 16 narrowed
+    # from the data); a later frame records 30000 ADU: the stack's level rises to 65535
+    # and the sample is kept, not clipped at the guessed level.
+    from livestack.pipeline.saturation import FrameSaturation, StackSaturation
+
+    sky = SaturatedSky(SaturatedSkyConfig(level_adu=4095.0, sky_adu=300.0, noise_adu=10.0,
+                                          peak_over_level=(0.8,)), seed=9)
+    session = live_stack(sky, 5)
+    assert session.saturation.level_adu is not None
+    np.testing.assert_allclose(session.saturation.level_adu, [4095.0])
+    stack = StackSaturation(np.array([4095.0]))
+    planes = np.full((1, 4, 4), 300.0, dtype=np.float32)
+    planes[0, 1, 1] = 30000.0
+    foot = np.ones((4, 4), dtype=bool)
+    stack.apply(planes, foot, None, FrameSaturation(None, 65535.0, 65235.0), 0.0, 1.0, 0.0)
+    assert planes[0, 1, 1] == 30000.0
+    assert stack.level_adu is not None and stack.level_adu[0] == 65535.0
+    # A level within 5 % keeps the stack's (a flat top stays one value) and clips to it.
+    planes[0, 1, 1] = 4200.0
+    stack = StackSaturation(np.array([4095.0]))
+    stack.apply(planes, foot, None, FrameSaturation(None, 4150.0, 3850.0), 0.0, 1.0, 0.0)
+    assert planes[0, 1, 1] == 4095.0 and stack.level_adu is not None
+    assert stack.level_adu[0] == 4095.0
