@@ -653,6 +653,10 @@ class StackSession:
             session.egain_e_per_adu = float(egain)
         session.base_header = {k: product.header[k] for k in _BATCH_KEYS
                                if k in product.header}
+        level = product.header.get("SATURATE")  # the batch's level: live frames continue it
+        if isinstance(level, (int, float)) and not isinstance(level, bool):
+            channels = product.image.shape[0] if product.image.ndim == 3 else 1
+            session.saturation = StackSaturation(np.full(channels, float(level)))
         session.base_header["NBATCH"] = len(accepted)
         return session
 

@@ -6,9 +6,12 @@ samples. NaN never spreads into the output: such pixels are 0.0 and outside the 
 
 Kernels: ``"nearest"``, ``"bilinear"``, ``"bicubic"`` (Keys, a = -0.5), ``"lanczos3"``
 (the default: the only one that keeps >= 0.97 of a 2.5 px FWHM star's peak; see
-``bench/bench_warp.py``). The kernels are linear; Lanczos ringing is deliberately NOT
-clamped, because a clamp is a non-linear, signal-dependent bias that the stack's mean and
-outlier rejection would then average in.
+``bench/bench_warp.py``). The kernels are linear; Lanczos ringing is NOT clamped here,
+because a clamp is a non-linear, signal-dependent bias that the stack's mean and outlier
+rejection would then average in. The stacking pipelines clamp it only where it digs holes:
+next to steep steps and saturated pixels, as a post-pass
+(:func:`livestack.pipeline.saturation.clamp_ringing`, issue 9); elsewhere this output is
+kept bit for bit.
 
 Coordinates are float64 end to end; Lanczos3 weights are evaluated at the exact phase from
 an even/odd polynomial fit of the normalised kernel (error < 1e-8, no coordinate tables).

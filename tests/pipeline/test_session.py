@@ -447,7 +447,8 @@ def test_a_session_continues_from_a_batch_product() -> None:
     # A "batch" product of the first 6 frames: the live maps plus the std map.
     assert live._stack is not None
     product = replace(live.product(), std=live._stack.std_map(),
-                      header={"REJECT": "winsorized", "EGAIN": 1.5, "HISTORY": "batch"})
+                      header={"REJECT": "winsorized", "EGAIN": 1.5, "HISTORY": "batch",
+                              "SATURATE": 60000.0})
     noise = np.full((6, 1), float(frame_stats(live.stacked_image(), None).noise_adu) * 2.0)
     ref = sim.light(0)
     seeded = StackSession.from_product(
@@ -455,6 +456,9 @@ def test_a_session_continues_from_a_batch_product() -> None:
         _info(ref.header, "frame_000.fits", ref.data.shape), None)
     assert seeded.n_accepted == 6 and seeded.reference_file == "frame_000.fits"
     assert seeded.egain_e_per_adu == 1.5
+    # The batch's saturation level carries on into the live frames (issue 9).
+    assert seeded.saturation.level_adu is not None
+    np.testing.assert_array_equal(seeded.saturation.level_adu, [60000.0])
     np.testing.assert_array_equal(seeded.stacked_image(), live.stacked_image())
     # The next frame registers against the seeded reference as it does in the live session.
     frame = sim.light(6)
