@@ -1667,7 +1667,7 @@ def _warm_up_steps(config: Config, *, with_masters: bool) -> Iterator[str]:
 
     def info(i: int) -> FrameInfo:
         return FrameInfo(path=f"<warm-up {i}>", image_type="light", shape=(ny, nx),
-                         exposure_s=1.0)
+                         exposure_s=1.0, saturation_adu=65535.0, saturation_source="BITPIX")
 
     t0 = time.perf_counter()
     # FITS decoding as storage.fitsio does it: 16-bit lights, float32 masters.
