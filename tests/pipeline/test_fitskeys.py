@@ -58,3 +58,28 @@ def test_live_header_times_and_no_cfa_on_colour() -> None:
     assert header["DATE-AVG"] == "2024-03-01T22:03:50.000"
     assert header["DATE-END"] == "2024-03-01T22:07:00.000"
     assert header["MJD-END"] == pytest.approx(MJD0 + 420 / 86400, abs=1e-9)
+
+
+@pytest.mark.parametrize(("cards", "scale"), [({"IM_SCALE": 5.21}, 5.21),
+                                              ({"SECPIX": 1.5}, 1.5), ({}, None)])
+def test_fwhm_in_arcsec_from_the_header_scale(cards: dict[str, float],
+                                              scale: float | None) -> None:
+    # MicroObservatory writes IM_SCALE and no FOCALLEN; without any scale: null.
+    from dataclasses import replace
+
+    from livestack.sim.saturated import SaturatedSky
+    from livestack.storage.headers import parse_frame_info
+
+    sky = SaturatedSky()
+    info = parse_frame_info({"IMAGETYP": "Light Frame", "EXPTIME": 60.0, **cards},
+                            "f.fits", sky.config.shape)
+    assert info.pixel_scale_arcsec == scale
+    outcome = StackSession("s", PipelineConfig()).process(
+        sky.frame(0), replace(info, saturation_adu=4095.0, saturation_source="SATURATE"),
+        None)
+    assert outcome.metrics is not None and outcome.metrics.fwhm_px > 1.0
+    if scale is None:
+        assert outcome.metrics.fwhm_arcsec is None
+        assert outcome.metrics.as_dict()["fwhm_arcsec"] is None   # JSON null
+    else:
+        assert outcome.metrics.fwhm_arcsec == pytest.approx(outcome.metrics.fwhm_px * scale)
