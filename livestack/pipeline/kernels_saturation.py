@@ -148,6 +148,8 @@ def _seed_columns(seeds: NDArray[np.uint8], offsets: NDArray[np.int64],
     ny, nx = seeds.shape
     for y in prange(ny):
         k = offsets[y]
+        if offsets[y + 1] == k:
+            continue  # no seed in this row
         for x in range(nx):
             if seeds[y, x]:
                 columns[k] = x
@@ -270,9 +272,9 @@ def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray
         Saturated input pixels; empty when none.
     inv : ndarray, shape (2, 3), float64
         Output pixel -> input pixel coordinates.
-    sat_out : ndarray, shape (ny_out, nx_out), bool
+    sat_out : ndarray, shape (ny_out, nx_out) bool, or shape (0, 0) when ``sat`` is empty
         Written: True where the nearest input pixel is saturated (False outside the
-        footprint or without ``sat``).
+        footprint).
 
     Returns
     -------
@@ -283,9 +285,12 @@ def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray
     changed = np.zeros(ny_out, dtype=np.int64)
     m00, m10 = inv[0, 0], inv[1, 0]
     nty, ntx = tiles.shape
+    has_sat_out = sat_out.shape[0] == ny_out
+    no_row = np.zeros(0, dtype=np.bool_)
     for y in prange(ny_out):
         n = 0
-        sat_out[y, :] = False
+        if has_sat_out:
+            sat_out[y, :] = False
         u0 = inv[0, 1] * y + inv[0, 2]
         v0 = inv[1, 1] * y + inv[1, 2]
         frow = foot[y]
@@ -306,8 +311,9 @@ def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray
                     if tiles[ty, tx]:
                         hit = True
             if hit:
-                n += _clamp_run(out, frow, src, flags, sat, sat_out[y], m00, m10, u0, v0,
-                                y, xs, xe)
+                n += _clamp_run(out, frow, src, flags, sat,
+                                sat_out[y] if has_sat_out else no_row, m00, m10,
+                                u0, v0, y, xs, xe)
         changed[y] = n
     return int(changed.sum())
 

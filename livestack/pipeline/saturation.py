@@ -284,9 +284,10 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
     flags = np.empty(src.shape[1:], dtype=np.uint8)
     tiles = ks.steep_flags(src, sat, float(threshold), _LANCZOS3_RADIUS, flags)
     inv = np.ascontiguousarray(transform.inverse().matrix, dtype=np.float64)
-    sat_out = np.empty(warped.footprint.shape, dtype=np.bool_)
+    sat_out = np.empty(warped.footprint.shape if saturation.mask is not None else (0, 0),
+                       dtype=np.bool_)
     ks.clamp_warped(out, warped.footprint, src, flags, tiles, sat, inv, sat_out)
-    return warped, (sat_out if saturation.mask is not None and sat_out.any() else None)
+    return warped, (sat_out if sat_out.size and sat_out.any() else None)
 
 
 @dataclass
