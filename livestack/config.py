@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from livestack.errors import ConfigError
+from livestack.pipeline.ranges import rng
 from livestack.pipeline.session import PipelineConfig
 
 #: Shown instead of the operator token by ``config show`` (the token never goes to logs).
@@ -35,7 +36,7 @@ REDACTED = "<redacted>"
 
 def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
     """Field metadata for an inclusive (or left-open) numeric range."""
-    return {"min": lo, "max": hi, "lo_open": lo_open}
+    return rng(lo, hi, lo_open=lo_open)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from livestack.pipeline.normalize import (
 )
 from livestack.pipeline.product import StackProduct
 from livestack.pipeline.quality import GateConfig, QualityGate
+from livestack.pipeline.ranges import rng
 from livestack.pipeline.register import RegisterConfig, Registrar
 from livestack.pipeline.stretch import auto_stretch, encode_jpeg
 from livestack.pipeline.types import (
@@ -65,7 +66,7 @@ class CosmeticConfig:
     """
 
     auto_hot_pixels: bool = True
-    hot_sigma: float = 8.0
+    hot_sigma: float = field(default=8.0, metadata=rng(0.0, 1000.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class GradientConfig:
     """
 
     enabled: bool = False
-    mesh_px: int = 256
+    mesh_px: int = field(default=256, metadata=rng(8, 65_536))
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ class PreviewConfig:
         JPEG quality, 1-95.
     """
 
-    max_size_px: int = 1600
-    quality: int = 85
+    max_size_px: int = field(default=1600, metadata=rng(16, 65_536))
+    quality: int = field(default=85, metadata=rng(1, 95))
 
 
 @dataclass(frozen=True)
