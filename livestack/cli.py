@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from livestack.errors import LivestackError, UsageError
+from livestack.service.logthrottle import RepeatFilter
 
 log = logging.getLogger("livestack")
 
@@ -190,6 +191,7 @@ def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s",
                                            datefmt="%H:%M:%S"))
+    handler.addFilter(RepeatFilter())  # a flood of identical lines (EMFILE) stays small
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

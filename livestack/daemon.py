@@ -63,6 +63,7 @@ from livestack.errors import (
     StorageError,
     UsageError,
 )
+from livestack.service.guard import PathRedactor
 from livestack.service.hub import COMMANDS
 from livestack.storage.atomic import atomic_write
 from livestack.storage.checkpoint import (
@@ -1726,6 +1727,7 @@ class Daemon:
         self.watch_dir = Path(os.path.abspath(config.watch.dir))
         self.output_root = Path(os.path.abspath(config.output.dir))
         self.hub = Hub()
+        self.hub.redact = PathRedactor([self.watch_dir, self.output_root])  # issue 14
         self.metrics = Metrics()
         self.metrics.describe("livestack_oldest_pending_seconds", "gauge",
                               "Age of the oldest frame waiting for the worker.")
@@ -1863,8 +1865,11 @@ class Daemon:
         for path in watcher.start():
             self._enqueue(path)
         host, port = self.config.server.host, self.config.server.port
+        sc = self.config.server
         server = LiveServer(self.hub, self, self.metrics, host=host, port=port,
-                            token=self.token)
+                            token=self.token, max_viewers=sc.max_viewers,
+                            max_connections=sc.max_connections, fd_reserve=sc.fd_reserve,
+                            allowed_hosts=sc.allowed_hosts)
         try:
             self.port = await server.start()
         except OSError as exc:

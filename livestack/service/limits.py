@@ -1,0 +1,85 @@
+"""File-descriptor budget: connection caps with a reserve for frames, journal, checkpoints.
+
+About 1010 WebSocket clients used to exhaust the 1024 descriptors systemd gives a service
+by default; frames arriving meanwhile failed with ``EMFILE``. The server now caps its
+connections at ``min(server.max_connections, soft RLIMIT_NOFILE - descriptors open at start
+- server.fd_reserve)``, so the worker always finds descriptors for the frame it reads, the
+journal and a checkpoint; and a frame that still meets ``EMFILE``/``ENFILE`` is retried
+(:func:`is_fd_exhaustion`), never recorded as failed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+__all__ = ["connection_cap", "is_fd_exhaustion", "open_fd_count", "raise_nofile_limit"]
+
+_log = logging.getLogger(__name__)
+
+#: Errors that mean "no descriptor right now" (this process / the whole system).
+FD_EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def is_fd_exhaustion(exc: BaseException) -> bool:
+    """True when ``exc`` is an OSError for a full descriptor table (a transient state)."""
+    return isinstance(exc, OSError) and exc.errno in FD_EXHAUSTION_ERRNOS
+
+
+def nofile_limits() -> tuple[int, int]:
+    """The soft and hard RLIMIT_NOFILE (``(1024, 1024)`` where it cannot be read)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 1024, 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return int(soft), int(hard)
+
+
+def raise_nofile_limit(target: int = 65536) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``min(target, hard)``; return the soft limit.
+
+    Raising the soft limit up to the hard one needs no privilege; it is what systemd's
+    ``LimitNOFILE=`` sets for a service, and this covers a start outside systemd.
+    """
+    soft, hard = nofile_limits()
+    want = target if hard < 0 else min(target, hard)  # RLIM_INFINITY is -1
+    if want > soft:
+        try:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ImportError, ValueError, OSError) as exc:
+            _log.debug("cannot raise RLIMIT_NOFILE to %d: %s", want, exc)
+    return soft
+
+
+def open_fd_count() -> int:
+    """Descriptors this process has open now (0 when ``/proc/self/fd`` is unavailable)."""
+    try:
+        return max(0, len(os.listdir("/proc/self/fd")) - 1)  # minus listdir's own
+    except OSError:
+        return 0
+
+
+def connection_cap(max_connections: int, fd_reserve: int) -> int:
+    """The number of client connections the server may hold open at once.
+
+    Parameters
+    ----------
+    max_connections : int
+        Configured cap (``server.max_connections``).
+    fd_reserve : int
+        Descriptors kept free for frames, the journal, checkpoints and rebuilds
+        (``server.fd_reserve``).
+
+    Returns
+    -------
+    int
+        ``min(max_connections, soft limit - open now - fd_reserve)``, at least 1.
+    """
+    soft, _hard = nofile_limits()
+    budget = soft - open_fd_count() - fd_reserve
+    return max(1, min(max_connections, budget))
