@@ -56,15 +56,19 @@ from typing import TYPE_CHECKING, Any, TextIO
 from livestack.config import is_within
 from livestack.errors import (
     CalibrationError,
+    DescriptorsExhaustedError,
     FrameError,
     JournalError,
+    JournalFullError,
     LivestackError,
     MasterError,
     StorageError,
     UsageError,
 )
+from livestack.resilience import retry_transient
 from livestack.service.guard import PathRedactor
 from livestack.service.hub import COMMANDS
+from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.atomic import atomic_write
 from livestack.storage.checkpoint import (
     CHECKPOINT_NAME,
@@ -367,6 +371,8 @@ class Engine:
         # new_stack command: router id -> the id frames of that key go to instead.
         self.redirects: dict[str, str] = dict(self.journal.get_state("redirects", {}))
         self.runtimes: dict[str, _Runtime] = {}
+        #: Preview versions of stacks dropped by :meth:`forget_runtime` (they continue).
+        self._preview_versions: dict[str, int] = {}
         self.current_stack: str | None = None
         self.paused = False
         self.rebuilds: dict[str, _Rebuild] = {}
@@ -416,7 +422,7 @@ class Engine:
         are restored lazily when a frame routes to them.
         """
         stacks = self.journal.stacks()
-        pending = self.journal.pending()
+        pending = self.journal.reopen_transient_failures()  # EMFILE is never a verdict
         if stacks:
             latest_night = max(s.id.split("/", 1)[0] for s in stacks)
             wanted = [s.id for s in stacks if s.id.split("/", 1)[0] == latest_night]
@@ -455,6 +461,7 @@ class Engine:
         if session is None:
             session, seq = StackSession(stack_id, self.config.pipeline), 0
         rt = _Runtime(stack_id, folder, session, row.key, row.generation, last_seq=seq)
+        rt.preview_version = self._preview_versions.pop(stack_id, rt.preview_version)
         self.runtimes[stack_id] = rt
         rows = self.journal.rows_after(stack_id, seq)
         if rows:
@@ -471,6 +478,11 @@ class Engine:
         if rt.session.n_accepted:
             if rows:
                 rt.accepted_since_fits = 1  # stack.fits is older than the replayed frames
+            from livestack.storage.stackcheck import stack_fits_matches
+
+            if not stack_fits_matches(folder / FITS_NAME, rt.session.n_accepted,
+                                      len(rt.session.records)):
+                self.write_fits(rt)  # behind the checkpoint, truncated or missing: rewrite
             if rows or self.hub is not None:
                 rt.accepted_since_preview = 1  # viewers get the restored stack at once
         self._publish_stack(rt)
@@ -577,6 +589,8 @@ class Engine:
             return self._record_failure(spath, st.st_size, st.st_mtime_ns, None,
                                         "permission_denied", f"{spath}: permission denied")
         except OSError as exc:
+            if is_fd_exhaustion(exc):  # says nothing about the frame: retried, never final
+                raise DescriptorsExhaustedError(f"{spath}: {exc.strerror}") from None
             return self._record_failure(spath, st.st_size, st.st_mtime_ns, None, "unreadable",
                                         f"{spath}: cannot read: {exc.strerror or exc}")
         done = self.journal.already_done(spath, sha)
@@ -625,6 +639,8 @@ class Engine:
         except IsADirectoryError:
             raise FrameError("not_a_file", f"{path}: not a regular file") from None
         except OSError as exc:
+            if is_fd_exhaustion(exc):  # the row stays pending; the worker retries
+                raise DescriptorsExhaustedError(f"{path}: {exc.strerror}") from None
             raise FrameError("unreadable", f"{path}: cannot read: {exc.strerror or exc}"
                              ) from None
         return image, info
@@ -725,12 +741,16 @@ class Engine:
         elif outcome.verdict == "accepted":
             self.router.report_alignment_success(router_id)
         transform = outcome.transform
-        seq = self.journal.finish(
-            row_id, outcome.verdict, reason=outcome.reason, message=outcome.message,
-            stack_id=rt.stack_id, metrics=_metrics_json(outcome),
-            transform=transform.to_list() if transform is not None else None,
-            model=transform.model if transform is not None else None, weight=outcome.weight,
-            assign_seq=True, state=self._router_state())
+        try:
+            seq = self.journal.finish(
+                row_id, outcome.verdict, reason=outcome.reason, message=outcome.message,
+                stack_id=rt.stack_id, metrics=_metrics_json(outcome),
+                transform=transform.to_list() if transform is not None else None,
+                model=transform.model if transform is not None else None,
+                weight=outcome.weight, assign_seq=True, state=self._router_state())
+        except JournalFullError:
+            self.forget_runtime(rt)  # the stack holds a frame the journal lacks: undo it
+            raise
         if self.open_row == row_id:
             self.open_row = None
         rt.last_seq = seq or rt.last_seq
@@ -760,6 +780,25 @@ class Engine:
         if reroute:
             self._reroute(rt.stack_id, reroute)
         return self.journal.row(row_id)
+
+    def forget_runtime(self, rt: _Runtime) -> None:
+        """Drop a live stack whose memory is ahead of the journal (a journal write failed).
+
+        The next frame of that stack restores it from its checkpoint and the journal, so
+        retrying the frame adds it exactly once; the router goes back to its journaled
+        state. Preview versions continue (viewers skip versions they have seen).
+        """
+        from livestack.pipeline.routing import Router
+
+        if rt.stack_id in self.rebuilds:
+            self._cancel_rebuild(rt.stack_id)
+        self.runtimes.pop(rt.stack_id, None)
+        self._preview_versions[rt.stack_id] = rt.preview_version
+        saved = self.journal.get_state("router")
+        if saved is not None:
+            with contextlib.suppress(ValueError):
+                self.router = Router.from_dict(saved)
+        self.redirects = dict(self.journal.get_state("redirects", {}))
 
     def _reroute(self, old_stack: str, paths: tuple[str, ...]) -> None:
         """A run of agreeing alignment failures closed ``old_stack``: restack the run.
@@ -826,6 +865,10 @@ class Engine:
                  "timings_ms": outcome.timings_ms}
         self.hub.publish(event)
         self.hub.record_frame(rt.stack_id, event)
+
+    def alert(self, level: str, code: str, message: str) -> None:
+        """Log and publish an alert not tied to a stack (see :mod:`livestack.resilience`)."""
+        self._alert(level, code, message)
 
     def _alert(self, level: str, code: str, message: str, stack_id: str | None = None) -> None:
         log.warning("alert: %s", message)
@@ -1501,6 +1544,9 @@ class Worker(threading.Thread):
         busy = self.busy_since
         return busy is not None and now - busy < FRAME_LIMIT_S
 
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
     def request_stop(self) -> None:
         """Finish the current frame, then checkpoint and end."""
         self.stop_requested.set()
@@ -1593,7 +1639,8 @@ class Worker(threading.Thread):
 
     def _process(self, engine: Engine, path: Path) -> None:
         try:
-            engine.process_path(path)
+            retry_transient(lambda: engine.process_path(path), stop=self.stop_requested,
+                            alert=engine.alert, beat=self._beat)
         except LivestackError:
             raise
         except Exception as exc:

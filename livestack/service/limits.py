@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 
-__all__ = ["connection_cap", "is_fd_exhaustion", "open_fd_count", "raise_nofile_limit"]
+__all__ = ["connection_cap", "is_fd_exhaustion", "nofile_limits", "open_fd_count"]
 
 _log = logging.getLogger(__name__)
 
@@ -35,25 +35,6 @@ def nofile_limits() -> tuple[int, int]:
         return 1024, 1024
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return int(soft), int(hard)
-
-
-def raise_nofile_limit(target: int = 65536) -> int:
-    """Raise the soft RLIMIT_NOFILE towards ``min(target, hard)``; return the soft limit.
-
-    Raising the soft limit up to the hard one needs no privilege; it is what systemd's
-    ``LimitNOFILE=`` sets for a service, and this covers a start outside systemd.
-    """
-    soft, hard = nofile_limits()
-    want = target if hard < 0 else min(target, hard)  # RLIM_INFINITY is -1
-    if want > soft:
-        try:
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (ImportError, ValueError, OSError) as exc:
-            _log.debug("cannot raise RLIMIT_NOFILE to %d: %s", want, exc)
-    return soft
 
 
 def open_fd_count() -> int:
