@@ -76,6 +76,7 @@ from livestack.storage.checkpoint import (
     remove_stale_temps,
     save_checkpoint,
 )
+from livestack.storage.entries import check_entry, unjournaled
 from livestack.storage.journal import JOURNAL_NAME, FrameRow, Journal, sha256_file
 
 if TYPE_CHECKING:
@@ -381,6 +382,8 @@ class Engine:
         self.open_row: int | None = None
         #: Journal counts per status, kept by :meth:`close` for reports after closing.
         self.final_counts: dict[str, int] = {}
+        #: The daemon's watch folder: symlinks leading out of it are refused (None: batch).
+        self.watch_root: Path | None = None
 
     def _save_checkpoint(self, path: Path, arrays: dict, meta: dict) -> int:
         hook = None
@@ -564,6 +567,11 @@ class Engine:
         """
         spath = os.path.abspath(path)
         t0 = time.perf_counter()
+        refusal = check_entry(spath, self.watch_root)
+        if refusal is not None:  # symlink out of the watch folder, dangling symlink
+            reason, message, status, level = refusal
+            return self._record_failure(spath, None, None, None, reason, message,
+                                        status=status, level=level)
         try:
             st = os.stat(spath)
         except FileNotFoundError:
@@ -616,6 +624,9 @@ class Engine:
             masters = self._select_masters(info)
         except CalibrationError as exc:
             return self._finish_failure(row_id, spath, exc.reason, exc.message)
+        if not info.exposure_s > 0:
+            log.warning("%s: no exposure time in the header (EXPTIME/EXPOSURE/EXP_TIME): "
+                        "stacked in a 'no-exptime' stack, adding 0 s to its total", spath)
         stack_id = self._route(info)
         rt = self.runtime(stack_id, info)
         self.current_stack = stack_id
@@ -1795,8 +1806,10 @@ class Daemon:
         self.loop_started = threading.Event()
 
     def _make_engine(self) -> Engine:
-        return Engine(self.config, self.output_root, hub=self.hub, metrics=self.metrics,
-                      checkpoint_writer=self._checkpoint_writer)
+        engine = Engine(self.config, self.output_root, hub=self.hub, metrics=self.metrics,
+                        checkpoint_writer=self._checkpoint_writer)
+        engine.watch_root = self.watch_dir
+        return engine
 
     # -- the Commands protocol of the live server (called on the event loop) ------------
 
@@ -1909,7 +1922,15 @@ class Daemon:
                                poll_interval_s=self.config.watch.poll_interval_s,
                                recursive=self.config.watch.recursive)
         self.watcher = watcher
-        for path in watcher.start():
+        existing = watcher.start()
+        engine = self.worker.engine
+        if engine is not None:  # frames journaled by earlier runs are not work (nor lag)
+            fresh = await asyncio.to_thread(unjournaled, engine.journal, existing)
+            if len(fresh) < len(existing):
+                log.info("%d file(s) in the watch folder are already in the journal; %d new",
+                         len(existing) - len(fresh), len(fresh))
+            existing = fresh
+        for path in existing:
             self._enqueue(path)
         host, port = self.config.server.host, self.config.server.port
         sc = self.config.server

@@ -182,6 +182,24 @@ class _Reference:
     metrics: FrameMetrics
 
 
+def _raise_no_footprint(lum: np.ndarray, info: FrameInfo, kernel: str) -> None:
+    """The warped frame covers no pixel: say whether NaN pixels or the geometry did it.
+
+    Raises
+    ------
+    FrameError
+        ``nan_pixels`` when the frame has non-finite pixels (scattered NaN leave no output
+        pixel whose interpolation neighbours are all finite), else ``no_overlap``.
+    """
+    bad = int(np.count_nonzero(~np.isfinite(lum)))
+    if bad:
+        raise FrameError("nan_pixels", f"{info.path}: {100.0 * bad / lum.size:.1f} % of the "
+                                       f"pixels are NaN/inf; no aligned pixel has only finite "
+                                       f"neighbours for the {kernel} kernel")
+    raise FrameError("no_overlap",
+                     f"{info.path}: the aligned frame does not overlap the reference")
+
+
 class StackSession:
     """One running stack. Pure: arrays in, outcomes and arrays out.
 
@@ -351,8 +369,7 @@ class StackSession:
         warped = warp(image, transform, ref.luminance.shape, cfg.warp.kernel)
         timer.lap("warp")
         if not warped.footprint.any():
-            raise FrameError("no_overlap",
-                             f"{info.path}: the aligned frame does not overlap the reference")
+            _raise_no_footprint(lum, info, cfg.warp.kernel)
         noise_norm = normalized_noise(stats, norm)
         _check_noise(np.asarray(noise_norm, dtype=np.float64), info)
         if not (math.isfinite(norm.weight) and norm.weight > 0):
