@@ -211,7 +211,8 @@ class Journal:
             self._db.execute("INSERT OR IGNORE INTO state(key, value) VALUES ('schema', ?)",
                              (json.dumps(_SCHEMA_VERSION),))
         except (sqlite3.Error, OSError) as exc:
-            raise JournalError(f"{self.path}: cannot open journal: {exc}") from None
+            raise JournalError(f"{self.path}: cannot open journal: {exc} (`livestack recover "
+                               f"{self.path.parent}` rebuilds it)") from None
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -497,6 +498,15 @@ class Journal:
         stack = self.stack(stack_id)
         assert stack is not None
         return stack
+
+    def set_generation(self, stack_id: str, generation: int) -> None:
+        """Set a stack's generation (``livestack recover`` matches it to a checkpoint)."""
+        with self._tx() as db:
+            db.execute("UPDATE stacks SET generation=? WHERE id=?", (generation, stack_id))
+
+    def quick_check(self) -> str:
+        """SQLite's ``PRAGMA quick_check``: ``"ok"`` for an intact database file."""
+        return "; ".join(str(r[0]) for r in self._query("PRAGMA quick_check"))
 
     def stack(self, stack_id: str) -> StackRow | None:
         """The stack row, or None."""
