@@ -631,7 +631,13 @@ class Engine:
         rt = self.runtime(stack_id, info)
         self.current_stack = stack_id
         t_read = time.perf_counter()
-        outcome = rt.session.process(raw, info, masters)
+        try:
+            outcome = rt.session.process(raw, info, masters)
+        except OSError as exc:  # a lazy import or kernel compile found no descriptor
+            if not is_fd_exhaustion(exc):
+                raise
+            self.forget_runtime(rt)  # it may hold part of the frame: rebuilt from the journal
+            raise DescriptorsExhaustedError(f"{spath}: {exc.strerror}") from None
         self._pause("accumulate", self.journal)
         return self._after_outcome(rt, row_id, info, outcome,
                                    read_ms=(t_read - t0) * 1e3, t0=t0)
@@ -1570,6 +1576,13 @@ class Worker(threading.Thread):
         t0 = time.perf_counter()
         try:
             name = next(steps, None)
+        except OSError as exc:
+            if not is_fd_exhaustion(exc):
+                raise
+            # Kernels import modules while compiling; without a descriptor the warm-up
+            # stops here and the first frames compile what they need instead.
+            log.warning("warm-up stopped: %s", exc.strerror)
+            return None
         finally:
             self.long_step_until = 0.0
         if name is None:
@@ -1602,7 +1615,12 @@ class Worker(threading.Thread):
                         rebuild_moving = True
                         continue
                     rebuild_moving = False
-                    engine.idle()
+                    try:
+                        engine.idle()
+                    except OSError as exc:  # a preview or checkpoint without a descriptor
+                        if not is_fd_exhaustion(exc):
+                            raise
+                        log.warning("idle work deferred: %s", exc.strerror)
                     if warm_up is not None:
                         warm_up = self._warm_up_step(warm_up)
                     continue

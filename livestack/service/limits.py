@@ -18,6 +18,10 @@ __all__ = ["connection_cap", "is_fd_exhaustion", "nofile_limits", "open_fd_count
 
 _log = logging.getLogger(__name__)
 
+#: Listen backlog of the live server, which is also how many connections asyncio accepts
+#: in one go (its default, 100, let one burst overrun the cap by 100 descriptors).
+ACCEPT_BACKLOG = 16
+
 #: Errors that mean "no descriptor right now" (this process / the whole system).
 FD_EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
@@ -59,8 +63,11 @@ def connection_cap(max_connections: int, fd_reserve: int) -> int:
     Returns
     -------
     int
-        ``min(max_connections, soft limit - open now - fd_reserve)``, at least 1.
+        ``min(max_connections, soft limit - open now - fd_reserve - 2 * ACCEPT_BACKLOG)``,
+        at least 1.
     """
     soft, _hard = nofile_limits()
-    budget = soft - open_fd_count() - fd_reserve
+    # asyncio accepts up to ACCEPT_BACKLOG sockets per loop iteration before the first of
+    # them is refused and closed: they need descriptors beyond the cap.
+    budget = soft - open_fd_count() - fd_reserve - 2 * ACCEPT_BACKLOG
     return max(1, min(max_connections, budget))

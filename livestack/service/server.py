@@ -83,7 +83,7 @@ from websockets.http11 import Request, Response
 from livestack.errors import LivestackError, UsageError
 from livestack.service.guard import HostPolicy
 from livestack.service.hub import COMMANDS, Commands, Hub, envelope, to_jsonable
-from livestack.service.limits import connection_cap
+from livestack.service.limits import ACCEPT_BACKLOG, connection_cap
 from livestack.service.metrics import Metrics
 
 _log = logging.getLogger(__name__)
@@ -626,6 +626,7 @@ class LiveServer:
             max_queue=16,
             write_limit=64 * 1024,
             logger=_NoDebugLogger(logging.getLogger("livestack.service.websockets"), {}),
+            backlog=ACCEPT_BACKLOG,  # bounds asyncio's accept burst (see limits.py)
         )
         self._hub.attach(asyncio.get_running_loop())
         self._metrics.set_gauge("livestack_viewers", 0)
