@@ -30,6 +30,15 @@ def _killed_after(tmp_path: Path, watch: list[Path]) -> Path:
     return rt.folder / FITS_NAME
 
 
+def _restart(tmp_path: Path, *, finalize: bool) -> None:
+    """A new engine on the same output: resume, optionally finalize, close."""
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    engine.resume()
+    if finalize:
+        engine.finalize()
+    engine.close()
+
+
 def _ncombine(path: Path) -> int:
     with fits.open(path) as hdul:
         return int(hdul[0].header["NCOMBINE"])
@@ -51,28 +60,18 @@ def test_stack_fits_behind_the_checkpoint_is_rewritten_at_restore(
 def test_truncated_stack_fits_is_rewritten(tmp_path: Path, frames: list[Path]) -> None:
     watch = copy_frames(frames[:6], tmp_path / "in")
     fits_path = _killed_after(tmp_path, watch)
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    engine.resume()
-    engine.finalize()
-    engine.close()
+    _restart(tmp_path, finalize=True)
     with open(fits_path, "r+b") as f:
         f.truncate(1000)
     assert not stack_fits_matches(fits_path, 6, 6)
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    engine.resume()
-    engine.finalize()
-    engine.close()
+    _restart(tmp_path, finalize=True)
     assert stack_fits_matches(fits_path, 6, 6) and _ncombine(fits_path) == 6
 
 
 def test_a_current_stack_fits_is_left_alone(tmp_path: Path, frames: list[Path]) -> None:
     watch = copy_frames(frames[:6], tmp_path / "in")
     fits_path = _killed_after(tmp_path, watch)
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    engine.resume()
-    engine.close()
+    _restart(tmp_path, finalize=False)
     before = fits_path.stat().st_mtime_ns
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    engine.resume()
-    engine.close()
+    _restart(tmp_path, finalize=False)
     assert fits_path.stat().st_mtime_ns == before
