@@ -63,6 +63,7 @@ from livestack.errors import (
     LivestackError,
     MasterError,
     StorageError,
+    TransientError,
     UsageError,
 )
 from livestack.resilience import retry_transient
@@ -469,12 +470,16 @@ class Engine:
         rows = self.journal.rows_after(stack_id, seq)
         if rows:
             log.info("%s: replaying %d journal row(s) after seq %d", stack_id, len(rows), seq)
-        for jrow in rows:
-            if should_stop():
-                break
-            self._replay_row(rt, rt.session, jrow)
-            rt.last_seq = max(rt.last_seq, jrow.seq or 0)
-            rt.frames_since_checkpoint += 1
+        try:
+            for jrow in rows:
+                if should_stop():
+                    break
+                self._replay_row(rt, rt.session, jrow)
+                rt.last_seq = max(rt.last_seq, jrow.seq or 0)
+                rt.frames_since_checkpoint += 1
+        except TransientError:
+            self.forget_runtime(rt)  # half restored: restored afresh when retried
+            raise
         counts = self.journal.counts(stack_id)
         rt.seen = sum(counts.values())
         rt.rejected, rt.failed = counts["rejected"], counts["failed"]
@@ -534,6 +539,8 @@ class Engine:
             raw, info = self._read(row.path)
             masters = self._select_masters(info)
         except (FrameError, OSError) as exc:
+            if is_fd_exhaustion(exc):  # never a verdict on the frame (issue 14)
+                raise DescriptorsExhaustedError(f"{row.path}: {exc}") from None
             reason = exc.reason if isinstance(exc, FrameError) else "vanished"
             log.warning("%s: %s: cannot replay: %s", row.path, reason, exc)
             self.journal.finish(row.id, "failed", reason=f"replay_{reason}", message=str(exc),
@@ -1667,9 +1674,17 @@ class Worker(threading.Thread):
             return True
 
     def _process(self, engine: Engine, path: Path) -> None:
+        def step() -> None:
+            try:
+                engine.process_path(path)
+            except OSError as exc:  # any descriptor shortage the engine did not name
+                if not is_fd_exhaustion(exc):
+                    raise
+                raise DescriptorsExhaustedError(f"{path}: {exc.strerror}") from None
+
         try:
-            retry_transient(lambda: engine.process_path(path), stop=self.stop_requested,
-                            alert=engine.alert, beat=self._beat)
+            retry_transient(step, stop=self.stop_requested, alert=engine.alert,
+                            beat=self._beat)
         except LivestackError:
             raise
         except Exception as exc:

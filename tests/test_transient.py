@@ -171,3 +171,36 @@ def test_a_journal_write_failing_after_accumulation_is_undone_then_retried(
     assert rt.session.n_accepted == 4  # the undone frame counted once
     assert_same_image(rt.session.product().image, _reference_image(tmp_path, watch))
     engine.close()
+
+
+def test_emfile_during_a_replay_never_marks_a_stacked_frame_failed(
+        tmp_path: Path, frames: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import livestack.daemon as daemon_mod
+    from livestack.errors import DescriptorsExhaustedError
+
+    watch = copy_frames(frames[:3], tmp_path / "in")
+    config = make_config(tmp_path, checkpoint_every_frames=100)
+    engine = Engine(config, tmp_path / "stacks", background_checkpoints=False)
+    for path in watch:
+        engine.process_path(path)
+    engine.close()  # no checkpoint yet: a restart replays the three frames from disk
+    engine = Engine(config, tmp_path / "stacks", background_checkpoints=False)
+    real_sha = daemon_mod.sha256_file
+    calls = iter([OSError(errno.EMFILE, "Too many open files")])
+
+    def sha(path: str) -> str:  # the second frame's replay meets EMFILE once
+        if path == str(watch[1]) and (exc := next(calls, None)) is not None:
+            raise exc
+        return real_sha(path)
+
+    monkeypatch.setattr(daemon_mod, "sha256_file", sha)
+    with pytest.raises(DescriptorsExhaustedError):
+        engine.resume()
+    assert engine.runtimes == {}  # the half-restored stack was dropped
+    engine.resume()
+    (rt,) = engine.runtimes.values()
+    assert rt.session.n_accepted == 3
+    assert engine.journal.counts()["failed"] == 0
+    engine.close()
