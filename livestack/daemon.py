@@ -1081,8 +1081,11 @@ class Engine:
             file = args.get("file")
             if not isinstance(file, str) or not file:
                 raise UsageError(f"{name}: needs 'file' (a frame of the stack)")
+            # Viewers see paths relative to the watch folder (service.guard.PathRedactor).
+            shown = os.path.join(str(self.watch_root), file) if self.watch_root else file
             rows = [r for r in self.journal.rows(stack_id=stack_id)
-                    if r.active and (r.path == file or os.path.basename(r.path) == file)]
+                    if r.active and (r.path in (file, shown)
+                                     or os.path.basename(r.path) == file)]
             if not rows:
                 raise UsageError(f"{name}: {file!r} is not a frame of {stack_id}")
             wanted = [r for r in rows if r.status == "accepted"]

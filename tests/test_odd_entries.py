@@ -146,3 +146,17 @@ def test_a_restart_does_not_queue_journaled_frames_again(tmp_path: Path,
     finally:
         daemon_mod.Daemon = original
     assert queued == []  # 9 files in the folder, all journaled: nothing queued, no lag
+
+
+def test_commands_accept_the_relative_names_viewers_see(tmp_path: Path,
+                                                        frames: list[Path]) -> None:
+    watch = copy_frames(frames[:2], tmp_path / "in" / "night1")
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    engine.watch_root = tmp_path / "in"
+    for path in watch:
+        engine.process_path(path)
+    (stack_id,) = engine.runtimes
+    args = engine.validate_command("exclude_frame", {"stack_id": stack_id,
+                                                     "file": f"night1/{watch[1].name}"})
+    assert args["row_id"] == engine.journal.rows(path=str(watch[1]))[-1].id
+    engine.close()
