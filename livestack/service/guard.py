@@ -24,6 +24,7 @@ import os
 import re
 import socket
 from collections.abc import Iterable, Mapping
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -119,6 +120,26 @@ class HostPolicy:
         default = 443 if parts.scheme == "https" else 80
         return origin_host == host and (origin_port or default) == (int(port) if port
                                                                       else default)
+
+
+    def screen(self, method: str, path: str, host: str | None, origin: str | None, *,
+               viewers: int, max_viewers: int) -> tuple[HTTPStatus, str, str] | None:
+        """Refuse a request before it is routed.
+
+        Returns
+        -------
+        tuple or None
+            ``(status, message, metric reason)``, or None to serve the request.
+        """
+        if not self.host_allowed(host):
+            return HTTPStatus.MISDIRECTED_REQUEST, "unknown Host (see server.allowed_hosts)", \
+                "host"
+        is_ws = path == "/ws"
+        if (is_ws or method == "POST") and not self.origin_allowed(origin, host):
+            return HTTPStatus.FORBIDDEN, "cross-origin request refused", "origin"
+        if is_ws and viewers >= max_viewers:
+            return HTTPStatus.SERVICE_UNAVAILABLE, "too many viewers", "viewers"
+        return None
 
 
 class PathRedactor:

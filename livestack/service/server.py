@@ -519,17 +519,11 @@ class LiveServer:
         Largest incoming WebSocket message.
     max_events_per_viewer : int
         Events buffered per viewer before the oldest are dropped.
-    max_viewers : int
-        WebSocket viewers served at once; more get ``503`` (or close code 1013).
-    max_connections : int
-        Client connections held open at once, further limited at :meth:`start` so that
-        ``fd_reserve`` descriptors stay free (:func:`~livestack.service.limits.connection_cap`);
-        more are answered ``503`` at once.
-    fd_reserve : int
-        Descriptors kept free for frames, the journal and checkpoints.
+    max_viewers, max_connections, fd_reserve : int
+        Viewer and connection caps (more get ``503``); :meth:`start` lowers the connection
+        cap so ``fd_reserve`` descriptors stay free (:mod:`livestack.service.limits`).
     allowed_hosts : tuple of str
-        Host names accepted in ``Host``/``Origin`` besides this machine's own
-        (:class:`~livestack.service.guard.HostPolicy`).
+        Extra names for the Host/Origin checks (:class:`~livestack.service.guard.HostPolicy`).
     """
 
     def __init__(
@@ -856,21 +850,14 @@ class LiveServer:
 
     def _screen(self, head: _Head | None) -> tuple[HTTPStatus, str] | None:
         """Refuse a request before routing: ``(status, message)``, or None to serve it."""
-        if head is None:
-            self._refused("malformed")
-            return HTTPStatus.BAD_REQUEST, "malformed HTTP request"
-        if not self._policy.host_allowed(head.header("host")):
-            self._refused("host")
-            return HTTPStatus.MISDIRECTED_REQUEST, "unknown Host (see server.allowed_hosts)"
-        is_ws = head.path == "/ws"
-        if (is_ws or head.method == "POST") and not self._policy.origin_allowed(
-                head.header("origin"), head.header("host")):
-            self._refused("origin")
-            return HTTPStatus.FORBIDDEN, "cross-origin request refused"
-        if is_ws and len(self._viewers) >= self._max_viewers:
-            self._refused("viewers")
-            return HTTPStatus.SERVICE_UNAVAILABLE, "too many viewers"
-        return None
+        refusal = (HTTPStatus.BAD_REQUEST, "malformed HTTP request", "malformed") \
+            if head is None else self._policy.screen(
+                head.method, head.path, head.header("host"), head.header("origin"),
+                viewers=len(self._viewers), max_viewers=self._max_viewers)
+        if refusal is None:
+            return None
+        self._refused(refusal[2])
+        return refusal[0], refusal[1]
 
     def _refused(self, reason: str) -> None:
         self._metrics.inc("livestack_connections_refused_total", {"reason": reason})
