@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from livestack.errors import LivestackError, UsageError
+from livestack.service.logthrottle import RepeatFilter
 
 log = logging.getLogger("livestack")
 
@@ -151,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("file", nargs="?", metavar="FILE")
     show.set_defaults(func=cmd_config_show)
 
+    recover = sub.add_parser("recover", help="rebuild a corrupt journal from the stacks")
+    recover.add_argument("output", metavar="OUTPUT", help="the output folder (output.dir)")
+    recover.add_argument("--watch", metavar="DIR", help="watch folder, to count the frames "
+                                                        "no stack lists")
+    recover.add_argument("--force", action="store_true", help="rebuild an intact journal too")
+    recover.set_defaults(func=cmd_recover)
+
     # `livestack integrate ...` (exact re-integration of a journal's frames) is registered
     # here by livestack.integrate_cli when that module exists; see issue 5.
     _add_integrate(sub)
@@ -190,6 +198,7 @@ def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s",
                                            datefmt="%H:%M:%S"))
+    handler.addFilter(RepeatFilter())  # a flood of identical lines (EMFILE) stays small
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -420,6 +429,18 @@ def cmd_masters_build(args: argparse.Namespace) -> int:
                                       darkflat_dir=_opt_path(args.darkflats))
     for path in written:
         print(path)
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """``livestack recover OUTPUT``: see :mod:`livestack.recover`."""
+    configure_logging(_level(args, "WARNING"))
+    from livestack.recover import recover
+
+    report = recover(Path(args.output), Path(args.watch) if args.watch else None,
+                     force=args.force)
+    for line in report.lines():
+        print(f"recover: {line}")
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from livestack.errors import ConfigError
+from livestack.pipeline.ranges import rng
 from livestack.pipeline.session import PipelineConfig
 
 #: Shown instead of the operator token by ``config show`` (the token never goes to logs).
@@ -35,7 +36,7 @@ REDACTED = "<redacted>"
 
 def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
     """Field metadata for an inclusive (or left-open) numeric range."""
-    return {"min": lo, "max": hi, "lo_open": lo_open}
+    return rng(lo, hi, lo_open=lo_open)
 
 
 @dataclass(frozen=True)
@@ -112,12 +113,27 @@ class ServerConfig:
         printed once.
     allow_lan : bool
         Allow binding a non-loopback address (serving other machines).
+    max_viewers : int
+        WebSocket viewers served at once; more are refused (503, close code 1013).
+    max_connections : int
+        Client connections held open at once; more are answered 503 at once. Also
+        limited to the descriptor limit minus the descriptors open at start and
+        ``fd_reserve``.
+    fd_reserve : int
+        File descriptors always kept free for frames, the journal and checkpoints.
+    allowed_hosts : tuple of str
+        Host names accepted in ``Host``/``Origin`` besides this machine's own names and
+        IP addresses (a reverse proxy's public name); other requests get 421 / 403.
     """
 
     host: str = "127.0.0.1"
     port: int = field(default=8765, metadata=_rng(0, 65535))
     token: str | None = None
     allow_lan: bool = False
+    max_viewers: int = field(default=100, metadata=_rng(1, 100_000))
+    max_connections: int = field(default=256, metadata=_rng(2, 1_000_000))
+    fd_reserve: int = field(default=64, metadata=_rng(16, 100_000))
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

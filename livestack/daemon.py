@@ -56,14 +56,20 @@ from typing import TYPE_CHECKING, Any, TextIO
 from livestack.config import is_within
 from livestack.errors import (
     CalibrationError,
+    DescriptorsExhaustedError,
     FrameError,
     JournalError,
+    JournalFullError,
     LivestackError,
     MasterError,
     StorageError,
+    TransientError,
     UsageError,
 )
+from livestack.resilience import retry_transient
+from livestack.service.guard import PathRedactor
 from livestack.service.hub import COMMANDS
+from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.atomic import atomic_write
 from livestack.storage.checkpoint import (
     CHECKPOINT_NAME,
@@ -71,6 +77,7 @@ from livestack.storage.checkpoint import (
     remove_stale_temps,
     save_checkpoint,
 )
+from livestack.storage.entries import check_entry, unjournaled
 from livestack.storage.journal import JOURNAL_NAME, FrameRow, Journal, sha256_file
 
 if TYPE_CHECKING:
@@ -366,6 +373,8 @@ class Engine:
         # new_stack command: router id -> the id frames of that key go to instead.
         self.redirects: dict[str, str] = dict(self.journal.get_state("redirects", {}))
         self.runtimes: dict[str, _Runtime] = {}
+        #: Preview versions of stacks dropped by :meth:`forget_runtime` (they continue).
+        self._preview_versions: dict[str, int] = {}
         self.current_stack: str | None = None
         self.paused = False
         self.rebuilds: dict[str, _Rebuild] = {}
@@ -374,6 +383,8 @@ class Engine:
         self.open_row: int | None = None
         #: Journal counts per status, kept by :meth:`close` for reports after closing.
         self.final_counts: dict[str, int] = {}
+        #: The daemon's watch folder: symlinks leading out of it are refused (None: batch).
+        self.watch_root: Path | None = None
 
     def _save_checkpoint(self, path: Path, arrays: dict, meta: dict) -> int:
         hook = None
@@ -415,7 +426,7 @@ class Engine:
         are restored lazily when a frame routes to them.
         """
         stacks = self.journal.stacks()
-        pending = self.journal.pending()
+        pending = self.journal.reopen_transient_failures()  # EMFILE is never a verdict
         if stacks:
             latest_night = max(s.id.split("/", 1)[0] for s in stacks)
             wanted = [s.id for s in stacks if s.id.split("/", 1)[0] == latest_night]
@@ -454,22 +465,32 @@ class Engine:
         if session is None:
             session, seq = StackSession(stack_id, self.config.pipeline), 0
         rt = _Runtime(stack_id, folder, session, row.key, row.generation, last_seq=seq)
+        rt.preview_version = self._preview_versions.pop(stack_id, rt.preview_version)
         self.runtimes[stack_id] = rt
         rows = self.journal.rows_after(stack_id, seq)
         if rows:
             log.info("%s: replaying %d journal row(s) after seq %d", stack_id, len(rows), seq)
-        for jrow in rows:
-            if should_stop():
-                break
-            self._replay_row(rt, rt.session, jrow)
-            rt.last_seq = max(rt.last_seq, jrow.seq or 0)
-            rt.frames_since_checkpoint += 1
+        try:
+            for jrow in rows:
+                if should_stop():
+                    break
+                self._replay_row(rt, rt.session, jrow)
+                rt.last_seq = max(rt.last_seq, jrow.seq or 0)
+                rt.frames_since_checkpoint += 1
+        except TransientError:
+            self.forget_runtime(rt)  # half restored: restored afresh when retried
+            raise
         counts = self.journal.counts(stack_id)
         rt.seen = sum(counts.values())
         rt.rejected, rt.failed = counts["rejected"], counts["failed"]
         if rt.session.n_accepted:
             if rows:
                 rt.accepted_since_fits = 1  # stack.fits is older than the replayed frames
+            from livestack.storage.stackcheck import stack_fits_matches
+
+            if not stack_fits_matches(folder / FITS_NAME, rt.session.n_accepted,
+                                      len(rt.session.records)):
+                self.write_fits(rt)  # behind the checkpoint, truncated or missing: rewrite
             if rows or self.hub is not None:
                 rt.accepted_since_preview = 1  # viewers get the restored stack at once
         self._publish_stack(rt)
@@ -518,6 +539,8 @@ class Engine:
             raw, info = self._read(row.path)
             masters = self._select_masters(info)
         except (FrameError, OSError) as exc:
+            if is_fd_exhaustion(exc):  # never a verdict on the frame (issue 14)
+                raise DescriptorsExhaustedError(f"{row.path}: {exc}") from None
             reason = exc.reason if isinstance(exc, FrameError) else "vanished"
             log.warning("%s: %s: cannot replay: %s", row.path, reason, exc)
             self.journal.finish(row.id, "failed", reason=f"replay_{reason}", message=str(exc),
@@ -551,6 +574,11 @@ class Engine:
         """
         spath = os.path.abspath(path)
         t0 = time.perf_counter()
+        refusal = check_entry(spath, self.watch_root)
+        if refusal is not None:  # symlink out of the watch folder, dangling symlink
+            reason, message, status, level = refusal
+            return self._record_failure(spath, None, None, None, reason, message,
+                                        status=status, level=level)
         try:
             st = os.stat(spath)
         except FileNotFoundError:
@@ -576,6 +604,8 @@ class Engine:
             return self._record_failure(spath, st.st_size, st.st_mtime_ns, None,
                                         "permission_denied", f"{spath}: permission denied")
         except OSError as exc:
+            if is_fd_exhaustion(exc):  # says nothing about the frame: retried, never final
+                raise DescriptorsExhaustedError(f"{spath}: {exc.strerror}") from None
             return self._record_failure(spath, st.st_size, st.st_mtime_ns, None, "unreadable",
                                         f"{spath}: cannot read: {exc.strerror or exc}")
         done = self.journal.already_done(spath, sha)
@@ -601,11 +631,20 @@ class Engine:
             masters = self._select_masters(info)
         except CalibrationError as exc:
             return self._finish_failure(row_id, spath, exc.reason, exc.message)
+        if not info.exposure_s > 0:
+            log.warning("%s: no exposure time in the header (EXPTIME/EXPOSURE/EXP_TIME): "
+                        "stacked in a 'no-exptime' stack, adding 0 s to its total", spath)
         stack_id = self._route(info)
         rt = self.runtime(stack_id, info)
         self.current_stack = stack_id
         t_read = time.perf_counter()
-        outcome = rt.session.process(raw, info, masters)
+        try:
+            outcome = rt.session.process(raw, info, masters)
+        except OSError as exc:  # a lazy import or kernel compile found no descriptor
+            if not is_fd_exhaustion(exc):
+                raise
+            self.forget_runtime(rt)  # it may hold part of the frame: rebuilt from the journal
+            raise DescriptorsExhaustedError(f"{spath}: {exc.strerror}") from None
         self._pause("accumulate", self.journal)
         return self._after_outcome(rt, row_id, info, outcome,
                                    read_ms=(t_read - t0) * 1e3, t0=t0)
@@ -624,6 +663,8 @@ class Engine:
         except IsADirectoryError:
             raise FrameError("not_a_file", f"{path}: not a regular file") from None
         except OSError as exc:
+            if is_fd_exhaustion(exc):  # the row stays pending; the worker retries
+                raise DescriptorsExhaustedError(f"{path}: {exc.strerror}") from None
             raise FrameError("unreadable", f"{path}: cannot read: {exc.strerror or exc}"
                              ) from None
         return image, info
@@ -724,12 +765,16 @@ class Engine:
         elif outcome.verdict == "accepted":
             self.router.report_alignment_success(router_id)
         transform = outcome.transform
-        seq = self.journal.finish(
-            row_id, outcome.verdict, reason=outcome.reason, message=outcome.message,
-            stack_id=rt.stack_id, metrics=_metrics_json(outcome),
-            transform=transform.to_list() if transform is not None else None,
-            model=transform.model if transform is not None else None, weight=outcome.weight,
-            assign_seq=True, state=self._router_state())
+        try:
+            seq = self.journal.finish(
+                row_id, outcome.verdict, reason=outcome.reason, message=outcome.message,
+                stack_id=rt.stack_id, metrics=_metrics_json(outcome),
+                transform=transform.to_list() if transform is not None else None,
+                model=transform.model if transform is not None else None,
+                weight=outcome.weight, assign_seq=True, state=self._router_state())
+        except JournalFullError:
+            self.forget_runtime(rt)  # the stack holds a frame the journal lacks: undo it
+            raise
         if self.open_row == row_id:
             self.open_row = None
         rt.last_seq = seq or rt.last_seq
@@ -759,6 +804,25 @@ class Engine:
         if reroute:
             self._reroute(rt.stack_id, reroute)
         return self.journal.row(row_id)
+
+    def forget_runtime(self, rt: _Runtime) -> None:
+        """Drop a live stack whose memory is ahead of the journal (a journal write failed).
+
+        The next frame of that stack restores it from its checkpoint and the journal, so
+        retrying the frame adds it exactly once; the router goes back to its journaled
+        state. Preview versions continue (viewers skip versions they have seen).
+        """
+        from livestack.pipeline.routing import Router
+
+        if rt.stack_id in self.rebuilds:
+            self._cancel_rebuild(rt.stack_id)
+        self.runtimes.pop(rt.stack_id, None)
+        self._preview_versions[rt.stack_id] = rt.preview_version
+        saved = self.journal.get_state("router")
+        if saved is not None:
+            with contextlib.suppress(ValueError):
+                self.router = Router.from_dict(saved)
+        self.redirects = dict(self.journal.get_state("redirects", {}))
 
     def _reroute(self, old_stack: str, paths: tuple[str, ...]) -> None:
         """A run of agreeing alignment failures closed ``old_stack``: restack the run.
@@ -825,6 +889,10 @@ class Engine:
                  "timings_ms": outcome.timings_ms}
         self.hub.publish(event)
         self.hub.record_frame(rt.stack_id, event)
+
+    def alert(self, level: str, code: str, message: str) -> None:
+        """Log and publish an alert not tied to a stack (see :mod:`livestack.resilience`)."""
+        self._alert(level, code, message)
 
     def _alert(self, level: str, code: str, message: str, stack_id: str | None = None) -> None:
         log.warning("alert: %s", message)
@@ -1013,8 +1081,11 @@ class Engine:
             file = args.get("file")
             if not isinstance(file, str) or not file:
                 raise UsageError(f"{name}: needs 'file' (a frame of the stack)")
+            # Viewers see paths relative to the watch folder (service.guard.PathRedactor).
+            shown = os.path.join(str(self.watch_root), file) if self.watch_root else file
             rows = [r for r in self.journal.rows(stack_id=stack_id)
-                    if r.active and (r.path == file or os.path.basename(r.path) == file)]
+                    if r.active and (r.path in (file, shown)
+                                     or os.path.basename(r.path) == file)]
             if not rows:
                 raise UsageError(f"{name}: {file!r} is not a frame of {stack_id}")
             wanted = [r for r in rows if r.status == "accepted"]
@@ -1500,6 +1571,9 @@ class Worker(threading.Thread):
         busy = self.busy_since
         return busy is not None and now - busy < FRAME_LIMIT_S
 
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
     def request_stop(self) -> None:
         """Finish the current frame, then checkpoint and end."""
         self.stop_requested.set()
@@ -1512,6 +1586,13 @@ class Worker(threading.Thread):
         t0 = time.perf_counter()
         try:
             name = next(steps, None)
+        except OSError as exc:
+            if not is_fd_exhaustion(exc):
+                raise
+            # Kernels import modules while compiling; without a descriptor the warm-up
+            # stops here and the first frames compile what they need instead.
+            log.warning("warm-up stopped: %s", exc.strerror)
+            return None
         finally:
             self.long_step_until = 0.0
         if name is None:
@@ -1544,7 +1625,12 @@ class Worker(threading.Thread):
                         rebuild_moving = True
                         continue
                     rebuild_moving = False
-                    engine.idle()
+                    try:
+                        engine.idle()
+                    except OSError as exc:  # a preview or checkpoint without a descriptor
+                        if not is_fd_exhaustion(exc):
+                            raise
+                        log.warning("idle work deferred: %s", exc.strerror)
                     if warm_up is not None:
                         warm_up = self._warm_up_step(warm_up)
                     continue
@@ -1591,8 +1677,17 @@ class Worker(threading.Thread):
             return True
 
     def _process(self, engine: Engine, path: Path) -> None:
+        def step() -> None:
+            try:
+                engine.process_path(path)
+            except OSError as exc:  # any descriptor shortage the engine did not name
+                if not is_fd_exhaustion(exc):
+                    raise
+                raise DescriptorsExhaustedError(f"{path}: {exc.strerror}") from None
+
         try:
-            engine.process_path(path)
+            retry_transient(step, stop=self.stop_requested, alert=engine.alert,
+                            beat=self._beat)
         except LivestackError:
             raise
         except Exception as exc:
@@ -1726,6 +1821,7 @@ class Daemon:
         self.watch_dir = Path(os.path.abspath(config.watch.dir))
         self.output_root = Path(os.path.abspath(config.output.dir))
         self.hub = Hub()
+        self.hub.redact = PathRedactor([self.watch_dir, self.output_root])  # issue 14
         self.metrics = Metrics()
         self.metrics.describe("livestack_oldest_pending_seconds", "gauge",
                               "Age of the oldest frame waiting for the worker.")
@@ -1746,8 +1842,10 @@ class Daemon:
         self.loop_started = threading.Event()
 
     def _make_engine(self) -> Engine:
-        return Engine(self.config, self.output_root, hub=self.hub, metrics=self.metrics,
-                      checkpoint_writer=self._checkpoint_writer)
+        engine = Engine(self.config, self.output_root, hub=self.hub, metrics=self.metrics,
+                        checkpoint_writer=self._checkpoint_writer)
+        engine.watch_root = self.watch_dir
+        return engine
 
     # -- the Commands protocol of the live server (called on the event loop) ------------
 
@@ -1860,11 +1958,22 @@ class Daemon:
                                poll_interval_s=self.config.watch.poll_interval_s,
                                recursive=self.config.watch.recursive)
         self.watcher = watcher
-        for path in watcher.start():
+        existing = watcher.start()
+        engine = self.worker.engine
+        if engine is not None:  # frames journaled by earlier runs are not work (nor lag)
+            fresh = await asyncio.to_thread(unjournaled, engine.journal, existing)
+            if len(fresh) < len(existing):
+                log.info("%d file(s) in the watch folder are already in the journal; %d new",
+                         len(existing) - len(fresh), len(fresh))
+            existing = fresh
+        for path in existing:
             self._enqueue(path)
         host, port = self.config.server.host, self.config.server.port
+        sc = self.config.server
         server = LiveServer(self.hub, self, self.metrics, host=host, port=port,
-                            token=self.token)
+                            token=self.token, max_viewers=sc.max_viewers,
+                            max_connections=sc.max_connections, fd_reserve=sc.fd_reserve,
+                            allowed_hosts=sc.allowed_hosts)
         try:
             self.port = await server.start()
         except OSError as exc:

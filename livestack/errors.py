@@ -79,3 +79,30 @@ class StorageError(LivestackError):
 
 class JournalError(StorageError):
     """The SQLite journal cannot be opened or written."""
+
+
+class TransientError(LivestackError):
+    """A temporary shortage (no file descriptor, no disk space for the journal).
+
+    The frame it struck is not judged: the worker pauses intake, retries with backoff and
+    goes on by itself once the shortage is over (:mod:`livestack.resilience`).
+
+    Attributes
+    ----------
+    code : str
+        Alert code: ``descriptors_exhausted`` or ``journal_full``.
+    """
+
+    code = "transient"
+
+
+class DescriptorsExhaustedError(TransientError):
+    """``EMFILE``/``ENFILE``: the process or the system has no file descriptor free."""
+
+    code = "descriptors_exhausted"
+
+
+class JournalFullError(JournalError, TransientError):
+    """A journal write failed with "database or disk is full" (``SQLITE_FULL``/ENOSPC)."""
+
+    code = "journal_full"

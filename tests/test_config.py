@@ -69,7 +69,7 @@ pipeline:
     ("output: {checkpoint_every_s: 0}", "output.checkpoint_every_s", "must be > 0"),
     ("masters: {paths: /a/b}", "masters.paths", "expected list of"),
     ("log: {level: LOUD}", "log.level", "expected one of"),
-    ("pipeline: {stack: {kappa_low: -1}}", "pipeline.stack", "kappa"),
+    ("pipeline: {stack: {kappa_low: -1}}", "pipeline.stack.kappa_low", "must be > 0"),
     ("watch: 3", "watch", "expected a mapping"),
 ])
 def test_bad_values_name_file_and_key_path(tmp_path: Path, text: str, key: str,

@@ -63,11 +63,13 @@ the per-frame split is not kept.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from livestack.pipeline.ranges import rng
 
 #: Bytes of state per pixel and channel after warm-up (3 float32 + 3 uint16 planes).
 STATE_BYTES_PER_PIXEL = 18
@@ -99,10 +101,10 @@ class StackConfig:
     """
 
     method: str = "kappa_sigma"
-    kappa_low: float = 3.0
-    kappa_high: float = 3.0
-    warmup_frames: int = 4
-    prior_frames: float = 5.0
+    kappa_low: float = field(default=3.0, metadata=rng(0.0, 100.0, lo_open=True))
+    kappa_high: float = field(default=3.0, metadata=rng(0.0, 100.0, lo_open=True))
+    warmup_frames: int = field(default=4, metadata=rng(1, 1000))
+    prior_frames: float = field(default=5.0, metadata=rng(0.0, 1e6))
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:

@@ -23,12 +23,13 @@ All coordinates are full-resolution pixels, centre of pixel [0, 0] at (0, 0).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from livestack.pipeline.ranges import rng
 from livestack.pipeline.types import FrameMetrics, StarList
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -66,15 +67,16 @@ class DetectConfig:
         Smallest FWHM (binned pixels) the automatic binning accepts.
     """
 
-    threshold_sigma: float = 5.0
-    bin_factor: int | None = None
-    max_stars: int = 400
-    min_area_px: int = 3
-    pixel_scale_arcsec: float | None = None
-    saturation_adu: float | None = None
-    max_fit_stars: int = 30
-    auto_bin_min_mpix: float = 8.0
-    min_binned_fwhm_px: float = 0.6
+    threshold_sigma: float = field(default=5.0, metadata=rng(0.0, 1000.0, lo_open=True))
+    bin_factor: int | None = field(default=None, metadata=rng(1, 16))
+    max_stars: int = field(default=400, metadata=rng(1, 100_000))
+    min_area_px: int = field(default=3, metadata=rng(1, 10_000))
+    pixel_scale_arcsec: float | None = field(default=None,
+                                               metadata=rng(0.0, 3600.0, lo_open=True))
+    saturation_adu: float | None = field(default=None, metadata=rng(0.0, None, lo_open=True))
+    max_fit_stars: int = field(default=30, metadata=rng(1, 10_000))
+    auto_bin_min_mpix: float = field(default=8.0, metadata=rng(0.0, 100_000.0))
+    min_binned_fwhm_px: float = field(default=0.6, metadata=rng(0.0, 100.0, lo_open=True))
 
     def __post_init__(self) -> None:
         if not self.threshold_sigma > 0:

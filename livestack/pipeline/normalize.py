@@ -200,16 +200,19 @@ def normalization(frame: FrameStats, reference: FrameStats,
     loc = np.asarray(frame.location, dtype=np.float64)
     ref_loc = np.asarray(reference.location, dtype=np.float64)
     method = config.method
-    if method == "additive_scaling" and signal_scale is not None and math.isfinite(
-            signal_scale) and signal_scale > 0:
-        scale = np.full_like(loc, float(signal_scale))
-    elif method == "additive_scaling":
-        scale = np.asarray(reference.scale, dtype=np.float64) / np.asarray(frame.scale,
-                                                                           dtype=np.float64)
-    elif method == "multiplicative":
-        scale = ref_loc / loc
-    else:
-        scale = np.ones_like(loc)
+    # A zero or NaN scale/location (a blank or NaN-riddled frame) gives inf/NaN here, which
+    # the np.where below replaces by 1.0: no numpy RuntimeWarning on stderr for it.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if method == "additive_scaling" and signal_scale is not None and math.isfinite(
+                signal_scale) and signal_scale > 0:
+            scale = np.full_like(loc, float(signal_scale))
+        elif method == "additive_scaling":
+            scale = np.asarray(reference.scale, dtype=np.float64) / np.asarray(
+                frame.scale, dtype=np.float64)
+        elif method == "multiplicative":
+            scale = ref_loc / loc
+        else:
+            scale = np.ones_like(loc)
     scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
     if method == "none":
         loc = np.zeros_like(loc)

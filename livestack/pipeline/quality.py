@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from livestack.pipeline.ranges import rng
 from livestack.pipeline.types import FrameMetrics, Verdict
 
 
@@ -62,15 +63,15 @@ class GateConfig:
         Jump tests start once this many frames were accepted.
     """
 
-    min_stars: int = 8
-    max_fwhm_px: float | None = None
-    max_elongation: float = 1.6
-    max_background_adu: float | None = None
-    fwhm_jump_ratio: float = 1.5
-    star_drop_ratio: float = 0.5
-    background_jump_sigma: float = 10.0
-    window: int = 20
-    min_history: int = 3
+    min_stars: int = field(default=8, metadata=rng(0, 100_000))
+    max_fwhm_px: float | None = field(default=None, metadata=rng(0.0, None, lo_open=True))
+    max_elongation: float = field(default=1.6, metadata=rng(1.0, 100.0))
+    max_background_adu: float | None = field(default=None, metadata=rng(0.0, None))
+    fwhm_jump_ratio: float = field(default=1.5, metadata=rng(1.0, 100.0, lo_open=True))
+    star_drop_ratio: float = field(default=0.5, metadata=rng(0.0, 1.0, lo_open=True))
+    background_jump_sigma: float = field(default=10.0, metadata=rng(0.0, 1e6, lo_open=True))
+    window: int = field(default=20, metadata=rng(1, 10_000))
+    min_history: int = field(default=3, metadata=rng(1, 10_000))
 
     def __post_init__(self) -> None:
         if self.min_stars < 0:

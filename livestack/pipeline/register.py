@@ -26,13 +26,14 @@ or ``"no_match"``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from livestack.errors import RegistrationError
+from livestack.pipeline.ranges import rng
 from livestack.pipeline.types import StarList, Transform
 
 MODELS = ("translation", "similarity", "affine")
@@ -74,15 +75,15 @@ class RegisterConfig:
     """
 
     model: str = "similarity"
-    max_control_points: int = 50
-    match_radius_px: float = 3.0
-    min_matches: int = 6
+    max_control_points: int = field(default=50, metadata=rng(3, 10_000))
+    match_radius_px: float = field(default=3.0, metadata=rng(0.0, 1000.0, lo_open=True))
+    min_matches: int = field(default=6, metadata=rng(1, 10_000))
     phase_correlation_fallback: bool = True
-    max_scale_change: float = 0.2
-    invariant_tolerance: float = 0.1
-    clip_sigma: float = 3.0
-    min_pc_peak_ratio: float = 3.0
-    pc_max_size_px: int = 1024
+    max_scale_change: float = field(default=0.2, metadata=rng(0.0, 1.0, lo_open=True))
+    invariant_tolerance: float = field(default=0.1, metadata=rng(0.0, 10.0, lo_open=True))
+    clip_sigma: float = field(default=3.0, metadata=rng(0.0, 100.0, lo_open=True))
+    min_pc_peak_ratio: float = field(default=3.0, metadata=rng(1.0, 1e6, lo_open=True))
+    pc_max_size_px: int = field(default=1024, metadata=rng(64, 65_536))
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:

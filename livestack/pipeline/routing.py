@@ -82,15 +82,17 @@ class StackKey:
     def slug(self) -> str:
         """File-system-safe name, e.g. ``"M_42-L-60s"`` or ``"unknown-0.5s-bin2x2"``.
 
-        Object (``unknown`` when empty), filter (omitted when empty), exposure and, when not
-        1x1, binning. Shape, Bayer pattern and gain are not in the slug: keys differing only
-        there get distinct stack ids through the ``-2`` suffix.
+        Object (``unknown`` when empty), filter (omitted when empty), exposure
+        (``no-exptime`` when the header has none) and, when not 1x1, binning. Shape, Bayer
+        pattern and gain are not in the slug: keys differing only there get distinct stack
+        ids through the ``-2`` suffix.
         """
         parts = [_safe(self.object_name) or "unknown"]
         filt = _safe(self.filter_name)
         if filt:
             parts.append(filt)
-        parts.append(f"{self.exposure_s:g}s")
+        # No exposure in the header: a visible "no-exptime", never a "0s" stack.
+        parts.append(f"{self.exposure_s:g}s" if self.exposure_s > 0 else "no-exptime")
         if self.binning != (1, 1):
             parts.append(f"bin{self.binning[0]}x{self.binning[1]}")
         return "-".join(parts)

@@ -40,6 +40,7 @@ from livestack.pipeline.normalize import (
 )
 from livestack.pipeline.product import StackProduct
 from livestack.pipeline.quality import GateConfig, QualityGate
+from livestack.pipeline.ranges import rng
 from livestack.pipeline.register import RegisterConfig, Registrar
 from livestack.pipeline.saturation import (
     FrameSaturation,
@@ -73,7 +74,7 @@ class CosmeticConfig:
     """
 
     auto_hot_pixels: bool = True
-    hot_sigma: float = 8.0
+    hot_sigma: float = field(default=8.0, metadata=rng(0.0, 1000.0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class GradientConfig:
     """
 
     enabled: bool = False
-    mesh_px: int = 256
+    mesh_px: int = field(default=256, metadata=rng(8, 65_536))
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,8 @@ class PreviewConfig:
         JPEG quality, 1-95.
     """
 
-    max_size_px: int = 1600
-    quality: int = 85
+    max_size_px: int = field(default=1600, metadata=rng(16, 65_536))
+    quality: int = field(default=85, metadata=rng(1, 95))
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,24 @@ class _Reference:
     stats: FrameStats
     luminance: np.ndarray
     metrics: FrameMetrics
+
+
+def _raise_no_footprint(lum: np.ndarray, info: FrameInfo, kernel: str) -> None:
+    """The warped frame covers no pixel: say whether NaN pixels or the geometry did it.
+
+    Raises
+    ------
+    FrameError
+        ``nan_pixels`` when the frame has non-finite pixels (scattered NaN leave no output
+        pixel whose interpolation neighbours are all finite), else ``no_overlap``.
+    """
+    bad = int(np.count_nonzero(~np.isfinite(lum)))
+    if bad:
+        raise FrameError("nan_pixels", f"{info.path}: {100.0 * bad / lum.size:.1f} % of the "
+                                       f"pixels are NaN/inf; no aligned pixel has only finite "
+                                       f"neighbours for the {kernel} kernel")
+    raise FrameError("no_overlap",
+                     f"{info.path}: the aligned frame does not overlap the reference")
 
 
 class StackSession:
@@ -366,8 +385,7 @@ class StackSession:
         warped, saturated = clamp_ringing(warped, image, transform, saturation, cfg.saturation)
         timer.lap("warp")
         if not warped.footprint.any():
-            raise FrameError("no_overlap",
-                             f"{info.path}: the aligned frame does not overlap the reference")
+            _raise_no_footprint(lum, info, cfg.warp.kernel)
         noise_norm = normalized_noise(stats, norm)
         _check_noise(np.asarray(noise_norm, dtype=np.float64), info)
         if not (math.isfinite(norm.weight) and norm.weight > 0):

@@ -53,7 +53,7 @@ import math
 import struct
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from pathlib import Path, PurePath
 from typing import Any, Protocol
@@ -289,6 +289,9 @@ class Hub:
         self._stacks: dict[str, dict[str, Any]] = {}
         self._frames: dict[str, deque[dict[str, Any]]] = {}
         self._previews: dict[str, Preview] = {}
+        #: Applied to every event, summary and frame record before it is stored or sent
+        #: (the daemon sets a :class:`~livestack.service.guard.PathRedactor`).
+        self.redact: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
     # -- server side (event loop thread) ---------------------------------------------
 
@@ -333,6 +336,8 @@ class Hub:
         if kind not in EVENT_TYPES:
             raise ValueError(f"event type must be one of {sorted(EVENT_TYPES)}, got {kind!r}")
         data = to_jsonable({k: v for k, v in event.items() if k != "type"}, where=str(kind))
+        if self.redact is not None:
+            data = self.redact(data)
         announce: tuple[str, int] | None = None
         if kind == "stack" and isinstance(data.get("preview_version"), int):
             announce = (str(data.get("stack_id", "")), data["preview_version"])
@@ -378,6 +383,8 @@ class Hub:
             If a value is not JSON-serialisable.
         """
         clean = to_jsonable(dict(summary), where=f"stack {stack_id}")
+        if self.redact is not None:
+            clean = self.redact(clean)
         with self._lock:
             stored = self._stacks.setdefault(stack_id, {"stack_id": stack_id})
             stored.update(clean)
@@ -394,6 +401,8 @@ class Hub:
             If a value is not JSON-serialisable.
         """
         clean = to_jsonable(dict(frame), where=f"frame of {stack_id}")
+        if self.redact is not None:
+            clean = self.redact(clean)
         with self._lock:
             frames = self._frames.get(stack_id)
             if frames is None:

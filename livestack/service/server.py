@@ -81,7 +81,9 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from livestack.errors import LivestackError, UsageError
+from livestack.service.guard import HostPolicy
 from livestack.service.hub import COMMANDS, Commands, Hub, envelope, to_jsonable
+from livestack.service.limits import ACCEPT_BACKLOG, connection_cap
 from livestack.service.metrics import Metrics
 
 _log = logging.getLogger(__name__)
@@ -383,6 +385,12 @@ class _LiveConnection(ServerConnection):
             self.live_server.open_timeout_s, self._on_deadline
         )
         self.live_server._pending.add(self)
+        self.live_server._connections += 1
+        if self.live_server._connections > self.live_server.connection_cap:
+            # Over the cap (descriptors are kept for frames): answer at once, read nothing.
+            self.live_server._refused("connections")
+            self._reply_and_close(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections",
+                                  ("Retry-After", "10"))
 
     def data_received(self, data: bytes) -> None:
         if self._route == "websockets":
@@ -400,7 +408,12 @@ class _LiveConnection(ServerConnection):
                 self._reply_and_close(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "head too large")
             return
         head = _parse_head(bytes(self._prelude[:end]))
-        if head is None or not self.live_server._is_custom_route(head):
+        refusal = self.live_server._screen(head)
+        if refusal is not None:
+            self._reply_and_close(*refusal)
+            return
+        assert head is not None  # _screen refuses a malformed head
+        if not self.live_server._is_custom_route(head):
             self._hand_to_websockets()
             return
         if head.header("transfer-encoding") is not None:
@@ -431,6 +444,7 @@ class _LiveConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
         self.live_server._pending.discard(self)
+        self.live_server._connections -= 1
         super().connection_lost(exc)
 
     def _maybe_dispatch(self) -> None:
@@ -454,11 +468,12 @@ class _LiveConnection(ServerConnection):
         data, self._prelude = bytes(self._prelude), bytearray()
         super().data_received(data)
 
-    def _reply_and_close(self, status: HTTPStatus, message: str) -> None:
+    def _reply_and_close(self, status: HTTPStatus, message: str,
+                         *extra: tuple[str, str]) -> None:
         self._route = "custom"
         self._cancel_deadline()
         self.live_server._pending.discard(self)
-        reply = _error_reply(status, message)
+        reply = _error_reply(status, message, *extra)
         self.transport.write(_serialize_head(status, _base_headers(reply)) + reply.body)
         self.transport.close()
 
@@ -504,6 +519,11 @@ class LiveServer:
         Largest incoming WebSocket message.
     max_events_per_viewer : int
         Events buffered per viewer before the oldest are dropped.
+    max_viewers, max_connections, fd_reserve : int
+        Viewer and connection caps (more get ``503``); :meth:`start` lowers the connection
+        cap so ``fd_reserve`` descriptors stay free (:mod:`livestack.service.limits`).
+    allowed_hosts : tuple of str
+        Extra names for the Host/Origin checks (:class:`~livestack.service.guard.HostPolicy`).
     """
 
     def __init__(
@@ -521,6 +541,10 @@ class LiveServer:
         close_timeout_s: float = 5.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_events_per_viewer: int = MAX_EVENTS_PER_VIEWER,
+        max_viewers: int = 100,
+        max_connections: int = 256,
+        fd_reserve: int = 64,
+        allowed_hosts: tuple[str, ...] = (),
     ) -> None:
         self._hub = hub
         self._commands = commands
@@ -540,6 +564,13 @@ class LiveServer:
         self._pending: set[_LiveConnection] = set()
         self._custom: set[_LiveConnection] = set()
         self._custom_tasks: set[asyncio.Task[None]] = set()
+        self._max_viewers = max_viewers
+        self._max_connections = max_connections
+        self._fd_reserve = fd_reserve
+        self._policy = HostPolicy(allowed_hosts)
+        self._connections = 0
+        #: Connections held open at once (set by :meth:`start` from the descriptor budget).
+        self.connection_cap = max_connections
         #: Random id of this server run, sent in ``hello``: preview versions restart at 1
         #: when the daemon restarts, so a reconnecting viewer must forget the ones it saw.
         self.run_id = secrets.token_hex(8)
@@ -567,6 +598,11 @@ class LiveServer:
         if self._server is not None:
             raise RuntimeError("LiveServer already started")
         self._static = _load_static()
+        self.connection_cap = connection_cap(self._max_connections, self._fd_reserve)
+        if self.connection_cap < self._max_connections:
+            _log.warning("serving at most %d connections (not %d): the rest of the descriptor "
+                         "limit is kept for frames (raise LimitNOFILE to serve more)",
+                         self.connection_cap, self._max_connections)
         connection_class = type("_BoundLiveConnection", (_LiveConnection,), {"live_server": self})
         self._server = await serve(
             self._handle_ws,
@@ -584,6 +620,7 @@ class LiveServer:
             max_queue=16,
             write_limit=64 * 1024,
             logger=_NoDebugLogger(logging.getLogger("livestack.service.websockets"), {}),
+            backlog=ACCEPT_BACKLOG,  # bounds asyncio's accept burst (see limits.py)
         )
         self._hub.attach(asyncio.get_running_loop())
         self._metrics.set_gauge("livestack_viewers", 0)
@@ -609,6 +646,10 @@ class LiveServer:
     # -- WebSocket -------------------------------------------------------------------
 
     async def _handle_ws(self, ws: ServerConnection) -> None:
+        if len(self._viewers) >= self._max_viewers:  # upgrades that raced past _screen
+            self._refused("viewers")
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "too many viewers")
+            return
         viewer = _Viewer(ws, self._hub, self._metrics, max_events=self._max_events)
         self._viewers.add(viewer)
         self._metrics.set_gauge("livestack_viewers", len(self._viewers))
@@ -640,7 +681,10 @@ class LiveServer:
             return False
         try:
             obj = json.loads(message)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError) as exc:
+            # Malformed, 30,000-deep nesting or a 5,000-digit integer: one line, no traceback.
+            _log.info("viewer sent unusable JSON (%s); closed with 1003",
+                      type(exc).__name__)
             await ws.close(CloseCode.UNSUPPORTED_DATA, "malformed JSON")
             return False
         if not isinstance(obj, dict) or obj.get("v") != 1:
@@ -804,6 +848,20 @@ class LiveServer:
 
     # -- requests answered by the pre-router ---------------------------------------------
 
+    def _screen(self, head: _Head | None) -> tuple[HTTPStatus, str] | None:
+        """Refuse a request before routing: ``(status, message)``, or None to serve it."""
+        refusal = (HTTPStatus.BAD_REQUEST, "malformed HTTP request", "malformed") \
+            if head is None else self._policy.screen(
+                head.method, head.path, head.header("host"), head.header("origin"),
+                viewers=len(self._viewers), max_viewers=self._max_viewers)
+        if refusal is None:
+            return None
+        self._refused(refusal[2])
+        return refusal[0], refusal[1]
+
+    def _refused(self, reason: str) -> None:
+        self._metrics.inc("livestack_connections_refused_total", {"reason": reason})
+
     def _is_custom_route(self, head: _Head) -> bool:
         if head.method == "POST":
             return True
@@ -852,7 +910,7 @@ class LiveServer:
         try:
             name = unquote(head.path[len(prefix) :], errors="strict")
             args = json.loads(body) if body.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # also too deep / too many digits
             return _error_reply(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
         ok, payload, status = await self._run_command(name, args, token)
         if ok:

@@ -27,7 +27,14 @@ close) may have truncated the file to start its next write. A file still empty a
 vanishes before it is checked is dropped silently.
 
 ``on_ready`` is called at most once per ``(path, size, mtime_ns)``; a file rewritten later is
-reported again. Names starting with ``.`` or ``~`` and names ending in ``.tmp``/``.part`` are
+reported again.
+
+A candidate name that is not a regular file (a FIFO, a socket, a directory, a dangling
+symlink) is reported once as well, at once and without reading it, so that the daemon
+journals it with its reason and logs it; symlinks are followed by this module, and the
+daemon refuses those that lead outside the watch folder.
+
+Names starting with ``.`` or ``~`` and names ending in ``.tmp``/``.part`` are
 ignored; ``*.fits *.fit *.fts *.fz`` are accepted, case-insensitively.
 
 Missed events
@@ -63,7 +70,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import (
+    DirCreatedEvent,
     FileClosedEvent,
+    FileCreatedEvent,
     FileDeletedEvent,
     FileMovedEvent,
     FileSystemEvent,
@@ -139,8 +148,8 @@ class _EnqueueHandler(FileSystemEventHandler):
             self._events.put(("moved", os.fsdecode(event.dest_path)))
 
     def on_created(self, event: FileSystemEvent) -> None:
-        if not event.is_directory:
-            self._events.put(("changed", os.fsdecode(event.src_path)))
+        # Directories too: a folder named *.fits is reported (and journalled) as such.
+        self._events.put(("created", os.fsdecode(event.src_path)))
 
     def on_modified(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
@@ -244,8 +253,11 @@ class FrameWatcher:
         observer, self._close_events = self._make_observer()
         handler = _EnqueueHandler(self._events)
         if self._close_events:
+            # Created events only matter for entries that are never closed after writing
+            # (FIFOs, directories, symlinks); see _handle.
             observer.schedule(handler, str(self.watch_dir), recursive=self.recursive,
-                              event_filter=[FileClosedEvent, FileMovedEvent, FileDeletedEvent])
+                              event_filter=[FileClosedEvent, FileMovedEvent, FileDeletedEvent,
+                                            FileCreatedEvent, DirCreatedEvent])
         else:
             observer.schedule(handler, str(self.watch_dir), recursive=self.recursive)
         self._observer = observer
@@ -330,6 +342,10 @@ class FrameWatcher:
         for path in self._listing():
             key = _stat_key(path)
             if key is None:
+                odd = _odd_key(path)
+                if odd is not None:  # reported for the journal, never read here
+                    self._reported[path] = odd
+                    found.append((odd[1], path))
                 continue
             if self._check_now(path, key, report=False):
                 found.append((key[1], path))
@@ -344,7 +360,12 @@ class FrameWatcher:
             if path in self._pending:
                 continue
             key = _stat_key(path)
-            if key is None or self._reported.get(path) == key:
+            if key is None:
+                odd = _odd_key(path)
+                if odd is not None and self._reported.get(path) != odd:
+                    self._report(path, odd)
+                continue
+            if self._reported.get(path) == key:
                 continue
             self._pending[path] = _Pending(now + self.poll_interval_s, "stable", key)
             missed += 1
@@ -386,6 +407,16 @@ class FrameWatcher:
                 self._pending.pop(path, None)
             else:
                 self._check_now(path, key, report=True)
+        elif kind == "created":
+            odd = _odd_key(path)
+            key = _stat_key(path)
+            if odd is not None:
+                self._report(path, odd)
+            elif key is not None and os.path.islink(path):  # a symlink is never "closed"
+                self._check_now(path, key, report=True)
+            elif not self._close_events and path not in self._pending:
+                self._pending[path] = _Pending(time.monotonic() + self.poll_interval_s,
+                                               "stable", key)
         elif kind == "changed" and not self._close_events:
             if path not in self._pending:
                 self._pending[path] = _Pending(time.monotonic() + self.poll_interval_s,
@@ -473,3 +504,19 @@ def _stat_key(path: str) -> tuple[int, int] | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     return st.st_size, st.st_mtime_ns
+
+
+def _odd_key(path: str) -> tuple[int, int] | None:
+    """``(-1, mtime_ns)`` of a candidate that is not a regular file (FIFO, socket,
+    directory, dangling symlink); None for a regular file or a vanished entry."""
+    try:
+        lst = os.lstat(path)
+    except OSError:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # a dangling symlink
+        return -1, lst.st_mtime_ns
+    except OSError:
+        return None
+    return None if stat.S_ISREG(st.st_mode) else (-1, lst.st_mtime_ns)

@@ -23,8 +23,11 @@ All methods are thread-safe (one connection guarded by a lock); they raise
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from livestack.errors import JournalError
+from livestack.errors import JournalError, JournalFullError
 
 JOURNAL_NAME = "journal.sqlite"
 STATUSES = ("pending", "accepted", "rejected", "failed", "ignored")
@@ -166,6 +169,19 @@ def _frame_row(r: tuple) -> FrameRow:
         active=bool(r[14]), created=r[15], updated=r[16])
 
 
+#: SQLite's result code for "database or disk is full".
+_SQLITE_FULL = 13
+
+
+def _journal_error(message: str, exc: sqlite3.Error) -> JournalError:
+    """JournalFullError for a full disk (retried by the worker), else JournalError."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == _SQLITE_FULL or "disk is full" in str(exc) or (
+            isinstance(exc.__context__, OSError) and exc.__context__.errno == errno.ENOSPC):
+        return JournalFullError(message)
+    return JournalError(message)
+
+
 class Journal:
     """The frame journal at ``<root>/journal.sqlite``.
 
@@ -195,7 +211,8 @@ class Journal:
             self._db.execute("INSERT OR IGNORE INTO state(key, value) VALUES ('schema', ?)",
                              (json.dumps(_SCHEMA_VERSION),))
         except (sqlite3.Error, OSError) as exc:
-            raise JournalError(f"{self.path}: cannot open journal: {exc}") from None
+            raise JournalError(f"{self.path}: cannot open journal: {exc} (`livestack recover "
+                               f"{self.path.parent}` rebuilds it)") from None
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -206,19 +223,25 @@ class Journal:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise JournalError(f"{self.path}: {exc}") from None
+                raise _journal_error(f"{self.path}: {exc}", exc) from None
             try:
                 yield self._db
             except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise JournalError(f"{self.path}: {exc}") from None
+                # SQLite may have rolled back already (SQLITE_FULL does): then this fails.
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise _journal_error(f"{self.path}: {exc}", exc) from None
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise JournalError(f"{self.path}: commit failed: {exc}") from None
+                # A failed COMMIT (disk full) leaves the transaction open: end it, so the
+                # next write can begin once space returns.
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise _journal_error(f"{self.path}: commit failed: {exc}", exc) from None
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -379,6 +402,30 @@ class Journal:
             f"SELECT {_FRAME_COLS} FROM frames WHERE stack_id=? AND seq>? AND active=1 "
             f"AND status IN ({marks}) ORDER BY seq", (stack_id, seq, *statuses))]
 
+    def reopen_transient_failures(self) -> list[FrameRow]:
+        """Set rows failed by a descriptor shortage back to pending; return them.
+
+        Older versions recorded ``EMFILE``/``ENFILE`` as a final ``failed/unreadable``;
+        such a verdict says nothing about the frame, so it is processed again. A row
+        without a hash (the file could not even be hashed) is removed instead: processing
+        the file again makes its row.
+
+        Returns
+        -------
+        list of FrameRow
+            The pending rows, then the removed ones.
+        """
+        texts = tuple(f"%{os.strerror(e)}%" for e in (errno.EMFILE, errno.ENFILE))
+        where = ("status='failed' AND reason='unreadable' AND (message LIKE ? OR "
+                 "message LIKE ?)")
+        with self._tx() as db:
+            removed = [_frame_row(r) for r in db.execute(
+                f"SELECT {_FRAME_COLS} FROM frames WHERE {where} AND sha256 IS NULL "
+                "ORDER BY id", texts).fetchall()]
+            db.execute(f"DELETE FROM frames WHERE {where} AND sha256 IS NULL", texts)
+            db.execute(f"UPDATE frames SET status='pending' WHERE {where}", texts)
+        return self.pending() + removed
+
     def pending(self) -> list[FrameRow]:
         """Rows still pending (a crash or a stop interrupted them), oldest first."""
         return self.rows(status="pending")
@@ -451,6 +498,15 @@ class Journal:
         stack = self.stack(stack_id)
         assert stack is not None
         return stack
+
+    def set_generation(self, stack_id: str, generation: int) -> None:
+        """Set a stack's generation (``livestack recover`` matches it to a checkpoint)."""
+        with self._tx() as db:
+            db.execute("UPDATE stacks SET generation=? WHERE id=?", (generation, stack_id))
+
+    def quick_check(self) -> str:
+        """SQLite's ``PRAGMA quick_check``: ``"ok"`` for an intact database file."""
+        return "; ".join(str(r[0]) for r in self._query("PRAGMA quick_check"))
 
     def stack(self, stack_id: str) -> StackRow | None:
         """The stack row, or None."""

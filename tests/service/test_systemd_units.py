@@ -92,7 +92,7 @@ def test_unit_settings(unit_name: str) -> None:
                           ("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
                           ("PrivateTmp", "yes"), ("ProtectHome", "read-only"),
                           ("TimeoutStopSec", "15"), ("KillSignal", "SIGTERM"),
-                          ("RestartPreventExitStatus", "2")]:
+                          ("RestartPreventExitStatus", "2"), ("LimitNOFILE", "8192")]:
         assert values(unit, svc, key) == [expected], key
     assert values(unit, svc, "DynamicUser") == []          # frames are shared: fixed user
     assert values(unit, svc, "MemoryDenyWriteExecute") == []   # numba JIT needs W+X pages
