@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, help="port of the live view (0: any free port)")
     run.add_argument("--polling", action="store_true", default=None,
                      help="poll the folder instead of inotify (network shares)")
+    run.add_argument("--bias", metavar="P", help="master bias file, or a folder of biases")
+    run.add_argument("--darks", metavar="P", help="master dark(s) or a folder of darks")
+    run.add_argument("--flats", metavar="P", help="master flat(s) or a folder of flats")
+    run.add_argument("--lan", action="store_true",
+                     help="serve phones on the local network (all interfaces); prints the "
+                          "URLs to open")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="simulated camera + daemon: a live stack in seconds")
@@ -217,8 +223,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {"watch.dir": args.watch, "output.dir": args.output,
                  "server.host": args.host, "server.port": args.port,
                  "watch.polling": args.polling}
+    if args.lan:
+        from livestack.runopts import LAN_HOST
+
+        overrides.update({"server.host": args.host or LAN_HOST, "server.allow_lan": True})
     config = load_config(args.config, overrides)
     configure_logging(_level(args, config.log.level))
+    if args.bias or args.darks or args.flats:  # as `livestack stack`; wins over the config
+        from livestack.runopts import with_run_masters
+
+        config = with_run_masters(config, bias=_opt_path(args.bias),
+                                  darks=_opt_path(args.darks), flats=_opt_path(args.flats))
     from livestack.daemon import Daemon
 
     return Daemon(config).run()
@@ -260,6 +275,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from livestack.config import load_config
 
     configure_logging(_level(args))
+    from livestack import precompile
+
+    helper = precompile.start()  # a first start compiles kernels while masters are built
     width, height = args.size
     from livestack.sim import SimConfig, Simulator, write_sequence
 
@@ -300,6 +318,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(watch_dir, ignore_errors=True)
         shutil.rmtree(calibration, ignore_errors=True)
+        precompile.stop(helper)
         print(f"demo: stacks kept in {output}", flush=True)
     return code
 

@@ -53,7 +53,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from livestack.config import is_within
+from livestack.config import is_loopback, is_within
 from livestack.errors import (
     CalibrationError,
     FrameError,
@@ -63,6 +63,7 @@ from livestack.errors import (
     StorageError,
     UsageError,
 )
+from livestack.runopts import UNCALIBRATED_HINT, calibration_gap, ensure_folder, lan_banner
 from livestack.service.hub import COMMANDS
 from livestack.storage.atomic import atomic_write
 from livestack.storage.checkpoint import (
@@ -353,6 +354,7 @@ class Engine:
         self._checkpoints = _CheckpointThread(self._write_job) if background_checkpoints \
             else None
         self._masters_note: dict[tuple[int, int], str] = {}
+        self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
         self.masters = masters if masters is not None else self._load_masters()
         self.router = Router(slew_threshold_deg=config.routing.slew_threshold_deg,
                              failure_run=config.routing.failure_run)
@@ -639,6 +641,10 @@ class Engine:
             ``master_unreadable`` when a chosen master file cannot be read any more.
         """
         if self.masters is None:
+            if not self._uncalibrated_warned:
+                self._uncalibrated_warned = True
+                log.warning("light frames are stacked uncalibrated: no master dark or flat "
+                            "(%s)", UNCALIBRATED_HINT)
             return None
         entries = getattr(self.masters, "entries", None)
         if entries and not any(e.info.shape == info.shape and e.info.binning == info.binning
@@ -652,6 +658,10 @@ class Engine:
             chosen = self.masters.select(info, self.config.masters.temp_tolerance_c)
         except MasterError as exc:
             raise CalibrationError("master_unreadable", f"{info.path}: {exc}") from None
+        gap = calibration_gap(chosen)
+        if gap is not None and not self._uncalibrated_warned:
+            self._uncalibrated_warned = True
+            log.warning("light frames are stacked with %s (%s)", gap, UNCALIBRATED_HINT)
         description = "; ".join(chosen.description) or "no masters apply"
         if self._masters_note.get(info.shape) != description:
             self._masters_note[info.shape] = description
@@ -1821,9 +1831,12 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.loop_started.set()
         notifier = SystemdNotifier()
-        self.watch_dir.mkdir(parents=True, exist_ok=True)
-        self.output_root.mkdir(parents=True, exist_ok=True)
+        ensure_folder(self.watch_dir, "watch folder")  # UsageError: one line, no traceback
+        ensure_folder(self.output_root, "output folder")
         self.worker.start()
+        from livestack import precompile
+
+        helper = precompile.start()  # first start only: kernels compile in a 2nd process
         server: Any = None
         tasks: list[asyncio.Task[None]] = []
         code = 1
@@ -1836,6 +1849,7 @@ class Daemon:
             # worker finish + checkpoint within the deadline, else abandon it (its frame
             # stays pending and is processed at the next start).
             code = await self._shutdown(notifier, server, tasks, code)
+            precompile.stop(helper)
         return code
 
     async def _start(self, notifier: Any, tasks: list[asyncio.Task[None]]) -> Any:
@@ -1961,6 +1975,8 @@ class Daemon:
             lines.append(f"  operator token: in {path}")
         else:
             lines.append("  operator token: from the configuration (server.token)")
+        if self.config.server.allow_lan and not is_loopback(host) and self.port is not None:
+            lines += lan_banner(self.port, self.config.server.token is not None)
         self.out.write("\n".join(lines) + "\n")
         self.out.flush()
 

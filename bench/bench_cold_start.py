@@ -1,0 +1,140 @@
+"""Cold start of ``livestack demo``: time to the first stacked frame from an empty numba cache.
+
+Runs ``livestack demo --port 0 --frames F --interval 2`` as a subprocess three times:
+
+* ``before``: the baseline revision (``git archive REV`` into a temp folder, put first on
+  ``PYTHONPATH``), with an empty ``NUMBA_CACHE_DIR``;
+* ``after``: this checkout, with another empty ``NUMBA_CACHE_DIR`` (the kernel-compiling
+  helper of :mod:`livestack.precompile` starts);
+* ``warm``: this checkout again, reusing the ``after`` cache (the floor).
+
+For each it prints the wall time from launch to the first ``accepted`` log line (the first
+stacked frame) and to the 5th (the kappa-sigma stack has replaced the warm-up), and the
+CPU time (user + sys) the demo process and its children (the helper) had used by then,
+read from ``/proc``. Ratios are against ``before`` in the same run; on a machine shared
+with other jobs the absolute seconds are inflated.
+
+Run: ``.venv/bin/python bench/bench_cold_start.py [--baseline 75f71ca] [--frames 8]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    """User + sys CPU seconds of ``pid`` and its live descendants (from /proc)."""
+    total = 0.0
+    parents = {pid}
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        # fields[1] = ppid, [11] = utime, [12] = stime (clock ticks)
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) * TICK_S)
+    changed = True
+    while changed:
+        changed = False
+        for child, (ppid, _) in stats.items():
+            if ppid in parents and child not in parents:
+                parents.add(child)
+                changed = True
+    for p in parents:
+        if p in stats:
+            total += stats[p][1]
+    return total
+
+
+def run_demo(pythonpath: str | None, cache: Path, frames: int, timeout_s: float
+             ) -> dict[str, float]:
+    """Launch the demo, return wall/CPU at the 1st and 5th accepted frame."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = Path(tempfile.mkdtemp(prefix="bench-cold-out-"))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "livestack.cli", "demo", "--port", "0",
+                             "--frames", str(frames), "--interval", "2", "--output", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=out)  # not the checkout: PYTHONPATH decides
+    result: dict[str, float] = {}
+    which = subprocess.run([sys.executable, "-c", "import livestack; print(livestack.__file__)"],
+                           env=env, cwd=out, capture_output=True, text=True).stdout.strip()
+    print(f"  running {which}", file=sys.stderr, flush=True)
+    accepted = 0
+    done = threading.Event()
+    timer = threading.Timer(timeout_s, lambda: (done.set(), proc.send_signal(signal.SIGINT)))
+    timer.start()
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if ": accepted:" in line:
+            accepted += 1
+            if accepted in (1, 5):
+                result[f"wall{accepted}"] = time.monotonic() - t0
+                result[f"cpu{accepted}"] = _cpu_s(proc.pid)
+            if accepted == 5:
+                break
+    timer.cancel()
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    subprocess.run(["rm", "-rf", str(out)], check=False)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="75f71ca", help="git revision of 'before'")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--timeout", type=float, default=240.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
+        base = Path(tmp) / "baseline"
+        base.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+        rows = [("before", str(base), Path(tmp) / "cache-before"),
+                ("after", str(REPO), Path(tmp) / "cache-after"),
+                ("warm", str(REPO), Path(tmp) / "cache-after")]
+        results = {}
+        for name, path, cache in rows:
+            cache.mkdir(exist_ok=True)
+            results[name] = run_demo(path, cache, args.frames, args.timeout)
+            print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
+    ref = results["before"]
+    print(f"\ncold start of `livestack demo` (baseline {args.baseline}); seconds from launch")
+    print(f"{'run':8} {'1st frame wall':>15} {'cpu':>7} {'5th frame wall':>15} {'cpu':>7}"
+          f" {'wall ratio':>11}")
+    for name, res in results.items():
+        cells = []
+        for key in ("wall1", "cpu1", "wall5", "cpu5"):
+            value = res.get(key)
+            cells.append(f"{value:.1f}" if value is not None else "-")
+        ratio = (res["wall1"] / ref["wall1"]) if "wall1" in res and "wall1" in ref else None
+        print(f"{name:8} {cells[0]:>15} {cells[1]:>7} {cells[2]:>15} {cells[3]:>7}"
+              f" {ratio if ratio is None else f'{ratio:.2f}':>11}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Issue 15: ``run --bias/--darks/--flats``, the uncalibrated warning, ``--lan``, one-line
+folder errors, the kernel-compiling helper of a first start.
+
+Subprocess tests run the real ``livestack`` command on small simulated frames.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from livestack import precompile, runopts
+from livestack.cli import build_parser, cmd_run
+from livestack.config import config_from_dict
+from livestack.errors import UsageError
+from livestack.sim import SimConfig, write_calibration_set, write_sequence
+from tests.test_daemon import Daemon as RunProcess
+from tests.test_daemon import wait_rows
+
+SIM = SimConfig(width=200, height=150, n_stars=120)
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "livestack.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, env=_env())
+
+
+# ------------------------------------------------------------------ point 5: folder errors
+
+
+@pytest.mark.parametrize("kind", ["uncreatable", "a file", "below a file"])
+def test_a_bad_watch_folder_is_one_line_without_traceback(tmp_path: Path, kind: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    watch = {"uncreatable": "/proc/nope", "a file": "afile",
+             "below a file": "afile/sub"}[kind]
+    proc = _run(["run", "--watch", watch, "--output", "out", "--port", "0"], cwd=tmp_path)
+    assert proc.returncode == UsageError.exit_code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    shown = watch if watch.startswith("/") else str(tmp_path / watch)
+    assert line.startswith(f"livestack: {shown}: ") and "watch folder" in line, line
+    assert afile.read_text() == "not a folder\n"  # the user's file is untouched
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("x")
+    proc = _run(["run", "--watch", "in", "--output", "out", "--port", "0"], cwd=tmp_path)
+    assert proc.returncode == UsageError.exit_code
+    assert proc.stderr.strip() == (f"livestack: {tmp_path / 'out'}: the output folder is a "
+                                   "file, not a folder")
+
+
+# ---------------------------------------------- point 2: calibration from the command line
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Four small lights and a raw calibration set (bias, darks, flats) of one camera."""
+    root = tmp_path_factory.mktemp("night")
+    write_sequence(root / "lights", SIM, seed=3, n_frames=4)
+    folders = write_calibration_set(root / "calibration", SIM, 3, n_bias=3, n_darks=3,
+                                    n_flats=3)
+    return {"lights": root / "lights", **folders}
+
+
+def _stack_with(tmp_path: Path, lights: Path, extra: list[str]) -> str:
+    """``livestack run`` on a copy of the lights until all four are processed; stderr."""
+    watch = tmp_path / "in"
+    out = tmp_path / "out"
+    proc = RunProcess(["run", "--watch", str(watch), "--output", str(out), "--port", "0",
+                       *extra], _env())
+    try:
+        proc.wait_line(lambda s: "viewer" in s, timeout_s=120)
+        for src in sorted(lights.glob("*.fits")):
+            os.link(src, watch / src.name)
+        wait_rows(out / "journal.sqlite",
+                  lambda c: c.get("accepted", 0) + c.get("rejected", 0) == 4, timeout_s=120)
+        proc.proc.send_signal(signal.SIGINT)
+        proc.proc.wait(60)
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+    while not proc.lines.empty():
+        proc.seen.append(proc.lines.get())
+    return "\n".join(line for name, line in proc.seen if name == "err")
+
+
+def test_run_calibrates_from_raw_folders_and_warns_once_without_masters(
+        tmp_path: Path, night: dict[str, Path]) -> None:
+    # No masters: one clear warning, not one per frame.
+    err = _stack_with(tmp_path / "plain", night["lights"], [])
+    warnings = [line for line in err.splitlines() if "stacked uncalibrated" in line]
+    assert len(warnings) == 1 and "--darks" in warnings[0], err
+    # --bias/--darks/--flats with raw frames: masters built into the output, used, no warning.
+    calibrated = tmp_path / "calibrated"
+    err = _stack_with(calibrated, night["lights"], ["--bias", str(night["bias"]), "--darks",
+                                   str(night["darks"]), "--flats", str(night["flats"])])
+    assert "uncalibrated" not in err and "stacked with no" not in err, err
+    (line,) = [s for s in err.splitlines() if "masters for 200x150 frames" in s]
+    assert "bias x3" in line and "dark 60s" in line and "flat 'L' x3" in line, line
+    built = sorted(p.name for p in (calibrated / "out" / runopts.RUN_MASTERS_DIR).iterdir())
+    assert len(built) == 3 and all(name.startswith("master_") for name in built)
+
+
+def test_run_masters_from_master_files_and_a_missing_folder(tmp_path: Path,
+                                                            night: dict[str, Path]) -> None:
+    from livestack.storage.masters import build_masters_from_dirs
+
+    masters = build_masters_from_dirs(tmp_path / "m", bias_dir=night["bias"],
+                                      dark_dir=night["darks"])
+    dark = next(p for p in masters if "dark" in p.name)
+    config = runopts.with_run_masters(config_from_dict({"output": {"dir": str(tmp_path / "o")}}),
+                                      darks=dark, bias=tmp_path / "m")
+    assert config.masters.paths == (str(tmp_path / "m"), str(dark))
+    assert not (tmp_path / "o").exists()  # nothing built, nothing written
+    # Only a dark: the light lacks a flat, and the warning says so.
+    from livestack.pipeline.calibrate import MasterSet
+
+    assert runopts.calibration_gap(MasterSet(description=("dark 60s -10.0C x3",))) == "no flat"
+    assert runopts.calibration_gap(MasterSet(description=("bias x3",))) == \
+        "no dark and no flat"
+    assert runopts.calibration_gap(None) == "no master frames"
+    proc = _run(["run", "--darks", str(tmp_path / "nope"), "--port", "0"], cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"livestack: {tmp_path / 'nope'}: no such dark file or folder"
+
+
+# ------------------------------------------------------------------------- point 3: --lan
+
+
+def test_lan_flag_serves_all_interfaces_and_prints_phone_urls(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen = {}
+
+    class FakeDaemon:  # the config cmd_run builds, without binding 0.0.0.0 in a test
+        def __init__(self, config: object) -> None:
+            seen["config"] = config
+
+        def run(self) -> int:
+            return 0
+
+    import livestack.cli
+    import livestack.daemon
+    from livestack.daemon import Daemon
+
+    monkeypatch.setattr(livestack.daemon, "Daemon", FakeDaemon)
+    monkeypatch.setattr(livestack.cli, "configure_logging", lambda level: None)
+    args = build_parser().parse_args(["run", "--lan", "--watch", str(tmp_path / "w"),
+                                      "--output", str(tmp_path / "o")])
+    assert cmd_run(args) == 0
+    server = seen["config"].server  # type: ignore[attr-defined]
+    assert server.host == "0.0.0.0" and server.allow_lan
+    # The banner of a LAN daemon: one URL per address, and how the token works.
+    (tmp_path / "o").mkdir()  # the token file goes there (stdout is not a terminal)
+    out = io.StringIO()
+    daemon = Daemon(seen["config"], out=out)  # type: ignore[arg-type]
+    daemon.port = 8765
+    monkeypatch.setattr(runopts, "lan_addresses", lambda: ["192.168.1.20", "10.0.0.5"])
+    daemon._print_banner()
+    text = out.getvalue()
+    assert "http://192.168.1.20:8765/" in text and "http://10.0.0.5:8765/" in text
+    assert "operator token" in text and "commands" in text
+
+
+def test_lan_addresses_are_not_loopback() -> None:
+    addrs = runopts.lan_addresses()
+    assert all(not a.startswith("127.") and a.count(".") == 3 for a in addrs)
+    lines = runopts.lan_banner(9000, token_from_config=True, addresses=[])
+    assert "http://<this computer's address>:9000/" in "\n".join(lines)
+    assert "server.token" in lines[-1]
+
+
+# ------------------------------------------------------------- point 1: the compile helper
+
+
+def test_precompile_helper_starts_only_with_a_cold_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert not precompile.cache_is_warm()
+    for folder in precompile._cache_dirs():
+        folder.mkdir(parents=True, exist_ok=True)
+    for rel, folder in zip(precompile.KERNEL_MODULES, precompile._cache_dirs(), strict=True):
+        (folder / f"{Path(rel).stem}.kernel-1.py311.nbi").write_bytes(b"")
+    assert precompile.cache_is_warm()
+    assert precompile.start() is None  # warm: nothing to do
