@@ -1861,6 +1861,7 @@ class Daemon:
             The server's address cannot be bound (port in use, ...).
         """
         from livestack.service.server import LiveServer
+        from livestack.service.viewerlog import summary_loop as viewer_summary_loop
         from livestack.service.watcher import FrameWatcher
 
         assert self._stop is not None
@@ -1892,6 +1893,7 @@ class Daemon:
         self.worker.ready.set()
         tasks.append(asyncio.create_task(self._status_loop(notifier)))
         tasks.append(asyncio.create_task(self._watch_worker()))
+        tasks.append(asyncio.create_task(viewer_summary_loop(server)))  # one line now and then
         watchdog_s = notifier.watchdog_interval_s()
         if watchdog_s is not None:
             tasks.append(asyncio.create_task(self._watchdog_loop(notifier, watchdog_s)))

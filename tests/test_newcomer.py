@@ -194,3 +194,51 @@ def test_precompile_helper_starts_only_with_a_cold_cache(
         (folder / f"{Path(rel).stem}.kernel-1.py311.nbi").write_bytes(b"")
     assert precompile.cache_is_warm()
     assert precompile.start() is None  # warm: nothing to do
+
+
+# --------------------------------------------------------------------- point 7: quiet log
+
+
+def test_requests_and_connections_log_nothing_at_info(tmp_path: Path) -> None:
+    import urllib.request
+
+    from websockets.sync.client import connect
+
+    proc = RunProcess(["run", "--watch", str(tmp_path / "in"), "--output",
+                       str(tmp_path / "out"), "--port", "0"], _env())
+    try:
+        url = proc.wait_line(lambda s: "viewer" in s, timeout_s=120).split()[-1]
+        for path in ("", "app.js", "api/stacks", "healthz", "nope") * 4:
+            try:
+                urllib.request.urlopen(url + path, timeout=30).read()
+            except OSError:  # the 404 of "nope"
+                pass
+        for _ in range(3):
+            with connect(url.replace("http", "ws", 1) + "ws", open_timeout=30) as ws:
+                assert '"hello"' in str(ws.recv(timeout=30))
+        proc.proc.send_signal(signal.SIGINT)
+        proc.proc.wait(60)
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+    while not proc.lines.empty():
+        proc.seen.append(proc.lines.get())
+    err = [line for name, line in proc.seen if name == "err"]
+    chatter = ("connection open", "connection closed", "connection rejected", "HTTP ")
+    assert err and not [line for line in err if any(c in line for c in chatter)], err
+    assert len(err) <= 8, err  # start and stop lines only
+
+
+def test_viewer_tally_summarises_a_period_with_viewers_only() -> None:
+    from livestack.service.viewerlog import ViewerTally
+
+    tally = ViewerTally(interval_s=600.0, start_s=0.0)
+    assert tally.observe(10.0, 0) is None
+    assert tally.observe(20.0, 2) is None
+    assert tally.observe(30.0, 1) is None
+    assert tally.observe(40.0, 3) is None  # two more arrived
+    assert tally.observe(600.0, 1) == "viewers: 1 now, peak 3, 4 connected in the last 10 min"
+    assert tally.observe(900.0, 0) is None
+    # The last viewer left during this period: one more line, then silence.
+    assert tally.observe(1200.0, 0) == "viewers: 0 now, peak 1, 0 connected in the last 10 min"
+    assert tally.observe(1800.0, 0) is None
