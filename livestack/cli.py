@@ -453,9 +453,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     """``livestack config show [FILE]``."""
-    from livestack.config import dump_config, load_config
+    from livestack.config import load_config
+    from livestack.config_docs import render
 
-    sys.stdout.write(dump_config(load_config(args.file)))
+    config = load_config(args.file)  # each key under its documentation (config_docs)
+    source = config.source or "embedded defaults"
+    sys.stdout.write(render(config, header=f"effective configuration (source: {source})"))
     return 0
 
 

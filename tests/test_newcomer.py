@@ -242,3 +242,85 @@ def test_viewer_tally_summarises_a_period_with_viewers_only() -> None:
     # The last viewer left during this period: one more line, then silence.
     assert tally.observe(1200.0, 0) == "viewers: 0 now, peak 1, 0 connected in the last 10 min"
     assert tally.observe(1800.0, 0) is None
+
+
+# ------------------------------------------------------ point 4: one source of key docs
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_committed_example_file_is_the_generated_one() -> None:
+    from livestack.config import Config
+    from livestack.config_docs import render
+
+    committed = (REPO / "config" / "livestack.yaml").read_text(encoding="utf-8")
+    assert committed == render(Config()), (
+        "config/livestack.yaml is out of date: run "
+        "`python -m livestack.config_docs > config/livestack.yaml`")
+
+
+def test_every_key_is_documented_in_its_dataclass() -> None:
+    from livestack.config import field_paths
+    from livestack.config_docs import key_docs
+
+    docs = key_docs()
+    assert list(docs) == field_paths()
+    undocumented = [key for key, text in docs.items() if len(text) < 10]
+    assert not undocumented, f"add an Attributes entry for {undocumented}"
+
+
+def test_attribute_sections_are_parsed_generically() -> None:
+    from dataclasses import dataclass, field
+
+    from livestack.config_docs import attribute_docs, render
+
+    @dataclass(frozen=True)
+    class Widget:
+        """A made-up section, as another branch might add.
+
+        Attributes
+        ----------
+        speed_px_s : float
+            How fast, in pixels per second. A long explanation that goes on and on so
+            that it must wrap.
+
+            A second paragraph.
+        low, high : int
+            Both ends (shared text).
+
+        Notes
+        -----
+        Not an attribute.
+        """
+
+        speed_px_s: float = 1.5
+        low: int = field(default=1, metadata={"min": 0})
+        high: int = 9
+
+    docs = attribute_docs(Widget)
+    assert docs == {"speed_px_s": "How fast, in pixels per second. A long explanation that "
+                                  "goes on and on so that it must wrap.\n\nA second paragraph.",
+                    "low": "Both ends (shared text).", "high": "Both ends (shared text)."}
+    text = render(Widget(), header="h")
+    assert "# A second paragraph.\nspeed_px_s: 1.5\n" in text
+    assert "low: 1\n# Both ends (shared text).\nhigh: 9\n" in text
+
+
+def test_config_show_prints_each_key_with_its_comment(tmp_path: Path) -> None:
+    import yaml
+
+    from livestack.config import config_from_dict
+
+    path = tmp_path / "c.yaml"
+    path.write_text("server: {port: 9001, token: hunter2}\nmasters: {paths: [/m]}\n")
+    proc = _run(["config", "show", str(path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "hunter2" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    port = lines.index("  port: 9001")
+    assert lines[port - 1].startswith("  # TCP port"), lines[port - 1]
+    assert "  paths:\n  - /m" in proc.stdout or "  paths: [/m]" in proc.stdout
+    shown = yaml.safe_load(proc.stdout)
+    shown["server"]["token"] = None
+    assert config_from_dict(shown).server.port == 9001
