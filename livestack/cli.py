@@ -242,9 +242,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 #: The demo's sky and camera (``SimConfig`` fields): a rich star field (~220 stars
 #: detected at 1024x768), an alt-az mount's slow field rotation on top of the drift so that
 #: alignment visibly works, and a gentle sky gradient. Vignetting and dust donuts stay: the
-#: demo's masters remove them.
+#: demo's masters remove them. Satellites cross some frames (the stack's outlier rejection
+#: removes the trails) and clouds pass over two (the gate rejects them: the scattered light
+#: trips background_jump), all within the first two minutes at the default interval.
 DEMO_SKY: dict[str, Any] = {"flux_powerlaw_index": 1.0, "rotation_deg_per_frame": 0.05,
-                            "gradient_fraction": 0.05}
+                            "gradient_fraction": 0.05,
+                            "satellite_frames": (6, 13, 21, 30, 42, 51),
+                            "cloud_frames": (10, 37), "cloud_transparency": 0.25}
 #: Star centres per megapixel in the demo (2000 on a 1024x768 frame).
 DEMO_STARS_PER_MPIX = 2543.0
 #: Raw bias, dark and flat frames simulated for the demo's masters (each kind).

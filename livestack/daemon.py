@@ -832,7 +832,9 @@ class Engine:
                  "exposure_s": info.exposure_s, "seq": seq,
                  "time": info.date_obs.isoformat() if info.date_obs else _now_iso(),
                  "metrics": outcome.metrics.as_dict() if outcome.metrics else None,
-                 "timings_ms": outcome.timings_ms}
+                 "timings_ms": outcome.timings_ms,
+                 # pixels clipped by the stack: a satellite trail shows as a jump here
+                 "rejected_low": outcome.rejected_low, "rejected_high": outcome.rejected_high}
         self.hub.publish(event)
         self.hub.record_frame(rt.stack_id, event)
 
