@@ -324,3 +324,25 @@ def test_config_show_prints_each_key_with_its_comment(tmp_path: Path) -> None:
     shown = yaml.safe_load(proc.stdout)
     shown["server"]["token"] = None
     assert config_from_dict(shown).server.port == 9001
+
+
+# ---------------------------------------------------- points 8 and 9: README, dist name
+
+
+def test_distribution_name_is_not_the_taken_one_and_the_readme_installs_it() -> None:
+    import re  # (tomllib is Python >= 3.11 only)
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    match = re.search(r'^name = "([^"]+)"$', pyproject, re.M)
+    assert match and match.group(1) != "livestack"  # PyPI's livestack is another package
+    assert '\n[project.scripts]\nlivestack = "livestack.cli:main"\n' in pyproject
+    readme = (REPO / "README.md").read_text()
+    assert f"pip install {match.group(1)}" in readme
+    # The two one-line newcomer commands stay.
+    assert "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/livestack demo" \
+        in readme
+    assert ('python3 -m venv .venv && .venv/bin/pip install -e ".[test]" && '
+            '.venv/bin/python -m pytest -q') in readme
+    for flag in ("--bias", "--darks", "--flats", "--lan", "/usr/local/bin/livestack",
+                 ".venv/bin/activate", "60 frames", "stacks kept in"):
+        assert flag in readme, flag
