@@ -14,7 +14,12 @@ CPU time (user + sys) the demo process and its children (the helper) had used by
 read from ``/proc``. Ratios are against ``before`` in the same run; on a machine shared
 with other jobs the absolute seconds are inflated.
 
-Run: ``.venv/bin/python bench/bench_cold_start.py [--baseline 75f71ca] [--frames 8]``.
+``--kernels`` prints instead where a cold start's compile time goes (which lever could
+pay): each warm-up step of the daemon and each kernel's compile seconds and signature
+count, from numba's compile events, in a fresh process with an empty cache.
+
+Run: ``.venv/bin/python bench/bench_cold_start.py [--baseline 75f71ca] [--frames 8]``
+and ``.venv/bin/python bench/bench_cold_start.py --kernels``.
 """
 
 from __future__ import annotations
@@ -101,12 +106,76 @@ def run_demo(pythonpath: str | None, cache: Path, frames: int, timeout_s: float
     return result
 
 
+#: Runs in a fresh interpreter: compile events of the daemon's warm-up steps.
+_KERNEL_PROBE = """
+import json, time
+from numba.core import event
+starts, spans = {}, []
+class Listener(event.Listener):
+    def on_start(self, ev):
+        starts[id(ev.data["dispatcher"]), str(ev.data["args"])] = time.perf_counter()
+    def on_end(self, ev):
+        key = (id(ev.data["dispatcher"]), str(ev.data["args"]))
+        spans.append((ev.data["dispatcher"].py_func.__qualname__,
+                      time.perf_counter() - starts.pop(key, time.perf_counter()), step))
+event.register("numba:compile", Listener())
+from livestack.config import Config
+from livestack.daemon import _warm_up_steps
+steps, step, last = [], "read", time.perf_counter()
+it = _warm_up_steps(Config(), with_masters=True)
+while True:
+    name = next(it, None)
+    if name is None:
+        break
+    now = time.perf_counter()
+    steps.append((name, now - last))
+    last = now
+    step = "next"
+print(json.dumps({"steps": steps, "spans": spans}))
+"""
+
+
+def kernel_table() -> None:
+    """Print the warm-up steps' and each kernel's compile seconds (empty cache)."""
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="bench-kernels-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-c", _KERNEL_PROBE], env=env, check=True,
+                             capture_output=True, text=True, cwd=cache).stdout
+        wall = time.monotonic() - t0
+    data = json.loads(out.splitlines()[-1])
+    total = sum(t for _, t in data["steps"])
+    print(f"\ndaemon warm-up steps from an empty cache ({wall:.1f} s with imports)")
+    print(f"{'step':16} {'s':>6} {'share':>6}")
+    for name, secs in data["steps"]:
+        print(f"{name:16} {secs:6.1f} {secs / total:6.0%}")
+    per: dict[str, list[float]] = {}
+    for name, secs, _ in data["spans"]:
+        per.setdefault(name, []).append(secs)
+    print(f"\n{'kernel (nested compiles counted in their caller too)':56} {'n sig':>5} {'s':>6}")
+    for name, times in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:24]:
+        print(f"{name[:56]:56} {len(times):5d} {sum(times):6.2f}")
+    # numba's own overloads (np.empty, min, ...) compile per signature whatever we do.
+    ours = {k: t for k, t in per.items()
+            if not k.startswith(("ol_", "_ol_", "array_", "check_", "init_prange"))}
+    extra = sum(sum(sorted(t)[:-1]) for t in ours.values() if len(t) > 1)
+    print(f"\nseconds spent on 2nd and later signatures of a kernel: {extra:.1f} "
+          f"of {total:.1f} (the most 'fewer signatures' could save)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="75f71ca", help="git revision of 'before'")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=240.0)
+    parser.add_argument("--kernels", action="store_true",
+                        help="where the compile time goes, instead of the demo runs")
     args = parser.parse_args()
+    if args.kernels:
+        kernel_table()
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
         base = Path(tmp) / "baseline"
         base.mkdir()
