@@ -86,14 +86,22 @@ def _stack_with(tmp_path: Path, lights: Path, extra: list[str]) -> str:
             os.link(src, watch / src.name)
         wait_rows(out / "journal.sqlite",
                   lambda c: c.get("accepted", 0) + c.get("rejected", 0) == 4, timeout_s=120)
-        proc.proc.send_signal(signal.SIGINT)
-        proc.proc.wait(60)
     finally:
-        if proc.proc.poll() is None:
+        _stop(proc)
+    return "\n".join(line for name, line in proc.seen if name == "err")
+
+
+def _stop(proc: RunProcess) -> None:
+    """SIGINT the daemon, wait for it, collect the lines it printed into ``proc.seen``."""
+    if proc.proc.poll() is None:
+        proc.proc.send_signal(signal.SIGINT)
+        try:
+            proc.proc.wait(60)
+        except subprocess.TimeoutExpired:
             proc.proc.kill()
+            proc.proc.wait()
     while not proc.lines.empty():
         proc.seen.append(proc.lines.get())
-    return "\n".join(line for name, line in proc.seen if name == "err")
 
 
 def test_run_calibrates_from_raw_folders_and_warns_once_without_masters(
@@ -216,13 +224,8 @@ def test_requests_and_connections_log_nothing_at_info(tmp_path: Path) -> None:
         for _ in range(3):
             with connect(url.replace("http", "ws", 1) + "ws", open_timeout=30) as ws:
                 assert '"hello"' in str(ws.recv(timeout=30))
-        proc.proc.send_signal(signal.SIGINT)
-        proc.proc.wait(60)
     finally:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-    while not proc.lines.empty():
-        proc.seen.append(proc.lines.get())
+        _stop(proc)
     err = [line for name, line in proc.seen if name == "err"]
     chatter = ("connection open", "connection closed", "connection rejected", "HTTP ")
     assert err and not [line for line in err if any(c in line for c in chatter)], err
