@@ -138,9 +138,11 @@ def steps() -> Iterator[str]:
     foot = np.ones((ny, nx), dtype=np.bool_)
     stack = RunningStack((ny, nx), StackConfig())
     stack.add(frames[0], foot, 1.0, 5.0)
+    stack.add(frames[1], foot, 1.0, 5.0)  # two held frames: the kernels' preview path
     stack.preview_mean(64)
     yield "hold + preview"
-    warp(frames[0], Transform.identity(), (ny, nx))
+    shifted = np.array([[1.0, 0.0, 0.4], [0.0, 1.0, 0.3]])  # the identity is numpy
+    warp(frames[0], Transform(shifted), (ny, nx))
     yield "shift warp"
     norm = Normalization(scale=1.0, location=100.0, reference_location=100.0, weight=1.0)
     apply_normalization(frames[0], foot, norm, out=frames[0].copy())
@@ -150,7 +152,7 @@ def steps() -> Iterator[str]:
                                   [np.sin(angle), np.cos(angle), 0.3]]))
     warp(frames[1], rotated, (ny, nx))
     yield "affine warp"
-    for frame in frames[1:]:
+    for frame in frames[2:]:
         stack.add(frame, foot, 1.0, 5.0)
     stack.preview_mean(64)
     yield "kappa-sigma stack"

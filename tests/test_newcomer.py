@@ -349,3 +349,48 @@ def test_distribution_name_is_not_the_taken_one_and_the_readme_installs_it() -> 
     for flag in ("--bias", "--darks", "--flats", "--lan", "/usr/local/bin/livestack",
                  ".venv/bin/activate", "60 frames", "stacks kept in"):
         assert flag in readme, flag
+
+
+# ------------------------------- point 1: numpy paths of the first frame (no compile wait)
+
+
+@pytest.mark.parametrize("nc", [1, 3])
+def test_identity_warp_in_numpy_equals_the_shift_kernel_bit_for_bit(nc: int) -> None:
+    import numpy as np
+
+    from livestack.pipeline import kernels_warp as kw
+    from livestack.pipeline.types import Transform
+    from livestack.pipeline.warp import _SHIFT_BLOCK_ROWS, warp
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(100.0, 10.0, (nc, 50, 70)).astype(np.float32)
+    image[0, 3, 4], image[-1, 10, 11], image[0, 20, 20] = np.nan, np.inf, -0.0
+    out, foot = np.empty_like(image), np.empty((50, 70), dtype=np.bool_)
+    one = np.ones(1, dtype=np.float32)
+    kw.warp_shift_kernel(image, 0, one, 0, one, out, foot, _SHIFT_BLOCK_ROWS)
+    got = warp(image if nc == 3 else image[0], Transform.identity(), (50, 70))
+    np.testing.assert_array_equal(got.footprint, foot)
+    assert not foot[3, 4] and not foot[10, 11]
+    assert np.array_equal(got.image.reshape(out.shape).view(np.uint32), out.view(np.uint32))
+
+
+def test_first_frame_preview_in_numpy_matches_the_kernel_path() -> None:
+    import numpy as np
+
+    from livestack.pipeline.accumulate import RunningStack, StackConfig
+    from livestack.pipeline.kernels_accumulate import block_mean_counted
+
+    rng = np.random.default_rng(6)
+    frame = rng.normal(500.0, 20.0, (61, 83)).astype(np.float32)
+    foot = np.ones(frame.shape, dtype=np.bool_)
+    foot[:, :9] = False  # an uncovered band, as after a shift
+    frame[30, 40] = np.nan
+    stack = RunningStack(frame.shape, StackConfig())
+    stack.add(frame, foot, 1.3, 4.0)
+    mean, _, _, count, _, _ = stack._planes()  # the replay kernel's provisional state
+    expected = block_mean_counted(mean, count, 4)[0]
+    got = stack.preview_mean(21)  # block factor ceil(83 / 21) = 4
+    assert got.shape == expected.shape == (15, 20)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
+    assert np.isnan(got[:, :2]).all() and np.isfinite(got[:, 3:]).all()
