@@ -10,8 +10,11 @@ The daemon's own warm-up (``livestack.daemon._warm_up_steps``) walks the pipelin
 the front (FITS decoding, calibration, detection, ...). This helper walks the first
 frame's kernels from the back (accumulation, preview, shift warp, normalisation), then the
 ones later frames need (affine warp of rotated frames, the kappa-sigma seeding, the
-hot-pixel finder). The two meet in the middle, so on two cores the first stacked frame
-arrives in about half the time (``bench/bench_cold_start.py`` measures it).
+hot-pixel finder). The two meet in the middle. The first frame itself needs neither the
+shift warp nor the warm-up replay: its identity warp and its preview are numpy (see
+``pipeline.warp.warp`` and ``RunningStack.preview_mean``), so the daemon compiles only
+decoding, calibration, detection, normalisation and the hold kernel before showing it.
+``bench/bench_cold_start.py`` measures the effect.
 
 Run as ``python -m livestack.precompile``; :func:`start` launches it and
 :func:`cache_is_warm` tells when it is not needed. The helper is best effort: it writes
