@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, help="port of the live view (0: any free port)")
     run.add_argument("--polling", action="store_true", default=None,
                      help="poll the folder instead of inotify (network shares)")
+    run.add_argument("--bias", metavar="P", help="master bias file, or a folder of biases")
+    run.add_argument("--darks", metavar="P", help="master dark(s) or a folder of darks")
+    run.add_argument("--flats", metavar="P", help="master flat(s) or a folder of flats")
+    run.add_argument("--lan", action="store_true",
+                     help="serve phones on the local network (all interfaces); prints the "
+                          "URLs to open")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="simulated camera + daemon: a live stack in seconds")
@@ -226,8 +232,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = {"watch.dir": args.watch, "output.dir": args.output,
                  "server.host": args.host, "server.port": args.port,
                  "watch.polling": args.polling}
+    if args.lan:
+        from livestack.runopts import LAN_HOST
+
+        overrides.update({"server.host": args.host or LAN_HOST, "server.allow_lan": True})
     config = load_config(args.config, overrides)
     configure_logging(_level(args, config.log.level))
+    if args.bias or args.darks or args.flats:  # as `livestack stack`; wins over the config
+        from livestack.runopts import with_run_masters
+
+        config = with_run_masters(config, bias=_opt_path(args.bias),
+                                  darks=_opt_path(args.darks), flats=_opt_path(args.flats))
     from livestack.daemon import Daemon
 
     return Daemon(config).run()
@@ -236,9 +251,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 #: The demo's sky and camera (``SimConfig`` fields): a rich star field (~220 stars
 #: detected at 1024x768), an alt-az mount's slow field rotation on top of the drift so that
 #: alignment visibly works, and a gentle sky gradient. Vignetting and dust donuts stay: the
-#: demo's masters remove them.
+#: demo's masters remove them. Satellites cross some frames (the stack's outlier rejection
+#: removes the trails) and clouds pass over two (the gate rejects them: the scattered light
+#: trips background_jump), all within the first two minutes at the default interval.
 DEMO_SKY: dict[str, Any] = {"flux_powerlaw_index": 1.0, "rotation_deg_per_frame": 0.05,
-                            "gradient_fraction": 0.05}
+                            "gradient_fraction": 0.05,
+                            "satellite_frames": (6, 13, 21, 30, 42, 51),
+                            "cloud_frames": (10, 37), "cloud_transparency": 0.25}
 #: Star centres per megapixel in the demo (2000 on a 1024x768 frame).
 DEMO_STARS_PER_MPIX = 2543.0
 #: Raw bias, dark and flat frames simulated for the demo's masters (each kind).
@@ -269,6 +288,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from livestack.config import load_config
 
     configure_logging(_level(args))
+    from livestack import precompile
+
+    helper = precompile.start()  # a first start compiles kernels while masters are built
     width, height = args.size
     from livestack.sim import SimConfig, Simulator, write_sequence
 
@@ -309,6 +331,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(watch_dir, ignore_errors=True)
         shutil.rmtree(calibration, ignore_errors=True)
+        precompile.stop(helper)
         print(f"demo: stacks kept in {output}", flush=True)
     return code
 
@@ -455,9 +478,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     """``livestack config show [FILE]``."""
-    from livestack.config import dump_config, load_config
+    from livestack.config import load_config
+    from livestack.config_docs import render
 
-    sys.stdout.write(dump_config(load_config(args.file)))
+    config = load_config(args.file)  # each key under its documentation (config_docs)
+    source = config.source or "embedded defaults"
+    sys.stdout.write(render(config, header=f"effective configuration (source: {source})"))
     return 0
 
 

@@ -53,7 +53,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from livestack.config import is_within
+from livestack.config import is_loopback, is_within
 from livestack.errors import (
     CalibrationError,
     DescriptorsExhaustedError,
@@ -68,6 +68,7 @@ from livestack.errors import (
 )
 from livestack.resilience import retry_transient
 from livestack.service.guard import PathRedactor
+from livestack.runopts import UNCALIBRATED_HINT, calibration_gap, ensure_folder, lan_banner
 from livestack.service.hub import COMMANDS
 from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.atomic import atomic_write
@@ -360,6 +361,7 @@ class Engine:
         self._checkpoints = _CheckpointThread(self._write_job) if background_checkpoints \
             else None
         self._masters_note: dict[tuple[int, int], str] = {}
+        self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
         self.masters = masters if masters is not None else self._load_masters()
         self.router = Router(slew_threshold_deg=config.routing.slew_threshold_deg,
                              failure_run=config.routing.failure_run)
@@ -680,6 +682,10 @@ class Engine:
             ``master_unreadable`` when a chosen master file cannot be read any more.
         """
         if self.masters is None:
+            if not self._uncalibrated_warned:
+                self._uncalibrated_warned = True
+                log.warning("light frames are stacked uncalibrated: no master dark or flat "
+                            "(%s)", UNCALIBRATED_HINT)
             return None
         entries = getattr(self.masters, "entries", None)
         if entries and not any(e.info.shape == info.shape and e.info.binning == info.binning
@@ -693,6 +699,10 @@ class Engine:
             chosen = self.masters.select(info, self.config.masters.temp_tolerance_c)
         except MasterError as exc:
             raise CalibrationError("master_unreadable", f"{info.path}: {exc}") from None
+        gap = calibration_gap(chosen)
+        if gap is not None and not self._uncalibrated_warned:
+            self._uncalibrated_warned = True
+            log.warning("light frames are stacked with %s (%s)", gap, UNCALIBRATED_HINT)
         description = "; ".join(chosen.description) or "no masters apply"
         if self._masters_note.get(info.shape) != description:
             self._masters_note[info.shape] = description
@@ -886,7 +896,9 @@ class Engine:
                  "exposure_s": info.exposure_s, "seq": seq,
                  "time": info.date_obs.isoformat() if info.date_obs else _now_iso(),
                  "metrics": outcome.metrics.as_dict() if outcome.metrics else None,
-                 "timings_ms": outcome.timings_ms}
+                 "timings_ms": outcome.timings_ms,
+                 # pixels clipped by the stack: a satellite trail shows as a jump here
+                 "rejected_low": outcome.rejected_low, "rejected_high": outcome.rejected_high}
         self.hub.publish(event)
         self.hub.record_frame(rt.stack_id, event)
 
@@ -1919,9 +1931,12 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.loop_started.set()
         notifier = SystemdNotifier()
-        self.watch_dir.mkdir(parents=True, exist_ok=True)
-        self.output_root.mkdir(parents=True, exist_ok=True)
+        ensure_folder(self.watch_dir, "watch folder")  # UsageError: one line, no traceback
+        ensure_folder(self.output_root, "output folder")
         self.worker.start()
+        from livestack import precompile
+
+        helper = precompile.start()  # first start only: kernels compile in a 2nd process
         server: Any = None
         tasks: list[asyncio.Task[None]] = []
         code = 1
@@ -1934,6 +1949,7 @@ class Daemon:
             # worker finish + checkpoint within the deadline, else abandon it (its frame
             # stays pending and is processed at the next start).
             code = await self._shutdown(notifier, server, tasks, code)
+            precompile.stop(helper)
         return code
 
     async def _start(self, notifier: Any, tasks: list[asyncio.Task[None]]) -> Any:
@@ -1945,6 +1961,7 @@ class Daemon:
             The server's address cannot be bound (port in use, ...).
         """
         from livestack.service.server import LiveServer
+        from livestack.service.viewerlog import summary_loop as viewer_summary_loop
         from livestack.service.watcher import FrameWatcher
 
         assert self._stop is not None
@@ -1987,6 +2004,7 @@ class Daemon:
         self.worker.ready.set()
         tasks.append(asyncio.create_task(self._status_loop(notifier)))
         tasks.append(asyncio.create_task(self._watch_worker()))
+        tasks.append(asyncio.create_task(viewer_summary_loop(server)))  # one line now and then
         watchdog_s = notifier.watchdog_interval_s()
         if watchdog_s is not None:
             tasks.append(asyncio.create_task(self._watchdog_loop(notifier, watchdog_s)))
@@ -2070,6 +2088,8 @@ class Daemon:
             lines.append(f"  operator token: in {path}")
         else:
             lines.append("  operator token: from the configuration (server.token)")
+        if self.config.server.allow_lan and not is_loopback(host) and self.port is not None:
+            lines += lan_banner(self.port, self.config.server.token is not None)
         self.out.write("\n".join(lines) + "\n")
         self.out.flush()
 

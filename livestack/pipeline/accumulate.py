@@ -118,6 +118,22 @@ class StackConfig:
             raise ValueError(f"prior_frames must be >= 0, got {self.prior_frames}")
 
 
+def _block_nanmean(planes: NDArray[np.float32], factor: int) -> NDArray[np.float32]:
+    """NaN-aware ``factor x factor`` block mean of ``(nc, ny, nx)`` float32 planes (numpy).
+
+    The ragged edge is dropped; a block without a finite sample is NaN (as the
+    ``_block_mean`` kernel; sums in float64).
+    """
+    nc, ny, nx = planes.shape
+    oy, ox = ny // factor, nx // factor
+    blocks = planes[:, :oy * factor, :ox * factor].reshape(nc, oy, factor, ox, factor)
+    valid = np.isfinite(blocks)
+    total = np.where(valid, blocks, 0.0).sum(axis=(2, 4), dtype=np.float64)
+    num = valid.sum(axis=(2, 4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / num).astype(np.float32)
+
+
 class RunningStack:
     """A running weighted stack with per-pixel outlier rejection.
 
@@ -396,8 +412,12 @@ class RunningStack:
         """
         from livestack.pipeline.kernels_accumulate import block_mean_counted
 
-        mean, _, _, count, _, _ = self._planes()
         factor = max(1, math.ceil(max(self._ny, self._nx) / max(1, max_size_px)))
+        if self._warm and len(self._warm_weights) == 1 and self._buffer is not None:
+            # The stack is its first frame: block-average it in numpy, with no replay or
+            # block kernel. On a first start the first preview then needs no compile.
+            return self._shape_out(_block_nanmean(self._buffer[0], factor))
+        mean, _, _, count, _, _ = self._planes()
         small = block_mean_counted(mean, count, factor)
         return self._shape_out(small)
 

@@ -84,6 +84,7 @@ class GradientConfig:
     Attributes
     ----------
     enabled : bool
+        Subtract a smooth per-frame sky model (light pollution, moon) before normalising.
     mesh_px : int
         Mesh size of the smooth sky model in pixels.
     """

@@ -109,7 +109,15 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
     if np.all(np.abs(inv[:, :2] - np.eye(2)) < _TRANSLATION_TOL):
         ix0, wx = _shift_taps(kind, float(inv[0, 2]))
         iy0, wy = _shift_taps(kind, float(inv[1, 2]))
-        kw.warp_shift_kernel(planes, ix0, wx, iy0, wy, out, foot, _SHIFT_BLOCK_ROWS)
+        if (ix0, iy0, wx.size, wy.size) == (0, 0, 1, 1) and planes.shape[1:] == out.shape[1:]:
+            # The identity (every stack's reference frame): a copy, in numpy. On a first
+            # start the frame is then stacked without waiting for the shift kernel's
+            # compile (livestack.precompile does it meanwhile). Same result as the kernel.
+            np.isfinite(planes).all(axis=0, out=foot)
+            np.add(planes, np.float32(0.0), out=out)  # -0.0 -> +0.0, as the kernel's sums
+            out[:, ~foot] = 0.0
+        else:
+            kw.warp_shift_kernel(planes, ix0, wx, iy0, wy, out, foot, _SHIFT_BLOCK_ROWS)
     else:
         kw.warp_affine_kernel(planes, inv, kind, out, foot)
     result = out[0] if arr.ndim == 2 else out

@@ -254,6 +254,15 @@ class _NoDebugLogger(logging.LoggerAdapter):
     def isEnabledFor(self, level: int) -> bool:
         return level > logging.DEBUG and self.logger.isEnabledFor(level)
 
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        # websockets' INFO lines (each connection opened/closed, each plain HTTP answer
+        # "connection rejected (200 OK)") are DEBUG here; viewerlog summarises them.
+        if level == logging.INFO:
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.log(logging.DEBUG, msg, *args, **kwargs)
+            return
+        super().log(level, msg, *args, **kwargs)
+
 
 # -- per-viewer sink + sender ------------------------------------------------------------
 

@@ -215,6 +215,7 @@
     const frames = state.frames.get(state.current) || [];
     for (const chart of CHARTS) drawChart($(chart.id), frames, chart);
     renderRejected(frames);
+    document.dispatchEvent(new CustomEvent("livestack:frames", { detail: frames }));  // verdicts.js
     const s = state.stacks.get(state.current);
     if (!s || s.rejected == null) el.rejected.textContent = String(countRejected(state.current));
   }
