@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from livestack.pipeline.types import StarList
+from livestack.pipeline.types import FrameInfo, StarList
 from livestack.pipeline.wcs import WcsCards, clean_cards, field_geometry
 
 log = logging.getLogger(__name__)
@@ -165,36 +165,7 @@ def solver_problem(index_dir: str | os.PathLike[str]) -> str | None:
 # ------------------------------------------------------------------------------ hints
 
 
-def _sexagesimal(text: str, hours: bool) -> float | None:
-    """Parse ``"19 04 10.5"`` / ``"19:04:10.5"`` / ``"-36d38m"`` / a plain number."""
-    parts = [p for p in re.split(r"[\s:hdms°'\"]+", text.strip()) if p]
-    if not parts:
-        return None
-    try:
-        values = [float(p) for p in parts[:3]]
-    except ValueError:
-        return None
-    sign = -1.0 if parts[0].startswith("-") else 1.0
-    value = abs(values[0]) + sum(v / 60.0 ** i for i, v in enumerate(values[1:], 1))
-    value *= sign
-    return value * 15.0 if hours else value
-
-
-def _angle(header: Mapping[str, Any], key: str, hours_if_text: bool) -> float | None:
-    value = header.get(key)
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        if re.fullmatch(r"\s*[+-]?\d+(\.\d*)?\s*", value):
-            return float(value)  # a number in a string is degrees
-        return _sexagesimal(value, hours_if_text)
-    return None
-
-
-def hints_from_header(header: Mapping[str, Any], shape: tuple[int, int],
-                      pixel_scale_arcsec: float | None,
+def hints_from_header(header: Mapping[str, Any], info: FrameInfo,
                       previous: Mapping[str, float] | None = None) -> SolveHints:
     """Gather solve hints from a frame header and what we solved before.
 
@@ -202,12 +173,11 @@ def hints_from_header(header: Mapping[str, Any], shape: tuple[int, int],
     ----------
     header : mapping
         The frame's FITS header: an existing celestial WCS (capture software that
-        solved), RA/DEC (degrees, or sexagesimal strings with RA in hours),
-        OBJCTRA/OBJCTDEC (sexagesimal, RA in hours).
-    shape : tuple of int
-        ``(ny, nx)`` of the image.
-    pixel_scale_arcsec : float or None
-        ``FrameInfo.pixel_scale_arcsec`` (pixel-scale keys, FOCALLEN with XPIXSZ).
+        solved) is the best hint.
+    info : FrameInfo
+        The frame's parsed header: ``shape``, ``ra_deg``/``dec_deg`` (RA/DEC,
+        OBJCTRA/OBJCTDEC) and ``pixel_scale_arcsec`` (pixel-scale keys, FOCALLEN with
+        XPIXSZ and binning).
     previous : mapping or None
         A previous solution of the same stack or camera: ``scale_arcsec`` and optionally
         ``ra_deg``/``dec_deg``.
@@ -217,23 +187,21 @@ def hints_from_header(header: Mapping[str, Any], shape: tuple[int, int],
     SolveHints
         Values outside the sky (|Dec| > 90) or non-positive scales are ignored.
     """
-    ny, nx = shape
-    ra = dec = scale = None
+    ny, nx = info.shape
+    ra: float | None = None
+    dec: float | None = None
+    scale: float | None = None
     sources: list[str] = []
     scale_tol = 0.1
     existing = header_wcs(header)
     if existing is not None:
-        geo = field_geometry(existing, shape)
+        geo = field_geometry(existing, info.shape)
         ra, dec, scale, scale_tol = geo.ra_deg, geo.dec_deg, geo.scale_arcsec, 0.05
         sources.append("WCS")
-    if ra is None:
-        for ra_key, dec_key in (("RA", "DEC"), ("OBJCTRA", "OBJCTDEC")):
-            r = _angle(header, ra_key, hours_if_text=True)
-            d = _angle(header, dec_key, hours_if_text=False)
-            if r is not None and d is not None and abs(d) <= 90.0 and math.isfinite(r):
-                ra, dec = r % 360.0, d
-                sources.append(f"{ra_key}/{dec_key}")
-                break
+    if ra is None and info.ra_deg is not None and info.dec_deg is not None \
+            and abs(info.dec_deg) <= 90.0:
+        ra, dec = info.ra_deg, info.dec_deg
+        sources.append("header RA/Dec")
     if previous:
         if scale is None and previous.get("scale_arcsec"):
             scale, scale_tol = float(previous["scale_arcsec"]), 0.03
@@ -242,8 +210,8 @@ def hints_from_header(header: Mapping[str, Any], shape: tuple[int, int],
                 and previous.get("dec_deg") is not None:
             ra, dec = float(previous["ra_deg"]), float(previous["dec_deg"])
             sources.append("previous solution")
-    if scale is None and pixel_scale_arcsec is not None and pixel_scale_arcsec > 0:
-        scale = float(pixel_scale_arcsec)
+    if scale is None and info.pixel_scale_arcsec is not None and info.pixel_scale_arcsec > 0:
+        scale = float(info.pixel_scale_arcsec)
         sources.append("pixel scale")
     radius = 5.0
     if scale is not None:
