@@ -171,10 +171,10 @@ class StackSolving:
 
     def status(self, stack_id: str) -> dict[str, Any] | None:
         """The viewer's view of a stack's solve (None when solving is off)."""
-        if not self.config.enabled:
-            return None
         if self.problem is not None:
             return {"state": "unavailable", "message": self.problem}
+        if not self.active:
+            return None
         job = self.jobs.get(stack_id)
         if job is None:
             return {"state": "waiting", "message": "waiting for a reference frame"}

@@ -11,8 +11,8 @@ TAN-SIP WCS it verified.
 
 A wrong hint cannot produce a wrong WCS: a match is only accepted after astrometry.net
 verifies it against the index stars at odds of 1e9 to 1; a hint only narrows the
-search. When a hinted search fails, the next attempt drops the position hint, then the
-scale hint (each within what is left of the time limit).
+search. When a hinted search fails, the next attempt drops the position hint (within
+what is left of the time limit); a scale hint is kept (see :func:`_attempt_plan`).
 """
 
 from __future__ import annotations
@@ -281,14 +281,18 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _attempt_plan(hints: SolveHints) -> list[tuple[str, SolveHints]]:
+    """Hinted first; then without the position (a header pointing may be wrong).
+
+    A known scale is kept: searching all scales costs minutes, and a wrong scale ends
+    as "not solved" within the time limit. With no hint at all the search is blind.
+    """
     plan: list[tuple[str, SolveHints]] = []
-    if hints.has_position and hints.has_scale:
-        plan.append(("position+scale", hints))
-    elif hints.has_position:
-        plan.append(("position", hints))
+    if hints.has_position:
+        plan.append(("position+scale" if hints.has_scale else "position", hints))
     if hints.has_scale:
         plan.append(("scale", hints.without_position()))
-    plan.append(("blind", hints.without_scale()))
+    elif not hints.has_position:
+        plan.append(("blind", hints.without_scale()))
     return plan
 
 
