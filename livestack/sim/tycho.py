@@ -132,10 +132,10 @@ def render_field(catalogue: Catalogue, cards: WcsCards, shape: tuple[int, int], 
     order = np.argsort(mag)[:max_stars]
     image = np.full(shape, sky_adu, dtype=np.float64)
     sigma = fwhm_px / 2.3548
-    r = int(math.ceil(4 * sigma))
+    r = math.ceil(4 * sigma)
     for (x, y), m in zip(xy[order], mag[order], strict=True):
         flux = 10.0 ** (-0.4 * (float(m) - zero_point_mag))
-        x0, y0 = int(round(x)), int(round(y))
+        x0, y0 = round(float(x)), round(float(y))
         xs = np.arange(max(x0 - r, 0), min(x0 + r + 1, nx))
         ys = np.arange(max(y0 - r, 0), min(y0 + r + 1, ny))
         if xs.size == 0 or ys.size == 0:
