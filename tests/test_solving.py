@@ -1,0 +1,160 @@
+"""Background plate solving in the engine: stack.fits WCS, frame pointings, failure outcomes."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from livestack.config import Config, SolverConfig
+from livestack.daemon import Engine, stack_files
+from livestack.pipeline.wcs import clean_cards, field_geometry, max_offset_px
+from livestack.sim.tycho import Catalogue, read_index_stars, render_field, tan_cards
+from tests.storage.test_solver import INDEX_DIR, require_solver
+
+# 13.6 um binned pixels at 1181 mm: the 2.37"/px the field solves at.
+OSCAAR_HINTS = {"FOCALLEN": 1181.0, "OBJCTRA": "19 04 10", "OBJCTDEC": "+36 38 00"}
+
+
+def _copy_with(src: Path, dest: Path, cards: dict) -> Path:
+    with fits.open(src) as hdul:
+        hdul[0].header.update(cards)
+        hdul.writeto(dest)
+    return dest
+
+
+def _config(**solver: object) -> Config:
+    return replace(Config(), solver=replace(SolverConfig(), **solver))
+
+
+@pytest.mark.solver
+@pytest.mark.realdata
+def test_stack_wcs_agrees_with_an_independent_solve_field_run(oscaar_dir: Path,
+                                                              tmp_path: Path) -> None:
+    require_solver()
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    frames = [_copy_with(f, inbox / f.name, OSCAAR_HINTS)
+              for f in sorted((oscaar_dir / "lights").glob("*.fit"))[:4]]
+    engine = stack_files(_config(time_limit_s=60), frames, tmp_path / "out")
+    (stack,) = list((tmp_path / "out").glob("*/*/stack.fits"))
+    header = fits.getheader(stack)
+    assert header["CTYPE1"] == "RA---TAN-SIP"
+    ours = clean_cards(header)
+    shape = (header["NAXIS2"], header["NAXIS1"])
+    assert WCS(header).has_celestial
+    # An independent solve of the stacked image: solve-field's own source extraction.
+    work = tmp_path / "independent"
+    subprocess.run(["solve-field", str(stack), "--dir", str(work), "--no-plots",
+                    "--overwrite", "--scale-units", "arcsecperpix", "--scale-low", "2.2",
+                    "--scale-high", "2.5", "--cpulimit", "60", "--new-fits", "none"],
+                   check=True, capture_output=True, timeout=120)
+    theirs = clean_cards(fits.getheader(work / "stack.wcs"))
+    assert max_offset_px(ours, theirs, shape, n=5) < 1.0
+    assert max_offset_px(theirs, ours, shape, n=5) < 1.0
+    # Every accepted frame has its centre and position angle in the FRAMES table.
+    from livestack.storage.journal import Journal
+
+    journal = Journal(tmp_path / "out" / "journal.sqlite")
+    try:
+        stack_id = journal.stacks()[0].id
+        accepted = [r.id for r in journal.rows(stack_id=stack_id, status="accepted")]
+        pointing = journal.pointing(stack_id)
+        note = journal.get_state(f"solver:{stack_id}")
+    finally:
+        journal.close()
+    assert engine.processed == 4 and sorted(pointing) == sorted(accepted)
+    geo = field_geometry(ours, shape)
+    for ra, dec, pa in pointing.values():
+        assert abs(ra - geo.ra_deg) < 0.05 and abs(dec - geo.dec_deg) < 0.05
+        assert min(pa, 360 - pa) < 1.0
+    assert note["solved"] and note["attempts"] == ["position+scale"]
+
+
+def _random_catalogue(n: int = 400) -> Catalogue:
+    """Stars at random places around the field: a sky no index file knows."""
+    rng = np.random.default_rng(11)
+    ra = np.radians(83.8 + rng.uniform(-0.5, 0.5, n))
+    dec = np.radians(-5.4 + rng.uniform(-0.5, 0.5, n))
+    xyz = np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+    return Catalogue(xyz, rng.uniform(8.0, 12.0, n).astype(np.float32))
+
+
+def _tycho_frames(folder: Path, n: int, catalogue: Catalogue | None = None) -> list[Path]:
+    if catalogue is None:
+        catalogue = read_index_stars(Path(INDEX_DIR) / "index-tycho2-07.littleendian.fits")
+    shape = (400, 600)
+    cards = tan_cards(83.8, -5.4, 3.0, shape)
+    paths = []
+    for i in range(n):
+        image = render_field(catalogue, cards, shape, rng=np.random.default_rng(i))
+        header = fits.Header({"IMAGETYP": "Light Frame", "EXPTIME": 30.0,
+                              "DATE-OBS": f"2026-01-01T00:{i:02d}:00", "FOCALLEN": 935.0,
+                              "XPIXSZ": 13.6, "RA": 83.8, "DEC": -5.4})
+        path = folder / f"f{i:02d}.fits"
+        fits.PrimaryHDU(np.clip(image, 0, 60000).astype(np.uint16), header).writeto(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.solver
+def test_not_solved_is_a_note_and_an_alert_and_is_retried_on_a_deeper_stack(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    require_solver()
+    frames = _tycho_frames(tmp_path, 3, _random_catalogue())
+    engine = Engine(_config(time_limit_s=5), tmp_path / "out", background_checkpoints=False)
+    try:
+        with caplog.at_level(logging.INFO):
+            engine.process_path(frames[0])
+            engine.solving.drain(20)
+            (stack_id,) = engine.runtimes
+            note = engine.journal.get_state(f"solver:{stack_id}")
+            assert note["solved"] is False and note["reason"] == "not_solved"
+            assert note["retry"] is True and note["attempt"] == 1
+            assert any("alert: " in r.message and "not plate-solved" in r.message
+                       for r in caplog.records)
+            status = engine.solving.status(stack_id)
+            assert status is not None and status["state"] == "failed"
+            engine.process_path(frames[1])
+            engine.solving.drain(20)
+            assert engine.journal.get_state(f"solver:{stack_id}")["attempt"] == 1  # too soon
+            engine.process_path(frames[2])
+            engine.solving.drain(20)
+            note = engine.journal.get_state(f"solver:{stack_id}")
+            assert note["attempt"] == 2 and note["frames"] == 3 and not note["solved"]
+        engine.finalize()
+        header = fits.getheader(engine.runtimes[stack_id].folder / "stack.fits")
+        assert "CTYPE1" not in header and header["NCOMBINE"] == 3
+    finally:
+        engine.close()
+
+
+def test_without_the_solver_one_line_at_start_and_stacking_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    empty = tmp_path / "no-index"
+    empty.mkdir()
+    frames = _tycho_frames(tmp_path, 2) \
+        if shutil.which("solve-field") and Path(INDEX_DIR).is_dir() else None
+    if frames is None:
+        pytest.skip("needs the Tycho-2 index files to render frames")
+    with caplog.at_level(logging.WARNING):
+        engine = Engine(_config(index_dir=str(empty)), tmp_path / "out",
+                        background_checkpoints=False)
+    try:
+        lines = [r.getMessage() for r in caplog.records if "plate solving is off" in
+                 r.getMessage()]
+        assert len(lines) == 1 and "apt-get install astrometry.net" in lines[0]
+        rows = [engine.process_path(f) for f in frames]
+        assert [r.status for r in rows if r is not None] == ["accepted", "accepted"]
+        (stack_id,) = engine.runtimes
+        status = engine.solving.status(stack_id)
+        assert status is not None and status["state"] == "unavailable"
+    finally:
+        engine.close()
