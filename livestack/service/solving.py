@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -339,8 +340,8 @@ def _camera_key(info: FrameInfo) -> str:
     return f"{info.shape[1]}x{info.shape[0]} bin {info.binning[0]}x{info.binning[1]}"
 
 
-def add_wcs_cards(header: dict[str, object], cards: WcsCards) -> None:
-    """Put WCS cards into a ``stack.fits`` header dict (replacing any earlier WCS)."""
+def add_wcs_cards(header: MutableMapping[str, Any], cards: WcsCards) -> None:
+    """Put WCS cards into a header dict or astropy Header (replacing any earlier WCS)."""
     for key in [k for k in header if k.startswith(("CTYPE", "CRVAL", "CRPIX", "CD1_", "CD2_",
                                                      "A_", "B_", "AP_", "BP_"))]:
         del header[key]
