@@ -347,3 +347,37 @@ def add_wcs_cards(header: MutableMapping[str, Any], cards: WcsCards) -> None:
         del header[key]
     for key, value, _comment in header_cards(cards):
         header[key] = value
+
+
+def integration_wcs(session: Any, plan: Any, header: MutableMapping[str, Any]) -> bool:
+    """Give a ``livestack integrate`` result the live stack's WCS, on the plan's reference.
+
+    The live ``stack.fits`` (in ``session.folder``) carries the solved WCS of the grid
+    its REFFRAME defines, which is the grid the session's stored transforms map to. The
+    plan's reference (possibly another frame) maps onto that grid through its stored
+    transform, so the result's WCS is that WCS composed with it.
+
+    Returns
+    -------
+    bool
+        True when WCS cards were added (False: the live stack was not solved, or its
+        ``stack.fits`` is missing or on another reference).
+    """
+    from livestack.pipeline.wcs import compose
+
+    if session.folder is None:
+        return False
+    try:
+        live = fits.getheader(session.folder / "stack.fits")
+    except OSError:
+        return False
+    cards = header_wcs(live)
+    stored_ref = str(live.get("REFFRAME", ""))
+    if cards is None or not any(f.path == stored_ref for f in session.frames):
+        return False
+    original = next((f for f in session.frames if f.row_id == plan.reference.row_id
+                     and f.path == plan.reference.path), None)
+    if original is None:
+        return False
+    add_wcs_cards(header, compose(cards, original.transform))
+    return True
