@@ -255,7 +255,10 @@ def _command(xyls: Path, work: Path, shape: tuple[int, int], hints: SolveHints,
     ny, nx = shape
     config = work / "solver.cfg"
     config.write_text(f"add_path {index_dir}\nautoindex\n", encoding="utf-8")
-    cmd = ["nice", "-n", "19", SOLVE_FIELD, str(xyls), "--config", str(config),
+    # SCHED_IDLE (where chrt exists) runs the search only on otherwise idle CPU time, so
+    # the live frames keep their pace; nice 19 on top for systems without it.
+    idle = ["chrt", "--idle", "0"] if shutil.which("chrt") else []
+    cmd = [*idle, "nice", "-n", "19", SOLVE_FIELD, str(xyls), "--config", str(config),
            "--width", str(nx), "--height", str(ny), "--x-column", "X", "--y-column", "Y",
            "--sort-column", "FLUX", "--dir", str(work), "--overwrite", "--no-plots",
            "--new-fits", "none", "--rdls", "none", "--corr", "none", "--match", "none",
