@@ -20,6 +20,7 @@ from livestack.sim.tycho import Catalogue, read_index_stars, render_field, tan_c
 from tests.storage.test_solver import INDEX_DIR, require_solver
 
 # 13.6 um binned pixels at 1181 mm: the 2.37"/px the field solves at.
+TYCHO_SHAPE = (600, 800)  # 0.67 x 0.5 deg at 3"/px: ~20 Tycho-2 stars in Orion
 OSCAAR_HINTS = {"FOCALLEN": 1181.0, "OBJCTRA": "19 04 10", "OBJCTDEC": "+36 38 00"}
 
 
@@ -102,7 +103,7 @@ def _random_catalogue(n: int = 400) -> Catalogue:
 def _tycho_frames(folder: Path, n: int, catalogue: Catalogue | None = None) -> list[Path]:
     if catalogue is None:
         catalogue = read_index_stars(Path(INDEX_DIR) / "index-tycho2-07.littleendian.fits")
-    shape = (400, 600)
+    shape = TYCHO_SHAPE
     cards = tan_cards(83.8, -5.4, 3.0, shape)
     paths = []
     for i in range(n):
@@ -168,5 +169,32 @@ def test_without_the_solver_one_line_at_start_and_stacking_goes_on(
         (stack_id,) = engine.runtimes
         status = engine.solving.status(stack_id)
         assert status is not None and status["state"] == "unavailable"
+    finally:
+        engine.close()
+
+
+@pytest.mark.solver
+def test_a_frame_wcs_is_the_hint_and_a_disagreeing_one_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    require_solver()
+    (frame,) = _tycho_frames(tmp_path, 1)
+    truth = tan_cards(83.8, -5.4, 3.0, TYCHO_SHAPE)
+    # The capture software's WCS is 12 px off (e.g. solved before a dither).
+    wrong = dict(truth, CRPIX1=float(truth["CRPIX1"]) + 12.0)
+    with fits.open(frame, mode="update") as hdul:
+        for key in ("RA", "DEC", "FOCALLEN"):
+            del hdul[0].header[key]
+        hdul[0].header.update(wrong)
+    engine = Engine(_config(time_limit_s=30), tmp_path / "out", background_checkpoints=False)
+    try:
+        with caplog.at_level(logging.INFO):
+            engine.process_path(frame)
+            engine.solving.drain(40)
+        (stack_id,) = engine.runtimes
+        note = engine.journal.get_state(f"solver:{stack_id}")
+        assert note["solved"], note
+        assert max_offset_px(note["wcs"], truth, TYCHO_SHAPE) < 0.5  # ours, not theirs
+        assert any("disagrees with our solution by up to 12" in r.getMessage()
+                   for r in caplog.records)
     finally:
         engine.close()
