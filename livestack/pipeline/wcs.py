@@ -19,6 +19,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 from astropy.io import fits
@@ -29,6 +30,8 @@ from livestack.pipeline.types import Transform
 
 #: FITS WCS cards: keyword -> value (str, int or float).
 WcsCards = dict[str, str | int | float]
+#: Cards, or an astropy WCS built from them once (building one costs milliseconds).
+WcsLike: TypeAlias = "WcsCards | WCS"
 
 _SIP_KEY = re.compile(r"^(A|B|AP|BP)_(\d+)_(\d+)$")
 _KEEP = ("CTYPE1", "CTYPE2", "CUNIT1", "CUNIT2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2",
@@ -103,14 +106,16 @@ def clean_cards(header: fits.Header | dict) -> WcsCards:
     return cards
 
 
-def to_astropy(cards: dict) -> WCS:
-    """An astropy WCS from FITS cards.
+def to_astropy(cards: dict | WCS) -> WCS:
+    """An astropy WCS from FITS cards (a WCS is returned as it is).
 
     Raises
     ------
     ValueError
         The cards do not describe a two-axis celestial TAN projection.
     """
+    if isinstance(cards, WCS):
+        return cards
     ctype1 = str(cards.get("CTYPE1", ""))
     ctype2 = str(cards.get("CTYPE2", ""))
     if not (ctype1.startswith("RA---TAN") and ctype2.startswith("DEC--TAN")):
@@ -129,14 +134,14 @@ def to_astropy(cards: dict) -> WCS:
     return wcs
 
 
-def pixel_to_world(cards: WcsCards, xy: NDArray[np.float64]) -> NDArray[np.float64]:
+def pixel_to_world(cards: WcsLike, xy: NDArray[np.float64]) -> NDArray[np.float64]:
     """Map ``(n, 2)`` 0-based pixel positions to ``(n, 2)`` (RA, Dec) in degrees."""
     xy = np.atleast_2d(np.asarray(xy, dtype=np.float64))
     ra, dec = to_astropy(cards).all_pix2world(xy[:, 0], xy[:, 1], 0)
     return np.column_stack([np.mod(ra, 360.0), dec])
 
 
-def world_to_pixel(cards: WcsCards, radec: NDArray[np.float64]) -> NDArray[np.float64]:
+def world_to_pixel(cards: WcsLike, radec: NDArray[np.float64]) -> NDArray[np.float64]:
     """Map ``(n, 2)`` (RA, Dec) in degrees to 0-based pixel positions ``(n, 2)``."""
     radec = np.atleast_2d(np.asarray(radec, dtype=np.float64))
     x, y = to_astropy(cards).all_world2pix(radec[:, 0], radec[:, 1], 0, tolerance=1e-6,
@@ -160,7 +165,7 @@ def separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
     return math.degrees(2 * math.asin(min(1.0, math.sqrt(h))))
 
 
-def field_geometry(cards: WcsCards, shape: tuple[int, int]) -> FieldGeometry:
+def field_geometry(cards: WcsLike, shape: tuple[int, int]) -> FieldGeometry:
     """Centre, size, scale and orientation of an image of ``shape`` ``(ny, nx)``."""
     ny, nx = shape
     cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
@@ -181,13 +186,13 @@ def field_geometry(cards: WcsCards, shape: tuple[int, int]) -> FieldGeometry:
         scale_arcsec=scale_deg * 3600.0, pa_deg=pa_up, flipped=flipped)
 
 
-def frame_pointing(cards: WcsCards, transform: Transform, shape: tuple[int, int]
+def frame_pointing(cards: WcsLike, transform: Transform, shape: tuple[int, int]
                    ) -> tuple[float, float, float]:
     """Centre RA, Dec and position angle (degrees) of a frame registered to the reference.
 
     Parameters
     ----------
-    cards : WcsCards
+    cards : WcsCards or astropy WCS
         The reference frame's WCS.
     transform : Transform
         Frame pixels -> reference pixels (the frame's registration).

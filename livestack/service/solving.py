@@ -34,6 +34,7 @@ from livestack.pipeline.wcs import (
     frame_pointing,
     header_cards,
     max_offset_px,
+    to_astropy,
 )
 from livestack.storage.solver import (
     SolveResult,
@@ -70,6 +71,8 @@ class _Job:
     thread: threading.Thread | None = None
     done: threading.Event = field(default_factory=threading.Event)
     outcome: SolveResult | None = None  # set by the thread, taken in by the worker
+    wcs: Any = None                   # astropy WCS of result.cards, built once
+    field: dict[str, Any] | None = None  # field_geometry(...).as_dict(), computed once
 
 
 class StackSolving:
@@ -111,8 +114,8 @@ class StackSolving:
             return
         job = self._job(rt)
         if job is not None and job.state == "solved" and accepted and transform is not None \
-                and job.result is not None and job.result.cards is not None:
-            ra, dec, pa = frame_pointing(job.result.cards, transform, job.shape)
+                and job.wcs is not None:
+            ra, dec, pa = frame_pointing(job.wcs, transform, job.shape)
             self._pointing.append((row_id, ra, dec, pa))
         if len(self._pointing) >= POINTING_BATCH:
             self._flush_pointing()
@@ -189,7 +192,7 @@ class StackSolving:
         if job.state == "solved" and job.result is not None and job.result.cards is not None:
             out["wcs"] = job.result.cards
             out["shape"] = list(job.shape)
-            out["field"] = field_geometry(job.result.cards, job.shape).as_dict()
+            out["field"] = job.field
         return out
 
     # ----------------------------------------------------------------- internals
@@ -263,14 +266,15 @@ class StackSolving:
                                 "frames": job.frames_at_attempt, **result.as_dict()}
         if result.solved and result.cards is not None:
             job.state = "solved"
-            geo = field_geometry(result.cards, job.shape)
-            note["field"] = geo.as_dict()
+            job.wcs = to_astropy(result.cards)
+            geo = field_geometry(job.wcs, job.shape)
+            job.field = note["field"] = geo.as_dict()
             note["wcs"] = result.cards
             log.info("%s: %s", stack_id, result.message)
             self.cameras[job.camera] = {"scale_arcsec": geo.scale_arcsec}
             self.engine.journal.set_state("solver:cameras", self.cameras)
             self._check_existing(stack_id, job, result.cards)
-            self._all_pointings(stack_id, job, result.cards)
+            self._all_pointings(stack_id, job)
             self.engine.write_fits(rt)  # stack.fits gets the WCS now, not at the cadence
         else:
             job.state = "failed"
@@ -300,12 +304,12 @@ class StackSolving:
             log.warning("%s: the WCS in %s disagrees with our solution by up to %.1f px "
                         "(ours is used)", stack_id, job.reference, offset)
 
-    def _all_pointings(self, stack_id: str, job: _Job, cards: WcsCards) -> None:
+    def _all_pointings(self, stack_id: str, job: _Job) -> None:
         for row in self.engine.journal.rows(stack_id=stack_id, status="accepted"):
             if row.transform is None or not row.active:
                 continue
             transform = Transform.from_list(row.transform, row.model or "similarity")
-            ra, dec, pa = frame_pointing(cards, transform, job.shape)
+            ra, dec, pa = frame_pointing(job.wcs, transform, job.shape)
             self._pointing.append((row.id, ra, dec, pa))
         self._flush_pointing()
 
