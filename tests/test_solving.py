@@ -100,13 +100,22 @@ def _random_catalogue(n: int = 400) -> Catalogue:
     return Catalogue(xyz, rng.uniform(8.0, 12.0, n).astype(np.float32))
 
 
-def _tycho_frames(folder: Path, n: int, catalogue: Catalogue | None = None) -> list[Path]:
+def _truth(i: int, drift_px: float) -> dict:
+    """True WCS of frame ``i`` of a sequence drifting ``drift_px`` per frame (x; y half)."""
+    cards = tan_cards(83.8, -5.4, 3.0, TYCHO_SHAPE)
+    cards["CRPIX1"] = float(cards["CRPIX1"]) + drift_px * i
+    cards["CRPIX2"] = float(cards["CRPIX2"]) - 0.5 * drift_px * i
+    return cards
+
+
+def _tycho_frames(folder: Path, n: int, catalogue: Catalogue | None = None,
+                  drift_px: float = 0.0) -> list[Path]:
     if catalogue is None:
         catalogue = read_index_stars(Path(INDEX_DIR) / "index-tycho2-07.littleendian.fits")
     shape = TYCHO_SHAPE
-    cards = tan_cards(83.8, -5.4, 3.0, shape)
     paths = []
     for i in range(n):
+        cards = _truth(i, drift_px)
         image = render_field(catalogue, cards, shape, rng=np.random.default_rng(i))
         header = fits.Header({"IMAGETYP": "Light Frame", "EXPTIME": 30.0,
                               "DATE-OBS": f"2026-01-01T00:{i:02d}:00", "FOCALLEN": 935.0,
@@ -196,5 +205,44 @@ def test_a_frame_wcs_is_the_hint_and_a_disagreeing_one_is_logged(
         assert max_offset_px(note["wcs"], truth, TYCHO_SHAPE) < 0.5  # ours, not theirs
         assert any("disagrees with our solution by up to 12" in r.getMessage()
                    for r in caplog.records)
+    finally:
+        engine.close()
+
+
+@pytest.mark.solver
+def test_the_wcs_follows_a_change_of_reference(tmp_path: Path) -> None:
+    require_solver()
+    frames = _tycho_frames(tmp_path, 3, drift_px=6.0)
+    engine = Engine(_config(time_limit_s=30), tmp_path / "out", background_checkpoints=False)
+    try:
+        for frame in frames:
+            engine.process_path(frame)
+        engine.solving.drain(40)
+        (stack_id,) = engine.runtimes
+        rt = engine.runtimes[stack_id]
+        assert engine.journal.get_state(f"solver:{stack_id}")["solved"]
+        header = fits.getheader(rt.folder / "stack.fits")
+        assert max_offset_px(clean_cards(header), _truth(0, 6.0), TYCHO_SHAPE) < 0.5
+        engine.execute_command("set_reference", engine.validate_command(
+            "set_reference", {"file": frames[2].name}))
+        for _ in range(200):
+            if not engine.rebuilds:
+                break
+            engine.rebuild_step(wait_s=300)
+        assert rt.session.reference_file == str(frames[2])
+        engine.solving.drain(40)
+        note = engine.journal.get_state(f"solver:{stack_id}")
+        assert note["solved"] and note["reference"] == str(frames[2])
+        engine.finalize()
+        header = fits.getheader(rt.folder / "stack.fits")
+        assert header["REFFRAME"] == str(frames[2])
+        assert max_offset_px(clean_cards(header), _truth(2, 6.0), TYCHO_SHAPE) < 0.5
+        # The frames' pointings are on the new solution: frame 2 is its centre.
+        pointing = engine.journal.pointing(stack_id)
+        rows = {r.path: r.id for r in engine.journal.rows(stack_id=stack_id,
+                                                          status="accepted")}
+        centre = field_geometry(_truth(2, 6.0), TYCHO_SHAPE)
+        ra, dec, _pa = pointing[rows[str(frames[2])]]
+        assert abs(ra - centre.ra_deg) < 1e-4 and abs(dec - centre.dec_deg) < 1e-4
     finally:
         engine.close()
