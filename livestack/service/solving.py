@@ -70,6 +70,7 @@ class _Job:
     result: SolveResult | None = None
     thread: threading.Thread | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)  # kills its solve-field
     outcome: SolveResult | None = None  # set by the thread, taken in by the worker
     wcs: Any = None                   # astropy WCS of result.cards, built once
     field: dict[str, Any] | None = None  # field_geometry(...).as_dict(), computed once
@@ -90,7 +91,6 @@ class StackSolving:
         self.config = engine.config.solver
         self.jobs: dict[str, _Job] = {}
         self._pointing: list[tuple[int, float | None, float | None, float | None]] = []
-        self._cancel = threading.Event()
         self.problem: str | None = None
         if self.config.enabled:
             self.problem = solver_problem(self.config.index_dir)
@@ -159,7 +159,8 @@ class StackSolving:
 
     def close(self) -> None:
         """Cancel a running solve (its child is killed) and write pending pointings."""
-        self._cancel.set()
+        for job in self.jobs.values():
+            job.cancel.set()
         for job in self.jobs.values():
             if job.thread is not None:
                 job.thread.join(timeout=10.0)
@@ -216,9 +217,10 @@ class StackSolving:
         return job
 
     def _cancel_job(self, job: _Job) -> None:
-        if job.thread is not None and job.state == "solving":
-            # The old thread finishes on its own; its result is for a stale reference.
-            job.state = "failed"
+        """Stop a solve of a reference the stack no longer has (its child is killed)."""
+        job.cancel.set()
+        if job.thread is not None:
+            job.thread.join(timeout=10.0)
 
     def _start(self, rt: Any, job: _Job) -> None:
         session = rt.session
@@ -237,7 +239,7 @@ class StackSolving:
         def run() -> None:
             job.outcome = _solve_job(job, info, stars, image, detect_config, previous,
                                      self.config.index_dir, self.config.time_limit_s,
-                                     self._cancel)
+                                     job.cancel)
             job.done.set()
 
         what = f"the stack of {session.n_accepted} frames" if deeper else job.reference
