@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     # `livestack integrate ...` (exact re-integration of a journal's frames) is registered
     # here by livestack.integrate_cli when that module exists; see issue 5.
     _add_integrate(sub)
+    from livestack import solve_cli
+
+    solve_cli.add_parser(sub)
     return parser
 
 

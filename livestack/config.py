@@ -200,6 +200,27 @@ class RebuildConfig:
 
 
 @dataclass(frozen=True)
+class SolverConfig:
+    """Offline plate solving of each stack's reference frame (astrometry.net).
+
+    Attributes
+    ----------
+    enabled : bool
+        Solve in the background and write a WCS into ``stack.fits``; off: no WCS.
+    index_dir : str
+        Folder of the astrometry.net index files (``index-*.fits``; Debian's
+        ``astrometry-data-tycho2-*`` packages install into ``/usr/share/astrometry``).
+    time_limit_s : float
+        Time one solve may take, seconds (all its attempts together); the solver stops
+        earlier on a confident match.
+    """
+
+    enabled: bool = True
+    index_dir: str = "/usr/share/astrometry"
+    time_limit_s: float = field(default=60.0, metadata=_rng(1.0, 3600.0))
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """Logging.
 
@@ -219,7 +240,7 @@ class Config:
 
     Attributes
     ----------
-    watch, output, server, masters, routing, pipeline, rebuild, log
+    watch, output, server, masters, routing, pipeline, rebuild, solver, log
         The sections; see their classes.
     source : str or None
         File the values were read from (None: embedded defaults). Not a YAML key.
@@ -232,6 +253,7 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     rebuild: RebuildConfig = field(default_factory=RebuildConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str | None = field(default=None, metadata={"internal": True})
 

@@ -387,6 +387,10 @@ class Engine:
         self.final_counts: dict[str, int] = {}
         #: The daemon's watch folder: symlinks leading out of it are refused (None: batch).
         self.watch_root: Path | None = None
+        from livestack.service.solving import StackSolving
+
+        #: Background plate solving of each stack's reference (never blocks a frame).
+        self.solving = StackSolving(self)
 
     def _save_checkpoint(self, path: Path, arrays: dict, meta: dict) -> int:
         hook = None
@@ -415,6 +419,7 @@ class Engine:
         if self._checkpoints is not None and not self._checkpoints.stop(CHECKPOINT_WAIT_S):
             log.error("checkpoints not written within %.0f s; the journal is replayed at the "
                       "next start instead", CHECKPOINT_WAIT_S)
+        self.solving.close()
         self.final_counts = self.journal.counts()
         self.journal.close()
 
@@ -810,6 +815,7 @@ class Engine:
             self._alert("warning", "rejection_run",
                         f"{REJECTION_RUN_ALERT} frames in a row rejected in {rt.stack_id} "
                         f"(last: {outcome.reason})", rt.stack_id)
+        self.solving.after_frame(rt, row_id, transform, outcome.verdict == "accepted")
         self.after_frame(rt)
         if reroute:
             self._reroute(rt.stack_id, reroute)
@@ -939,6 +945,7 @@ class Engine:
         """Called when no frame is waiting: flush what the cadences deferred."""
         out = self.config.output
         now = time.monotonic()
+        self.solving.poll()
         for rt in list(self.runtimes.values()):
             if rt.session.n_accepted and rt.accepted_since_preview > 0 and (
                     now - rt.last_preview_t >= out.preview_min_interval_s):
@@ -1001,7 +1008,9 @@ class Engine:
 
         t0 = time.perf_counter()
         try:
-            write_stack_fits(rt.folder / FITS_NAME, rt.session.product())
+            product = rt.session.product()
+            self.solving.annotate(rt, product.header)
+            write_stack_fits(rt.folder / FITS_NAME, product)
         except StorageError as exc:
             log.error("%s (stacking goes on)", exc)
             return False
@@ -1056,7 +1065,7 @@ class Engine:
                 "state": "paused" if self.paused else
                          ("rebuilding" if rt.stack_id in self.rebuilds else "running"),
                 "reference": session.reference_file, "started": rt.started,
-                "updated": _now_iso()}
+                "updated": _now_iso(), "solve": self.solving.status(rt.stack_id)}
 
     def _publish_stack(self, rt: _Runtime) -> None:
         if self.hub is None:
@@ -2217,6 +2226,7 @@ def stack_files(config: Config, files: Iterable[Path], output_root: Path, *,
             row = engine.process_path(frame)
             if progress is not None:
                 progress(i, total, row)
+        engine.solving.drain()  # batch: the stack.fits written next carries the WCS
         engine.finalize()
     finally:
         engine.close()

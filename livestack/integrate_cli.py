@@ -201,8 +201,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             masters=masters, memory_limit_bytes=memory_limit,
             keep_registered_dir=args.keep_registered, scratch_dir=scratch,
             progress=None if args.no_progress else _progress(err))
+        from livestack.service.solving import integration_wcs
         from livestack.storage.stackfits import write_stack_fits
 
+        integration_wcs(session, plan, product.header)  # the live stack's WCS, if solved
         write_stack_fits(output, product)
 
     _summary(out, plan, product, output)

@@ -41,3 +41,16 @@ def oscaar_copy(oscaar_dir: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "oscaar_tres1"
     shutil.copytree(oscaar_dir, dest)
     return dest
+
+
+@pytest.fixture(autouse=True)
+def _background_solving_only_when_marked(request: pytest.FixtureRequest,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Background plate solving (a niced solve-field per stack) only in tests marked solver.
+
+    Simulated skies are not real sky, so their solves would only burn the CI's 2 cores.
+    """
+    if request.node.get_closest_marker("solver") is None:
+        from livestack.service import solving
+
+        monkeypatch.setattr(solving.StackSolving, "active", property(lambda self: False))

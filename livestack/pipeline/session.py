@@ -437,6 +437,11 @@ class StackSession:
         """Path of the reference frame, or None before the first accepted frame."""
         return None if self._reference is None else self._reference.file
 
+    @property
+    def reference_stars(self) -> StarList | None:
+        """Stars detected in the reference frame (its grid), or None before it is set."""
+        return None if self._reference is None else self._reference.stars
+
     def has_image(self) -> bool:
         """True once at least one frame is in the stack."""
         return self._stack is not None and self._stack.n_frames > 0

@@ -46,6 +46,8 @@ FINAL_STATUSES = ("accepted", "rejected", "failed", "ignored")
 REPLAY_STATUSES = ("accepted", "rejected")
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SCHEMA_VERSION = 1
+#: Frame columns filled once the stack is plate-solved (added to older journals on open).
+POINTING_COLUMNS = ("center_ra_deg", "center_dec_deg", "pa_deg")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -208,6 +210,7 @@ class Journal:
                 raise JournalError(f"{self.path}: cannot enable WAL mode (got {mode})")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._add_pointing_columns()
             self._db.execute("INSERT OR IGNORE INTO state(key, value) VALUES ('schema', ?)",
                              (json.dumps(_SCHEMA_VERSION),))
         except (sqlite3.Error, OSError) as exc:
@@ -535,6 +538,31 @@ class Journal:
         rows = self._query("SELECT stack_id, seq, n_files, generation, path, written FROM "
                            "checkpoints WHERE stack_id=?", (stack_id,))
         return CheckpointRow(*rows[0]) if rows else None
+
+    # -- sky pointing (plate solving) ----------------------------------------------------
+
+    def _add_pointing_columns(self) -> None:
+        """Add the frames' solved-pointing columns to a journal made before them."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(frames)").fetchall()}
+        for col in POINTING_COLUMNS:
+            if col not in have:
+                self._db.execute(f"ALTER TABLE frames ADD COLUMN {col} REAL")
+
+    def set_pointing(self, values: list[tuple[int, float | None, float | None, float | None]]
+                     ) -> None:
+        """Store ``(row_id, centre_ra_deg, centre_dec_deg, pa_deg)`` of frames (None clears)."""
+        if not values:
+            return
+        with self._tx() as db:
+            db.executemany("UPDATE frames SET center_ra_deg=?, center_dec_deg=?, pa_deg=? "
+                           "WHERE id=?", [(ra, dec, pa, rid) for rid, ra, dec, pa in values])
+
+    def pointing(self, stack_id: str) -> dict[int, tuple[float, float, float]]:
+        """Solved centre RA/Dec and position angle (degrees) of a stack's frames by row id."""
+        rows = self._query("SELECT id, center_ra_deg, center_dec_deg, pa_deg FROM frames "
+                           "WHERE stack_id=? AND center_ra_deg IS NOT NULL ORDER BY id",
+                           (stack_id,))
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     # -- state ---------------------------------------------------------------------------
 

@@ -541,6 +541,7 @@
         if (isNew && !state.pinned) selectStack(data.stack_id, false);
         else if (!state.current || !state.stacks.has(state.current)) chooseDefaultStack();
         if (data.stack_id === state.current) renderSummary();
+        document.dispatchEvent(new CustomEvent("livestack:stack", { detail: data }));  // solve.js
         break;
       }
       case "alert":
