@@ -67,8 +67,8 @@ from livestack.errors import (
     UsageError,
 )
 from livestack.resilience import retry_transient
-from livestack.service.guard import PathRedactor
 from livestack.runopts import UNCALIBRATED_HINT, calibration_gap, ensure_folder, lan_banner
+from livestack.service.guard import PathRedactor
 from livestack.service.hub import COMMANDS
 from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.atomic import atomic_write
