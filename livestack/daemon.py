@@ -71,6 +71,7 @@ from livestack.storage.checkpoint import (
     remove_stale_temps,
     save_checkpoint,
 )
+from livestack.storage.formats import frame_format
 from livestack.storage.journal import JOURNAL_NAME, FrameRow, Journal, sha256_file
 
 if TYPE_CHECKING:
@@ -612,10 +613,12 @@ class Engine:
 
     def _read(self, path: str) -> tuple[np.ndarray, FrameInfo]:
         """Read a frame read-only; OSError becomes a FrameError with a clear reason."""
-        from livestack.storage.fitsio import read_frame
+        from livestack.storage.formats import options_for, read_frame
 
+        fmt = self.config.formats
+        options = options_for(fmt.raw_black, fmt.utc_offset_h, fmt.exposure_s, self.masters)
         try:
-            image, info, _header = read_frame(Path(path))
+            image, info, _header = read_frame(Path(path), options)
         except FileNotFoundError:
             raise FrameError("vanished", f"{path}: the file disappeared while it was read"
                              ) from None
@@ -724,9 +727,12 @@ class Engine:
         elif outcome.verdict == "accepted":
             self.router.report_alignment_success(router_id)
         transform = outcome.transform
+        metrics = _metrics_json(outcome)
+        if metrics is not None:  # provenance: the format the frame came in
+            metrics["format"] = frame_format(info.path)
         seq = self.journal.finish(
             row_id, outcome.verdict, reason=outcome.reason, message=outcome.message,
-            stack_id=rt.stack_id, metrics=_metrics_json(outcome),
+            stack_id=rt.stack_id, metrics=metrics,
             transform=transform.to_list() if transform is not None else None,
             model=transform.model if transform is not None else None, weight=outcome.weight,
             assign_seq=True, state=self._router_state())

@@ -37,6 +37,7 @@ from livestack.storage.formats.xisfio import XISF_SUFFIXES
 from livestack.storage.headers import parse_frame_info
 
 __all__ = ["FRAME_SUFFIXES", "ReadOptions", "check_complete", "frame_format", "is_fits",
+           "options_for",
            "read_frame", "read_header"]
 
 _FITS_SUFFIXES: dict[str, str] = {".fits": "fits", ".fit": "fits", ".fts": "fits",
@@ -193,3 +194,26 @@ def check_complete(path: Path | str) -> int:
     if is_fits(path) or frame_format(path) is None:
         return fitsio.check_complete(path)
     return _stat_size(path)
+
+
+def options_for(raw_black: str, utc_offset_h: float | None, exposure_s: float | None,
+                masters: object | None) -> ReadOptions:
+    """ReadOptions from the ``formats`` config section and the masters in use.
+
+    Parameters
+    ----------
+    raw_black : str
+        ``"auto"``, ``"subtract"`` or ``"keep"``. ``"auto"`` keeps the RAW black level
+        when ``masters`` holds a bias or dark master (it carries the level) and
+        subtracts it otherwise.
+    utc_offset_h, exposure_s : float or None
+        As :class:`ReadOptions`.
+    masters : object or None
+        A master library (``entries`` with a ``kind``), a wrapper with ``library``,
+        or None.
+    """
+    if raw_black == "auto":
+        library = getattr(masters, "library", masters)
+        kinds = {getattr(e, "kind", None) for e in getattr(library, "entries", None) or ()}
+        raw_black = "keep" if kinds & {"bias", "dark"} else "subtract"
+    return ReadOptions(raw_black=raw_black, utc_offset_h=utc_offset_h, exposure_s=exposure_s)
