@@ -2104,14 +2104,18 @@ def sort_by_date_obs(files: list[Path]) -> list[Path]:
     """Sort frames by exposure start from their headers (unreadable ones last, by name)."""
     from astropy.io import fits
 
+    from livestack.storage.formats import is_fits, read_header
     from livestack.storage.headers import parse_frame_info
 
     def key(path: Path) -> tuple[int, float, str]:
         try:
-            header = fits.getheader(path)
-            info = parse_frame_info(header, str(path), (int(header.get("NAXIS2", 0)),
-                                                        int(header.get("NAXIS1", 0))))
-        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            if not is_fits(path) and frame_format(path) != "fits.gz":
+                _header, info = read_header(path)  # RAW, TIFF, PNG, XISF: decoded
+            else:
+                header = fits.getheader(path)
+                info = parse_frame_info(header, str(path), (int(header.get("NAXIS2", 0)),
+                                                            int(header.get("NAXIS1", 0))))
+        except (FrameError, OSError, ValueError, TypeError, KeyError, IndexError):
             return (1, 0.0, str(path))
         if info.date_obs is None:
             return (1, 0.0, str(path))

@@ -57,6 +57,12 @@ def _tiff_tags(path: Path) -> dict[str, Any]:
     return tags
 
 
+def _text(exc: BaseException) -> str:
+    """LibRaw's message (rawpy passes it as bytes) as plain text."""
+    arg = exc.args[0] if exc.args else exc
+    return arg.decode("ascii", "replace") if isinstance(arg, bytes) else str(arg)
+
+
 def _ratio(value: object) -> float | None:
     """A TIFF RATIONAL (tuple) or number as float."""
     try:
@@ -137,11 +143,13 @@ def read_raw(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fi
             libraw_time = other.timestamp
             image = visible.astype(np.float32)  # copy out of LibRaw's buffer
     except rawpy.LibRawFileUnsupportedError as exc:
-        raise err("unsupported", path, f"LibRaw cannot read this file or camera: {exc}") from exc
+        raise err("unsupported", path, "LibRaw cannot read this file or camera: "
+                  f"{_text(exc)}") from exc
     except rawpy.LibRawIOError as exc:
-        raise err("truncated", path, f"RAW data end early or cannot be read: {exc}") from exc
+        raise err("truncated", path, f"RAW data end early or cannot be read: {_text(exc)}"
+                  ) from exc
     except (rawpy.LibRawError, rawpy.NotSupportedError) as exc:
-        raise err("corrupt", path, f"LibRaw cannot decode the file: {exc}") from exc
+        raise err("corrupt", path, f"LibRaw cannot decode the file: {_text(exc)}") from exc
 
     subtract = options.raw_black == "subtract"
     black = _subtract_black(image, raw_pattern, blacks) if subtract else 0.0
