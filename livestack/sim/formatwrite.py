@@ -34,6 +34,10 @@ def _start_utc(frame: SimFrame) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=None)
 
 
+def _exposure_s(frame: SimFrame) -> float:
+    return float(str(frame.header["EXPTIME"]))
+
+
 def _offset_text(offset: timedelta) -> str:
     minutes = int(offset.total_seconds() // 60)
     sign = "-" if minutes < 0 else "+"
@@ -80,7 +84,7 @@ def write_dng(path: Path, frame: SimFrame, *, black_adu: int = 0, white_adu: int
     tags.set(Tag.CFAPattern, getattr(CFAPattern, pattern))
     tags.set(Tag.BlackLevel, int(black_adu))
     tags.set(Tag.WhiteLevel, int(white_adu))
-    tags.set(Tag.ExposureTime, [[round(float(frame.header["EXPTIME"]) * 1000), 1000]])
+    tags.set(Tag.ExposureTime, [[round(_exposure_s(frame) * 1000), 1000]])
     tags.set(Tag.PhotographicSensitivity, int(iso))
     local = _start_utc(frame) + (offset or timedelta(0))
     tags.set(Tag.DateTimeOriginal, local.strftime("%Y:%m:%d %H:%M:%S"))
@@ -106,11 +110,11 @@ def write_tiff(path: Path, frame: SimFrame) -> None:
     import tifffile
 
     start = _start_utc(frame)
-    exposure_ms = round(float(frame.header["EXPTIME"]) * 1000)
+    exposure_ms = round(_exposure_s(frame) * 1000)
     extratags = [
         (272, "s", 0, "Simulated camera", True),                       # Model
         (33434, "2I", 1, (exposure_ms, 1000), True),                   # ExposureTime
-        (34855, "H", 1, int(frame.header.get("GAIN", 100)), True),     # ISOSpeedRatings
+        (34855, "H", 1, int(str(frame.header.get("GAIN", 100))), True),     # ISOSpeedRatings
         (36867, "s", 0, start.strftime("%Y:%m:%d %H:%M:%S"), True),    # DateTimeOriginal
         (37521, "s", 0, f"{start.microsecond // 1000:03d}", True),     # SubsecTimeOriginal
         (36881, "s", 0, "+00:00", True),                               # OffsetTimeOriginal
@@ -120,7 +124,7 @@ def write_tiff(path: Path, frame: SimFrame) -> None:
 
 
 def _set_mtime_to_end(path: Path, frame: SimFrame) -> None:
-    end = _start_utc(frame) + timedelta(seconds=float(frame.header["EXPTIME"]))
+    end = _start_utc(frame) + timedelta(seconds=_exposure_s(frame))
     stamp = end.replace(tzinfo=timezone.utc).timestamp()
     os.utime(path, (stamp, stamp))
 
