@@ -6,7 +6,7 @@ the metadata each format can carry. The writers import their optional packages
 
 * DNG: the CFA (or mono) data with BlackLevel, WhiteLevel, CFAPattern, ExposureTime,
   ISO, Make/Model and DateTimeOriginal in the camera's local time, with
-  OffsetTimeOriginal unless ``offset`` is None.
+  OffsetTimeOriginal unless ``offset_tag`` is False.
 * TIFF: 16-bit mono with EXIF-style ExposureTime, ISO, Model, DateTimeOriginal (UTC,
   offset ``+00:00``).
 * PNG and JPEG: pixels only (no metadata); the file's mtime is set to the end of the
@@ -45,8 +45,8 @@ def _offset_text(offset: timedelta) -> str:
 
 
 def write_dng(path: Path, frame: SimFrame, *, black_adu: int = 0, white_adu: int = 65535,
-              offset: timedelta | None = timedelta(hours=0), iso: int = 800,
-              model: str = "Simulated DSLR") -> None:
+              offset: timedelta = timedelta(hours=0), offset_tag: bool = True,
+              iso: int = 800, model: str = "Simulated DSLR") -> None:
     """Write ``frame`` as an uncompressed DNG (pidng); LibRaw reads it back exactly.
 
     Parameters
@@ -58,9 +58,10 @@ def write_dng(path: Path, frame: SimFrame, *, black_adu: int = 0, white_adu: int
         CFA too (LibRaw reads only CFA DNGs raw), so use colour frames.
     black_adu, white_adu : int
         BlackLevel and WhiteLevel tags.
-    offset : timedelta or None
-        Camera clock minus UTC: DateTimeOriginal is written in that local time and
-        OffsetTimeOriginal records it; None writes no offset tag.
+    offset : timedelta
+        Camera clock minus UTC: DateTimeOriginal is written in that local time.
+    offset_tag : bool
+        Record ``offset`` in OffsetTimeOriginal (False: the file has no offset tag).
     iso : int
     model : str
     """
@@ -86,10 +87,10 @@ def write_dng(path: Path, frame: SimFrame, *, black_adu: int = 0, white_adu: int
     tags.set(Tag.WhiteLevel, int(white_adu))
     tags.set(Tag.ExposureTime, [[round(_exposure_s(frame) * 1000), 1000]])
     tags.set(Tag.PhotographicSensitivity, int(iso))
-    local = _start_utc(frame) + (offset or timedelta(0))
+    local = _start_utc(frame) + offset
     tags.set(Tag.DateTimeOriginal, local.strftime("%Y:%m:%d %H:%M:%S"))
     tags.set(Tag.SubsecTimeOriginal, f"{local.microsecond // 1000:03d}")
-    if offset is not None:
+    if offset_tag:
         tags.set((36881, Type.Ascii), _offset_text(offset))  # OffsetTimeOriginal
     tags.set(Tag.Make, "livestack")
     tags.set(Tag.Model, model)
