@@ -29,6 +29,7 @@ import numpy as np
 from astropy.io import fits
 
 from livestack.pipeline.types import FrameInfo
+from livestack.storage.fitsio import _open, _stat_size
 from livestack.storage.formats.common import ReadOptions, err
 from livestack.storage.formats.gzfits import GZ_SUFFIXES
 from livestack.storage.formats.raster import RASTER_SUFFIXES
@@ -73,22 +74,6 @@ def is_fits(path: Path | str) -> bool:
     return frame_format(path) in ("fits", "fits.fz")
 
 
-def _stat_size(path: Path) -> int:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as exc:
-        raise err("vanished", path, "file vanished") from exc
-    except PermissionError as exc:
-        raise err("unreadable", path, "permission denied") from exc
-    except OSError as exc:
-        raise err("unreadable", path, f"cannot stat: {exc.strerror or exc}") from exc
-    if not os.path.isfile(path):
-        raise err("unreadable", path, "not a regular file")
-    if st.st_size == 0:
-        raise err("empty_file", path, "file is empty (0 bytes)")
-    return int(st.st_size)
-
-
 def _decode(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fits.Header]:
     """Pixels and synthesised header of a non-FITS frame (mapping OS errors to reasons)."""
     from livestack.storage.formats.gzfits import read_gzfits
@@ -97,7 +82,8 @@ def _decode(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fit
     from livestack.storage.formats.xisfio import read_xisf
 
     _stat_size(path)
-    try:
+    # fitsio's opener maps OSErrors the readers let through (vanished, permission) to reasons.
+    with _open(path):
         if fmt == "fits.gz":
             return read_gzfits(path)
         if fmt in ("tiff", "png", "jpeg"):
@@ -105,12 +91,6 @@ def _decode(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fit
         if fmt == "xisf":
             return read_xisf(path, options)
         return read_raw(path, fmt, options)
-    except FileNotFoundError as exc:
-        raise err("vanished", path, "file vanished while being read") from exc
-    except PermissionError as exc:
-        raise err("unreadable", path, "permission denied") from exc
-    except IsADirectoryError as exc:
-        raise err("unreadable", path, "is a directory, not a file") from exc
 
 
 def read_frame(path: Path | str, options: ReadOptions | None = None

@@ -15,7 +15,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
-from livestack.storage.formats.common import err
+from livestack.storage.formats.common import err, to_mono_float32
 
 GZ_SUFFIXES: dict[str, str] = {".fits.gz": "fits.gz", ".fit.gz": "fits.gz",
                                ".fts.gz": "fits.gz"}
@@ -57,9 +57,4 @@ def read_gzfits(path: Path) -> tuple[np.ndarray, fits.Header]:
         data = data[0]
     if data.ndim != 2:
         raise err("not_2d", path, f"expected a 2-D image, got shape {data.shape}")
-    image = np.ascontiguousarray(data, dtype=np.float32)
-    if image.dtype.byteorder not in ("=", "|"):
-        image = image.astype(image.dtype.newbyteorder("="))
-    if not np.isfinite(image).any():
-        raise err("all_nan", path, "no finite pixel in the image")
-    return image, header
+    return to_mono_float32(data.astype(np.float32), path, "fits.gz"), header

@@ -19,6 +19,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
+from livestack.storage.fitsio import _card_value
 from livestack.storage.formats.common import (
     FORMAT_KEY,
     ReadOptions,
@@ -36,17 +37,8 @@ _SKIP = frozenset({"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "E
 
 def fits_value(text: str) -> bool | int | float | str:
     """A FITSKeyword value string as FITS would type it (T/F, integer, float, string)."""
-    text = text.strip()
-    if text in ("T", "F"):
-        return text == "T"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text.replace("D", "E"))
-    except ValueError:
-        return text.strip("'").strip()
+    value = _card_value(f"XISFKEY = {text.strip()}")  # parsed as the FITS card it was
+    return text.strip().strip("'").strip() if value is None else value
 
 
 def _header(meta: dict[str, Any], dtype: np.dtype) -> fits.Header:
