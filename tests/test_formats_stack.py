@@ -170,3 +170,41 @@ def test_raw_lights_with_masters_built_from_raw_darks_and_fits_bias(
                  masters=masters_for_cli(bias=bias, darks=fits_darks))
     sky, ref_sky = np.nanmedian(got["image"]), np.nanmedian(ref["image"])
     assert abs(sky - ref_sky) < 0.05 * abs(ref_sky) + 5.0
+
+
+def test_the_cli_stacks_raw_and_gzipped_folders_and_builds_masters_from_tiff(
+        tmp_path: Path) -> None:
+    import gzip
+    import subprocess
+    import sys
+
+    sim = _sim("RGGB")
+    lights = tmp_path / "lights"
+    lights.mkdir()
+    for i in range(3):
+        write_dng(lights / f"IMG_{i}.DNG", sim.light(i))
+        write_fits(tmp_path / "x.fits", sim.light(i + 3))
+        (lights / f"light_{i}.fits.gz").write_bytes(gzip.compress(
+            (tmp_path / "x.fits").read_bytes()))
+    darks = tmp_path / "darks"
+    darks.mkdir()
+    for i in range(3):
+        write_frame(darks / f"dark_{i}.tif", sim.dark(i), "tiff")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "livestack.cli", *args], text=True,
+                              capture_output=True, timeout=300)
+
+    proc = cli("masters", "build", "--darks", str(darks), "-o", str(tmp_path / "m"))
+    assert proc.returncode == 0, proc.stderr
+    (master,) = (tmp_path / "m").glob("*.fits")
+    with fits.open(master) as hdul:
+        assert hdul[0].header["NCOMBINE"] == 3 and hdul[0].data.shape == (192, 256)
+    proc = cli("stack", str(lights), "-o", str(tmp_path / "out"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "6 accepted" in proc.stdout, proc.stdout
+    formats = set()
+    for path in (tmp_path / "out").rglob("stack.fits"):
+        with fits.open(path) as hdul:
+            formats |= {str(f) for f in hdul["FRAMES"].data["format"]}
+    assert formats == {"dng", "fits.gz"}
