@@ -26,7 +26,9 @@ from livestack.service.logthrottle import RepeatFilter
 log = logging.getLogger("livestack")
 
 #: Frame file suffixes ``livestack stack`` picks up from folders.
-FRAME_SUFFIXES = (".fits", ".fit", ".fts", ".fz")
+FRAME_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz", ".cr2",
+                  ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".dng", ".tif", ".tiff",
+                  ".png", ".jpg", ".jpeg", ".xisf")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -371,14 +373,14 @@ def _collect_frames(inputs: Sequence[str]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             files.extend(sorted(p for p in path.iterdir()
-                                if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES
+                                if p.is_file() and p.name.lower().endswith(FRAME_SUFFIXES)
                                 and not p.name.startswith((".", "~"))))
         elif path.is_file():
             files.append(path)
         else:
             raise UsageError(f"{item}: no such file or folder")
     if not files:
-        raise UsageError("no FITS frames found in " + ", ".join(inputs))
+        raise UsageError("no frames found in " + ", ".join(inputs))
     return files
 
 

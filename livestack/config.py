@@ -235,12 +235,33 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class FormatsConfig:
+    """Reading non-FITS frames (camera RAW, TIFF/PNG/JPEG, XISF).
+
+    Attributes
+    ----------
+    raw_black : str
+        ``auto``: subtract the RAW black level per channel unless bias or dark masters
+        are configured (they carry it); ``subtract`` or ``keep`` force it.
+    utc_offset_h : float or None
+        Hours the camera clock is ahead of UTC, for files whose shot time has no offset
+        tag (null: the camera clock is UTC). -14 to 14.
+    exposure_s : float or None
+        Exposure in seconds of TIFF/PNG/JPEG frames without exposure metadata.
+    """
+
+    raw_black: str = field(default="auto", metadata={"choices": ("auto", "subtract", "keep")})
+    utc_offset_h: float | None = field(default=None, metadata=_rng(-14.0, 14.0))
+    exposure_s: float | None = field(default=None, metadata=_rng(0.0, None, lo_open=True))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration.
 
     Attributes
     ----------
-    watch, output, server, masters, routing, pipeline, rebuild, solver, log
+    watch, output, server, masters, routing, pipeline, rebuild, solver, log, formats
         The sections; see their classes.
     source : str or None
         File the values were read from (None: embedded defaults). Not a YAML key.
@@ -255,6 +276,7 @@ class Config:
     rebuild: RebuildConfig = field(default_factory=RebuildConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    formats: FormatsConfig = field(default_factory=FormatsConfig)
     source: str | None = field(default=None, metadata={"internal": True})
 
 

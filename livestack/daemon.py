@@ -79,6 +79,7 @@ from livestack.storage.checkpoint import (
     save_checkpoint,
 )
 from livestack.storage.entries import check_entry, unjournaled
+from livestack.storage.formats import frame_format
 from livestack.storage.journal import JOURNAL_NAME, FrameRow, Journal, sha256_file
 
 if TYPE_CHECKING:
@@ -658,10 +659,12 @@ class Engine:
 
     def _read(self, path: str) -> tuple[np.ndarray, FrameInfo]:
         """Read a frame read-only; OSError becomes a FrameError with a clear reason."""
-        from livestack.storage.fitsio import read_frame
+        from livestack.storage.formats import options_for, read_frame
 
+        fmt = self.config.formats
+        options = options_for(fmt.raw_black, fmt.utc_offset_h, fmt.exposure_s, self.masters)
         try:
-            image, info, _header = read_frame(Path(path))
+            image, info, _header = read_frame(Path(path), options)
         except FileNotFoundError:
             raise FrameError("vanished", f"{path}: the file disappeared while it was read"
                              ) from None
@@ -780,10 +783,13 @@ class Engine:
         elif outcome.verdict == "accepted":
             self.router.report_alignment_success(router_id)
         transform = outcome.transform
+        metrics = _metrics_json(outcome)
+        if metrics is not None:  # provenance: the format the frame came in
+            metrics["format"] = frame_format(info.path)
         try:
             seq = self.journal.finish(
                 row_id, outcome.verdict, reason=outcome.reason, message=outcome.message,
-                stack_id=rt.stack_id, metrics=_metrics_json(outcome),
+                stack_id=rt.stack_id, metrics=metrics,
                 transform=transform.to_list() if transform is not None else None,
                 model=transform.model if transform is not None else None,
                 weight=outcome.weight, assign_seq=True, state=self._router_state())
@@ -2237,14 +2243,18 @@ def sort_by_date_obs(files: list[Path]) -> list[Path]:
     """Sort frames by exposure start from their headers (unreadable ones last, by name)."""
     from astropy.io import fits
 
+    from livestack.storage.formats import is_fits, read_header
     from livestack.storage.headers import parse_frame_info
 
     def key(path: Path) -> tuple[int, float, str]:
         try:
-            header = fits.getheader(path)
-            info = parse_frame_info(header, str(path), (int(header.get("NAXIS2", 0)),
-                                                        int(header.get("NAXIS1", 0))))
-        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            if not is_fits(path) and frame_format(path) != "fits.gz":
+                _header, info = read_header(path)  # RAW, TIFF, PNG, XISF: decoded
+            else:
+                header = fits.getheader(path)
+                info = parse_frame_info(header, str(path), (int(header.get("NAXIS2", 0)),
+                                                            int(header.get("NAXIS1", 0))))
+        except (FrameError, OSError, ValueError, TypeError, KeyError, IndexError):
             return (1, 0.0, str(path))
         if info.date_obs is None:
             return (1, 0.0, str(path))

@@ -590,7 +590,7 @@ def check_frame_file(frame: SessionFrame) -> None:
         ``missing``, ``unreadable``, ``changed_on_disk`` or a FITS completeness reason,
         in one message naming the file.
     """
-    from livestack.storage.fitsio import check_complete
+    from livestack.storage.formats import check_complete
     from livestack.storage.journal import sha256_file
 
     try:
@@ -667,9 +667,10 @@ def _calibrated(frame: SessionFrame, masters: MasterSource | None, pipeline: Any
     """
     from livestack.pipeline.cosmetic import correct_defects, find_isolated_hot_pixels
     from livestack.pipeline.debayer import debayer
-    from livestack.storage.fitsio import read_frame
+    from livestack.storage.formats import options_for, read_frame
 
-    raw, info, _ = read_frame(Path(frame.path))
+    # RAW black level: kept when bias/dark masters carry it (formats.raw_black "auto").
+    raw, info, _ = read_frame(Path(frame.path), options_for("auto", None, None, masters))
     chosen = masters.select(info) if masters is not None else None
     image = calibrate(raw, chosen, info.bayer_pattern)
     saturation = frame_saturation(raw, image, info, pipeline.saturation)
@@ -701,7 +702,8 @@ def _write_registered(folder: Path, frame: SessionFrame, planes: NDArray[np.floa
     """Write one calibrated, registered frame as ``r_<name>.fits`` (raw header kept)."""
     from astropy.io import fits
 
-    from livestack.storage.fitsio import read_header, write_fits_float32
+    from livestack.storage.fitsio import write_fits_float32
+    from livestack.storage.formats import FRAME_SUFFIXES, read_header
 
     header, _ = read_header(Path(frame.path))
     header = header.copy()
@@ -711,7 +713,7 @@ def _write_registered(folder: Path, frame: SessionFrame, planes: NDArray[np.floa
         header[f"LSTRANS{k}"] = (value, f"frame->reference affine [{(k - 1) // 3},{(k - 1) % 3}]")
     data = planes[0] if planes.shape[0] == 1 else planes
     stem = Path(frame.path).name
-    for suffix in (".fits.fz", ".fit.fz", ".fz", ".fits", ".fit", ".fts"):
+    for suffix in (".fits.fz", ".fit.fz", *FRAME_SUFFIXES):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break

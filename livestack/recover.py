@@ -35,6 +35,7 @@ from pathlib import Path
 
 from livestack.errors import JournalError, LivestackError, StorageError, UsageError
 from livestack.storage.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from livestack.storage.formats import FRAME_SUFFIXES
 from livestack.storage.journal import JOURNAL_NAME, Journal, sha256_file
 
 __all__ = ["RecoveryReport", "journal_problem", "recover"]
@@ -42,7 +43,6 @@ __all__ = ["RecoveryReport", "journal_problem", "recover"]
 log = logging.getLogger("livestack.recover")
 
 FITS_NAME = "stack.fits"
-_FRAME_SUFFIXES = (".fits", ".fit", ".fts", ".fz")
 
 
 @dataclass
@@ -162,7 +162,7 @@ def recover(output_root: Path, watch_dir: Path | None = None, *,
     if watch_dir is not None and Path(watch_dir).is_dir():
         report.unlisted = sum(
             1 for p in Path(watch_dir).rglob("*")
-            if p.name.lower().endswith(_FRAME_SUFFIXES) and str(p.absolute()) not in listed
+            if p.name.lower().endswith(FRAME_SUFFIXES) and str(p.absolute()) not in listed
             and not p.name.startswith((".", "~")))
     for line in report.lines():
         log.info("recover: %s", line)

@@ -35,7 +35,7 @@ journals it with its reason and logs it; symlinks are followed by this module, a
 daemon refuses those that lead outside the watch folder.
 
 Names starting with ``.`` or ``~`` and names ending in ``.tmp``/``.part`` are
-ignored; ``*.fits *.fit *.fts *.fz`` are accepted, case-insensitively.
+ignored; the suffixes of :data:`FRAME_SUFFIXES` are accepted, case-insensitively.
 
 Missed events
 -------------
@@ -82,11 +82,12 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from livestack.errors import FrameNotReadyError, FrameReadError, UsageError
+from livestack.storage.formats import FRAME_SUFFIXES as ALL_FRAME_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-#: Accepted frame suffixes (compared lower-case).
-FRAME_SUFFIXES: tuple[str, ...] = (".fits", ".fit", ".fts", ".fz")
+#: Accepted frame suffixes (compared lower-case): FITS, .fits.gz, RAW, TIFF/PNG/JPEG, XISF.
+FRAME_SUFFIXES: tuple[str, ...] = ALL_FRAME_SUFFIXES
 #: Suffixes of partial files written by capture or copy tools (compared lower-case).
 PARTIAL_SUFFIXES: tuple[str, ...] = (".tmp", ".part")
 
@@ -107,7 +108,7 @@ def is_candidate(path: Path | str) -> bool:
     Returns
     -------
     bool
-        True for ``*.fits``, ``*.fit``, ``*.fts``, ``*.fz`` (any case), unless the name
+        True for a suffix in :data:`FRAME_SUFFIXES` (any case), unless the name
         starts with ``.`` or ``~`` or ends with ``.tmp`` / ``.part``.
     """
     name = os.path.basename(os.fspath(path))
@@ -183,7 +184,7 @@ class FrameWatcher:
         reported anyway so that the daemon records it as truncated.
     check_complete : callable, optional
         ``check_complete(path) -> int`` raising ``FrameNotReadyError`` / ``FrameReadError``;
-        defaults to :func:`livestack.storage.fitsio.check_complete`.
+        defaults to :func:`livestack.storage.formats.check_complete`.
 
     Raises
     ------
@@ -200,7 +201,7 @@ class FrameWatcher:
         if not not_ready_timeout_s > 0:
             raise ValueError(f"not_ready_timeout_s must be > 0, got {not_ready_timeout_s}")
         if check_complete is None:
-            from livestack.storage.fitsio import check_complete as default_check
+            from livestack.storage.formats import check_complete as default_check
 
             check_complete = default_check
         self.watch_dir = Path(os.path.abspath(watch_dir))

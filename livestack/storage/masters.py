@@ -37,9 +37,11 @@ from livestack.pipeline.types import FrameInfo
 from livestack.storage.fitsio import (
     FrameLayout,
     frame_layout,
-    read_frame,
     write_fits_float32,
 )
+from livestack.storage.formats import FRAME_SUFFIXES, ReadOptions, is_fits
+from livestack.storage.formats import read_frame as read_any_frame
+from livestack.storage.formats import read_header as read_any_header
 from livestack.storage.headers import parse_frame_info
 
 MASTER_KINDS: tuple[str, ...] = ("bias", "dark", "flat", "darkflat")
@@ -51,14 +53,16 @@ CHUNK_BYTES = 256 * 2**20
 EXPOSURE_RTOL = 0.01
 #: Maximum kappa-sigma passes per pixel.
 CLIP_MAX_ITER = 5
-FITS_SUFFIXES = (".fit", ".fits", ".fts", ".fz", ".fit.fz", ".fits.fz")
+FITS_SUFFIXES = FRAME_SUFFIXES  # every frame format (FITS, .fits.gz, RAW, TIFF, PNG, XISF)
+# Raw calibration frames keep the RAW black level: the bias/dark masters carry it.
+_CALIBRATION_READ = ReadOptions(raw_black="keep")
 _FAST_DTYPES: dict[int, np.dtype[Any]] = {
     8: np.dtype(np.uint8), 16: np.dtype(">i2"), 32: np.dtype(">i4"), -32: np.dtype(">f4"),
     -64: np.dtype(">f8")}
 
 
 def list_fits(directory: Path) -> list[Path]:
-    """FITS files (``.fit``, ``.fits``, ``.fts``, ``.fz``) directly in ``directory``, sorted."""
+    """Frame files of any supported format directly in ``directory``, sorted."""
     return sorted(p for p in Path(directory).iterdir()
                   if p.is_file() and p.name.lower().endswith(FITS_SUFFIXES)
                   and not p.name.startswith("."))
@@ -91,6 +95,8 @@ class _Input:
 
 
 def _inspect(path: Path) -> _Input:
+    if not is_fits(path):
+        return _inspect_other(path)
     try:
         layout = frame_layout(path)
         header = fits.Header.fromstring(layout.header_bytes)
@@ -102,6 +108,18 @@ def _inspect(path: Path) -> _Input:
     if len(shape) != 2:
         raise MasterError(f"{path}: expected a 2-D image, got shape {layout.shape}")
     info = parse_frame_info(header, str(path), (int(shape[0]), int(shape[1])))
+    return _Input(Path(path), layout, header, info)
+
+
+def _inspect_other(path: Path) -> _Input:
+    """A non-FITS calibration frame: decoded once here; its rows come from a spill file."""
+    try:
+        header, info = read_any_header(path, _CALIBRATION_READ)
+    except FrameReadError as exc:
+        raise MasterError(f"{path}: cannot use as calibration frame: {exc.message}") from exc
+    ny, nx = info.shape
+    # compressed=True sends _RowSource to the decode-and-spill path.
+    layout = FrameLayout(0, 0, 0, 0, -32, (nx, ny), True, b"")
     return _Input(Path(path), layout, header, info)
 
 
@@ -126,7 +144,7 @@ class _RowSource:
             if spill_dir is None:
                 raise MasterError(f"{item.path}: compressed input needs a spill directory")
             try:
-                data, _, _ = read_frame(item.path)
+                data, _, _ = read_any_frame(item.path, _CALIBRATION_READ)
             except FrameReadError as exc:
                 raise MasterError(f"{item.path}: {exc.message}") from exc
             spill = spill_dir / f"{id(self)}.npy"
@@ -455,7 +473,8 @@ def _raw_dir_files(directory: Path, kind: str) -> list[Path]:
         raise MasterError(f"{directory}: not a directory of {kind} frames")
     files = list_fits(directory)
     if not files:
-        raise MasterError(f"{directory}: no FITS files (.fit/.fits/.fts/.fz) for the {kind} master")
+        raise MasterError(f"{directory}: no frame files (FITS, RAW, TIFF, PNG, XISF) for the "
+                          f"{kind} master")
     return files
 
 
@@ -643,7 +662,7 @@ class MasterEntry:
         if self._data is None:
             assert self.path is not None  # entries without data always have a path
             try:
-                self._data, _, _ = read_frame(self.path)
+                self._data, _, _ = read_any_frame(self.path)
             except FrameReadError as exc:
                 raise MasterError(f"{self.path}: cannot read master: {exc.message}") from exc
         return self._data
@@ -923,7 +942,7 @@ def masters_for_cli(bias: Path | None = None, darks: Path | None = None,
         elif path.is_dir():
             files = list_fits(path)
             if not files:
-                raise MasterError(f"{path}: no FITS files (.fit/.fits/.fts/.fz)")
+                raise MasterError(f"{path}: no frame files (FITS, RAW, TIFF, PNG, XISF)")
             if all(_is_master_file(f) for f in files):
                 # A folder of masters may hold every kind: take the ones asked for.
                 found = [e for e in (MasterEntry.from_file(f) for f in files) if e.kind == kind]

@@ -15,7 +15,8 @@ Layout
 * ``FRAMES`` binary table, one row per frame seen (accepted, rejected, failed): file,
   verdict, reason, weight, fwhm_px, stars, background, noise, dx, dy, rotation_deg,
   exposure_s, date_obs (ISO UTC), plus mjd_obs, elongation, snr, fwhm_arcsec and the
-  full 2x3 transform ``matrix`` so that a round trip is exact. Missing numbers are NaN
+  full 2x3 transform ``matrix`` so that a round trip is exact, and the file ``format``
+  (``fits``, ``fits.gz``, ``dng``, ``tiff``, ...). Missing numbers are NaN
   (``stars``: -1); missing strings are empty. FITS strings are ASCII: other characters
   in file names are stored as backslash escapes.
 
@@ -54,6 +55,7 @@ from livestack.pipeline.fitskeys import TIME_COMMENTS, is_cfa_key, time_keywords
 from livestack.pipeline.product import StackProduct
 from livestack.pipeline.types import FrameMetrics, FrameRecord, Transform
 from livestack.storage.atomic import atomic_write
+from livestack.storage.formats import frame_format
 
 CREATOR = "livestack"
 
@@ -237,6 +239,7 @@ def _frames_table(records: list[FrameRecord]) -> fits.BinTableHDU:
                     array=np.array([metric(r, "fwhm_arcsec") for r in records])),
         fits.Column("matrix", "6D", array=mats),
         text("model", [r.transform.model if r.transform is not None else "" for r in records]),
+        text("format", [frame_format(r.file) or "" for r in records]),  # file format
     ]
     return fits.BinTableHDU.from_columns(columns, name="FRAMES")
 

@@ -94,7 +94,9 @@ def make_watcher(tmp_path: Path) -> Iterator[Callable[..., tuple[FrameWatcher, C
     ("a.fits", True), ("B.FIT", True), ("c.Fts", True), ("d.fits.fz", True),
     ("with space 001.fits", True), (".hidden.fits", False), ("~lock.fits", False),
     ("x.fits.tmp", False), ("x.fits.part", False), ("x.TMP", False), ("notes.txt", False),
-    ("frame.fits.gz", False), ("fits", False), ("", False),
+    ("frame.fits.gz", True), ("IMG_0001.CR2", True), ("a.dng", True), ("b.tiff", True),
+    ("c.png", True), ("d.jpg", True), ("e.xisf", True), ("notes.gz", False),
+    ("fits", False), ("", False),
 ])
 def test_is_candidate(name: str, expected: bool) -> None:
     assert is_candidate(Path("/some/dir") / name if name else "") is expected

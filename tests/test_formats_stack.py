@@ -1,0 +1,210 @@
+"""A synthetic night written as DNG, 16-bit TIFF, PNG and XISF stacks like its FITS original.
+
+Efficiency here is the stack's weight efficiency NEFF / NCOMBINE (NEFF = (sum w)^2 /
+sum w^2 over the combined frames): it moves when the per-frame quality measurements
+(FWHM, noise, background) that set the weights differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from livestack.config import config_from_dict
+from livestack.daemon import stack_files
+from livestack.sim import SimConfig, Simulator, write_fits
+from livestack.sim.formatwrite import SUFFIXES, write_dng, write_frame
+from livestack.storage.masters import build_masters_from_dirs, masters_for_cli
+
+N_FRAMES = 8
+EXPOSURE_S = 60.0
+START = datetime(2026, 1, 15, 21, 0)
+
+
+def _sim(bayer: str | None) -> Simulator:
+    config = SimConfig(width=256, height=192, exposure_s=EXPOSURE_S,
+                       bayer_pattern=bayer, satellite_frames=(3,), cosmic_rays_per_frame=2.0,
+                       hot_pixel_fraction=5e-4, drift_px_per_frame=(1.3, 0.7),
+                       start_time_utc=START.isoformat())
+    return Simulator(config, seed=11)
+
+
+def _stack(folder: Path, out: Path, masters: Any = None) -> dict[str, Any]:
+    config = config_from_dict({"formats": {"exposure_s": EXPOSURE_S}})
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    stack_files(config, files, out, masters=masters)
+    (path,) = out.rglob("stack.fits")
+    with fits.open(path) as hdul:
+        header = hdul[0].header
+        table = hdul["FRAMES"].data
+        result = {
+            "image": np.asarray(hdul[0].data, dtype=np.float64),
+            "ncombine": int(header["NCOMBINE"]),
+            "efficiency": float(header["NEFF"]) / int(header["NCOMBINE"]),
+            "exptime": float(header["EXPTIME"]),
+            "date_obs": str(header["DATE-OBS"]),
+            "rejhigh": np.asarray(hdul["REJHIGH"].data, dtype=np.int64),
+            "verdicts": [str(v) for v in table["verdict"]],
+            "formats": sorted({str(f) for f in table["format"]}),
+        }
+    db = sqlite3.connect(out / "journal.sqlite")
+    rows = db.execute("SELECT status, metrics FROM frames ORDER BY id").fetchall()
+    db.close()
+    result["journal_formats"] = sorted({json.loads(m)["format"] for s, m in rows if m})
+    return result
+
+
+def _night(tmp: Path, sim: Simulator, fmt: str) -> Path:
+    folder = tmp / fmt
+    folder.mkdir()
+    for i in range(N_FRAMES):
+        frame = sim.light(i)
+        if fmt == "fits":
+            write_fits(folder / f"light_{i:03d}.fits", frame)
+        else:
+            write_frame(folder / f"light_{i:03d}{SUFFIXES[fmt]}", frame, fmt)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mono_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("mono")
+    return _stack(_night(tmp, _sim(None), "fits"), tmp / "out")
+
+
+def _assert_stacks_alike(got: dict[str, Any], ref: dict[str, Any]) -> None:
+    assert got["ncombine"] == ref["ncombine"] >= N_FRAMES - 1
+    assert got["verdicts"] == ref["verdicts"]
+    assert abs(got["efficiency"] - ref["efficiency"]) <= 0.02
+    # Trails and defects: rejected where the FITS stack rejected them ...
+    total = int(ref["rejhigh"].sum())
+    assert total > 100  # the satellite trail, hot pixels and cosmic rays
+    assert abs(int(got["rejhigh"].sum()) - total) <= 0.01 * total
+    # ... and the same pixels come out.
+    diff = got["image"] - ref["image"]
+    diff -= np.nanmedian(diff)
+    noise = float(np.nanstd(ref["image"] - np.nanmedian(ref["image"])))
+    assert float(np.nanmax(np.abs(diff))) <= 0.01 * noise
+
+
+@pytest.mark.parametrize("fmt", ["tiff", "png", "xisf"])
+def test_the_night_as_a_lossless_format_stacks_like_the_fits_original(
+        tmp_path: Path, mono_reference: dict[str, Any], fmt: str) -> None:
+    got = _stack(_night(tmp_path, _sim(None), fmt), tmp_path / "out")
+    _assert_stacks_alike(got, mono_reference)
+    assert got["exptime"] == mono_reference["exptime"] == N_FRAMES * EXPOSURE_S
+    assert got["date_obs"] == mono_reference["date_obs"]
+    assert got["formats"] == [fmt] and got["journal_formats"] == [fmt]
+    assert mono_reference["formats"] == ["fits"]
+
+
+def test_the_dng_night_gives_an_rgb_stack_with_the_exposure_total_and_start(
+        tmp_path: Path) -> None:
+    sim = _sim("RGGB")
+    ref = _stack(_night(tmp_path, sim, "fits"), tmp_path / "out_fits")
+    folder = tmp_path / "dng"
+    folder.mkdir()
+    for i in range(N_FRAMES):  # a camera at UTC+1 that writes its offset tag
+        write_dng(folder / f"IMG_{i:04d}.dng", sim.light(i), black_adu=0,
+                  offset=timedelta(hours=1))
+    got = _stack(folder, tmp_path / "out_dng")
+    assert got["image"].shape == (3, 192, 256)
+    _assert_stacks_alike(got, ref)
+    assert got["exptime"] == N_FRAMES * EXPOSURE_S
+    assert got["date_obs"].startswith(START.isoformat())
+    assert got["formats"] == ["dng"] and got["journal_formats"] == ["dng"]
+
+
+def test_raw_lights_with_masters_built_from_raw_darks_and_fits_bias(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Masters build from DNG darks; DNG lights use them with a FITS bias of the same shape.
+
+    A truncated DNG in the night is journaled with its reason and one log line.
+    """
+    sim = _sim("RGGB")
+    darks, bias = tmp_path / "darks", tmp_path / "bias"
+    darks.mkdir()
+    bias.mkdir()
+    for i in range(5):
+        write_dng(darks / f"dark_{i}.dng", sim.dark(i), black_adu=400)
+        write_fits(bias / f"bias_{i}.fits", sim.bias(i))
+    masters_dir = tmp_path / "masters"
+    written = build_masters_from_dirs(masters_dir, bias_dir=bias, dark_dir=darks)
+    assert len(written) == 2
+    lights = tmp_path / "lights"
+    lights.mkdir()
+    for i in range(4):
+        write_dng(lights / f"IMG_{i}.dng", sim.light(i), black_adu=400)
+    bad = lights / "IMG_9.dng"
+    bad.write_bytes((lights / "IMG_0.dng").read_bytes()[:5000])
+    library = masters_for_cli(bias=masters_dir, darks=masters_dir)
+    with caplog.at_level(logging.WARNING):
+        got = _stack(lights, tmp_path / "out", masters=library)
+    assert got["ncombine"] == 4 and got["image"].shape == (3, 192, 256)
+    db = sqlite3.connect(tmp_path / "out" / "journal.sqlite")
+    (status, reason), = db.execute("SELECT status, reason FROM frames WHERE path LIKE ?",
+                                   ("%IMG_9.dng",)).fetchall()
+    db.close()
+    assert (status, reason) == ("failed", "truncated")
+    lines = [r for r in caplog.records if "IMG_9.dng" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0].getMessage()
+    # Dark-subtracted with the black level kept in lights and dark alike: the sky is the
+    # same as from the FITS lights (not 400 ADU lower or higher).
+    fits_lights = tmp_path / "fits_lights"
+    fits_lights.mkdir()
+    for i in range(4):
+        write_fits(fits_lights / f"l_{i}.fits", sim.light(i))
+    fits_darks = tmp_path / "fits_darks"
+    fits_darks.mkdir()
+    for i in range(5):
+        write_fits(fits_darks / f"d_{i}.fits", sim.dark(i))
+    ref = _stack(fits_lights, tmp_path / "out_ref",
+                 masters=masters_for_cli(bias=bias, darks=fits_darks))
+    sky, ref_sky = np.nanmedian(got["image"]), np.nanmedian(ref["image"])
+    assert abs(sky - ref_sky) < 0.05 * abs(ref_sky) + 5.0
+
+
+def test_the_cli_stacks_raw_and_gzipped_folders_and_builds_masters_from_tiff(
+        tmp_path: Path) -> None:
+    import gzip
+    import subprocess
+    import sys
+
+    sim = _sim("RGGB")
+    lights = tmp_path / "lights"
+    lights.mkdir()
+    for i in range(3):
+        write_dng(lights / f"IMG_{i}.DNG", sim.light(i))
+        write_fits(tmp_path / "x.fits", sim.light(i + 3))
+        (lights / f"light_{i}.fits.gz").write_bytes(gzip.compress(
+            (tmp_path / "x.fits").read_bytes()))
+    darks = tmp_path / "darks"
+    darks.mkdir()
+    for i in range(3):
+        write_frame(darks / f"dark_{i}.tif", sim.dark(i), "tiff")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "livestack.cli", *args], text=True,
+                              capture_output=True, timeout=300)
+
+    proc = cli("masters", "build", "--darks", str(darks), "-o", str(tmp_path / "m"))
+    assert proc.returncode == 0, proc.stderr
+    (master,) = (tmp_path / "m").glob("*.fits")
+    with fits.open(master) as hdul:
+        assert hdul[0].header["NCOMBINE"] == 3 and hdul[0].data.shape == (192, 256)
+    proc = cli("stack", str(lights), "-o", str(tmp_path / "out"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "6 accepted" in proc.stdout, proc.stdout
+    formats = set()
+    for path in (tmp_path / "out").rglob("stack.fits"):
+        with fits.open(path) as hdul:
+            formats |= {str(f) for f in hdul["FRAMES"].data["format"]}
+    assert formats == {"dng", "fits.gz"}
