@@ -20,8 +20,10 @@ from astropy.io import fits
 
 from livestack.config import config_from_dict
 from livestack.daemon import stack_files
+from livestack.pipeline.saturation import SaturationConfig, resolve_level
 from livestack.sim import SimConfig, Simulator, write_fits
 from livestack.sim.formatwrite import SUFFIXES, write_dng, write_frame
+from livestack.storage import fitsio
 from livestack.storage.masters import build_masters_from_dirs, masters_for_cli
 
 N_FRAMES = 8
@@ -109,12 +111,18 @@ def test_the_night_as_a_lossless_format_stacks_like_the_fits_original(
 def test_the_dng_night_gives_an_rgb_stack_with_the_exposure_total_and_start(
         tmp_path: Path) -> None:
     sim = _sim("RGGB")
-    ref = _stack(_night(tmp_path, sim, "fits"), tmp_path / "out_fits")
+    fits_night = _night(tmp_path, sim, "fits")
+    ref = _stack(fits_night, tmp_path / "out_fits")
+    # The same camera in both files: the DNG's WhiteLevel is the level the FITS night's
+    # headers and data give (a RAW file states it; a FITS file without SATURATE implies it).
+    raw0, fits_info, _ = fitsio.read_frame(sorted(fits_night.iterdir())[0])
+    white_adu = resolve_level(raw0, fits_info, SaturationConfig())
+    assert white_adu is not None
     folder = tmp_path / "dng"
     folder.mkdir()
     for i in range(N_FRAMES):  # a camera at UTC+1 that writes its offset tag
         write_dng(folder / f"IMG_{i:04d}.dng", sim.light(i), black_adu=0,
-                  offset=timedelta(hours=1))
+                  white_adu=int(white_adu), offset=timedelta(hours=1))
     got = _stack(folder, tmp_path / "out_dng")
     assert got["image"].shape == (3, 192, 256)
     _assert_stacks_alike(got, ref)

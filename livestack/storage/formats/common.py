@@ -227,8 +227,18 @@ def to_mono_float32(arr: np.ndarray, path: Path, fmt: str) -> np.ndarray:
     return out
 
 
-def integer_saturation(dtype: np.dtype) -> float | None:
-    """Largest value of an integer sample type (its saturation level), None for floats."""
-    if np.issubdtype(dtype, np.integer):
-        return float(np.iinfo(dtype).max)
-    return None
+def add_container_cards(header: fits.Header, dtype: np.dtype) -> None:
+    """Describe an integer sample type as FITS would (BITPIX, BZERO), in place.
+
+    The container's range is not the camera's white level: a 12- or 14-bit camera writes
+    16-bit files. Described as BITPIX/BZERO, the saturation level is found exactly as for a
+    FITS frame of the same data (``headers.saturation_level``: the container's maximum,
+    narrowed to 12/14 bit from the data), so a TIFF, PNG or XISF frame stacks like its
+    FITS original. Floating-point samples get no cards (no level from the container).
+    """
+    if not np.issubdtype(dtype, np.integer):
+        return
+    info = np.iinfo(dtype)
+    header["BITPIX"] = (int(info.bits), "sample type of the original file")
+    if info.min == 0 and info.bits > 8:  # unsigned: FITS stores it offset by BZERO
+        header["BZERO"] = (float(2 ** (info.bits - 1)), "unsigned samples")

@@ -24,7 +24,7 @@ from livestack.storage.formats.common import (
     camera_clock_to_utc,
     err,
     header_for,
-    integer_saturation,
+    add_container_cards,
     mtime_start,
     note_once,
     parse_exif_datetime,
@@ -74,10 +74,11 @@ def _header(path: Path, fmt: str, tags: dict[str, Any], options: ReadOptions,
     make = str(tags.get("Make") or "").strip("\x00 ")
     model = str(tags.get("Model") or "").strip("\x00 ")
     instrument = model if model.startswith(make) else f"{make} {model}".strip()
-    return header_for(fmt, exposure_s=exposure_s, date_obs_utc=date_obs,
-                      instrument=instrument,
-                      iso=float(iso_value) if isinstance(iso_value, (int, float)) else None,
-                      saturate_adu=integer_saturation(dtype))
+    header = header_for(fmt, exposure_s=exposure_s, date_obs_utc=date_obs,
+                        instrument=instrument,
+                        iso=float(iso_value) if isinstance(iso_value, (int, float)) else None)
+    add_container_cards(header, dtype)
+    return header
 
 
 def _read_tiff(path: Path, options: ReadOptions) -> tuple[np.ndarray, fits.Header]:
@@ -147,7 +148,7 @@ def read_raster(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray,
     image : ndarray, shape (ny, nx), float32
         Pixel values as stored (RGB: mean of the channels).
     header : astropy.io.fits.Header
-        Synthesised: FRAMEFMT, EXPTIME, DATE-OBS (UTC), INSTRUME, GAIN (ISO), SATURATE
+        Synthesised: FRAMEFMT, EXPTIME, DATE-OBS (UTC), INSTRUME, GAIN (ISO), BITPIX/BZERO of the samples
         (the sample type's maximum for integer data).
 
     Raises

@@ -24,7 +24,7 @@ from livestack.storage.formats.common import (
     FORMAT_KEY,
     ReadOptions,
     err,
-    integer_saturation,
+    add_container_cards,
     to_mono_float32,
 )
 
@@ -61,9 +61,7 @@ def _header(meta: dict[str, Any], dtype: np.dtype) -> fits.Header:
     start = props.get("Observation:Time:Start", {}).get("value")
     if "DATE-OBS" not in header and start is not None:
         header["DATE-OBS"] = (str(start).rstrip("Z"), "from Observation:Time:Start")
-    saturate = integer_saturation(dtype)
-    if "SATURATE" not in header and saturate is not None:
-        header["SATURATE"] = (saturate, "[adu] saturation level of the data")
+    add_container_cards(header, dtype)
     return header
 
 
@@ -81,7 +79,7 @@ def read_xisf(path: Path, options: ReadOptions) -> tuple[np.ndarray, fits.Header
     image : ndarray, shape (ny, nx), float32
         Sample values as stored (RGB: mean of the channels).
     header : astropy.io.fits.Header
-        The image's FITSKeywords, FRAMEFMT, and SATURATE for integer samples.
+        The image's FITSKeywords, FRAMEFMT, and BITPIX/BZERO of integer samples.
 
     Raises
     ------
