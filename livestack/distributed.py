@@ -36,6 +36,7 @@ product is complete.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 from collections.abc import Sequence
@@ -131,15 +132,15 @@ def _open_masters(paths: MasterPaths) -> MasterSource | None:
     return None
 
 
-def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
+def connect(address: str, timeout_s: float | None = None) -> Any:
     """Connect to a running Dask scheduler.
 
     Parameters
     ----------
     address : str
         ``tcp://HOST:PORT`` (any address ``distributed.Client`` accepts).
-    timeout_s : float
-        Bounded wait for the connection.
+    timeout_s : float, optional
+        Bounded wait for the connection (default :data:`CONNECT_TIMEOUT_S`).
 
     Returns
     -------
@@ -158,12 +159,43 @@ def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Any:
         from distributed import Client
     except ImportError:
         raise UsageError(f"--scheduler needs Dask: {EXTRA_HINT}") from None
+    timeout = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    # Ask the address who it is before building a Client: a Client that fails half-way
+    # prints tracebacks from its finaliser at exit, and a non-Dask peer's bytes can be
+    # misread as a huge message length (MemoryError).
     try:
-        return Client(address, timeout=timeout_s, set_as_default=False)
-    except (OSError, TimeoutError, ValueError, TypeError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        kind = asyncio.run(_identify(address, timeout))
+    except (OSError, TimeoutError, ValueError, TypeError, MemoryError) as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0] or (
+            f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError)
+            else type(exc).__name__)
         raise UsageError(f"--scheduler {address}: no Dask scheduler reachable there "
                          f"({reason})") from None
+    if kind != "Scheduler":
+        raise UsageError(f"--scheduler {address}: that is a Dask {kind or 'peer'}, not a "
+                         "scheduler")
+    try:
+        return Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise UsageError(f"--scheduler {address}: cannot connect ({exc})") from None
+
+
+async def _identify(address: str, timeout_s: float) -> str:
+    """The ``type`` a Dask server at ``address`` reports (``"Scheduler"``, ``"Worker"``...).
+
+    Raises
+    ------
+    OSError, TimeoutError, ValueError, MemoryError
+        Unreachable, malformed address, or not speaking the Dask protocol.
+    """
+    from distributed.core import rpc
+
+    remote = rpc(address, timeout=timeout_s)
+    try:
+        identity = await asyncio.wait_for(remote.identity(), timeout_s)
+    finally:
+        await remote.close_rpc()
+    return str(identity.get("type", "")) if isinstance(identity, dict) else ""
 
 
 # --------------------------------------------------------------------------------- tasks
