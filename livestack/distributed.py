@@ -351,7 +351,7 @@ def integrate_plan_dask(plan: IntegrationPlan, config: IntegrateConfig | None = 
         futures.extend(registered)
         fact_futures = client.map(_facts_of, registered, pure=False)
         futures.extend(fact_futures)
-        _follow(fact_futures, "register", progress)
+        _follow(client, fact_futures, "register", progress)
         gathered: list[tuple[_Registered, bool]] = client.gather(fact_futures)
         facts = [f for f, _ in gathered]
         n_star_scaled = sum(1 for _, scaled in gathered if scaled)
@@ -367,12 +367,14 @@ def integrate_plan_dask(plan: IntegrationPlan, config: IntegrateConfig | None = 
                     n_star_scaled if find_stars else None)
 
 
-def _follow(futures: Sequence[Any], stage: str, progress: ProgressCallback | None) -> None:
+def _follow(client: Any, futures: Sequence[Any], stage: str,
+            progress: ProgressCallback | None) -> None:
     """Wait for ``futures`` as they finish, reporting progress; raise the first error."""
     from distributed import as_completed
 
     total = len(futures)
-    for done, future in enumerate(as_completed(futures), start=1):
+    # the client's loop: it is not the process's default client (set_as_default=False)
+    for done, future in enumerate(as_completed(futures, loop=client.loop), start=1):
         if future.status == "error":
             future.result()  # re-raises the task's exception here
         if progress is not None:
@@ -405,7 +407,8 @@ def _combine_on_cluster(client: Any, registered: Sequence[Any], weights: NDArray
             tiles[tile] = (ch, y0, y1, bands)
     total = len(tiles)
     try:
-        for done, future in enumerate(as_completed(list(tiles)), start=1):
+        finished = as_completed(list(tiles), loop=client.loop)
+        for done, future in enumerate(finished, start=1):
             # Dropping the tile's band futures lets the workers free those bands now.
             ch, y0, y1, _ = tiles.pop(future)
             result = future.result()
