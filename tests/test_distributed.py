@@ -106,6 +106,27 @@ def test_dask_result_agrees_with_the_local_engine(client: Any, plan: Integration
     assert _wait_idle(client) == 0  # everything released on the cluster
 
 
+def test_workers_calibrate_with_the_named_masters(client: Any, nights: tuple[Night, Night],
+                                                  plan: IntegrationPlan,
+                                                  tmp_path_factory: pytest.TempPathFactory
+                                                  ) -> None:
+    from livestack.distributed import MasterPaths, integrate_plan_dask
+    from livestack.sim import write_calibration_set
+    from livestack.storage.masters import masters_for_cli
+
+    a, _ = nights
+    cal = write_calibration_set(tmp_path_factory.mktemp("cal"), a.simulator.config, seed=5,
+                                n_bias=0, n_darks=3, n_flats=0, simulator=a.simulator)
+    here = integrate_plan(plan, masters=masters_for_cli(darks=cal["darks"]),
+                          memory_limit_bytes=TILE_LIMIT_BYTES)
+    there = integrate_plan_dask(plan, client=client, masters=MasterPaths(darks=str(cal["darks"])),
+                                memory_limit_bytes=TILE_LIMIT_BYTES)
+    _assert_agrees(there, here)
+    assert "dark" in there.header["HISTORY"].split("masters:")[1]
+    uncalibrated = integrate_plan(plan, memory_limit_bytes=TILE_LIMIT_BYTES)
+    assert np.nanmean(np.abs(there.image - uncalibrated.image)) > 0.1  # darks did something
+
+
 def test_worker_memory_stays_within_the_limit(client: Any, plan: IntegrationPlan) -> None:
     from livestack.distributed import integrate_plan_dask
 
