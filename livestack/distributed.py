@@ -49,9 +49,7 @@ from numpy.typing import NDArray
 
 from livestack.errors import FrameError, UsageError
 from livestack.integrate import (
-    _NORMALIZE_NAMES,
     DEFAULT_MEMORY_LIMIT_BYTES,
-    NORMALIZE_CHOICES,
     IntegrationPlan,
     MasterSource,
     ProgressCallback,
@@ -66,6 +64,7 @@ from livestack.integrate import (
     _signal_scale,
     check_frame_file,
     plan_memory,
+    resolve_settings,
 )
 from livestack.pipeline.integrate import IntegrateConfig, combine_masked_tile
 from livestack.pipeline.normalize import FrameStats, NormalizeConfig, frame_stats
@@ -320,18 +319,8 @@ def integrate_plan_dask(plan: IntegrationPlan, config: IntegrateConfig | None = 
     KeyboardInterrupt
         After cancelling every future of the run.
     """
-    if config is None:
-        config = IntegrateConfig()
-    if pipeline is None:
-        from livestack.pipeline.session import PipelineConfig
-
-        pipeline = PipelineConfig()
-    method = pipeline.normalize.method if normalize is None else _NORMALIZE_NAMES.get(normalize)
-    if method is None:
-        raise UsageError(f"--normalize must be one of {', '.join(NORMALIZE_CHOICES)}; "
-                         f"got {normalize!r}")
-    norm_config = NormalizeConfig(method=method, weights=config.weights)
-    find_stars = method == "additive_scaling"
+    config, pipeline, norm_config = resolve_settings(config, pipeline, normalize)
+    find_stars = norm_config.method == "additive_scaling"
     futures: list[Any] = []
     try:
         ref_future = client.submit(_reference_task, plan.reference, masters, pipeline,
@@ -389,15 +378,7 @@ def _combine_on_cluster(client: Any, registered: Sequence[Any], weights: NDArray
     from distributed import as_completed
 
     ny, nx = shape
-    maps: dict[str, NDArray[Any]] = {
-        "image": np.empty((channels, ny, nx), dtype=np.float32),
-        "weight": np.empty((channels, ny, nx), dtype=np.float32),
-        "count": np.empty((channels, ny, nx), dtype=np.uint16),
-        "rejected_low": np.empty((channels, ny, nx), dtype=np.uint16),
-        "rejected_high": np.empty((channels, ny, nx), dtype=np.uint16),
-    }
-    if config.std_map:
-        maps["std"] = np.empty((channels, ny, nx), dtype=np.float32)
+    maps: dict[str, NDArray[Any]] = {}  # full-size maps, typed as the first tile's
     tiles: dict[Any, tuple[int, int, int, list[Any]]] = {}
     for ch in range(channels):
         for y0 in range(0, ny, band_rows):
@@ -412,8 +393,10 @@ def _combine_on_cluster(client: Any, registered: Sequence[Any], weights: NDArray
             # Dropping the tile's band futures lets the workers free those bands now.
             ch, y0, y1, _ = tiles.pop(future)
             result = future.result()
-            for name, arr in maps.items():
-                arr[ch, y0:y1] = result[name]
+            for name, tile in result.items():
+                if name not in maps:
+                    maps[name] = np.empty((channels, ny, nx), dtype=tile.dtype)
+                maps[name][ch, y0:y1] = tile
             del result
             if progress is not None:
                 progress("combine", done, total)
