@@ -240,6 +240,19 @@ def test_bad_scheduler_address_is_one_line_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_keep_registered_is_refused_with_a_scheduler(nights: tuple[Night, Night],
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    require_distributed()
+    a, _ = nights
+    code = main(["integrate", str(a.stack_dir), "-o", str(tmp_path / "out.fits"),
+                 "--scheduler", "tcp://127.0.0.1:1", "--keep-registered", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err == ["livestack: --keep-registered cannot be used with "
+                                 "--scheduler: the registered frames stay on the workers"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_scheduler_without_dask_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from livestack.distributed import check_cluster_options, connect
 
