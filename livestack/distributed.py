@@ -17,16 +17,19 @@ and run it again when a worker is lost (the result is the same):
   agree with it. The planes stay on the worker that made them (Dask spills them to the
   worker's local disk above its memory limit): the scratch data never comes back to the
   client;
-* **band** (frame x tile): rows ``y0:y1`` of one channel of one frame's planes; Dask
-  runs it where the planes are;
+* **band** (frame x tile): rows ``y0:y1`` of one channel of one frame's planes, cut as
+  soon as the frame is registered, where it was registered; the whole frame is then
+  dropped, and each piece is kept (or spilled) on its own;
 * **combine** (one per tile): one band of every frame and the weights -> the tile's maps
-  (:func:`~livestack.pipeline.integrate.combine_masked_tile`).
+  (:func:`~livestack.pipeline.integrate.combine_masked_tile`). Tiles are sized so that
+  one combine task uses at most :data:`TILE_SHARE` of ``--memory-limit``
+  (:func:`tile_rows`).
 
 Workers read frames and masters from the paths the client names: every worker must see
-the same paths (a shared file system such as NFS, mounted at the same place). Tile
-heights come from ``--memory-limit`` as for the local engine's scratch mode, so one
-task's working set fits that limit; start the workers with the same ``--memory-limit``
-so that Dask's spilling keeps each worker within it.
+the same paths (a shared file system such as NFS, mounted at the same place). Start the
+workers with the same ``--memory-limit``: a register task needs one frame's working set
+(checked as for the local engine), a combine task at most :data:`TILE_SHARE` of it, and
+Dask spills the stored pieces to the worker's local disk to keep the worker within it.
 
 The client follows the futures (the progress bar counts finished frames, then tiles);
 Ctrl-C (KeyboardInterrupt) or any error cancels every future of the run before it
@@ -39,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +75,9 @@ from livestack.pipeline.normalize import FrameStats, NormalizeConfig, frame_stat
 from livestack.pipeline.types import FrameMetrics, StarList
 
 EXTRA_HINT = "pip install 'livestack[distributed]'"
+#: Share of ``--memory-limit`` one combine task may use; the rest is for the pieces Dask
+#: keeps in worker memory (it spills them to the worker's disk above 60 % of its limit).
+TILE_SHARE = 0.3
 #: Seconds to wait for the scheduler's handshake before the address counts as unreachable.
 CONNECT_TIMEOUT_S = 10.0
 
@@ -321,7 +328,8 @@ def integrate_plan_dask(plan: IntegrationPlan, config: IntegrateConfig | None = 
     """
     config, pipeline, norm_config = resolve_settings(config, pipeline, normalize)
     find_stars = norm_config.method == "additive_scaling"
-    futures: list[Any] = []
+    futures: list[Any] = []  # the reference's, then each frame's facts
+    bands: dict[int, list[Any]] = defaultdict(list)  # tile index -> each frame's piece
     try:
         ref_future = client.submit(_reference_task, plan.reference, masters, pipeline,
                                    find_stars, pure=False)
@@ -329,29 +337,37 @@ def integrate_plan_dask(plan: IntegrationPlan, config: IntegrateConfig | None = 
         ref: _Reference = ref_future.result()
         n = len(plan.frames)
         channels = 3 if ref.ndim == 3 else 1
-        mem = plan_memory(n, channels, ref.shape, memory_limit_bytes, std_map=config.std_map,
-                          has_masters=masters is not None and not masters.empty,
-                          force_scratch=True)
+        # raises UsageError when one frame's working set does not fit the limit
+        plan_memory(n, channels, ref.shape, memory_limit_bytes, std_map=config.std_map,
+                    has_masters=masters is not None and not masters.empty, force_scratch=True)
+        ny, nx = ref.shape
+        rows = tile_rows(n, nx, memory_limit_bytes)
+        tiles = [(ch, y0, min(y0 + rows, ny)) for ch in range(channels)
+                 for y0 in range(0, ny, rows)]
         ref_metrics = _metrics_of(plan.reference)
-        registered = [client.submit(_register_task, frame, frame is plan.reference, masters,
-                                    pipeline, ref, ref_metrics, plan.reference.path,
-                                    norm_config, pure=False)
-                      for frame in plan.frames]
-        futures.extend(registered)
-        fact_futures = client.map(_facts_of, registered, pure=False)
-        futures.extend(fact_futures)
-        _follow(client, fact_futures, "register", progress)
-        gathered: list[tuple[_Registered, bool]] = client.gather(fact_futures)
+        for frame in plan.frames:
+            registered = client.submit(_register_task, frame, frame is plan.reference, masters,
+                                       pipeline, ref, ref_metrics, plan.reference.path,
+                                       norm_config, pure=False)
+            futures.append(client.submit(_facts_of, registered, pure=False))
+            # Cut the frame into its tiles right away and keep no reference to the whole
+            # frame: the worker then frees it, and each tile's piece is stored (or spilled
+            # to disk) on its own, so a combine task loads only its tile.
+            for t, (ch, y0, y1) in enumerate(tiles):
+                bands[t].append(client.submit(_band_task, registered, ch, y0, y1, pure=False))
+            del registered
+        _follow(client, futures[1:], "register", progress)
+        gathered: list[tuple[_Registered, bool]] = client.gather(futures[1:])
         facts = [f for f, _ in gathered]
         n_star_scaled = sum(1 for _, scaled in gathered if scaled)
         weights = np.array([f.weight for f in facts], dtype=np.float64)
-        maps = _combine_on_cluster(client, registered, weights, config, channels, ref.shape,
-                                   mem.band_rows, progress)
+        maps = _combine_on_cluster(client, tiles, bands, weights, config, channels, ref.shape,
+                                   progress)
     except BaseException:
         # Ctrl-C or a failed task: nothing of this run keeps running on the cluster.
-        client.cancel(futures)
+        client.cancel([*futures, *(b for tile in bands.values() for b in tile)])
         raise
-    client.cancel(futures)  # release the registered planes on the workers
+    client.cancel(futures)
     return _product(plan, config, norm_config, pipeline, facts, maps,
                     n_star_scaled if find_stars else None)
 
@@ -370,28 +386,35 @@ def _follow(client: Any, futures: Sequence[Any], stage: str,
             progress(stage, done, total)
 
 
-def _combine_on_cluster(client: Any, registered: Sequence[Any], weights: NDArray[np.float64],
+def tile_rows(n_frames: int, nx: int, memory_limit_bytes: int) -> int:
+    """Rows per tile so that one combine task uses at most :data:`TILE_SHARE` of the limit.
+
+    A combine task holds its inputs (one band per frame), their stacked copy, the sort
+    keys (8 bytes per sample at most) and the tile's maps (18 bytes per pixel).
+    """
+    row_bytes = nx * (16 * n_frames + 18)
+    return max(1, int(TILE_SHARE * memory_limit_bytes) // row_bytes)
+
+
+def _combine_on_cluster(client: Any, tiles: Sequence[tuple[int, int, int]],
+                        bands: dict[int, list[Any]], weights: NDArray[np.float64],
                         config: IntegrateConfig, channels: int, shape: tuple[int, int],
-                        band_rows: int, progress: ProgressCallback | None
-                        ) -> dict[str, NDArray[Any]]:
+                        progress: ProgressCallback | None) -> dict[str, NDArray[Any]]:
     """Submit one combine task per tile; assemble the full maps as they finish."""
     from distributed import as_completed
 
     ny, nx = shape
     maps: dict[str, NDArray[Any]] = {}  # full-size maps, typed as the first tile's
-    tiles: dict[Any, tuple[int, int, int, list[Any]]] = {}
-    for ch in range(channels):
-        for y0 in range(0, ny, band_rows):
-            y1 = min(y0 + band_rows, ny)
-            bands = [client.submit(_band_task, r, ch, y0, y1, pure=False) for r in registered]
-            tile = client.submit(_combine_task, weights, config, *bands, pure=False)
-            tiles[tile] = (ch, y0, y1, bands)
-    total = len(tiles)
+    pending = {client.submit(_combine_task, weights, config, *bands[t], pure=False): t
+               for t in range(len(tiles))}
+    total = len(pending)
     try:
-        finished = as_completed(list(tiles), loop=client.loop)
+        finished = as_completed(list(pending), loop=client.loop)
         for done, future in enumerate(finished, start=1):
-            # Dropping the tile's band futures lets the workers free those bands now.
-            ch, y0, y1, _ = tiles.pop(future)
+            # Dropping the tile's band futures lets the workers free those pieces now.
+            t = pending.pop(future)
+            ch, y0, y1 = tiles[t]
+            del bands[t]
             result = future.result()
             for name, tile in result.items():
                 if name not in maps:
@@ -401,7 +424,7 @@ def _combine_on_cluster(client: Any, registered: Sequence[Any], weights: NDArray
             if progress is not None:
                 progress("combine", done, total)
     except BaseException:
-        client.cancel([*tiles, *(b for *_, bands in tiles.values() for b in bands)])
+        client.cancel(list(pending))
         raise
     return maps
 
@@ -483,5 +506,6 @@ def worker_pids(client: Any) -> dict[str, int]:
     return dict(client.run(os.getpid))
 
 
-__all__ = ["CONNECT_TIMEOUT_S", "EXTRA_HINT", "MasterPaths", "check_cluster_options", "connect",
-           "integrate_plan_dask", "master_paths", "run_on_cluster", "worker_pids"]
+__all__ = ["CONNECT_TIMEOUT_S", "EXTRA_HINT", "TILE_SHARE", "MasterPaths",
+           "check_cluster_options", "connect", "integrate_plan_dask", "master_paths",
+           "run_on_cluster", "tile_rows", "worker_pids"]
