@@ -124,6 +124,8 @@ def main() -> int:
     parser.add_argument("--memory-limit", default="2GB", help="per process")
     parser.add_argument("--dir", default=None,
                         help="data folder (default /tmp/livestack-bench-multi-WxH-SxF)")
+    parser.add_argument("--generate-only", action="store_true",
+                        help="write the sessions and stop (the runs can then be timed apart)")
     parser.add_argument("--child", choices=("local", "dask"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("dirs", nargs="*", help=argparse.SUPPRESS)
@@ -140,6 +142,8 @@ def main() -> int:
     print(f"generating/reusing {args.sessions} x {args.frames} frames of "
           f"{args.width}x{args.height} in {folder} ...", flush=True)
     dirs = generate(folder, args.sessions, args.frames, args.width, args.height)
+    if args.generate_only:
+        return 0
     local = _run("local", args, dirs, folder)
     dask = _run("dask", args, dirs, folder)
     n = local["frames"]
