@@ -52,6 +52,11 @@ class FrameError(LivestackError):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Pickled with both arguments: a Dask worker's FrameError reaches the client
+        # intact (the default would call __init__ with the message only).
+        return (type(self), (self.reason, self.message))
+
 
 class FrameReadError(FrameError):
     """The file is not a readable, complete, 2-D FITS image."""

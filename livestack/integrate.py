@@ -752,6 +752,28 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------ engine
+def resolve_settings(config: IntegrateConfig | None, pipeline: Any, normalize: str | None
+                     ) -> tuple[IntegrateConfig, Any, NormalizeConfig]:
+    """The defaults of :func:`integrate_plan` (shared with the Dask engine).
+
+    Raises
+    ------
+    UsageError
+        ``normalize`` is not one of :data:`NORMALIZE_CHOICES`.
+    """
+    if config is None:
+        config = IntegrateConfig()
+    if pipeline is None:
+        from livestack.pipeline.session import PipelineConfig
+
+        pipeline = PipelineConfig()
+    method = pipeline.normalize.method if normalize is None else _NORMALIZE_NAMES.get(normalize)
+    if method is None:
+        raise UsageError(f"--normalize must be one of {', '.join(NORMALIZE_CHOICES)}; "
+                         f"got {normalize!r}")
+    return config, pipeline, NormalizeConfig(method=method, weights=config.weights)
+
+
 def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None, *,
                    pipeline: Any = None, normalize: str | None = None,
                    masters: MasterSource | None = None,
@@ -817,17 +839,8 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
     IntegrationCancelled
         ``cancel`` was set.
     """
-    if config is None:
-        config = IntegrateConfig()
-    if pipeline is None:
-        from livestack.pipeline.session import PipelineConfig
-
-        pipeline = PipelineConfig()
-    method = pipeline.normalize.method if normalize is None else _NORMALIZE_NAMES.get(normalize)
-    if method is None:
-        raise UsageError(f"--normalize must be one of {', '.join(NORMALIZE_CHOICES)}; "
-                         f"got {normalize!r}")
-    norm_config = NormalizeConfig(method=method, weights=config.weights)
+    config, pipeline, norm_config = resolve_settings(config, pipeline, normalize)
+    method = norm_config.method
     _check_files(plan)
     keep_dir = Path(keep_registered_dir) if keep_registered_dir is not None else None
     if keep_dir is not None:

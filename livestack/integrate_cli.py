@@ -62,8 +62,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Recalibrate the accepted raw frames of a stack, register them with "
                     "their stored transforms and combine them with batch outlier "
                     "rejection, tile by tile within a memory limit.")
-    p.add_argument("stack_dir", metavar="STACK_DIR",
-                   help="a stack folder written by 'livestack run' or 'livestack stack'")
+    p.add_argument("stack_dir", metavar="STACK_DIR", nargs="+",
+                   help="a stack folder written by 'livestack run' or 'livestack stack'; "
+                        "several (nights of one target and filter) are integrated together "
+                        "onto the first one's reference")
     p.add_argument("-o", "--output", metavar="OUT.fits",
                    help=f"output FITS (default STACK_DIR/{DEFAULT_OUTPUT_NAME})")
     p.add_argument("--combine", choices=COMBINE, default="mean",
@@ -104,6 +106,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--scratch", metavar="DIR",
                    help="folder for the scratch file (default: the output's folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help="run the work on this Dask scheduler's workers (needs the extra "
+                        "livestack[distributed]; every worker must see the frames and "
+                        "masters at the same paths)")
     p.set_defaults(func=run)
     return p
 
@@ -172,12 +178,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         raise UsageError(f"integrate: {exc}") from None
 
     from livestack.config import load_config
-    from livestack.integrate import (
-        integrate_plan,
-        load_session,
-        plan_integration,
-        sigterm_interrupts,
-    )
+    from livestack.integrate import integrate_plan, sigterm_interrupts
 
     settings = load_config(args.config)
     pipeline = settings.pipeline
@@ -185,22 +186,42 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         from dataclasses import replace
 
         pipeline = replace(pipeline, warp=replace(pipeline.warp, kernel=args.interpolation))
-    session = load_session(args.stack_dir)
-    plan = plan_integration(session, exclude=args.exclude, select=args.select,
-                            reference=args.reference)
+    from livestack.multisession import add_provenance, plan_sessions
+
+    stack_dirs = [args.stack_dir] if isinstance(args.stack_dir, str) else list(args.stack_dir)
+    masters = None  # opened here first only to register several sessions onto each other
+    if args.scheduler:
+        from livestack.distributed import check_cluster_options, master_paths
+
+        check_cluster_options(args)  # no Dask or unsupported options: before any work
+        paths = master_paths(args, settings, err)  # the workers open them
+        masters = paths.open() if len(stack_dirs) > 1 else None
+    elif len(stack_dirs) > 1:
+        masters = _masters(args, settings, err)
+    plan, sessions, session = plan_sessions(stack_dirs, exclude=args.exclude,
+                                            select=args.select, reference=args.reference,
+                                            masters=masters, pipeline=pipeline)
     output = Path(args.output) if args.output else (
-        session.folder or Path(args.stack_dir)) / DEFAULT_OUTPUT_NAME
+        session.folder or Path(stack_dirs[0])) / DEFAULT_OUTPUT_NAME
     if not output.parent.is_dir():
         raise UsageError(f"-o {output}: folder {output.parent} does not exist")
     scratch = Path(args.scratch) if args.scratch else output.parent
-    masters = _masters(args, settings, err)
+    if not args.scheduler and len(stack_dirs) == 1:
+        masters = _masters(args, settings, err)
 
     with sigterm_interrupts():
-        product = integrate_plan(
-            plan, config, pipeline=pipeline, normalize=args.normalize,
-            masters=masters, memory_limit_bytes=memory_limit,
-            keep_registered_dir=args.keep_registered, scratch_dir=scratch,
-            progress=None if args.no_progress else _progress(err))
+        if args.scheduler:
+            from livestack.distributed import run_on_cluster
+
+            product = run_on_cluster(args, plan, config, pipeline, settings, memory_limit,
+                                     None if args.no_progress else _progress(err))
+        else:
+            product = integrate_plan(
+                plan, config, pipeline=pipeline, normalize=args.normalize,
+                masters=masters, memory_limit_bytes=memory_limit,
+                keep_registered_dir=args.keep_registered, scratch_dir=scratch,
+                progress=None if args.no_progress else _progress(err))
+        add_provenance(product, sessions)
         from livestack.service.solving import integration_wcs
         from livestack.storage.stackfits import write_stack_fits
 

@@ -21,10 +21,10 @@ from astropy.io import fits
 
 from livestack.storage.formats.common import (
     ReadOptions,
+    add_container_cards,
     camera_clock_to_utc,
     err,
     header_for,
-    add_container_cards,
     mtime_start,
     note_once,
     parse_exif_datetime,
@@ -148,8 +148,8 @@ def read_raster(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray,
     image : ndarray, shape (ny, nx), float32
         Pixel values as stored (RGB: mean of the channels).
     header : astropy.io.fits.Header
-        Synthesised: FRAMEFMT, EXPTIME, DATE-OBS (UTC), INSTRUME, GAIN (ISO), BITPIX/BZERO of the samples
-        (the sample type's maximum for integer data).
+        Synthesised: FRAMEFMT, EXPTIME, DATE-OBS (UTC), INSTRUME, GAIN (ISO), and BITPIX/BZERO
+        of integer samples (their container, as a FITS file would describe it).
 
     Raises
     ------

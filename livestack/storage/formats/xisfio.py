@@ -23,8 +23,8 @@ from livestack.storage.fitsio import _card_value
 from livestack.storage.formats.common import (
     FORMAT_KEY,
     ReadOptions,
-    err,
     add_container_cards,
+    err,
     to_mono_float32,
 )
 
