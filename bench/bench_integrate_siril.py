@@ -93,9 +93,9 @@ def copy_inputs(data: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
                 shutil.copy2(src, target / src.name)
 
 
-def run_siril(work: Path) -> tuple[Path, float]:
-    """Run the Siril script in ``work``; return the result FITS and the wall time."""
-    (work / "script.ssf").write_text(SIRIL_SCRIPT)
+def run_siril(work: Path, script: str = SIRIL_SCRIPT) -> tuple[Path, float]:
+    """Run the Siril ``script`` in ``work``; return the result FITS and the wall time."""
+    (work / "script.ssf").write_text(script)
     t0 = time.perf_counter()
     done = subprocess.run(["siril-cli", "-d", str(work), "-s", str(work / "script.ssf")],
                           capture_output=True, text=True, check=False)

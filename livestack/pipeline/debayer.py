@@ -203,9 +203,10 @@ def _rcd(data: NDArray[np.float32], cmap: NDArray[np.int8], out: NDArray[np.floa
     level = float(np.max(np.abs(data[::7, ::7])))
     level = level if level > 0 else 1.0
     eps = 1e-5 * level
-    vh = np.full(data.shape, 0.5, dtype=np.float32)
-    pq = np.full(data.shape, 0.5, dtype=np.float32)
-    lpf = np.zeros(data.shape, dtype=np.float32)
+    # Each pass reads these only where an earlier pass wrote them (see kernels_demosaic).
+    vh = np.empty(data.shape, dtype=np.float32)
+    pq = np.empty(data.shape, dtype=np.float32)
+    lpf = np.empty(data.shape, dtype=np.float32)
     kd.rcd_directions(data, cmap, eps * eps, vh, pq)
     kd.rcd_lowpass(data, cmap, lpf)
     kd.rcd_green(data, cmap, vh, lpf, eps, out)

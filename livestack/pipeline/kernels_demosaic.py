@@ -59,10 +59,25 @@ def _hpf_sq(cfa: np.ndarray, y: int, x: int, dy: int, dx: int) -> float:
     return v * v
 
 
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _hpf_rows(cfa: np.ndarray, y: int, vert: np.ndarray, diag_p: np.ndarray,
+              diag_q: np.ndarray) -> None:
+    """Squared high-pass of row ``y`` along the columns and both diagonals (x in 3..nx-4)."""
+    nx = cfa.shape[1]
+    for x in range(3, nx - 3):
+        vert[x] = _hpf_sq(cfa, y, x, 1, 0)
+        diag_p[x] = _hpf_sq(cfa, y, x, 1, 1)
+        diag_q[x] = _hpf_sq(cfa, y, x, 1, -1)
+
+
 @njit(cache=True, nogil=True, fastmath=False, parallel=True)
 def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, vh: np.ndarray,
                    pq: np.ndarray) -> None:
     """RCD steps 1 and 4.0: VH at every pixel, PQ at R/B sites (rows 4..ny-5).
+
+    Rows are processed in blocks, one per task; each block keeps the squared high-pass
+    of three consecutive rows in a ring buffer, so each filter runs once per pixel
+    rather than three times.
 
     Parameters
     ----------
@@ -71,25 +86,45 @@ def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, vh: np.ndarr
     epssq : float
         Floor of each directional statistic (squared ADU).
     vh, pq : ndarray, shape (ny, nx), float32
-        Outputs ``V / (V + H)`` and ``P / (P + Q)`` (P along the main diagonal).
+        Outputs ``V / (V + H)`` and ``P / (P + Q)`` (P along the main diagonal),
+        written at rows and columns 4..n-5 (PQ at R/B sites only).
     """
     ny, nx = cfa.shape
-    for y in prange(4, ny - 4):
-        for x in range(4, nx - 4):
-            v = (_hpf_sq(cfa, y - 1, x, 1, 0) + _hpf_sq(cfa, y, x, 1, 0)
-                 + _hpf_sq(cfa, y + 1, x, 1, 0))
-            h = (_hpf_sq(cfa, y, x - 1, 0, 1) + _hpf_sq(cfa, y, x, 0, 1)
-                 + _hpf_sq(cfa, y, x + 1, 0, 1))
-            v = max(v, epssq)
-            h = max(h, epssq)
-            vh[y, x] = np.float32(v / (v + h))
-            if cmap[y & 1, x & 1] != 1:
-                p = (_hpf_sq(cfa, y - 1, x - 1, 1, 1) + _hpf_sq(cfa, y, x, 1, 1)
-                     + _hpf_sq(cfa, y + 1, x + 1, 1, 1))
-                q = (_hpf_sq(cfa, y - 1, x + 1, 1, -1) + _hpf_sq(cfa, y, x, 1, -1)
-                     + _hpf_sq(cfa, y + 1, x - 1, 1, -1))
-                p = max(p, epssq)
-                q = max(q, epssq)
+    if ny < 9 or nx < 9:
+        return
+    block = 64
+    n_blocks = (ny - 8 + block - 1) // block
+    for b in prange(n_blocks):
+        y_start = 4 + b * block
+        y_stop = min(y_start + block, ny - 4)
+        vert = np.zeros((3, nx))
+        diag_p = np.zeros((3, nx))
+        diag_q = np.zeros((3, nx))
+        horiz = np.zeros(nx)
+        for yy in range(y_start - 1, y_start + 1):
+            _hpf_rows(cfa, yy, vert[yy % 3], diag_p[yy % 3], diag_q[yy % 3])
+        for y in range(y_start, y_stop):
+            _hpf_rows(cfa, y + 1, vert[(y + 1) % 3], diag_p[(y + 1) % 3],
+                      diag_q[(y + 1) % 3])
+            for x in range(3, nx - 3):
+                horiz[x] = _hpf_sq(cfa, y, x, 0, 1)
+            up = vert[(y - 1) % 3]
+            mid = vert[y % 3]
+            down = vert[(y + 1) % 3]
+            pu = diag_p[(y - 1) % 3]
+            pm = diag_p[y % 3]
+            pd = diag_p[(y + 1) % 3]
+            qu = diag_q[(y - 1) % 3]
+            qm = diag_q[y % 3]
+            qd = diag_q[(y + 1) % 3]
+            rb_first = 4 if cmap[y & 1, 0] != 1 else 5
+            for x in range(4, nx - 4):
+                v = max(up[x] + mid[x] + down[x], epssq)
+                h = max(horiz[x - 1] + horiz[x] + horiz[x + 1], epssq)
+                vh[y, x] = np.float32(v / (v + h))
+            for x in range(rb_first, nx - 4, 2):
+                p = max(pu[x - 1] + pm[x] + pd[x + 1], epssq)
+                q = max(qu[x + 1] + qm[x] + qd[x - 1], epssq)
                 pq[y, x] = np.float32(p / (p + q))
 
 
