@@ -188,9 +188,9 @@ def rcd_green(cfa: np.ndarray, cmap: np.ndarray, vh: np.ndarray, lpf: np.ndarray
     """
     ny, nx = cfa.shape
     for y in prange(BORDER, ny - BORDER):
-        for x in range(BORDER, nx - BORDER):
-            if cmap[y & 1, x & 1] == 1:
-                continue
+        # Stepping over the R/B sites only keeps the inner loop free of branches.
+        first = BORDER if cmap[y & 1, BORDER & 1] != 1 else BORDER + 1
+        for x in range(first, nx - BORDER, 2):
             c0 = np.float64(cfa[y, x])
             gn = np.float64(cfa[y - 1, x])
             gs = np.float64(cfa[y + 1, x])
@@ -235,14 +235,12 @@ def rcd_red_blue_diagonal(cmap: np.ndarray, pq: np.ndarray, eps: float,
         Green complete (:func:`rcd_green`); the missing R or B is written.
     """
     ny, nx = out.shape[1], out.shape[2]
+    g = out[1]
     for y in prange(BORDER, ny - BORDER):
-        for x in range(BORDER, nx - BORDER):
-            native = cmap[y & 1, x & 1]
-            if native == 1:
-                continue
-            c = 2 - native
-            col = out[c]
-            g = out[1]
+        first = BORDER if cmap[y & 1, BORDER & 1] != 1 else BORDER + 1
+        c = 2 - cmap[y & 1, first & 1]
+        col = out[c]
+        for x in range(first, nx - BORDER, 2):
             cnw = np.float64(col[y - 1, x - 1])
             cne = np.float64(col[y - 1, x + 1])
             csw = np.float64(col[y + 1, x - 1])
@@ -283,19 +281,20 @@ def rcd_red_blue_green_sites(cmap: np.ndarray, vh: np.ndarray, eps: float,
         written at G sites.
     """
     ny, nx = out.shape[1], out.shape[2]
+    g = out[1]
+    red = out[0]
+    blue = out[2]
     for y in prange(BORDER, ny - BORDER):
-        for x in range(BORDER, nx - BORDER):
-            if cmap[y & 1, x & 1] != 1:
-                continue
-            g = out[1]
+        first = BORDER if cmap[y & 1, BORDER & 1] == 1 else BORDER + 1
+        for x in range(first, nx - BORDER, 2):
             g0 = np.float64(g[y, x])
             w_h = _refined(vh, y, x)
             gn2 = abs(g0 - np.float64(g[y - 2, x]))
             gs2 = abs(g0 - np.float64(g[y + 2, x]))
             gw2 = abs(g0 - np.float64(g[y, x - 2]))
             ge2 = abs(g0 - np.float64(g[y, x + 2]))
-            for c in (0, 2):
-                col = out[c]
+            for c in range(2):
+                col = red if c == 0 else blue
                 cn = np.float64(col[y - 1, x])
                 cs = np.float64(col[y + 1, x])
                 cw = np.float64(col[y, x - 1])
