@@ -48,7 +48,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_integrate_siril import detection_snr, robust_noise, run_livestack, run_siril
+from bench_integrate_siril import (
+    detection_snr,
+    detection_stars,
+    robust_noise,
+    run_livestack,
+    run_siril,
+)
 from numpy.typing import NDArray
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seestar_m94_osc"
@@ -106,37 +112,22 @@ def grid_offset(ref_xy: NDArray[np.float64], other_xy: NDArray[np.float64]) -> N
     return np.median(other_xy[idx[ok]] - ref_xy[ok], axis=0)
 
 
-def common_stars(images: dict[str, NDArray[np.float64]], n_stars: int = N_STARS,
-                 isolation_px: float = 20.0, tolerance_px: float = 1.5
+def common_stars(images: dict[str, NDArray[np.float64]], n_stars: int = N_STARS
                  ) -> dict[str, NDArray[np.float64]]:
-    """The brightest ``n_stars`` isolated, unsaturated stars of the first image found on
-    every image; each image's own (x, y) positions, in the same order."""
-    from scipy.spatial import cKDTree
-
+    """The brightest ``n_stars`` isolated (20 px), unsaturated stars of the first image
+    found on every image (within 1.5 px once the grids' offset is removed); each image's
+    own (x, y) positions, in the same order (``bench_integrate_siril.detection_stars``)."""
     names = list(images)
     first = images[names[0]]
-    xy, _ = centroids(first)
-    ny, nx = first.shape
-    neighbour = cKDTree(xy).query(xy, k=2)[0][:, 1]
-    peak_limit = 0.8 * float(np.nanmax(first))
-    keep = []
-    for (x, y), distance in zip(xy, neighbour, strict=True):
-        ix, iy = round(float(x)), round(float(y))
-        if (distance > isolation_px and EDGE_PX <= ix < nx - EDGE_PX
-                and EDGE_PX <= iy < ny - EDGE_PX
-                and np.nanmax(first[iy - 3:iy + 4, ix - 3:ix + 4]) < peak_limit):
-            keep.append((x, y))
-    chosen = np.array(keep, dtype=np.float64).reshape(-1, 2)
-    positions = {names[0]: chosen}
-    found = np.ones(len(chosen), dtype=bool)
-    for name in names[1:]:
-        other, _ = centroids(images[name])
-        shift = grid_offset(chosen, other)
-        distance, index = cKDTree(other).query(chosen + shift, distance_upper_bound=tolerance_px)
-        found &= np.isfinite(distance)
-        positions[name] = other[np.minimum(index, len(other) - 1)]
-    first_n = np.flatnonzero(found)[:n_stars]
-    return {name: p[first_n] for name, p in positions.items()}
+    core = np.zeros(first.shape, dtype=bool)
+    core[EDGE_PX:-EDGE_PX, EDGE_PX:-EDGE_PX] = True
+    bright = centroids(first)[0]
+    offsets = {name: grid_offset(bright, centroids(images[name])[0]) for name in names[1:]}
+    found = detection_stars({n: im.astype(np.float32) for n, im in images.items()}, core,
+                            isolation=20.0, peak_max=0.8 * float(np.nanmax(first)),
+                            tolerance=1.5, offsets=offsets)
+    order = np.argsort(-aperture_flux(first, found[names[0]]))[:n_stars]
+    return {name: xy[order] for name, xy in found.items()}
 
 
 def gaussian_fwhm(image: NDArray[np.float64], x: float, y: float) -> float:
