@@ -35,7 +35,7 @@ real 2 MP Seestar frame, median of ``--repeat`` runs after a warm-up; and the wh
 ``livestack stack`` run per frame next to Siril's whole script per frame.
 
     .venv/bin/python bench/bench_demosaic_siril.py [--data DIR] [--dir WORK] [--repeat N]
-        [--methods rcd bilinear malvar]
+        [--methods rcd bilinear malvar] [--timing-only]
 """
 
 from __future__ import annotations
@@ -216,6 +216,30 @@ def time_debayer(methods: list[str], frame: NDArray[np.float32], pattern: str,
     return result
 
 
+def debayer_timings(light: Path, methods: list[str], repeat: int
+                    ) -> tuple[dict[str, float], dict[str, float]]:
+    """ms per call of each method on the real frame ``light`` and on a synthetic 26 MP one."""
+    from livestack.storage.fitsio import read_frame
+
+    raw, info, _ = read_frame(light)
+    pattern = info.bayer_pattern or "GRBG"
+    real_ms = time_debayer(methods, np.asarray(raw, dtype=np.float32), pattern, repeat)
+    big = np.random.default_rng(0).normal(1000.0, 30.0, size=(4176, 6248)).astype(np.float32)
+    return real_ms, time_debayer(methods, big, pattern, repeat)
+
+
+def print_timings(data: Path, methods: list[str], repeat: int) -> int:
+    """Print the debayer timings alone (a quick re-measure when the machine is quieter)."""
+    real_ms, big_ms = debayer_timings(sorted((data / "lights").glob("*.fit"))[0], methods,
+                                      repeat)
+    print("| method | ms per 26 MP frame | x bilinear | ms per Seestar frame | x bilinear |")
+    print("|---|---|---|---|---|")
+    for m in methods:
+        print(f"| {m} | {big_ms[m]:.0f} | {big_ms[m] / big_ms['bilinear']:.2f} | "
+              f"{real_ms[m]:.1f} | {real_ms[m] / real_ms['bilinear']:.2f} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -223,7 +247,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="timing runs per method")
     parser.add_argument("--methods", nargs="+", default=["bilinear", "rcd", "malvar"],
                         choices=("bilinear", "rcd", "malvar"))
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the debayer timings (no Siril, no stacks)")
     args = parser.parse_args()
+    if args.timing_only:
+        return print_timings(args.data, list(dict.fromkeys(["bilinear", *args.methods])),
+                             args.repeat)
     if shutil.which("siril-cli") is None:
         print("siril-cli not found (apt-get install siril)", file=sys.stderr)
         return 1
@@ -272,17 +301,10 @@ def main() -> int:
                                              core, width) for name in images}
                  for width in SNR_FILTERS}
 
-    from livestack.pipeline.debayer import debayer
     from livestack.storage.fitsio import read_frame
 
-    raw, info, _ = read_frame(lights[0])
-    pattern = info.bayer_pattern or "GRBG"
-    real_ms = time_debayer(methods, np.asarray(raw, dtype=np.float32), pattern, args.repeat)
-    rng = np.random.default_rng(0)
-    big = rng.normal(1000.0, 30.0, size=(4176, 6248)).astype(np.float32)
-    big_ms = time_debayer(methods, big, pattern, args.repeat)
-    del big
-    assert debayer(raw, pattern, "bilinear").shape[0] == 3
+    raw = read_frame(lights[0])[0]
+    real_ms, big_ms = debayer_timings(lights[0], methods, args.repeat)
 
     names = list(images)
     n_common = len(stars["siril"])
