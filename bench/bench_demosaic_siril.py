@@ -29,6 +29,9 @@ matched on every stack after removing the offset between the tools' reference gr
   star minus its annulus median over the filtered image's robust background noise; the
   median over stars of its ratio to Siril's. A sharper star of the same flux scores higher.
 
+Checkerboard: on each stack's R, G and B planes, the sky's mean on each of the four 2x2
+pixel parities; a demosaic that treats the CFA sites unequally shows as a spread.
+
 Timing (wall clock; the machine may be shared, so ratios against bilinear measured in the
 same run are what count): ``debayer`` alone on a synthetic 26 MP frame (6248x4176) and on a
 real 2 MP Seestar frame, median of ``--repeat`` runs after a warm-up; and the whole
@@ -86,6 +89,26 @@ def load_luminance(path: Path) -> NDArray[np.float64]:
     if np.nanmedian(lum) < 2.0:
         lum *= 65535.0
     return lum
+
+
+def checkerboard(path: Path) -> tuple[float, float]:
+    """Largest spread (ADU) between the background means of the four 2x2 pixel parities,
+    over R, G and B of a colour stack (100 px from the edges, pixels within 3 sigma of the
+    median), and the largest per-pixel robust sigma, to compare it with."""
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        data = np.asarray(hdul[0].data, dtype=np.float64)[:, 100:-100, 100:-100]
+    if np.nanmedian(data) < 2.0:
+        data = data * 65535.0
+    spread, sigma = 0.0, 0.0
+    for plane in data:
+        median = np.nanmedian(plane)
+        robust = 1.4826 * float(np.nanmedian(np.abs(plane - median)))
+        sky = np.where(np.abs(plane - median) < 3 * robust, plane, np.nan)
+        means = [float(np.nanmean(sky[py::2, px::2])) for py in (0, 1) for px in (0, 1)]
+        spread, sigma = max(spread, max(means) - min(means)), max(sigma, robust)
+    return spread, sigma
 
 
 def centroids(image: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -333,6 +356,10 @@ def main() -> int:
              for n in names})
     row("background noise per pixel (robust sigma, ADU)",
         {n: f"{robust_noise(images[n].astype(np.float32)):.2f}" for n in names})
+    boards = {"siril": checkerboard(siril_result),
+              **{m: checkerboard(stacks[m]) for m in methods}}
+    row("checkerboard: max 2x2-parity spread of the sky, ADU (per-pixel sigma)",
+        {n: f"{boards[n][0]:.2f} ({boards[n][1]:.1f})" for n in names})
     row("debayer ms per 26 MP frame (6248x4176)",
         {m: f"{big_ms[m]:.0f} ({big_ms[m] / big_ms['bilinear']:.2f}x bilinear)" for m in methods})
     row(f"debayer ms per Seestar frame ({raw.shape[1]}x{raw.shape[0]})",
