@@ -207,11 +207,12 @@ def _rcd(data: NDArray[np.float32], cmap: NDArray[np.int8], out: NDArray[np.floa
     eps = 1e-5 * level
     # Each pass reads these only where an earlier pass wrote them (see kernels_demosaic).
     vh = np.empty(data.shape, dtype=np.float32)
-    pq = np.empty(data.shape, dtype=np.float32)
     lpf = np.empty(data.shape, dtype=np.float32)
-    kd.rcd_directions(data, cmap, eps * eps, vh, pq)
+    kd.rcd_directions(data, cmap, eps * eps, vh, False)
     kd.rcd_lowpass(data, cmap, lpf)
     kd.rcd_green(data, cmap, vh, lpf, eps, out)
+    pq = lpf  # the low-pass is not needed after the green pass: reuse its 4 bytes/pixel
+    kd.rcd_directions(data, cmap, eps * eps, pq, True)
     kd.rcd_red_blue_diagonal(cmap, pq, eps, out)
     kd.rcd_red_blue_green_sites(cmap, vh, eps, out)
 

@@ -59,25 +59,15 @@ def _hpf_sq(cfa: np.ndarray, y: int, x: int, dy: int, dx: int) -> float:
     return v * v
 
 
-@njit(cache=True, nogil=True, fastmath=False, inline="always")
-def _hpf_rows(cfa: np.ndarray, y: int, vert: np.ndarray, diag_p: np.ndarray,
-              diag_q: np.ndarray) -> None:
-    """Squared high-pass of row ``y`` along the columns and both diagonals (x in 3..nx-4)."""
-    nx = cfa.shape[1]
-    for x in range(3, nx - 3):
-        vert[x] = _hpf_sq(cfa, y, x, 1, 0)
-        diag_p[x] = _hpf_sq(cfa, y, x, 1, 1)
-        diag_q[x] = _hpf_sq(cfa, y, x, 1, -1)
-
-
 @njit(cache=True, nogil=True, fastmath=False, parallel=True)
-def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, vh: np.ndarray,
-                   pq: np.ndarray) -> None:
-    """RCD steps 1 and 4.0: VH at every pixel, PQ at R/B sites (rows 4..ny-5).
+def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, table: np.ndarray,
+                   diagonal: bool) -> None:
+    """RCD step 1 (``VH = V / (V + H)`` at every pixel) or 4.0 (``PQ = P / (P + Q)`` at
+    R/B sites, P along the main diagonal), at rows and columns 4..n-5.
 
     Rows are processed in blocks, one per task; each block keeps the squared high-pass
-    of three consecutive rows in a ring buffer, so each filter runs once per pixel
-    rather than three times.
+    of three consecutive rows in ring buffers, so each filter runs once per pixel rather
+    than three times.
 
     Parameters
     ----------
@@ -85,47 +75,39 @@ def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, vh: np.ndarr
     cmap : ndarray, shape (2, 2), int8
     epssq : float
         Floor of each directional statistic (squared ADU).
-    vh, pq : ndarray, shape (ny, nx), float32
-        Outputs ``V / (V + H)`` and ``P / (P + Q)`` (P along the main diagonal),
-        written at rows and columns 4..n-5 (PQ at R/B sites only).
+    table : ndarray, shape (ny, nx), float32
+        Output (VH, or PQ at R/B sites only).
+    diagonal : bool
+        False: VH (first axis vertical, second horizontal); True: PQ (the diagonals).
     """
     ny, nx = cfa.shape
     if ny < 9 or nx < 9:
         return
+    d = 1 if diagonal else 0
     block = 64
     n_blocks = (ny - 8 + block - 1) // block
     for b in prange(n_blocks):
         y_start = 4 + b * block
         y_stop = min(y_start + block, ny - 4)
-        vert = np.zeros((3, nx))
-        diag_p = np.zeros((3, nx))
-        diag_q = np.zeros((3, nx))
-        horiz = np.zeros(nx)
-        for yy in range(y_start - 1, y_start + 1):
-            _hpf_rows(cfa, yy, vert[yy % 3], diag_p[yy % 3], diag_q[yy % 3])
-        for y in range(y_start, y_stop):
-            _hpf_rows(cfa, y + 1, vert[(y + 1) % 3], diag_p[(y + 1) % 3],
-                      diag_q[(y + 1) % 3])
+        first = np.zeros((3, nx))  # along (1, d): vertical or main diagonal
+        second = np.zeros((3, nx))  # along (d, 1 - 2d): horizontal or anti-diagonal
+        for y in range(y_start - 1, y_stop + 1):
+            row = y % 3
             for x in range(3, nx - 3):
-                horiz[x] = _hpf_sq(cfa, y, x, 0, 1)
-            up = vert[(y - 1) % 3]
-            mid = vert[y % 3]
-            down = vert[(y + 1) % 3]
-            pu = diag_p[(y - 1) % 3]
-            pm = diag_p[y % 3]
-            pd = diag_p[(y + 1) % 3]
-            qu = diag_q[(y - 1) % 3]
-            qm = diag_q[y % 3]
-            qd = diag_q[(y + 1) % 3]
-            rb_first = 4 if cmap[y & 1, 0] != 1 else 5
-            for x in range(4, nx - 4):
-                v = max(up[x] + mid[x] + down[x], epssq)
-                h = max(horiz[x - 1] + horiz[x] + horiz[x + 1], epssq)
-                vh[y, x] = np.float32(v / (v + h))
-            for x in range(rb_first, nx - 4, 2):
-                p = max(pu[x - 1] + pm[x] + pd[x + 1], epssq)
-                q = max(qu[x + 1] + qm[x] + qd[x - 1], epssq)
-                pq[y, x] = np.float32(p / (p + q))
+                first[row, x] = _hpf_sq(cfa, y, x, 1, d)
+                second[row, x] = _hpf_sq(cfa, y, x, d, 1 - 2 * d)
+            yc = y - 1  # the row whose three neighbours are now all in the buffers
+            if yc < y_start:
+                continue
+            up, mid, down = first[(yc - 1) % 3], first[yc % 3], first[(yc + 1) % 3]
+            s_up, s_mid, s_down = second[(yc - d) % 3], second[yc % 3], second[(yc + d) % 3]
+            start, step = 4, 1
+            if diagonal:
+                start, step = (4 if cmap[yc & 1, 0] != 1 else 5), 2
+            for x in range(start, nx - 4, step):
+                a = max(up[x - d] + mid[x] + down[x + d], epssq)
+                c = max(s_up[x + 1] + s_mid[x] + s_down[x - 1], epssq)
+                table[yc, x] = np.float32(a / (a + c))
 
 
 @njit(cache=True, nogil=True, fastmath=False, parallel=True)
