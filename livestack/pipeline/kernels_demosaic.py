@@ -93,7 +93,11 @@ def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, table: np.nd
         second = np.zeros((3, nx))  # along (d, 1 - 2d): horizontal or anti-diagonal
         for y in range(y_start - 1, y_stop + 1):
             row = y % 3
-            for x in range(3, nx - 3):
+            # PQ is read only at R/B sites, whose diagonal neighbours are R/B sites too.
+            h_start, h_step = 3, 1
+            if diagonal:
+                h_start, h_step = (3 if cmap[y & 1, 1] != 1 else 4), 2
+            for x in range(h_start, nx - 3, h_step):
                 first[row, x] = _hpf_sq(cfa, y, x, 1, d)
                 second[row, x] = _hpf_sq(cfa, y, x, d, 1 - 2 * d)
             yc = y - 1  # the row whose three neighbours are now all in the buffers
