@@ -93,9 +93,9 @@ def copy_inputs(data: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
                 shutil.copy2(src, target / src.name)
 
 
-def run_siril(work: Path) -> tuple[Path, float]:
-    """Run the Siril script in ``work``; return the result FITS and the wall time."""
-    (work / "script.ssf").write_text(SIRIL_SCRIPT)
+def run_siril(work: Path, script: str = SIRIL_SCRIPT) -> tuple[Path, float]:
+    """Run the Siril ``script`` in ``work``; return the result FITS and the wall time."""
+    (work / "script.ssf").write_text(script)
     t0 = time.perf_counter()
     done = subprocess.run(["siril-cli", "-d", str(work), "-s", str(work / "script.ssf")],
                           capture_output=True, text=True, check=False)
@@ -268,7 +268,9 @@ def full_overlap_core(stack: Path, n_frames: int, margin: int = 20) -> NDArray[n
 
 def detection_stars(images: dict[str, NDArray[np.float32]], core: NDArray[np.bool_],
                     isolation: float = 20.0, peak_max: float = 30000.0,
-                    tolerance: float = 1.0) -> dict[str, NDArray[np.float64]]:
+                    tolerance: float = 1.0,
+                    offsets: dict[str, NDArray[np.float64]] | None = None
+                    ) -> dict[str, NDArray[np.float64]]:
     """Isolated, unsaturated stars found on the first image, matched in every image.
 
     Parameters
@@ -284,6 +286,9 @@ def detection_stars(images: dict[str, NDArray[np.float32]], core: NDArray[np.boo
         the sensor's ~60000 ADU saturation, so no frame clipped the star).
     tolerance : float
         Maximum distance (px) between a star's positions on two stacks.
+    offsets : dict of str to ndarray of float64, shape (2,), optional
+        Per image, the (dx, dy) from the first image's grid to its own (when the tools
+        registered onto different frames); zero when absent.
 
     Returns
     -------
@@ -314,7 +319,8 @@ def detection_stars(images: dict[str, NDArray[np.float32]], core: NDArray[np.boo
     found = np.ones(len(chosen), dtype=bool)
     for name in names[1:]:
         other = centroids(images[name])
-        distance, index = cKDTree(other).query(chosen, distance_upper_bound=tolerance)
+        shift = (offsets or {}).get(name, np.zeros(2))
+        distance, index = cKDTree(other).query(chosen + shift, distance_upper_bound=tolerance)
         found &= np.isfinite(distance)
         positions[name] = other[np.minimum(index, len(other) - 1)]
     return {name: xy_[found] for name, xy_ in positions.items()}

@@ -86,7 +86,7 @@ def main() -> None:
                 lambda: calibrate(raw16[:64, :64], MasterSet(subtract[:64, :64], flat[:64, :64],
                                                              defects[:64, :64]))),
             "debayer (bilinear kernel)": _first_call_ms(
-                lambda: debayer(raw16[:64, :64], "RGGB")),
+                lambda: debayer(raw16[:64, :64], "RGGB", "bilinear")),
         }
         raw, _, _ = read_frame(path)
         rows: list[tuple[str, float, float]] = []
@@ -105,7 +105,7 @@ def main() -> None:
                      _median_ms(lambda: calibrate(raw, masters, out=buffer), args.repeat)))
         rows.append(("debayer bilinear",
                      _median_ms(lambda: debayer_numpy(raw, "RGGB"), max(1, args.repeat // 2)),
-                     _median_ms(lambda: debayer(raw, "RGGB"), args.repeat)))
+                     _median_ms(lambda: debayer(raw, "RGGB", "bilinear"), args.repeat)))
         np.testing.assert_allclose(calibrate(raw, masters), calibrate_numpy(raw, masters),
                                    rtol=1e-6, atol=1e-3)
 

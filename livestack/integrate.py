@@ -680,7 +680,7 @@ def _calibrated(frame: SessionFrame, masters: MasterSource | None, pipeline: Any
         if hot.any():
             image = correct_defects(image, hot, info.bayer_pattern)
     if info.bayer_pattern:
-        image = debayer(image, info.bayer_pattern)
+        image = debayer(image, info.bayer_pattern, pipeline.debayer.method)
     if pipeline.gradient.enabled:
         from livestack.pipeline.background import subtract_gradient
 

@@ -8,15 +8,46 @@ already folds ``XBAYROFF``/``YBAYROFF``/``ROWORDER`` into this effective pattern
 
 Colour output is ``(3, ny, nx)`` float32, planes R, G, B, co-sited with the
 input pixels (plane pixel ``[y, x]`` is the colour at CFA pixel ``[y, x]``).
+:func:`debayer` offers RCD (the default, as in Siril), bilinear and Malvar-He-Cutler;
+``bench/bench_demosaic_siril.py`` compares them with Siril on real frames.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
 BAYER_PATTERNS: tuple[str, ...] = ("RGGB", "BGGR", "GRBG", "GBRG")
+#: Demosaic methods of :func:`debayer`.
+DEBAYER_METHODS: tuple[str, ...] = ("rcd", "bilinear", "malvar")
+#: The method used when none is configured (chosen by ``bench/bench_demosaic_siril.py``).
+DEFAULT_METHOD = "rcd"
+# Must equal kernels_demosaic.BORDER (kept here so that numba loads only when needed).
+_BORDER = 5
 _CODE = {"R": 0, "G": 1, "B": 2}
+
+
+@dataclass(frozen=True)
+class DebayerConfig:
+    """How colour (CFA) frames are demosaiced.
+
+    Attributes
+    ----------
+    method : str
+        ``rcd`` (Ratio Corrected Demosaicing, Siril's default; sharpest stars),
+        ``bilinear`` (3x3 mean of the nearest same-colour pixels) or ``malvar``
+        (Malvar-He-Cutler gradient-corrected bilinear). See
+        ``bench/bench_demosaic_siril.py`` for the comparison that chose the default.
+    """
+
+    method: str = field(default=DEFAULT_METHOD, metadata={"choices": DEBAYER_METHODS})
+
+    def __post_init__(self) -> None:
+        if self.method not in DEBAYER_METHODS:
+            raise ValueError(f"method must be one of {', '.join(DEBAYER_METHODS)}, "
+                             f"got {self.method!r}")
 
 
 def normalize_pattern(pattern: str | None) -> str | None:
@@ -100,11 +131,19 @@ def _as_cfa(cfa: np.ndarray) -> NDArray[np.float32]:
     return np.ascontiguousarray(cfa, dtype=np.float32)
 
 
-def debayer(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:
-    """Bilinear demosaic of a CFA frame (numba kernel, rows in parallel).
+def debayer(cfa: np.ndarray, pattern: str, method: str = DEFAULT_METHOD) -> NDArray[np.float32]:
+    """Demosaic a CFA frame (numba kernels, rows in parallel).
 
-    Each output pixel keeps its native colour exactly; a missing colour is the
-    mean of that colour's pixels in the 3x3 window (the nearest ones).
+    Every method keeps each pixel's native colour exactly.
+
+    * ``"bilinear"``: a missing colour is the mean of that colour's pixels in the 3x3
+      window (the nearest ones).
+    * ``"rcd"``: Ratio Corrected Demosaicing (Siril's default), edge-directed and
+      resolution-keeping; see :mod:`livestack.pipeline.kernels_demosaic`.
+    * ``"malvar"``: Malvar-He-Cutler gradient-corrected bilinear (linear 5x5 filters).
+
+    ``rcd`` and ``malvar`` compute pixels at least ``kernels_demosaic.BORDER`` (5) px
+    from the edges; the border keeps the bilinear values.
 
     Parameters
     ----------
@@ -112,6 +151,8 @@ def debayer(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:
         Calibrated mosaic; converted to float32.
     pattern : str
         Effective pattern of ``cfa[0:2, 0:2]``.
+    method : str
+        One of :data:`DEBAYER_METHODS`.
 
     Returns
     -------
@@ -121,19 +162,63 @@ def debayer(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:
     Raises
     ------
     ValueError
-        If ``cfa`` is not 2-D or ``pattern`` is unknown.
+        If ``cfa`` is not 2-D, ``pattern`` is unknown or ``method`` is not one of
+        :data:`DEBAYER_METHODS`.
     """
     from livestack.pipeline import kernels_calibrate as kc
 
+    if method not in DEBAYER_METHODS:
+        raise ValueError(f"unknown debayer method {method!r}; expected one of {DEBAYER_METHODS}")
     data = _as_cfa(cfa)
     cmap = cfa_color_map(pattern)
     out = np.empty((3, *data.shape), dtype=np.float32)
     kc.debayer_bilinear(data, cmap, out)
+    if method == "bilinear" or min(data.shape) <= 2 * _BORDER:
+        return out
+    from livestack.pipeline import kernels_demosaic as kd
+
+    holes = None
+    if kd.count_nonfinite(data):
+        # The wide kernels would spread one NaN over up to a 19-px diamond: fill NaN/inf
+        # from same-colour neighbours for them, then restore bilinear's 3x3 NaN footprint.
+        holes = ~np.isfinite(out)
+        finite = data[np.isfinite(data)]
+        filled = np.empty_like(data)
+        kd.fill_nonfinite(data, float(np.median(finite)) if finite.size else 0.0, filled)
+        data = filled
+        kc.debayer_bilinear(data, cmap, out)  # the kernels read bilinear values near holes
+    if method == "malvar":
+        kd.malvar(data, cmap, out)
+    else:
+        _rcd(data, cmap, out)
+    if holes is not None:
+        out[holes] = np.nan
     return out
 
 
+def _rcd(data: NDArray[np.float32], cmap: NDArray[np.int8], out: NDArray[np.float32]) -> None:
+    """Run the RCD passes over ``out`` (already bilinear; ``data`` finite) in place."""
+    from livestack.pipeline import kernels_demosaic as kd
+
+    # The regularisers of the published algorithm (1e-5, on data scaled to [0, 1]) are
+    # scaled by the frame's level so that the result does not depend on the ADU scale.
+    level = float(np.max(np.abs(data[::7, ::7])))
+    level = level if level > 0 else 1.0
+    eps = 1e-5 * level
+    # Each pass reads these only where an earlier pass wrote them (see kernels_demosaic).
+    vh = np.empty(data.shape, dtype=np.float32)
+    lpf = np.empty(data.shape, dtype=np.float32)
+    kd.rcd_directions(data, cmap, eps * eps, vh, False)
+    kd.rcd_lowpass(data, cmap, lpf)
+    kd.rcd_green(data, cmap, vh, lpf, eps, out)
+    pq = lpf  # the low-pass is not needed after the green pass: reuse its 4 bytes/pixel
+    kd.rcd_directions(data, cmap, eps * eps, pq, True)
+    kd.rcd_red_blue_diagonal(cmap, pq, eps, out)
+    kd.rcd_red_blue_green_sites(cmap, vh, eps, out)
+
+
 def debayer_numpy(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:
-    """Reference bilinear demosaic in vectorised numpy (same result as :func:`debayer`).
+    """Reference bilinear demosaic in vectorised numpy (as ``debayer(..., "bilinear")``).
 
     Slower than :func:`debayer`; kept as the test oracle and benchmark baseline.
     Parameters, returns and raises as :func:`debayer`.

@@ -26,7 +26,7 @@ from livestack.pipeline.accumulate import RunningStack, StackConfig
 from livestack.pipeline.background import subtract_gradient
 from livestack.pipeline.calibrate import MasterSet, calibrate
 from livestack.pipeline.cosmetic import correct_defects, find_isolated_hot_pixels
-from livestack.pipeline.debayer import debayer, luminance
+from livestack.pipeline.debayer import DebayerConfig, debayer, luminance
 from livestack.pipeline.detect import DetectConfig, measure
 from livestack.pipeline.fitskeys import time_keywords
 from livestack.pipeline.normalize import (
@@ -130,6 +130,7 @@ class PipelineConfig:
     cosmetic: CosmeticConfig = field(default_factory=CosmeticConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     saturation: SaturationConfig = field(default_factory=SaturationConfig)
+    debayer: DebayerConfig = field(default_factory=DebayerConfig)
 
 
 @dataclass(frozen=True)
@@ -315,7 +316,7 @@ class StackSession:
 
         image: np.ndarray
         if info.bayer_pattern:
-            image = debayer(calibrated, info.bayer_pattern)
+            image = debayer(calibrated, info.bayer_pattern, cfg.debayer.method)
             timer.lap("debayer")
         else:
             image = calibrated

@@ -41,7 +41,7 @@ def test_uniform_colour_field(pattern: str, channel: int) -> None:
 @pytest.mark.parametrize("pattern", BAYER_PATTERNS)
 def test_native_sites_exact_and_kernel_matches_numpy(pattern: str) -> None:
     cfa = np.random.default_rng(1).uniform(0, 1000, (21, 30)).astype(np.float32)
-    rgb = debayer(cfa, pattern)
+    rgb = debayer(cfa, pattern, "bilinear")
     codes = cfa_channel_masks(pattern, cfa.shape)
     for k in range(3):
         np.testing.assert_array_equal(rgb[k][codes == k], cfa[codes == k])
@@ -52,7 +52,7 @@ def test_native_sites_exact_and_kernel_matches_numpy(pattern: str) -> None:
 def test_linear_ramp_reproduced_inside(pattern: str) -> None:
     yy, xx = np.mgrid[:20, :24].astype(np.float32)
     scene = np.stack([2 * xx + yy, 3 * yy + 1, xx - yy + 50])
-    rgb = debayer(_mosaic(scene, pattern), pattern)
+    rgb = debayer(_mosaic(scene, pattern), pattern, "bilinear")
     np.testing.assert_allclose(rgb[:, 1:-1, 1:-1], scene[:, 1:-1, 1:-1], atol=1e-4)
 
 

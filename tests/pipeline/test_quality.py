@@ -43,7 +43,7 @@ def _gate_with_history(n: int = 5, config: GateConfig | None = None) -> QualityG
         (_with(star_count=41), "star_count_drop", ["41", "0.3x", "152", "clouds"]),
         (_with(fwhm_px=4.2), "fwhm_jump", ["4.20", "1.7x", "2.52"]),
         (_with(background_adu=1400.0), "background_jump", ["1400", "40 sigma", "dawn"]),
-        (_with(elongation=2.1, fwhm_px=3.0), "elongated", ["2.10", "1.60", "wind"]),
+        (_with(elongation=2.1, fwhm_px=3.0), "elongated", ["2.10", "2.00", "wind"]),
         (_with(star_count=5), "too_few_stars", ["5", "8"]),
         (_with(background_adu=float("nan")), "no_finite_pixels", ["no finite"]),
     ],

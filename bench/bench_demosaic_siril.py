@@ -1,0 +1,378 @@
+"""Colour (OSC) stacks per demosaic method against Siril 1.0.6 on the real Seestar frames.
+
+The 32 GRBG frames of ``../shared/data/seestar_m94_osc`` (copied to a work folder; the
+shared data is never touched) are stacked
+
+* by Siril: ``convert light -debayer`` (Siril's default demosaic, RCD), ``register``
+  (global star alignment) and ``stack r_light rej w 3 3 -norm=addscale``, run as
+  ``siril-cli -s SCRIPT`` through ``bench_integrate_siril.run_siril``;
+* by ``livestack stack`` once per demosaic method (``pipeline.debayer.method``), with the
+  quality gate's elongation limit lifted (``pipeline.gate.max_elongation: 3``) so that
+  every tool stacks the same 32 frames (the default 1.6 rejects some frames once the
+  demosaic no longer blurs their genuinely elongated stars; see the printed note).
+
+Every stack is reduced to its luminance ``(R + 2G + B) / 4`` (Siril's [0, 1] output is
+scaled to ADU). Stars are detected on Siril's stack (livestack's detector), kept when
+isolated (no other star within 20 px), unsaturated and at least 60 px from the edges, and
+matched on every stack after removing the offset between the tools' reference grids
+(within 1.5 px); the brightest 80 common stars are measured the same way on every stack:
+
+* Gaussian FWHM: a circular 2-D Gaussian plus constant fitted by least squares to the
+  15x15 px cutout (FWHM = 2.3548 sigma); the table gives the median over the stars;
+* star SNR: flux in a 5 px radius aperture minus the median of the 8-12 px annulus, over
+  the standard deviation (1.4826 MAD) of the same measurement at 400 star-free places of
+  the same stack. The empirical noise counts the correlation each demosaic puts between
+  neighbouring pixels, which a per-pixel sigma times sqrt(area) would not. The table gives
+  the median SNR and the median over stars of the SNR's ratio to Siril's;
+* point-source detection SNR, as ``bench_integrate_siril.py`` measures it: every stack
+  filtered with the same Gaussian (FWHM 2.3, 3.0 and 4.0 px), the filtered value at the
+  star minus its annulus median over the filtered image's robust background noise; the
+  median over stars of its ratio to Siril's. A sharper star of the same flux scores higher.
+
+Checkerboard: on each stack's R, G and B planes, the sky's mean on each of the four 2x2
+pixel parities; a demosaic that treats the CFA sites unequally shows as a spread.
+
+Timing (wall clock; the machine may be shared, so ratios against bilinear measured in the
+same run are what count): ``debayer`` alone on a synthetic 26 MP frame (6248x4176) and on a
+real 2 MP Seestar frame, median of ``--repeat`` runs after a warm-up; and the whole
+``livestack stack`` run per frame next to Siril's whole script per frame.
+
+    .venv/bin/python bench/bench_demosaic_siril.py [--data DIR] [--dir WORK] [--repeat N]
+        [--methods rcd bilinear malvar] [--timing-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_integrate_siril import (
+    detection_snr,
+    detection_stars,
+    robust_noise,
+    run_livestack,
+    run_siril,
+)
+from numpy.typing import NDArray
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seestar_m94_osc"
+SIRIL_OSC_SCRIPT = """requires 1.0.0
+cd lights
+convert light -debayer -out=../process
+cd ../process
+register light
+stack r_light rej w 3 3 -norm=addscale -out=../result
+close
+"""
+N_STARS = 80
+CUTOUT = 7  # half-size of the Gaussian fit box (15x15 px)
+APERTURE_PX = 5.0
+ANNULUS_PX = (8.0, 12.0)
+EDGE_PX = 60  # the Seestar re-centres by up to ~40 px between blocks
+SNR_FILTERS = (2.3, 3.0, 4.0)  # FWHM (px) of the common detection filters
+
+
+def load_luminance(path: Path) -> NDArray[np.float64]:
+    """``(R + 2G + B) / 4`` of a colour stack in ADU (Siril's [0, 1] floats scaled)."""
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        data = np.asarray(hdul[0].data, dtype=np.float64)
+    if data.ndim != 3 or data.shape[0] != 3:
+        raise SystemExit(f"{path}: expected a colour (3, ny, nx) stack, got {data.shape}")
+    lum = (data[0] + 2.0 * data[1] + data[2]) / 4.0
+    if np.nanmedian(lum) < 2.0:
+        lum *= 65535.0
+    return lum
+
+
+def checkerboard(path: Path) -> tuple[float, float]:
+    """Largest spread (ADU) between the background means of the four 2x2 pixel parities,
+    over R, G and B of a colour stack (100 px from the edges, pixels within 3 sigma of the
+    median), and the largest per-pixel robust sigma, to compare it with."""
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        data = np.asarray(hdul[0].data, dtype=np.float64)[:, 100:-100, 100:-100]
+    if np.nanmedian(data) < 2.0:
+        data = data * 65535.0
+    spread, sigma = 0.0, 0.0
+    for plane in data:
+        median = np.nanmedian(plane)
+        robust = 1.4826 * float(np.nanmedian(np.abs(plane - median)))
+        sky = np.where(np.abs(plane - median) < 3 * robust, plane, np.nan)
+        means = [float(np.nanmean(sky[py::2, px::2])) for py in (0, 1) for px in (0, 1)]
+        spread, sigma = max(spread, max(means) - min(means)), max(sigma, robust)
+    return spread, sigma
+
+
+def centroids(image: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Star (x, y) and flux from livestack's detector, brightest first."""
+    from livestack.pipeline.detect import DetectConfig, detect_stars
+
+    filled = np.nan_to_num(image, nan=float(np.nanmedian(image))).astype(np.float32)
+    stars = detect_stars(filled, DetectConfig())[0]
+    order = np.argsort(-np.asarray(stars.flux))
+    return np.asarray(stars.xy, dtype=np.float64)[order], np.asarray(stars.flux)[order]
+
+
+def grid_offset(ref_xy: NDArray[np.float64], other_xy: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Translation (dx, dy) taking ``ref_xy`` onto ``other_xy``, from the bright stars:
+    the offset that pairs the most stars within 2 px, refined by the median of the pairs."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(other_xy)
+    candidates = [b - a for a in ref_xy[:20] for b in other_xy[:20]]
+    best = max(candidates, key=lambda o: int(np.isfinite(
+        tree.query(ref_xy + o, distance_upper_bound=2.0)[0]).sum()))
+    dist, idx = tree.query(ref_xy + best, distance_upper_bound=2.0)
+    ok = np.isfinite(dist)
+    return np.median(other_xy[idx[ok]] - ref_xy[ok], axis=0)
+
+
+def common_stars(images: dict[str, NDArray[np.float64]], n_stars: int = N_STARS
+                 ) -> dict[str, NDArray[np.float64]]:
+    """The brightest ``n_stars`` isolated (20 px), unsaturated stars of the first image
+    found on every image (within 1.5 px once the grids' offset is removed); each image's
+    own (x, y) positions, in the same order (``bench_integrate_siril.detection_stars``)."""
+    names = list(images)
+    first = images[names[0]]
+    core = np.zeros(first.shape, dtype=bool)
+    core[EDGE_PX:-EDGE_PX, EDGE_PX:-EDGE_PX] = True
+    bright = centroids(first)[0]
+    offsets = {name: grid_offset(bright, centroids(images[name])[0]) for name in names[1:]}
+    found = detection_stars({n: im.astype(np.float32) for n, im in images.items()}, core,
+                            isolation=20.0, peak_max=0.8 * float(np.nanmax(first)),
+                            tolerance=1.5, offsets=offsets)
+    order = np.argsort(-aperture_flux(first, found[names[0]]))[:n_stars]
+    return {name: xy[order] for name, xy in found.items()}
+
+
+def gaussian_fwhm(image: NDArray[np.float64], x: float, y: float) -> float:
+    """FWHM (px) of a circular Gaussian + constant fitted to the 15x15 cutout at (x, y)."""
+    from scipy.optimize import least_squares
+
+    ix, iy = round(float(x)), round(float(y))
+    cut = image[iy - CUTOUT:iy + CUTOUT + 1, ix - CUTOUT:ix + CUTOUT + 1]
+    yy, xx = np.mgrid[-CUTOUT:CUTOUT + 1, -CUTOUT:CUTOUT + 1].astype(np.float64)
+    sky = float(np.median(np.concatenate([cut[0], cut[-1], cut[:, 0], cut[:, -1]])))
+
+    def residual(p: NDArray[np.float64]) -> NDArray[np.float64]:
+        amp, x0, y0, sigma, bg = p
+        model = bg + amp * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2.0 * sigma ** 2))
+        return (model - cut).ravel()
+
+    start = [float(cut.max() - sky), x - ix, y - iy, 1.2, sky]
+    fit = least_squares(residual, start, bounds=([0, -3, -3, 0.3, -np.inf],
+                                                 [np.inf, 3, 3, 6, np.inf]))
+    return float(2.3548 * abs(fit.x[3])) if fit.success else float("nan")
+
+
+def aperture_flux(image: NDArray[np.float64], xy: NDArray[np.float64],
+                  aperture_px: float = APERTURE_PX,
+                  annulus_px: tuple[float, float] = ANNULUS_PX) -> NDArray[np.float64]:
+    """Aperture sum within ``aperture_px`` minus the annulus median times the area."""
+    r_out = int(np.ceil(annulus_px[1]))
+    dy, dx = np.mgrid[-r_out:r_out + 1, -r_out:r_out + 1].astype(np.float64)
+    out = []
+    for x, y in xy:
+        ix, iy = round(float(x)), round(float(y))
+        cut = image[iy - r_out:iy + r_out + 1, ix - r_out:ix + r_out + 1]
+        rr = np.hypot(dx - (x - ix), dy - (y - iy))
+        inside = rr <= aperture_px
+        ring = (rr >= annulus_px[0]) & (rr < annulus_px[1])
+        out.append(float(cut[inside].sum() - np.median(cut[ring]) * inside.sum()))
+    return np.array(out)
+
+
+def empty_places(images: dict[str, NDArray[np.float64]], n: int = 400, seed: int = 1,
+                 clearance_px: float = 15.0) -> dict[str, NDArray[np.float64]]:
+    """``n`` random star-free positions, the same sky on every stack (grid offsets applied)."""
+    from scipy.spatial import cKDTree
+
+    names = list(images)
+    first = images[names[0]]
+    ny, nx = first.shape
+    stars, _ = centroids(first)
+    tree = cKDTree(stars)
+    rng = np.random.default_rng(seed)
+    places: list[tuple[float, float]] = []
+    while len(places) < n:
+        x, y = rng.uniform(EDGE_PX, nx - EDGE_PX), rng.uniform(EDGE_PX, ny - EDGE_PX)
+        if tree.query((x, y))[0] > clearance_px:
+            places.append((x, y))
+    base = np.array(places)
+    result = {names[0]: base}
+    for name in names[1:]:
+        result[name] = base + grid_offset(stars, centroids(images[name])[0])
+    return result
+
+
+def star_snr(image: NDArray[np.float64], xy: NDArray[np.float64], empty: NDArray[np.float64],
+             aperture_px: float = APERTURE_PX, annulus_px: tuple[float, float] = ANNULUS_PX
+             ) -> NDArray[np.float64]:
+    """Aperture flux over the empirical noise of the same aperture on empty sky."""
+    blank = aperture_flux(image, empty, aperture_px, annulus_px)
+    noise = 1.4826 * float(np.median(np.abs(blank - np.median(blank))))
+    return aperture_flux(image, xy, aperture_px, annulus_px) / noise
+
+
+def time_debayer(methods: list[str], frame: NDArray[np.float32], pattern: str,
+                 repeat: int) -> dict[str, float]:
+    """Median ms of ``debayer(frame, pattern, method)`` after one warm-up call."""
+    from livestack.pipeline.debayer import debayer
+
+    result = {}
+    for method in methods:
+        debayer(frame, pattern, method)
+        runs = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            debayer(frame, pattern, method)
+            runs.append((time.perf_counter() - t0) * 1e3)
+        result[method] = statistics.median(runs)
+    return result
+
+
+def debayer_timings(light: Path, methods: list[str], repeat: int
+                    ) -> tuple[dict[str, float], dict[str, float]]:
+    """ms per call of each method on the real frame ``light`` and on a synthetic 26 MP one."""
+    from livestack.storage.fitsio import read_frame
+
+    raw, info, _ = read_frame(light)
+    pattern = info.bayer_pattern or "GRBG"
+    real_ms = time_debayer(methods, np.asarray(raw, dtype=np.float32), pattern, repeat)
+    big = np.random.default_rng(0).normal(1000.0, 30.0, size=(4176, 6248)).astype(np.float32)
+    return real_ms, time_debayer(methods, big, pattern, repeat)
+
+
+def print_timings(data: Path, methods: list[str], repeat: int) -> int:
+    """Print the debayer timings alone (a quick re-measure when the machine is quieter)."""
+    real_ms, big_ms = debayer_timings(sorted((data / "lights").glob("*.fit"))[0], methods,
+                                      repeat)
+    print("| method | ms per 26 MP frame | x bilinear | ms per Seestar frame | x bilinear |")
+    print("|---|---|---|---|---|")
+    for m in methods:
+        print(f"| {m} | {big_ms[m]:.0f} | {big_ms[m] / big_ms['bilinear']:.2f} | "
+              f"{real_ms[m]:.1f} | {real_ms[m] / real_ms['bilinear']:.2f} |")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/livestack-bench-demosaic"))
+    parser.add_argument("--repeat", type=int, default=5, help="timing runs per method")
+    parser.add_argument("--methods", nargs="+", default=["bilinear", "rcd", "malvar"],
+                        choices=("bilinear", "rcd", "malvar"))
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the debayer timings (no Siril, no stacks)")
+    args = parser.parse_args()
+    if args.timing_only:
+        return print_timings(args.data, list(dict.fromkeys(["bilinear", *args.methods])),
+                             args.repeat)
+    if shutil.which("siril-cli") is None:
+        print("siril-cli not found (apt-get install siril)", file=sys.stderr)
+        return 1
+    methods = list(dict.fromkeys(["bilinear", *args.methods]))
+    work = args.dir
+    if work.exists():
+        shutil.rmtree(work)
+    lights = sorted((args.data / "lights").glob("*.fit"))
+    (work / "siril" / "lights").mkdir(parents=True)
+    for src in lights:
+        shutil.copy2(src, work / "siril" / "lights" / src.name)
+    siril_result, siril_wall = run_siril(work / "siril", SIRIL_OSC_SCRIPT)
+
+    walls, stacks = {}, {}
+    for method in methods:
+        config = work / f"{method}.yaml"
+        config.write_text(f"pipeline:\n  debayer:\n    method: {method}\n"
+                          "  gate:\n    max_elongation: 3.0\n")
+        out = work / f"livestack-{method}"
+        walls[method] = run_livestack(["stack", str(work / "siril" / "lights"), "-o", str(out),
+                                       "-c", str(config), "--no-progress"])
+        stacks[method] = next(out.glob("*/*/stack.fits"))
+
+    from astropy.io import fits
+
+    images = {"siril": load_luminance(siril_result)}
+    n_combined = {"siril": len(lights)}
+    for method in methods:
+        images[method] = load_luminance(stacks[method])
+        n_combined[method] = int(fits.getheader(stacks[method])["NCOMBINE"])
+    stars = common_stars(images)
+    empty = empty_places(images)
+    fwhm = {name: np.array([gaussian_fwhm(images[name], x, y) for x, y in stars[name]])
+            for name in images}
+    snr = {name: star_snr(images[name], stars[name], empty[name]) for name in images}
+    # The aperture SNR ratio moves by several per cent with the aperture and annulus on
+    # this sparse field; the spread over these choices is printed with it.
+    spread = {name: [float(np.median(star_snr(images[name], stars[name], empty[name], a, r)
+                                     / star_snr(images["siril"], stars["siril"],
+                                                empty["siril"], a, r)))
+                     for a in (3.0, 5.0) for r in ((8.0, 12.0), (8.0, 20.0), (10.0, 30.0))]
+              for name in images}
+    core = np.zeros(images["siril"].shape, dtype=bool)
+    core[EDGE_PX:-EDGE_PX, EDGE_PX:-EDGE_PX] = True
+    detection = {width: {name: detection_snr(images[name].astype(np.float32), stars[name],
+                                             core, width) for name in images}
+                 for width in SNR_FILTERS}
+
+    from livestack.storage.fitsio import read_frame
+
+    raw = read_frame(lights[0])[0]
+    real_ms, big_ms = debayer_timings(lights[0], methods, args.repeat)
+
+    names = list(images)
+    n_common = len(stars["siril"])
+    print()
+    print(f"seestar_m94_osc: {len(lights)} GRBG frames {raw.shape[1]}x{raw.shape[0]}; "
+          f"{n_common} common stars (isolated, unsaturated, >= {EDGE_PX} px from the edges)")
+    print("| | Siril 1.0.6 (RCD) | " + " | ".join(f"livestack {m}" for m in methods) + " |")
+    print("|---|" + "---|" * len(names))
+
+    def row(label: str, cells: dict[str, str]) -> None:
+        print(f"| {label} | " + " | ".join(cells.get(n, "") for n in names) + " |")
+
+    row("frames stacked", {n: str(n_combined[n]) for n in names})
+    row("median Gaussian FWHM (px)", {n: f"{np.nanmedian(fwhm[n]):.3f}" for n in names})
+    row("FWHM / Siril's (median over stars)",
+        {n: f"{np.nanmedian(fwhm[n] / fwhm['siril']):.3f}" for n in names})
+    row(f"median star SNR (r = {APERTURE_PX:g} px aperture, empirical noise)",
+        {n: f"{np.median(snr[n]):.1f}" for n in names})
+    row("SNR / Siril's (median over stars)",
+        {n: f"{np.median(snr[n] / snr['siril']):.3f}" for n in names})
+    row("the same ratio over apertures 3, 5 px x annuli 8-12, 8-20, 10-30 px (min-max)",
+        {n: f"{min(spread[n]):.3f}-{max(spread[n]):.3f}" for n in names})
+    for width in SNR_FILTERS:
+        row(f"detection SNR / Siril's, common Gaussian filter FWHM {width} px",
+            {n: f"{np.median(detection[width][n] / detection[width]['siril']):.3f}"
+             for n in names})
+    row("background noise per pixel (robust sigma, ADU)",
+        {n: f"{robust_noise(images[n].astype(np.float32)):.2f}" for n in names})
+    boards = {"siril": checkerboard(siril_result),
+              **{m: checkerboard(stacks[m]) for m in methods}}
+    row("checkerboard: max 2x2-parity spread of the sky, ADU (per-pixel sigma)",
+        {n: f"{boards[n][0]:.2f} ({boards[n][1]:.1f})" for n in names})
+    row("debayer ms per 26 MP frame (6248x4176)",
+        {m: f"{big_ms[m]:.0f} ({big_ms[m] / big_ms['bilinear']:.2f}x bilinear)" for m in methods})
+    row(f"debayer ms per Seestar frame ({raw.shape[1]}x{raw.shape[0]})",
+        {m: f"{real_ms[m]:.1f} ({real_ms[m] / real_ms['bilinear']:.2f}x)" for m in methods})
+    row("whole run, s per frame (wall)",
+        {"siril": f"{siril_wall / len(lights):.3f} (convert+register+stack)",
+         **{m: f"{walls[m] / len(lights):.3f} (livestack stack)" for m in methods}})
+    row("median FWHM <= Siril's", {m: "yes" if np.nanmedian(fwhm[m])
+                                   <= np.nanmedian(fwhm["siril"]) else "no" for m in methods})
+    print()
+    print("timings taken on a shared machine: compare ratios within this run")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
