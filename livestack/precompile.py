@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: The kernel modules whose numba cache the helper fills (relative to the package).
 KERNEL_MODULES = ("pipeline/kernels_accumulate.py", "pipeline/kernels_warp.py",
-                  "pipeline/kernels_calibrate.py")
+                  "pipeline/kernels_calibrate.py", "pipeline/kernels_demosaic.py")
 
 
 def _cache_dirs() -> list[Path]:
@@ -161,6 +161,12 @@ def steps() -> Iterator[str]:
     yield "kappa-sigma stack"
     find_isolated_hot_pixels(frames[0], 8.0, None)
     yield "hot pixels"
+    # The default demosaic (RCD) takes about 30 s to compile: the daemon's own warm-up
+    # leaves it to the first colour frame, so compile it here, off the frame path.
+    from livestack.pipeline.debayer import DEFAULT_METHOD, debayer
+
+    debayer(frames[0], "RGGB", DEFAULT_METHOD)
+    yield f"demosaic ({DEFAULT_METHOD})"
     # Then the front half, in case the daemon has not reached it yet (a frame waiting
     # behind a slow FITS read, say); kernels already cached just load.
     from livestack.config import Config
