@@ -246,6 +246,10 @@ def frame_saturation(raw: NDArray[Any], calibrated: NDArray[Any], info: FrameInf
     return FrameSaturation(mask, level_cal, max(level_cal - cal_sky, 1e-6))
 
 
+#: A transform whose warp is a plain copy (see :func:`clamp_ringing`).
+_IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
 def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transform,
                   saturation: FrameSaturation | None, config: SaturationConfig
                   ) -> tuple[Warped, BoolImage | None]:
@@ -273,6 +277,13 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
     """
     if saturation is None:
         return warped, None
+    if np.array_equal(transform.matrix, _IDENTITY):
+        # The identity "warp" is a copy (the reference frame): nothing rings, and each
+        # output pixel's nearest input pixel is itself. Skipping the kernels also keeps
+        # their compile off a fresh install's first frame.
+        mask = saturation.mask
+        return warped, (mask if mask is not None and mask.shape == warped.footprint.shape
+                        and mask.any() else None)
     from livestack.pipeline import kernels_saturation as ks
 
     src = np.ascontiguousarray(image, dtype=np.float32)
