@@ -314,7 +314,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = load_config(None, {"watch.dir": str(watch_dir), "output.dir": str(output),
                                     "server.port": args.port,
                                     "output.preview_min_interval_s": 0.5,
-                                    "masters.paths": [str(masters)]})
+                                    "masters.paths": [str(masters)],
+                                    # The simulated sky's stars are random, not a catalogue's:
+                                    # a plate solve can only fail, and costs a core for a minute.
+                                    "solver.enabled": False})
 
         def camera() -> None:
             write_sequence(watch_dir, sim, seed=1, n_frames=args.frames,
