@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 #: The kernel modules whose numba cache the helper fills (relative to the package).
 KERNEL_MODULES = ("pipeline/kernels_accumulate.py", "pipeline/kernels_warp.py",
-                  "pipeline/kernels_calibrate.py", "pipeline/kernels_demosaic.py")
+                  "pipeline/kernels_binning.py", "pipeline/kernels_normalize.py",
+                  "pipeline/kernels_cosmetic.py", "pipeline/kernels_calibrate.py",
+                  "pipeline/kernels_demosaic.py")
 
 
 def _cache_dirs() -> list[Path]:

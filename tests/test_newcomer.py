@@ -378,7 +378,7 @@ def test_first_frame_preview_in_numpy_matches_the_kernel_path() -> None:
     import numpy as np
 
     from livestack.pipeline.accumulate import RunningStack, StackConfig
-    from livestack.pipeline.kernels_accumulate import block_mean_counted
+    from livestack.pipeline.kernels_binning import block_mean_counted
 
     rng = np.random.default_rng(6)
     frame = rng.normal(500.0, 20.0, (61, 83)).astype(np.float32)

@@ -410,7 +410,7 @@ class RunningStack:
         ndarray, float32, ``(h, w)`` or ``(3, h, w)``
             NaN where no pixel of a block has an accepted sample.
         """
-        from livestack.pipeline.kernels_accumulate import block_mean_counted
+        from livestack.pipeline.kernels_binning import block_mean_counted
 
         factor = max(1, math.ceil(max(self._ny, self._nx) / max(1, max_size_px)))
         if self._warm and len(self._warm_weights) == 1 and self._buffer is not None:

@@ -62,7 +62,7 @@ def subtract_gradient(image: NDArray[np.float32], mesh_px: int = 256,
     ValueError
         If ``image`` is not 2-D or ``mesh_px < 16``.
     """
-    from livestack.pipeline import kernels_warp as kw
+    from livestack.pipeline import kernels_binning as kb
 
     arr = np.asarray(image)
     if arr.ndim != 2:
@@ -74,7 +74,7 @@ def subtract_gradient(image: NDArray[np.float32], mesh_px: int = 256,
     factor = max(1, min(mesh_px // _MESH_BINNED_PX, min(ny, nx) // 16))
     if factor > 1:
         binned = np.empty((ny // factor, nx // factor), dtype=np.float32)
-        kw.bin_mean_kernel(img, factor, binned)
+        kb.bin_mean_kernel(img, factor, binned)
     else:
         binned = img
     data = binned.astype(np.float64)

@@ -3,8 +3,8 @@
 ``calibrated = (raw - subtract) / flat``, then every defect pixel (hot or
 cold) becomes the median of its same-colour neighbours. The work is one fused
 numba kernel (:func:`livestack.pipeline.kernels_calibrate.calibrate_fused`)
-that touches each pixel once; :func:`calibrate_numpy` is the same computation
-with numpy temporaries, kept as the test oracle and benchmark baseline.
+that touches each pixel once (``tests/oracles.py`` holds the numpy formulation that
+tests and benchmarks compare it with).
 """
 
 from __future__ import annotations
@@ -157,26 +157,6 @@ def calibrate(raw: np.ndarray, masters: MasterSet | None, bayer_pattern: str | N
     return out
 
 
-def calibrate_numpy(raw: np.ndarray, masters: MasterSet | None,
-                    bayer_pattern: str | None = None) -> NDArray[np.float32]:
-    """Reference implementation of :func:`calibrate` with numpy temporaries.
-
-    Same parameters, result and errors; slower (several full-frame passes).
-    """
-    data = _as_frame(raw, None)
-    out = np.array(data, dtype=np.float32, copy=True)
-    if masters is None or masters.is_empty():
-        return out
-    _check_shapes(data.shape, masters, None)
-    if masters.subtract is not None:
-        out -= masters.subtract
-    if masters.flat is not None:
-        flat = masters.flat.astype(np.float32, copy=False)
-        divide = flat > FLAT_MIN
-        np.divide(out, flat, out=out, where=divide)
-    if masters.defects is not None:
-        out = correct_defects(out, masters.defects, bayer_pattern)
-    return out
 
 
 def local_level(image: np.ndarray, step: int = 2) -> NDArray[np.float32]:

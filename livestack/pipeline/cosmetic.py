@@ -144,7 +144,7 @@ def find_isolated_hot_pixels(image: np.ndarray, sigma: float = 8.0,
                              neighbour_ratio: float | None = None) -> NDArray[np.bool_]:
     """Find single hot pixels in a frame without darks, sparing star peaks.
 
-    One numba pass (:func:`livestack.pipeline.kernels_calibrate.isolated_hot`).
+    One numba pass (:func:`livestack.pipeline.kernels_cosmetic.isolated_hot`).
     A pixel is hot when both hold:
 
     1. it is more than ``sigma`` noise above its colour's background and above
@@ -180,7 +180,7 @@ def find_isolated_hot_pixels(image: np.ndarray, sigma: float = 8.0,
     """
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {image.shape}")
-    from livestack.pipeline import kernels_calibrate as kc
+    from livestack.pipeline import kernels_cosmetic as kcos
 
     step = neighbour_step(bayer_pattern)
     if neighbour_ratio is None:
@@ -189,7 +189,7 @@ def find_isolated_hot_pixels(image: np.ndarray, sigma: float = 8.0,
     level, noise = _plane_stats(data, step)
     hot = np.zeros(data.shape, dtype=bool)
     if data.shape[0] >= 3 and data.shape[1] >= 3:
-        kc.isolated_hot(data, level, noise, float(sigma), float(neighbour_ratio), step,
+        kcos.isolated_hot(data, level, noise, float(sigma), float(neighbour_ratio), step,
                         hot.view(np.uint8))
     return hot
 
@@ -213,48 +213,3 @@ def _plane_stats(data: np.ndarray, step: int) -> tuple[NDArray[np.float64], NDAr
     return level, noise
 
 
-def find_isolated_hot_pixels_numpy(image: np.ndarray, sigma: float = 8.0,
-                                   bayer_pattern: str | None = None,
-                                   neighbour_ratio: float | None = None) -> NDArray[np.bool_]:
-    """Vectorised numpy version of :func:`find_isolated_hot_pixels` (test oracle).
-
-    Same parameters, result and errors; several full-frame passes.
-    """
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {image.shape}")
-    step = neighbour_step(bayer_pattern)
-    if neighbour_ratio is None:
-        neighbour_ratio = 0.1 if step == 2 else 0.2
-    data = np.ascontiguousarray(image, dtype=np.float32)
-    ny, nx = data.shape
-    hot = np.zeros((ny, nx), dtype=bool)
-    if ny < 3 or nx < 3:
-        return hot
-    level, noise = _plane_stats(data, step)
-    candidates = np.zeros((ny, nx), dtype=bool)
-    for py in range(step):
-        for px in range(step):
-            plane = data[py::step, px::step]
-            with np.errstate(invalid="ignore"):
-                candidates[py::step, px::step] = plane > level[py, px] + sigma * noise[py, px]
-    ys, xs = np.nonzero(candidates)
-    if ys.size == 0:
-        return hot
-    values = data[ys, xs].astype(np.float64)
-    pix_level = level[ys % step, xs % step]
-    pix_noise = noise[ys % step, xs % step]
-    ring = _ring_values(data, ys, xs, step, None)
-    has_ring = np.isfinite(ring).any(axis=1)
-    ring_med = np.full(ys.size, np.nan)
-    ring_med[has_ring] = np.nanmedian(ring[has_ring], axis=1)
-    test1 = has_ring & (values - ring_med > sigma * pix_noise)
-    # Adjacent pixels, each relative to its own colour's background.
-    adjacent = _ring_values(data, ys, xs, 1, None)
-    adj_level = np.empty_like(adjacent)
-    for j, (dy, dx) in enumerate(_RING):
-        adj_level[:, j] = level[(ys + dy) % step, (xs + dx) % step]
-    adj_excess = np.nanmax(np.where(np.isfinite(adjacent), adjacent - adj_level, -np.inf), axis=1)
-    test2 = adj_excess < neighbour_ratio * (values - pix_level)
-    keep = test1 & test2
-    hot[ys[keep], xs[keep]] = True
-    return hot

@@ -165,18 +165,17 @@ def debayer(cfa: np.ndarray, pattern: str, method: str = DEFAULT_METHOD) -> NDAr
         If ``cfa`` is not 2-D, ``pattern`` is unknown or ``method`` is not one of
         :data:`DEBAYER_METHODS`.
     """
-    from livestack.pipeline import kernels_calibrate as kc
+    # Lazy: numba loads only when a frame is debayered (cold start of mono sessions).
+    from livestack.pipeline import kernels_demosaic as kd
 
     if method not in DEBAYER_METHODS:
         raise ValueError(f"unknown debayer method {method!r}; expected one of {DEBAYER_METHODS}")
     data = _as_cfa(cfa)
     cmap = cfa_color_map(pattern)
     out = np.empty((3, *data.shape), dtype=np.float32)
-    kc.debayer_bilinear(data, cmap, out)
+    kd.debayer_bilinear(data, cmap, out)
     if method == "bilinear" or min(data.shape) <= 2 * _BORDER:
         return out
-    from livestack.pipeline import kernels_demosaic as kd
-
     holes = None
     if kd.count_nonfinite(data):
         # The wide kernels would spread one NaN over up to a 19-px diamond: fill NaN/inf
@@ -186,7 +185,7 @@ def debayer(cfa: np.ndarray, pattern: str, method: str = DEFAULT_METHOD) -> NDAr
         filled = np.empty_like(data)
         kd.fill_nonfinite(data, float(np.median(finite)) if finite.size else 0.0, filled)
         data = filled
-        kc.debayer_bilinear(data, cmap, out)  # the kernels read bilinear values near holes
+        kd.debayer_bilinear(data, cmap, out)  # the kernels read bilinear values near holes
     if method == "malvar":
         kd.malvar(data, cmap, out)
     else:
@@ -217,31 +216,6 @@ def _rcd(data: NDArray[np.float32], cmap: NDArray[np.int8], out: NDArray[np.floa
     kd.rcd_red_blue_green_sites(cmap, vh, eps, out)
 
 
-def debayer_numpy(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:
-    """Reference bilinear demosaic in vectorised numpy (as ``debayer(..., "bilinear")``).
-
-    Slower than :func:`debayer`; kept as the test oracle and benchmark baseline.
-    Parameters, returns and raises as :func:`debayer`.
-    """
-    data = _as_cfa(cfa).astype(np.float64)
-    ny, nx = data.shape
-    codes = cfa_channel_masks(pattern, (ny, nx))
-    out = np.empty((3, ny, nx), dtype=np.float32)
-    for k in range(3):
-        mask = (codes == k).astype(np.float64)
-        vals = np.pad(data * mask, 1)
-        cnt = np.pad(mask, 1)
-        s = np.zeros((ny, nx))
-        c = np.zeros((ny, nx))
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                s += vals[dy:dy + ny, dx:dx + nx]
-                c += cnt[dy:dy + ny, dx:dx + nx]
-        # Native sites are copied below, so only non-native windows matter.
-        with np.errstate(invalid="ignore", divide="ignore"):
-            plane = s / c
-        out[k] = np.where(mask > 0, data, plane)
-    return out
 
 
 def superpixel(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:

@@ -211,11 +211,11 @@ def _empty_stars() -> StarList:
 
 def _bin_image(img: NDArray[np.float32], factor: int) -> NDArray[np.float32]:
     """Mean of finite pixels over ``factor x factor`` blocks (NaN where none)."""
-    from livestack.pipeline import kernels_warp as kw  # numba only when binning
+    from livestack.pipeline import kernels_binning as kb  # numba only when binning
 
     ny, nx = img.shape
     out = np.empty((ny // factor, nx // factor), dtype=np.float32)
-    kw.bin_mean_kernel(img, factor, out)
+    kb.bin_mean_kernel(img, factor, out)
     return out
 
 
@@ -310,7 +310,7 @@ def _candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,
     empty detection when there is nothing to refine."""
     import sep
 
-    from livestack.pipeline import kernels_warp as kw
+    from livestack.pipeline import kernels_binning as kb
 
     nan = float("nan")
     if binned is None:
@@ -324,7 +324,7 @@ def _candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,
         return _Detection(_empty_stars(), sky.global_back, max(sky.noise_full, 0.0),
                           np.zeros(0), np.zeros(0, bool), factor)
     data = np.empty(binned.shape, dtype=np.float32)
-    kw.subtract_sky_kernel(binned, sky.back, factor, sky.factor, data)
+    kb.subtract_sky_kernel(binned, sky.back, factor, sky.factor, data)
     finite = np.isfinite(data)
     mask = None
     if not finite.all():

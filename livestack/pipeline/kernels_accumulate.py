@@ -597,79 +597,9 @@ def unpack_counters(packed: NDArray[np.uint16], count: NDArray[np.uint16],
             packed[c, y, x] = (p >> 10) & 31
 
 
-@njit(cache=True, nogil=True, fastmath=False, parallel=True)
-def _block_mean(values: NDArray[np.float32], count: NDArray[np.uint16], use_count: bool,
-                factor: int) -> NDArray[np.float32]:  # pragma: no cover - compiled
-    """Block average of ``(nc, ny, nx)`` planes over the valid samples of each block.
-
-    A sample is valid where ``count > 0`` (``use_count``) or where it is not NaN; ``count``
-    is ignored (pass any uint16 array) otherwise. Output ``(nc, ny // factor, nx // factor)``
-    (the ragged edge is dropped); a block with no valid sample is NaN.
-    """
-    nc, ny, nx = values.shape
-    oy = ny // factor
-    ox = nx // factor
-    out = np.empty((nc, oy, ox), dtype=np.float32)
-    for task in prange(nc * oy):
-        c = task // oy
-        by = task - c * oy
-        acc = np.zeros(ox, dtype=np.float64)
-        num = np.zeros(ox, dtype=np.int64)
-        for dy in range(factor):
-            y = by * factor + dy
-            for bx in range(ox):
-                x0 = bx * factor
-                for dx in range(factor):
-                    v = values[c, y, x0 + dx]
-                    valid = count[c, y, x0 + dx] > 0 if use_count else not math.isnan(v)
-                    if valid:
-                        acc[bx] += v
-                        num[bx] += 1
-        for bx in range(ox):
-            out[c, by, bx] = acc[bx] / num[bx] if num[bx] > 0 else np.nan
-    return out
 
 
-def block_mean(image: NDArray[np.float32], factor: int) -> NDArray[np.float32]:
-    """NaN-aware ``factor x factor`` block average of ``(nc, ny, nx)`` float32 planes.
-
-    Output shape ``(nc, ny // factor, nx // factor)`` (the ragged edge is dropped); a
-    block with no finite sample is NaN.
-    """
-    return _block_mean(image, np.zeros((1, 1, 1), dtype=np.uint16), False, factor)
 
 
-def block_mean_counted(mean: NDArray[np.float32], count: NDArray[np.uint16],
-                       factor: int) -> NDArray[np.float32]:
-    """Block average of the stack's mean planes over pixels with ``count > 0``.
-
-    Same output as :func:`block_mean` applied to ``where(count > 0, mean, NaN)``, without
-    building that full-resolution image: shape ``(nc, ny // factor, nx // factor)``.
-    """
-    return _block_mean(mean, count, True, factor)
 
 
-@njit(cache=True, nogil=True, fastmath=False, parallel=True)
-def affine_masked(src: NDArray[np.float32], footprint: NDArray[np.uint8],
-                  gains: NDArray[np.float32], offsets: NDArray[np.float32],
-                  out: NDArray[np.float32]) -> None:  # pragma: no cover - compiled
-    """``out[c] = src[c] * gains[c] + offsets[c]`` inside the footprint, 0.0 elsewhere.
-
-    One pass over ``(nc, ny, nx)`` float32 planes; non-finite results become 0.0 and are
-    outside the footprint by construction. ``footprint`` is ``(ny, nx)`` uint8 (a bool
-    view). The multiply and add round separately (no fused multiply-add), so results are
-    bit-identical to numpy's ``x * g`` then ``+= o``.
-    """
-    nc, ny, nx = src.shape
-    for task in prange(nc * ny):
-        c = task // ny
-        y = task - c * ny
-        g = gains[c]
-        o = offsets[c]
-        for x in range(nx):
-            v = src[c, y, x] * g
-            v = v + o
-            if footprint[y, x] != 0 and math.isfinite(v):
-                out[c, y, x] = v
-            else:
-                out[c, y, x] = np.float32(0.0)

@@ -1,7 +1,7 @@
 """Numba kernels for resolution-keeping demosaicing: RCD and Malvar-He-Cutler.
 
 Both write into a ``(3, ny, nx)`` float32 ``out`` that the caller has already filled
-with the bilinear result (``kernels_calibrate.debayer_bilinear``): the kernels
+with the bilinear result (:func:`debayer_bilinear`, below): the kernels
 overwrite every pixel at least ``BORDER`` pixels from the edge, so the thin border
 keeps the bilinear values (which handle the edge by averaging only in-bounds
 samples). Native colours are never changed.
@@ -386,3 +386,83 @@ def fill_nonfinite(source: np.ndarray, fallback: float, cfa: np.ndarray) -> None
                     s += np.float64(source[yy, xx])
                     n += 1
             cfa[y, x] = np.float32(s / n) if n > 0 else np.float32(fallback)
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _debayer_pixel(cfa: np.ndarray, cmap: np.ndarray, out: np.ndarray, y: int, x: int) -> None:
+    """General case (any position, border included): mean of each colour in the 3x3 window."""
+    ny, nx = cfa.shape
+    c = cmap[y & 1, x & 1]
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    n0 = 0
+    n1 = 0
+    n2 = 0
+    for yy in range(max(y - 1, 0), min(y + 2, ny)):
+        for xx in range(max(x - 1, 0), min(x + 2, nx)):
+            k = cmap[yy & 1, xx & 1]
+            v = np.float64(cfa[yy, xx])
+            if k == 0:
+                s0 += v
+                n0 += 1
+            elif k == 1:
+                s1 += v
+                n1 += 1
+            else:
+                s2 += v
+                n2 += 1
+    out[0, y, x] = np.float32(s0 / n0) if n0 > 0 else np.nan
+    out[1, y, x] = np.float32(s1 / n1) if n1 > 0 else np.nan
+    out[2, y, x] = np.float32(s2 / n2) if n2 > 0 else np.nan
+    out[c, y, x] = cfa[y, x]
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def debayer_bilinear(cfa: np.ndarray, cmap: np.ndarray, out: np.ndarray) -> None:
+    """Bilinear demosaic: each missing colour is the mean of that colour in the 3x3 window.
+
+    At a pixel of native colour c, channel c is copied exactly. For the other
+    channels the same-colour pixels of the 3x3 window are exactly the nearest
+    ones (4 edge neighbours for G; 2 edge or 4 diagonal neighbours for R and
+    B), so their mean is the classic bilinear interpolation. At the image
+    border only in-bounds samples are averaged. Interior pixels take an
+    explicit fast path with the same result.
+
+    Parameters
+    ----------
+    cfa : ndarray, shape (ny, nx), float32
+    cmap : ndarray, shape (2, 2), int8
+        Colour code of ``cfa[y, x]`` is ``cmap[y & 1, x & 1]``.
+    out : ndarray, shape (3, ny, nx), float32
+    """
+    ny, nx = cfa.shape
+    for y in prange(ny):
+        if y == 0 or y == ny - 1 or nx < 3:
+            for x in range(nx):
+                _debayer_pixel(cfa, cmap, out, y, x)
+            continue
+        _debayer_pixel(cfa, cmap, out, y, 0)
+        for x in range(1, nx - 1):
+            c = cmap[y & 1, x & 1]
+            if c == 1:
+                # Green site: one colour left/right, the other above/below.
+                horiz = 0.5 * (np.float64(cfa[y, x - 1]) + np.float64(cfa[y, x + 1]))
+                vert = 0.5 * (np.float64(cfa[y - 1, x]) + np.float64(cfa[y + 1, x]))
+                out[1, y, x] = cfa[y, x]
+                if cmap[y & 1, (x + 1) & 1] == 0:
+                    out[0, y, x] = np.float32(horiz)
+                    out[2, y, x] = np.float32(vert)
+                else:
+                    out[2, y, x] = np.float32(horiz)
+                    out[0, y, x] = np.float32(vert)
+            else:
+                # Red or blue site: green on the 4 edges, the other colour on the diagonals.
+                green = 0.25 * (np.float64(cfa[y - 1, x]) + np.float64(cfa[y + 1, x])
+                                + np.float64(cfa[y, x - 1]) + np.float64(cfa[y, x + 1]))
+                diag = 0.25 * (np.float64(cfa[y - 1, x - 1]) + np.float64(cfa[y - 1, x + 1])
+                               + np.float64(cfa[y + 1, x - 1]) + np.float64(cfa[y + 1, x + 1]))
+                out[1, y, x] = np.float32(green)
+                out[c, y, x] = cfa[y, x]
+                out[2 - c, y, x] = np.float32(diag)
+        _debayer_pixel(cfa, cmap, out, y, nx - 1)

@@ -1,5 +1,5 @@
-"""numba kernels behind :mod:`livestack.pipeline.warp`, plus the binning and sky
-subtraction that detection and phase correlation use on full frames.
+"""numba kernels behind :mod:`livestack.pipeline.warp` (binning for detection and phase
+correlation lives in :mod:`.kernels_binning`).
 
 The warp kernels work on ``(nc, ny, nx)`` float32 stacks of planes (mono is ``nc == 1``):
 every plane gets the same geometry and the planes share one footprint.
@@ -602,84 +602,5 @@ def warp_shift_kernel(src: NDArray[np.float32], ix0: int, wx: NDArray[np.float32
                             out[c, y, x] = _Z32
 
 
-@njit(cache=True, nogil=True, fastmath=False, parallel=True)
-def bin_mean_kernel(src: NDArray[np.float32], factor: int,
-                    out: NDArray[np.float32]) -> None:
-    """Mean of each ``factor x factor`` block over its finite pixels (NaN if none).
-
-    Rows are first summed plainly (contiguous, vectorised; NaN/inf propagate), and only
-    blocks whose plain sum is not finite are recomputed pixel by pixel.
-
-    Parameters
-    ----------
-    src : ndarray, shape (ny, nx), float32
-    factor : int
-        Block size; trailing rows/columns that do not fill a block are dropped.
-    out : ndarray, shape (ny // factor, nx // factor), float32
-        Written in place.
-    """
-    nyb, nxb = out.shape
-    nx_used = nxb * factor
-    inv_area = np.float32(1.0 / (factor * factor))
-    for yb in prange(nyb):
-        acc = np.zeros(nx_used, dtype=np.float32)
-        for dy in range(factor):
-            row = src[yb * factor + dy]
-            for x in range(nx_used):
-                acc[x] += row[x]
-        for xb in range(nxb):
-            s = np.float32(0.0)
-            for dx in range(factor):
-                s += acc[xb * factor + dx]
-            if math.isfinite(s):
-                out[yb, xb] = s * inv_area
-                continue
-            # Slow path for blocks with non-finite pixels: mean of the finite ones.
-            s64 = 0.0
-            n = 0
-            for dy in range(factor):
-                for dx in range(factor):
-                    val = src[yb * factor + dy, xb * factor + dx]
-                    if math.isfinite(val):
-                        s64 += val
-                        n += 1
-            out[yb, xb] = s64 / n if n > 0 else np.nan
 
 
-@njit(cache=True, nogil=True, fastmath=False, parallel=True)
-def subtract_sky_kernel(binned: NDArray[np.float32], sky: NDArray[np.float32], factor: int,
-                        sky_factor: int, out: NDArray[np.float32]) -> None:
-    """``out = binned - sky`` with the sky map bilinearly resampled onto the binned grid.
-
-    Parameters
-    ----------
-    binned : ndarray, shape (nyb, nxb), float32
-        The frame binned by ``factor`` (non-finite pixels stay non-finite in ``out``).
-    sky : ndarray, shape (nys, nxs), float32
-        Sky map on the grid binned by ``sky_factor`` (a multiple of ``factor`` or equal).
-        Pixel ``j`` of a grid binned by ``f`` is centred on full-res ``f*j + (f-1)/2``.
-    out : ndarray, shape (nyb, nxb), float32
-        Written in place.
-    """
-    nyb, nxb = binned.shape
-    nys, nxs = sky.shape
-    if factor == sky_factor and nys == nyb and nxs == nxb:
-        for y in prange(nyb):
-            for x in range(nxb):
-                out[y, x] = binned[y, x] - sky[y, x]
-        return
-    ratio = factor / sky_factor
-    off = ((factor - 1) / 2.0 - (sky_factor - 1) / 2.0) / sky_factor
-    for y in prange(nyb):
-        py = min(max(y * ratio + off, 0.0), nys - 1.0)
-        y0 = min(int(py), max(nys - 2, 0))
-        y1 = min(y0 + 1, nys - 1)
-        wy = py - y0
-        for x in range(nxb):
-            px = min(max(x * ratio + off, 0.0), nxs - 1.0)
-            x0 = min(int(px), max(nxs - 2, 0))
-            x1 = min(x0 + 1, nxs - 1)
-            wx = px - x0
-            top = sky[y0, x0] * (1.0 - wx) + sky[y0, x1] * wx
-            bot = sky[y1, x0] * (1.0 - wx) + sky[y1, x1] * wx
-            out[y, x] = binned[y, x] - np.float32(top * (1.0 - wy) + bot * wy)

@@ -327,7 +327,7 @@ def apply_normalization(image: NDArray[np.float32], footprint: NDArray[np.bool_]
     ValueError
         If the image is not 2-D or ``(3, ny, nx)``, or ``out`` does not fit.
     """
-    from livestack.pipeline.kernels_accumulate import affine_masked
+    from livestack.pipeline.kernels_normalize import affine_masked
 
     arr = np.ascontiguousarray(image, dtype=np.float32)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[0] != 3):

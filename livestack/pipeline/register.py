@@ -266,12 +266,12 @@ def _pc_prepare(image: NDArray[np.float32], factor: int,
                 window: NDArray[np.float64] | None) -> tuple[NDArray[np.float64],
                                                             NDArray[np.float64]]:
     """Bin, remove the sky, zero non-finite pixels, clip and window an image."""
-    from livestack.pipeline import kernels_warp as kw
+    from livestack.pipeline import kernels_binning as kb
 
     img = np.ascontiguousarray(image, dtype=np.float32)
     if factor > 1:
         binned = np.empty((img.shape[0] // factor, img.shape[1] // factor), dtype=np.float32)
-        kw.bin_mean_kernel(img, factor, binned)
+        kb.bin_mean_kernel(img, factor, binned)
     else:
         binned = img
     data = binned.astype(np.float64)

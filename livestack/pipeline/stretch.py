@@ -51,7 +51,7 @@ def _downscale(planes: NDArray[np.float32], max_size_px: int) -> NDArray[np.floa
     factor = max(1, math.ceil(max(ny, nx) / max_size_px))
     if factor == 1:
         return planes.copy()
-    from livestack.pipeline.kernels_accumulate import block_mean
+    from livestack.pipeline.kernels_binning import block_mean
 
     return block_mean(planes, factor)
 

@@ -346,16 +346,16 @@ def read_header(path: Path) -> tuple[fits.Header, FrameInfo]:
 def _decode(buf: np.ndarray, bitpix: int, shape: tuple[int, int], bscale: float,
             bzero: float) -> tuple[np.ndarray, int | None]:
     """Decode a big-endian payload to native float32. Returns (image, finite count or None)."""
-    from livestack.pipeline import kernels_calibrate as kc
+    from livestack.storage import kernels_fits as kf
 
     out = np.empty(shape, dtype=np.float32)
     finite: int | None = None
     if bitpix == 16 and _LITTLE_ENDIAN_HOST:
-        kc.decode_be_int16(buf.view(np.uint16).reshape(shape), bscale, bzero, out)
+        kf.decode_be_int16(buf.view(np.uint16).reshape(shape), bscale, bzero, out)
     elif bitpix == 32 and _LITTLE_ENDIAN_HOST:
-        kc.decode_be_int32(buf.view(np.uint32).reshape(shape), bscale, bzero, out)
+        kf.decode_be_int32(buf.view(np.uint32).reshape(shape), bscale, bzero, out)
     elif bitpix == -32 and _LITTLE_ENDIAN_HOST:
-        finite = int(kc.decode_be_float32(buf.view(np.uint32).reshape(shape),
+        finite = int(kf.decode_be_float32(buf.view(np.uint32).reshape(shape),
                                           out.view(np.uint32)))
         if bscale != 1.0 or bzero != 0.0:
             out *= np.float32(bscale)

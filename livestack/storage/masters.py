@@ -230,7 +230,7 @@ def _validate(kind: str, items: Sequence[_Input]) -> None:
 def _combine(sources: Sequence[_RowSource], shape: tuple[int, int], kappa: float,
              pre: np.ndarray | None, scales: Sequence[float] | None) -> tuple[np.ndarray, int]:
     """Chunked sigma-clipped mean of ``(rows - pre) / scale``; returns (image, rejected count)."""
-    from livestack.pipeline import kernels_calibrate as kc
+    from livestack.pipeline import kernels_masters as km
 
     ny, nx = shape
     n = len(sources)
@@ -247,7 +247,7 @@ def _combine(sources: Sequence[_RowSource], shape: tuple[int, int], kappa: float
             if scales is not None:
                 block /= np.float32(scales[i])
             stack[i] = block
-        kc.clipped_mean_stack(stack, kappa, CLIP_MAX_ITER, out[y0:y1], rejected[y0:y1])
+        km.clipped_mean_stack(stack, kappa, CLIP_MAX_ITER, out[y0:y1], rejected[y0:y1])
     return out, int(rejected.sum())
 
 

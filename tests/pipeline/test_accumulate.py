@@ -399,7 +399,7 @@ def test_config_validation() -> None:
 
 
 def test_preview_mean_equals_block_average_of_mean() -> None:
-    from livestack.pipeline.kernels_accumulate import block_mean
+    from livestack.pipeline.kernels_binning import block_mean
 
     rng = np.random.default_rng(17)
     for shape in ((101, 77), (3, 64, 90)):

@@ -10,9 +10,9 @@ import pytest
 from livestack.pipeline.cosmetic import (
     correct_defects,
     find_isolated_hot_pixels,
-    find_isolated_hot_pixels_numpy,
 )
 from livestack.pipeline.debayer import cfa_channel_masks
+from tests.oracles import find_isolated_hot_pixels_numpy
 
 
 def _star_field(shape: tuple[int, int], seed: int, fwhm_px: float,

@@ -11,13 +11,13 @@ from livestack.pipeline.debayer import (
     BAYER_PATTERNS,
     cfa_channel_masks,
     debayer,
-    debayer_numpy,
     flip_pattern_rows,
     luminance,
     shift_pattern,
     superpixel,
 )
 from livestack.storage.headers import parse_frame_info
+from tests.oracles import debayer_numpy
 
 
 def _mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:

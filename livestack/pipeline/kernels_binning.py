@@ -1,0 +1,149 @@
+"""Numba kernels that bin full frames into blocks.
+
+- :func:`bin_mean_kernel` and :func:`subtract_sky_kernel` feed detection, the background
+  map and phase correlation with a binned frame;
+- :func:`block_mean` and :func:`block_mean_counted` make previews of frames and stacks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+from numpy.typing import NDArray
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def bin_mean_kernel(src: NDArray[np.float32], factor: int,
+                    out: NDArray[np.float32]) -> None:
+    """Mean of each ``factor x factor`` block over its finite pixels (NaN if none).
+
+    Rows are first summed plainly (contiguous, vectorised; NaN/inf propagate), and only
+    blocks whose plain sum is not finite are recomputed pixel by pixel.
+
+    Parameters
+    ----------
+    src : ndarray, shape (ny, nx), float32
+    factor : int
+        Block size; trailing rows/columns that do not fill a block are dropped.
+    out : ndarray, shape (ny // factor, nx // factor), float32
+        Written in place.
+    """
+    nyb, nxb = out.shape
+    nx_used = nxb * factor
+    inv_area = np.float32(1.0 / (factor * factor))
+    for yb in prange(nyb):
+        acc = np.zeros(nx_used, dtype=np.float32)
+        for dy in range(factor):
+            row = src[yb * factor + dy]
+            for x in range(nx_used):
+                acc[x] += row[x]
+        for xb in range(nxb):
+            s = np.float32(0.0)
+            for dx in range(factor):
+                s += acc[xb * factor + dx]
+            if math.isfinite(s):
+                out[yb, xb] = s * inv_area
+                continue
+            # Slow path for blocks with non-finite pixels: mean of the finite ones.
+            s64 = 0.0
+            n = 0
+            for dy in range(factor):
+                for dx in range(factor):
+                    val = src[yb * factor + dy, xb * factor + dx]
+                    if math.isfinite(val):
+                        s64 += val
+                        n += 1
+            out[yb, xb] = s64 / n if n > 0 else np.nan
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def subtract_sky_kernel(binned: NDArray[np.float32], sky: NDArray[np.float32], factor: int,
+                        sky_factor: int, out: NDArray[np.float32]) -> None:
+    """``out = binned - sky`` with the sky map bilinearly resampled onto the binned grid.
+
+    Parameters
+    ----------
+    binned : ndarray, shape (nyb, nxb), float32
+        The frame binned by ``factor`` (non-finite pixels stay non-finite in ``out``).
+    sky : ndarray, shape (nys, nxs), float32
+        Sky map on the grid binned by ``sky_factor`` (a multiple of ``factor`` or equal).
+        Pixel ``j`` of a grid binned by ``f`` is centred on full-res ``f*j + (f-1)/2``.
+    out : ndarray, shape (nyb, nxb), float32
+        Written in place.
+    """
+    nyb, nxb = binned.shape
+    nys, nxs = sky.shape
+    if factor == sky_factor and nys == nyb and nxs == nxb:
+        for y in prange(nyb):
+            for x in range(nxb):
+                out[y, x] = binned[y, x] - sky[y, x]
+        return
+    ratio = factor / sky_factor
+    off = ((factor - 1) / 2.0 - (sky_factor - 1) / 2.0) / sky_factor
+    for y in prange(nyb):
+        py = min(max(y * ratio + off, 0.0), nys - 1.0)
+        y0 = min(int(py), max(nys - 2, 0))
+        y1 = min(y0 + 1, nys - 1)
+        wy = py - y0
+        for x in range(nxb):
+            px = min(max(x * ratio + off, 0.0), nxs - 1.0)
+            x0 = min(int(px), max(nxs - 2, 0))
+            x1 = min(x0 + 1, nxs - 1)
+            wx = px - x0
+            top = sky[y0, x0] * (1.0 - wx) + sky[y0, x1] * wx
+            bot = sky[y1, x0] * (1.0 - wx) + sky[y1, x1] * wx
+            out[y, x] = binned[y, x] - np.float32(top * (1.0 - wy) + bot * wy)
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def _block_mean(values: NDArray[np.float32], count: NDArray[np.uint16], use_count: bool,
+                factor: int) -> NDArray[np.float32]:  # pragma: no cover - compiled
+    """Block average of ``(nc, ny, nx)`` planes over the valid samples of each block.
+
+    A sample is valid where ``count > 0`` (``use_count``) or where it is not NaN; ``count``
+    is ignored (pass any uint16 array) otherwise. Output ``(nc, ny // factor, nx // factor)``
+    (the ragged edge is dropped); a block with no valid sample is NaN.
+    """
+    nc, ny, nx = values.shape
+    oy = ny // factor
+    ox = nx // factor
+    out = np.empty((nc, oy, ox), dtype=np.float32)
+    for task in prange(nc * oy):
+        c = task // oy
+        by = task - c * oy
+        acc = np.zeros(ox, dtype=np.float64)
+        num = np.zeros(ox, dtype=np.int64)
+        for dy in range(factor):
+            y = by * factor + dy
+            for bx in range(ox):
+                x0 = bx * factor
+                for dx in range(factor):
+                    v = values[c, y, x0 + dx]
+                    valid = count[c, y, x0 + dx] > 0 if use_count else not math.isnan(v)
+                    if valid:
+                        acc[bx] += v
+                        num[bx] += 1
+        for bx in range(ox):
+            out[c, by, bx] = acc[bx] / num[bx] if num[bx] > 0 else np.nan
+    return out
+
+
+def block_mean(image: NDArray[np.float32], factor: int) -> NDArray[np.float32]:
+    """NaN-aware ``factor x factor`` block average of ``(nc, ny, nx)`` float32 planes.
+
+    Output shape ``(nc, ny // factor, nx // factor)`` (the ragged edge is dropped); a
+    block with no finite sample is NaN.
+    """
+    return _block_mean(image, np.zeros((1, 1, 1), dtype=np.uint16), False, factor)
+
+
+def block_mean_counted(mean: NDArray[np.float32], count: NDArray[np.uint16],
+                       factor: int) -> NDArray[np.float32]:
+    """Block average of the stack's mean planes over pixels with ``count > 0``.
+
+    Same output as :func:`block_mean` applied to ``where(count > 0, mean, NaN)``, without
+    building that full-resolution image: shape ``(nc, ny // factor, nx // factor)``.
+    """
+    return _block_mean(mean, count, True, factor)
