@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import yaml
+
 from livestack.errors import ConfigError
 from livestack.pipeline.ranges import rng
 from livestack.pipeline.session import PipelineConfig
@@ -519,7 +521,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         The file cannot be read or parsed, or a value is invalid (one line naming the
         file and the key path).
     """
-    import yaml  # lazy: keeps `livestack --help` fast
 
     raw: Any = {}
     label = "<defaults>"
@@ -582,7 +583,6 @@ def config_to_dict(config: Any, *, redact_token: bool = True) -> dict[str, Any]:
 
 def dump_config(config: Config) -> str:
     """The effective configuration as YAML (the token redacted)."""
-    import yaml
 
     header = f"# effective configuration (source: {config.source or 'embedded defaults'})\n"
     return header + yaml.safe_dump(config_to_dict(config), sort_keys=False,

@@ -23,6 +23,10 @@ import textwrap
 import typing
 from typing import Any
 
+import yaml
+
+from livestack.config import Config, _public_fields, config_to_dict
+
 #: Width of the generated comment lines (the file's own style).
 COMMENT_WIDTH = 88
 
@@ -104,7 +108,6 @@ def _summary(cls: type) -> str:
 
 
 def _fields(cls: type) -> list[dataclasses.Field[Any]]:
-    from livestack.config import _public_fields
 
     return _public_fields(cls)
 
@@ -119,7 +122,6 @@ def key_docs(cls: type | None = None, prefix: str = "") -> dict[str, str]:
     prefix : str
         Key path of ``cls`` (internal).
     """
-    from livestack.config import Config
 
     cls = Config if cls is None else cls
     docs = attribute_docs(cls)
@@ -140,7 +142,6 @@ def key_docs(cls: type | None = None, prefix: str = "") -> dict[str, str]:
 
 
 def _scalar(value: Any) -> str:
-    import yaml
 
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False)
     return text.split("\n", 1)[0]  # scalars end with a "..." line
@@ -180,7 +181,6 @@ def render(config: Any, *, header: str = HEADER) -> str:
     str
         YAML that ``load_config`` reads back to the same configuration (token aside).
     """
-    from livestack.config import config_to_dict
 
     plain = config_to_dict(config)
     out = [f"# {line}".rstrip() for line in header.splitlines()]
@@ -209,7 +209,6 @@ def _render_section(cls: type, values: dict[str, Any], indent: str, out: list[st
 
 def main(argv: list[str] | None = None) -> int:
     """Print the documented defaults (the contents of ``config/livestack.yaml``)."""
-    from livestack.config import Config
 
     sys.stdout.write(render(Config()))
     return 0

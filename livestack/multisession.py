@@ -48,7 +48,10 @@ from livestack.integrate import (
     load_session,
     plan_integration,
 )
+from livestack.pipeline.register import Registrar
+from livestack.pipeline.session import PipelineConfig
 from livestack.pipeline.types import FrameInfo, Transform
+from livestack.storage.fitsio import read_header
 
 #: Most general model last: a composed transform keeps the more general of its parts.
 _MODELS = ("translation", "similarity", "affine", "homography")
@@ -140,7 +143,6 @@ def cross_register(reference: SessionFrame, frame: SessionFrame,
     RegistrationError
         The frames share too few stars.
     """
-    from livestack.pipeline.register import Registrar
 
     ref_image, _, _, ref_stars, _ = _calibrated(reference, masters, pipeline, find_stars=True)
     image, _, _, stars, _ = _calibrated(frame, masters, pipeline, find_stars=True)
@@ -178,7 +180,6 @@ def load_sessions(stack_dirs: Sequence[str | Path], *, masters: MasterSource | N
     FrameError
         A session's reference frame is missing, changed or unreadable (named).
     """
-    from livestack.storage.fitsio import read_header
 
     seen: dict[str, str] = {}
     sessions: list[Session] = []
@@ -264,7 +265,6 @@ def plan_sessions(stack_dirs: Sequence[str | Path], *, exclude: Sequence[str] = 
         return (plan_integration(session, exclude=exclude, select=select,
                                  reference=reference), [], session)
     if pipeline is None:
-        from livestack.pipeline.session import PipelineConfig
 
         pipeline = PipelineConfig()
     session, summaries = load_sessions(stack_dirs, masters=masters, pipeline=pipeline)

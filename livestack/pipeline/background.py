@@ -27,6 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.interpolate import RectBivariateSpline
+from scipy.ndimage import median_filter
+
+from livestack.pipeline import kernels_binning as kb
 
 #: Binned pixels per mesh box (the binning factor is chosen to get about this).
 _MESH_BINNED_PX = 32
@@ -62,7 +66,6 @@ def subtract_gradient(image: NDArray[np.float32], mesh_px: int = 256,
     ValueError
         If ``image`` is not 2-D or ``mesh_px < 16``.
     """
-    from livestack.pipeline import kernels_binning as kb
 
     arr = np.asarray(image)
     if arr.ndim != 2:
@@ -107,8 +110,6 @@ def _mesh_edges(n: int, box: int) -> NDArray[np.intp]:
 def _sky_model(data: NDArray[np.float64], mask: NDArray[np.bool_],
                box: int) -> NDArray[np.float64]:
     """Smooth sky model of ``data`` (binned), ignoring ``mask``; same shape as ``data``."""
-    from scipy.interpolate import RectBivariateSpline
-    from scipy.ndimage import median_filter
 
     nyb, nxb = data.shape
     ey = _mesh_edges(nyb, box)

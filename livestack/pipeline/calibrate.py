@@ -15,11 +15,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from livestack.errors import CalibrationError
+from livestack.pipeline import kernels_calibrate as kc
 from livestack.pipeline.cosmetic import correct_defects, neighbour_step
 
-# Same value as kernels_calibrate.FLAT_MIN (kept here so numba is not imported
-# just to read a constant).
-FLAT_MIN = 1e-3
+#: Flat values at or below this are not divided by (they are defects; see the kernel).
+FLAT_MIN = kc.FLAT_MIN
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,6 @@ def calibrate(raw: np.ndarray, masters: MasterSet | None, bayer_pattern: str | N
             return out
         return data.copy() if (data is raw or np.shares_memory(data, raw)) else data
     _check_shapes(data.shape, masters, frame_name)
-    from livestack.pipeline import kernels_calibrate as kc
 
     dummy_f = np.zeros((1, 1), dtype=np.float32)
     sub = np.ascontiguousarray(masters.subtract, dtype=np.float32) \
@@ -176,7 +175,6 @@ def local_level(image: np.ndarray, step: int = 2) -> NDArray[np.float32]:
     -------
     ndarray, shape (ny, nx), float32
     """
-    from livestack.pipeline import kernels_calibrate as kc
 
     data = np.ascontiguousarray(image, dtype=np.float32)
     out = np.empty_like(data)

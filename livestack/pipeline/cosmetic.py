@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+from livestack.pipeline import kernels_cosmetic as kcos
 from livestack.pipeline.debayer import normalize_pattern
 
 _RING = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
@@ -180,7 +181,6 @@ def find_isolated_hot_pixels(image: np.ndarray, sigma: float = 8.0,
     """
     if image.ndim != 2:
         raise ValueError(f"image must be 2-D, got shape {image.shape}")
-    from livestack.pipeline import kernels_cosmetic as kcos
 
     step = neighbour_step(bayer_pattern)
     if neighbour_ratio is None:

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.spatial import cKDTree
 
+from livestack.pipeline.kernels_normalize import affine_masked
 from livestack.pipeline.types import Normalization
 
 _MAD_TO_SIGMA = 1.4826
@@ -267,7 +269,6 @@ def star_flux_scale(frame_xy: NDArray[np.float64], frame_flux: NDArray[np.float6
         The scale that brings the frame's star fluxes onto the reference's (ratio of the
         summed fluxes of the pairs whose ratio is within 3 MAD of the median), or None.
     """
-    from scipy.spatial import cKDTree
 
     if len(frame_xy) < min_matches or len(reference_xy) < min_matches:
         return None
@@ -327,7 +328,6 @@ def apply_normalization(image: NDArray[np.float32], footprint: NDArray[np.bool_]
     ValueError
         If the image is not 2-D or ``(3, ny, nx)``, or ``out`` does not fit.
     """
-    from livestack.pipeline.kernels_normalize import affine_masked
 
     arr = np.ascontiguousarray(image, dtype=np.float32)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[0] != 3):

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from livestack.pipeline import kernels_saturation as ks
 from livestack.pipeline.types import BoolImage, FrameInfo, Transform, Warped
 
 #: Data maxima that identify a 12- and a 14-bit camera inside a 16-bit container.
@@ -137,7 +138,6 @@ def resolve_level(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
     level = info.saturation_adu
     if level is not None and info.saturation_source in ("SATURATE", "DATAMAX"):
         return float(level)
-    from livestack.pipeline import kernels_saturation as ks
 
     frame = np.ascontiguousarray(raw, dtype=np.float32)
     data_max, n_at_max = ks.max_and_count(frame)
@@ -174,7 +174,6 @@ def raw_mask(raw: NDArray[Any], level_adu: float | None) -> BoolImage | None:
     """
     if level_adu is None:
         return None
-    from livestack.pipeline import kernels_saturation as ks
 
     frame = np.ascontiguousarray(raw, dtype=np.float32)
     mask = np.empty(frame.shape, dtype=np.bool_)
@@ -284,7 +283,6 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
         mask = saturation.mask
         return warped, (mask if mask is not None and mask.shape == warped.footprint.shape
                         and mask.any() else None)
-    from livestack.pipeline import kernels_saturation as ks
 
     src = np.ascontiguousarray(image, dtype=np.float32)
     src = src[np.newaxis] if src.ndim == 2 else src
@@ -347,7 +345,6 @@ class StackSaturation:
             # higher level wins, so no real signal is ever clipped at a guessed level.
             self.level_adu = (level.copy() if self.level_adu is None
                               else np.maximum(self.level_adu, level))
-        from livestack.pipeline import kernels_saturation as ks
 
         empty = np.zeros((0, 0), dtype=np.bool_)
         ks.apply_level(view, footprint, saturated if saturated is not None else empty,

@@ -26,6 +26,9 @@ import math
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
+
+from livestack.pipeline.kernels_binning import block_mean
 
 _MADN = 1.4826
 #: Statistics use at most about this many pixels per channel (strided subsample).
@@ -51,7 +54,6 @@ def _downscale(planes: NDArray[np.float32], max_size_px: int) -> NDArray[np.floa
     factor = max(1, math.ceil(max(ny, nx) / max_size_px))
     if factor == 1:
         return planes.copy()
-    from livestack.pipeline.kernels_binning import block_mean
 
     return block_mean(planes, factor)
 
@@ -161,7 +163,6 @@ def encode_jpeg(pixels: NDArray[np.uint8], quality: int = 85) -> bytes:
     ValueError
         On a bad shape, dtype or quality.
     """
-    from PIL import Image
 
     arr = np.asarray(pixels)
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):

@@ -78,11 +78,13 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
+from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from livestack.errors import FrameNotReadyError, FrameReadError, UsageError
 from livestack.storage.formats import FRAME_SUFFIXES as ALL_FRAME_SUFFIXES
+from livestack.storage.formats import check_complete as default_check
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +203,6 @@ class FrameWatcher:
         if not not_ready_timeout_s > 0:
             raise ValueError(f"not_ready_timeout_s must be > 0, got {not_ready_timeout_s}")
         if check_complete is None:
-            from livestack.storage.formats import check_complete as default_check
 
             check_complete = default_check
         self.watch_dir = Path(os.path.abspath(watch_dir))
@@ -310,12 +311,11 @@ class FrameWatcher:
         if self.polling:
             return PollingObserver(timeout=self.poll_interval_s), False
         if sys.platform.startswith("linux"):
+            # Lazy: the inotify module exists only on Linux.
             from watchdog.observers.inotify import InotifyObserver
 
             # Full events: a file moved in from another folder arrives as a move, not a create.
             return InotifyObserver(generate_full_events=True), True
-        from watchdog.observers import Observer
-
         return Observer(), False     # FSEvents / ReadDirectoryChangesW: no close events
 
     def _relevant(self, path: str) -> bool:

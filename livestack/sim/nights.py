@@ -16,6 +16,7 @@ import numpy as np
 
 from livestack.sim.camera import SimConfig, SimFrame, Simulator
 from livestack.sim.sequence import write_sequence
+from livestack.storage.journal import Journal, sha256_file
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,6 @@ def write_night(folder: Path, config: SimConfig, seed: int, n_frames: int, *,
     StorageError, JournalError
         When a file cannot be written.
     """
-    from livestack.storage.journal import Journal, sha256_file
 
     sim = simulator if simulator is not None else Simulator(config, seed)
     levels: list[tuple[float, float]] = []  # (median, noise) of each raw light, ADU

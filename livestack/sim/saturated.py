@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from livestack.pipeline.session import PipelineConfig, StackSession
 from livestack.pipeline.types import FrameInfo, Transform
 
 #: Profiles are compared from this distance (px) to the saturated core on: nearer pixels
@@ -278,7 +279,6 @@ def live_stack(sky: SaturatedSky, n_frames: int, config: Any = None, *, clip: bo
     RuntimeError
         A frame was not accepted (the sky is built so that none should be rejected).
     """
-    from livestack.pipeline.session import PipelineConfig, StackSession
 
     session = StackSession("saturated", config if config is not None else PipelineConfig())
     for index in range(n_frames):

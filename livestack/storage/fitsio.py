@@ -29,6 +29,7 @@ from astropy.io.fits.verify import VerifyError
 
 from livestack.errors import FrameNotReadyError, FrameReadError
 from livestack.pipeline.types import FrameInfo
+from livestack.storage import kernels_fits as kf
 from livestack.storage.atomic import atomic_write
 from livestack.storage.headers import parse_frame_info
 
@@ -346,7 +347,6 @@ def read_header(path: Path) -> tuple[fits.Header, FrameInfo]:
 def _decode(buf: np.ndarray, bitpix: int, shape: tuple[int, int], bscale: float,
             bzero: float) -> tuple[np.ndarray, int | None]:
     """Decode a big-endian payload to native float32. Returns (image, finite count or None)."""
-    from livestack.storage import kernels_fits as kf
 
     out = np.empty(shape, dtype=np.float32)
     finite: int | None = None
