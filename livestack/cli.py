@@ -3,7 +3,9 @@
 This is the only module that configures logging and turns errors into exit codes:
 a :class:`~livestack.errors.LivestackError` ends the command with its one-line message
 on stderr and its ``exit_code`` (no traceback); any other exception keeps its traceback.
-Imports of the heavy modules are lazy so that ``livestack run`` is ready fast.
+Each subcommand imports what it runs inside its handler, deliberately: this module alone
+imports in about 65 ms, the config and pipeline modules (numba, astropy, scipy) in about
+1 s, so ``livestack --help`` and argument errors answer at once.
 """
 
 from __future__ import annotations

@@ -74,6 +74,7 @@ from livestack.pipeline.integrate import IntegrateConfig, combine_masked_tile
 from livestack.pipeline.normalize import FrameStats, NormalizeConfig, frame_stats
 from livestack.pipeline.saturation import StackSaturation
 from livestack.pipeline.types import FrameMetrics, StarList
+from livestack.storage.masters import MasterLibrary, masters_for_cli
 
 EXTRA_HINT = "pip install 'livestack[distributed]'"
 #: Share of ``--memory-limit`` one combine task may use; the rest is for the pieces Dask
@@ -124,7 +125,6 @@ class MasterPaths:
 @functools.lru_cache(maxsize=2)
 def _open_masters(paths: MasterPaths) -> MasterSource | None:
     if paths.bias or paths.darks or paths.flats:
-        from livestack.storage.masters import masters_for_cli
 
         def opt(value: str | None) -> Path | None:
             return Path(value) if value else None
@@ -132,7 +132,6 @@ def _open_masters(paths: MasterPaths) -> MasterSource | None:
         return masters_for_cli(bias=opt(paths.bias), darks=opt(paths.darks),
                                flats=opt(paths.flats))
     if paths.library:
-        from livestack.storage.masters import MasterLibrary
 
         library = MasterLibrary.from_paths([Path(p) for p in paths.library])
         return TolerantMasters(library, paths.temp_tolerance_c)

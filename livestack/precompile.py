@@ -131,6 +131,8 @@ def steps() -> Iterator[str]:
     Tiny synthetic float32 arrays of the dtypes and layouts the pipeline passes, so that
     the compiled signatures are the ones the daemon looks up.
     """
+    # Lazy, deliberately: the daemon and ``livestack demo`` import this module only to
+    # start the helper; the pipeline (and numba) load in the helper process.
     from livestack.pipeline.accumulate import RunningStack, StackConfig
     from livestack.pipeline.cosmetic import find_isolated_hot_pixels
     from livestack.pipeline.normalize import apply_normalization
@@ -172,7 +174,7 @@ def steps() -> Iterator[str]:
     # Then the front half, in case the daemon has not reached it yet (a frame waiting
     # behind a slow FITS read, say); kernels already cached just load.
     from livestack.config import Config
-    from livestack.daemon import _warm_up_steps
+    from livestack.daemon import _warm_up_steps  # lazy: the daemon imports this module
 
     for name in _warm_up_steps(Config(), with_masters=True):
         yield f"daemon warm-up: {name}"

@@ -35,8 +35,10 @@ from pathlib import Path
 
 from livestack.errors import JournalError, LivestackError, StorageError, UsageError
 from livestack.storage.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from livestack.storage.fitsio import read_header
 from livestack.storage.formats import FRAME_SUFFIXES
 from livestack.storage.journal import JOURNAL_NAME, Journal, sha256_file
+from livestack.storage.stackfits import read_stack_fits
 
 __all__ = ["RecoveryReport", "journal_problem", "recover"]
 
@@ -172,8 +174,6 @@ def recover(output_root: Path, watch_dir: Path | None = None, *,
 def _rebuild_stack(journal: Journal, output_root: Path, stack_id: str, fits_path: Path,
                    report: RecoveryReport, stamp: str) -> list[str]:
     """Journal rows of one stack from its FRAMES table; return the frame paths listed."""
-    from livestack.storage.fitsio import read_header
-    from livestack.storage.stackfits import read_stack_fits
 
     try:
         records = read_stack_fits(fits_path).records

@@ -90,6 +90,7 @@ def with_run_masters(config: Config, *, bias: Path | None = None, darks: Path | 
     UsageError
         The output folder cannot be created.
     """
+    # Lazy: the CLI imports this module at start (see cli.py); masters pull in the pipeline.
     from livestack.storage.masters import _is_master_file, build_masters_from_dirs, list_fits
 
     paths: list[str] = []

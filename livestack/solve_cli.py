@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+from astropy.io import fits
+
+from livestack.cli import configure_logging
+from livestack.config import load_config
 from livestack.errors import FrameError, StorageError, UsageError
+from livestack.pipeline.debayer import debayer, luminance
+from livestack.pipeline.detect import detect_stars
+from livestack.pipeline.wcs import field_geometry, header_cards
+from livestack.service.solving import add_wcs_cards
+from livestack.storage.atomic import atomic_write
+from livestack.storage.headers import parse_frame_info
+from livestack.storage.solver import hints_from_header, solve_stars
 
 #: Exit code when the file was read but did not solve.
 NOT_SOLVED_EXIT = 3
@@ -45,11 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _read(path: Path) -> tuple[Any, Any, Any]:
     """Image (2-D luminance), FrameInfo and header of a frame or stack."""
-    import numpy as np
-    from astropy.io import fits
 
-    from livestack.pipeline.debayer import debayer, luminance
-    from livestack.storage.headers import parse_frame_info
 
     try:
         with fits.open(path, memmap=False) as hdul:
@@ -85,13 +95,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         ``--write`` / ``--wcs-out`` cannot write.
     """
     out = sys.stdout if out is None else out
-    from dataclasses import replace
 
-    from livestack.cli import configure_logging
-    from livestack.config import load_config
-    from livestack.pipeline.detect import detect_stars
-    from livestack.pipeline.wcs import field_geometry
-    from livestack.storage.solver import hints_from_header, solve_stars
 
     configure_logging("DEBUG" if getattr(args, "verbose", False) else "WARNING")
     if (args.ra is None) != (args.dec is None):
@@ -135,7 +139,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _is_livestack_stack(path: Path) -> bool:
-    from astropy.io import fits
 
     try:
         header = fits.getheader(path)
@@ -145,9 +148,7 @@ def _is_livestack_stack(path: Path) -> bool:
 
 
 def _write_wcs_file(path: Path, cards: dict) -> None:
-    from astropy.io import fits
 
-    from livestack.pipeline.wcs import header_cards
 
     header = fits.Header()
     for key, value, comment in header_cards(cards):
@@ -160,12 +161,8 @@ def _write_wcs_file(path: Path, cards: dict) -> None:
 
 def _write_into_stack(path: Path, cards: dict) -> None:
     """Replace the WCS of a livestack ``stack.fits`` atomically."""
-    import os
 
-    from astropy.io import fits
 
-    from livestack.service.solving import add_wcs_cards
-    from livestack.storage.atomic import atomic_write
 
     with fits.open(path, memmap=False) as hdul:
         hdul.readall()

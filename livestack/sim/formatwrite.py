@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from livestack.sim.camera import SimFrame
 
@@ -65,6 +66,7 @@ def write_dng(path: Path, frame: SimFrame, *, black_adu: int = 0, white_adu: int
     iso : int
     model : str
     """
+    # Lazy: pidng, tifffile and xisf are optional (the ``test`` and ``formats`` extras).
     from pidng.core import RAW2DNG, DNGTags, Tag
     from pidng.defs import CFAPattern, DNGVersion, PhotometricInterpretation
     from pidng.dng import Type
@@ -132,7 +134,6 @@ def _set_mtime_to_end(path: Path, frame: SimFrame) -> None:
 
 def write_png(path: Path, frame: SimFrame) -> None:
     """Write ``frame`` as 16-bit grey PNG without metadata; mtime = end of the exposure."""
-    from PIL import Image
 
     Image.fromarray(np.asarray(frame.data, dtype=np.uint16)).save(path, format="PNG")
     _set_mtime_to_end(path, frame)
@@ -140,7 +141,6 @@ def write_png(path: Path, frame: SimFrame) -> None:
 
 def write_jpeg(path: Path, frame: SimFrame, quality: int = 95) -> None:
     """Write ``frame`` as 8-bit grey JPEG (top 8 bits); mtime = end of the exposure."""
-    from PIL import Image
 
     data8 = (np.asarray(frame.data, dtype=np.uint16) >> 8).astype(np.uint8)
     Image.fromarray(data8).save(path, format="JPEG", quality=quality)

@@ -29,12 +29,13 @@ import numpy as np
 from astropy.io import fits
 
 from livestack.pipeline.types import FrameInfo
+from livestack.storage import fitsio
 from livestack.storage.fitsio import _open, _stat_size
 from livestack.storage.formats.common import ReadOptions, err
-from livestack.storage.formats.gzfits import GZ_SUFFIXES
-from livestack.storage.formats.raster import RASTER_SUFFIXES
-from livestack.storage.formats.raw import RAW_SUFFIXES
-from livestack.storage.formats.xisfio import XISF_SUFFIXES
+from livestack.storage.formats.gzfits import GZ_SUFFIXES, read_gzfits
+from livestack.storage.formats.raster import RASTER_SUFFIXES, read_raster
+from livestack.storage.formats.raw import RAW_SUFFIXES, read_raw
+from livestack.storage.formats.xisfio import XISF_SUFFIXES, read_xisf
 from livestack.storage.headers import parse_frame_info
 
 __all__ = ["FRAME_SUFFIXES", "ReadOptions", "check_complete", "frame_format", "is_fits",
@@ -76,10 +77,6 @@ def is_fits(path: Path | str) -> bool:
 
 def _decode(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fits.Header]:
     """Pixels and synthesised header of a non-FITS frame (mapping OS errors to reasons)."""
-    from livestack.storage.formats.gzfits import read_gzfits
-    from livestack.storage.formats.raster import read_raster
-    from livestack.storage.formats.raw import read_raw
-    from livestack.storage.formats.xisfio import read_xisf
 
     _stat_size(path)
     # fitsio's opener maps OSErrors the readers let through (vanished, permission) to reasons.
@@ -117,7 +114,6 @@ def read_frame(path: Path | str, options: ReadOptions | None = None
         optional package for the format is not installed, and the readers' reasons
         (``"truncated"``, ``"corrupt"``, ``"unsupported"``, ``"not_2d"``, ...).
     """
-    from livestack.storage import fitsio
 
     path = Path(path)
     fmt = frame_format(path)
@@ -139,7 +135,6 @@ def read_header(path: Path | str, options: ReadOptions | None = None
     FrameReadError
         As :func:`read_frame`.
     """
-    from livestack.storage import fitsio
 
     path = Path(path)
     if is_fits(path):
@@ -168,7 +163,6 @@ def check_complete(path: Path | str) -> int:
     FrameReadError
         ``"empty_file"``, ``"unreadable"``, ``"vanished"``, ``"not_fits"``.
     """
-    from livestack.storage import fitsio
 
     path = Path(path)
     if is_fits(path) or frame_format(path) is None:
