@@ -134,9 +134,9 @@ class Listener(event.Listener):
                       time.perf_counter() - starts.pop(key, time.perf_counter()), step))
 event.register("numba:compile", Listener())
 from livestack.config import Config
-from livestack.daemon import _warm_up_steps
+from livestack.engine.warmup import warm_up_steps
 steps, step, last = [], "read", time.perf_counter()
-it = _warm_up_steps(Config(), with_masters=True)
+it = warm_up_steps(Config(), with_masters=True)
 while True:
     name = next(it, None)
     if name is None:

@@ -1,6 +1,6 @@
 """A live rebuild (exclude a frame) with the integration engine, while frames keep arriving.
 
-The daemon's :class:`~livestack.daemon.Engine` stacks ``--frames`` simulated frames; then the
+The daemon's :class:`~livestack.engine.core.Engine` stacks ``--frames`` simulated frames; then the
 operator excludes one. The integration runs in a child process (``rebuild.nice``) while the
 worker goes on stacking ``--live`` more frames into the old stack. Printed:
 
@@ -42,7 +42,7 @@ def main() -> int:
     width, height = (int(v) for v in args.size.lower().split("x"))
 
     from livestack.config import config_from_dict
-    from livestack.daemon import Engine
+    from livestack.engine.core import Engine
     from livestack.pipeline.session import StackSession
     from livestack.pipeline.types import Transform
     from livestack.sim import SimConfig, write_sequence

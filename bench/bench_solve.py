@@ -87,7 +87,7 @@ def frame_table(fields: list, n_frames: int, time_limit_s: float, repeat: int) -
     from dataclasses import replace
 
     from livestack.config import Config, SolverConfig
-    from livestack.daemon import Engine
+    from livestack.engine.core import Engine
     from livestack.storage.solver import SolveHints, solve_stars
 
     if not OSCAAR.is_dir():

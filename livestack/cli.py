@@ -396,7 +396,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     config = load_config(args.config, {"output.dir": args.output})
     configure_logging(_level(args, config.log.level))
     if not args.verbose:  # per-frame lines would break the progress bar
-        logging.getLogger("livestack.daemon").setLevel(logging.WARNING)
+        logging.getLogger("livestack.engine").setLevel(logging.WARNING)
     files = _collect_frames(args.inputs)
     masters = None
     if args.bias or args.darks or args.flats:
@@ -404,7 +404,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
         masters = masters_for_cli(bias=_opt_path(args.bias), darks=_opt_path(args.darks),
                                   flats=_opt_path(args.flats))
-    from livestack.daemon import stack_files
+    from livestack.batch import stack_files
 
     progress = None if args.no_progress else _progress_bar(sys.stderr)
     engine = stack_files(config, files, Path(args.output), masters=masters, progress=progress)

@@ -6,7 +6,7 @@ the first frame needs alone). The compiler holds the GIL, so a thread cannot hel
 second process can, since numba's on-disk cache (``cache=True``) is shared: a kernel
 compiled and saved by the helper is loaded, not compiled, when the daemon first calls it.
 
-The daemon's own warm-up (``livestack.daemon._warm_up_steps``) walks the pipeline from
+The daemon's own warm-up (``livestack.engine.warmup.warm_up_steps``) walks the pipeline from
 the front (FITS decoding, calibration, detection, ...). This helper walks the first
 frame's kernels from the back (accumulation, preview, shift warp, normalisation), then the
 ones later frames need (affine warp of rotated frames, the kappa-sigma seeding, the
@@ -174,9 +174,9 @@ def steps() -> Iterator[str]:
     # Then the front half, in case the daemon has not reached it yet (a frame waiting
     # behind a slow FITS read, say); kernels already cached just load.
     from livestack.config import Config
-    from livestack.daemon import _warm_up_steps  # lazy: the daemon imports this module
+    from livestack.engine.warmup import warm_up_steps
 
-    for name in _warm_up_steps(Config(), with_masters=True):
+    for name in warm_up_steps(Config(), with_masters=True):
         yield f"daemon warm-up: {name}"
 
 

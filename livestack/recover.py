@@ -188,7 +188,7 @@ def _rebuild_stack(journal: Journal, output_root: Path, stack_id: str, fits_path
         except (OSError, LivestackError, ValueError) as exc:  # FrameReadError, gone
             log.debug("recover: %s: %s", record.file, exc)
             continue
-        from livestack.daemon import stack_key_of
+        from livestack.engine.state import stack_key_of
 
         key = stack_key_of(info)
         break

@@ -22,7 +22,7 @@ from livestack.errors import TransientError
 
 __all__ = ["retry_transient"]
 
-_log = logging.getLogger("livestack.daemon")
+_log = logging.getLogger("livestack.engine")
 
 #: First wait and longest wait between attempts, in seconds.
 FIRST_DELAY_S = 0.25

@@ -33,7 +33,7 @@ import pytest
 from astropy.io import fits
 
 from livestack.config import load_config
-from livestack.daemon import Engine
+from livestack.engine.core import Engine
 from livestack.sim import SimConfig, write_sequence
 
 N_FRAMES = 40

@@ -1,6 +1,6 @@
 """The daemon: bad inputs end as journal rows, resume, routing, commands, signals, systemd.
 
-In-process tests drive :class:`livestack.daemon.Engine` directly (the code the worker
+In-process tests drive :class:`livestack.engine.core.Engine` directly (the code the worker
 thread runs); the subprocess test runs ``livestack run`` with a real ``NOTIFY_SOCKET``
 and real signals. Frames are small simulated ones (256x192) so the file stays fast.
 """
@@ -33,7 +33,7 @@ import pytest
 from astropy.io import fits
 
 from livestack.config import Config, config_from_dict
-from livestack.daemon import Engine
+from livestack.engine.core import Engine
 from livestack.errors import UsageError
 from livestack.pipeline.session import StackSession
 from livestack.pipeline.types import Transform
@@ -314,7 +314,7 @@ def test_two_targets_two_filters_make_four_stacks_and_a_slew_a_fifth(tmp_path: P
     engine.close()
     # A restart routes the same way (the router state is in the journal).
     again = Engine(make_config(tmp_path), tmp_path / "stacks")
-    assert again._route(read_frame(paths[0])[1]) == last_row(again, paths[0]).stack_id
+    assert again.ingest.route(read_frame(paths[0])[1]) == last_row(again, paths[0]).stack_id
     again.close()
 
 
@@ -830,14 +830,14 @@ def test_periodic_rescan_picks_up_a_frame_whose_event_was_lost(
 
 
 def test_warm_up_compiles_what_the_first_frame_needs_first() -> None:
-    from livestack.daemon import _warm_up_steps
+    from livestack.engine.warmup import warm_up_steps
 
     config = Config()
-    steps = list(_warm_up_steps(config, with_masters=True))
+    steps = list(warm_up_steps(config, with_masters=True))
     n = config.pipeline.stack.warmup_frames + 2
     assert steps == ["read", "masters", "first frame",
                      *[f"frame {i}" for i in range(1, n)], "preview", "no masters"]
-    assert list(_warm_up_steps(config, with_masters=False))[:2] == ["read", "first frame"]
+    assert list(warm_up_steps(config, with_masters=False))[:2] == ["read", "first frame"]
 
 
 # ------------------------------------------------------------- robustness (review fixes)
@@ -846,11 +846,11 @@ def test_warm_up_compiles_what_the_first_frame_needs_first() -> None:
 def test_internal_error_finishes_the_pending_row_and_the_worker_goes_on(
         tmp_path: Path, frames: list[Path], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    from livestack.daemon import Worker, WorkQueue
+    from livestack.engine.worker import Worker, WorkQueue
 
     watch = copy_frames(frames[:2], tmp_path / "in")
     engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    real = engine._select_masters
+    real = engine.reader.select_masters
     calls = iter([RuntimeError("boom")])
 
     def flaky(info):  # a bug that hits the first frame only
@@ -859,9 +859,9 @@ def test_internal_error_finishes_the_pending_row_and_the_worker_goes_on(
             raise exc
         return real(info)
 
-    monkeypatch.setattr(engine, "_select_masters", flaky)
+    monkeypatch.setattr(engine.reader, "select_masters", flaky)
     worker = Worker(lambda: engine, WorkQueue())
-    with caplog.at_level(logging.ERROR, logger="livestack.daemon"):
+    with caplog.at_level(logging.ERROR, logger="livestack.engine"):
         worker._process(engine, watch[0])
         worker._process(engine, watch[1])
     rows = engine.journal.rows(path=str(watch[0]))
@@ -876,7 +876,7 @@ def test_internal_error_finishes_the_pending_row_and_the_worker_goes_on(
 
 def test_a_failing_command_resolves_its_future_and_the_worker_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from livestack.daemon import Worker, WorkQueue
+    from livestack.engine.worker import Worker, WorkQueue
 
     engine = Engine(make_config(tmp_path), tmp_path / "stacks")
     real = engine.execute_command
@@ -907,21 +907,21 @@ def test_a_failing_command_resolves_its_future_and_the_worker_goes_on(
 
 def test_checkpoint_thread_survives_a_bug_and_drain_returns(
         caplog: pytest.LogCaptureFixture) -> None:
-    from livestack.daemon import _CheckpointJob, _CheckpointThread
+    from livestack.engine.checkpoints import CheckpointJob, CheckpointThread
 
     written: list[str] = []
 
-    def write(job: _CheckpointJob) -> bool:
+    def write(job: CheckpointJob) -> bool:
         if job.stack_id == "bad":
             raise KeyError("bug in the writer")
         written.append(job.stack_id)
         return True
 
-    def job(stack_id: str) -> _CheckpointJob:
-        return _CheckpointJob(stack_id, Path("/nonexistent"), {}, {}, 1, 1, 0)
+    def job(stack_id: str) -> CheckpointJob:
+        return CheckpointJob(stack_id, Path("/nonexistent"), {}, {}, 1, 1, 0)
 
-    thread = _CheckpointThread(write)
-    with caplog.at_level(logging.ERROR, logger="livestack.daemon"):
+    thread = CheckpointThread(write)
+    with caplog.at_level(logging.ERROR, logger="livestack.engine"):
         thread.submit(job("bad"))
         assert thread.drain(60)
         thread.submit(job("good"))  # the thread is still there to write it
@@ -1049,7 +1049,7 @@ def test_an_unusable_rebuild_result_keeps_the_old_stack(tmp_path: Path,
 
 
 def test_the_worker_gives_up_a_rebuild_that_raises() -> None:
-    from livestack.daemon import Worker
+    from livestack.engine.worker import Worker
 
     class Broken:
         def __init__(self) -> None:
@@ -1100,7 +1100,7 @@ def test_reroute_checkpoints_the_old_stack_at_the_journal_seq(tmp_path: Path,
         row = last_row(engine, path)
         engine.journal.finish(row.id, "rejected", reason="no_match", stack_id=old,
                               seq=row.seq)
-    engine._reroute(old, tuple(str(p) for p in watch[4:]))
+    engine.ingest.reroute(old, tuple(str(p) for p in watch[4:]))
     assert {last_row(engine, p).stack_id for p in watch[4:]} == {old + "-b"}
     seq = load_checkpoint(tmp_path / "stacks" / old / CHECKPOINT_NAME)[1]["seq"]
     assert seq == engine.journal.last_seq(old) == 4

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from livestack.batch import stack_files
 from livestack.config import config_from_dict
-from livestack.daemon import stack_files
 from livestack.pipeline.saturation import SaturationConfig, resolve_level
 from livestack.sim import SimConfig, Simulator, write_fits
 from livestack.sim.formatwrite import SUFFIXES, write_dng, write_frame

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
-from livestack.daemon import Engine
+from livestack.engine.core import Engine
 from livestack.service.watcher import FrameWatcher
 from tests.test_daemon import copy_frames, frames, make_config, run_daemon
 
@@ -55,7 +55,7 @@ def test_odd_entries_are_reported_journaled_and_logged(
     assert found == set(entries.values())  # the start-up scan reports each one
     engine = Engine(make_config(tmp_path), tmp_path / "stacks")
     engine.watch_root = watch
-    with caplog.at_level(logging.WARNING, logger="livestack.daemon"):
+    with caplog.at_level(logging.WARNING, logger="livestack.engine"):
         for path in entries.values():
             engine.process_path(path)
     for kind, path in entries.items():
@@ -97,7 +97,7 @@ def test_missing_exptime_gets_a_visible_stack_and_a_line(
         for key in ("EXPTIME", "EXPOSURE", "EXP_TIME"):
             hdul[0].header.pop(key, None)
     engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    with caplog.at_level(logging.WARNING, logger="livestack.daemon"):
+    with caplog.at_level(logging.WARNING, logger="livestack.engine"):
         row = engine.process_path(path)
     assert row is not None and row.status == "accepted"
     (stack_id,) = engine.runtimes

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from livestack.daemon import FITS_NAME, Engine
+from livestack.engine.core import Engine
+from livestack.engine.state import FITS_NAME
 from livestack.errors import JournalError, UsageError
 from livestack.recover import journal_problem, recover
 from livestack.storage.stackfits import read_stack_fits

@@ -13,8 +13,9 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from livestack.batch import stack_files
 from livestack.config import Config, SolverConfig
-from livestack.daemon import Engine, stack_files
+from livestack.engine.core import Engine
 from livestack.pipeline.wcs import clean_cards, field_geometry, max_offset_px
 from livestack.sim.tycho import Catalogue, read_index_stars, render_field, tan_cards
 from tests.storage.test_solver import INDEX_DIR, require_solver

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from astropy.io import fits
 
-from livestack.daemon import FITS_NAME, Engine
+from livestack.engine.core import Engine
+from livestack.engine.state import FITS_NAME
 from livestack.storage.stackcheck import stack_fits_matches
 from tests.test_daemon import copy_frames, frames, make_config
 

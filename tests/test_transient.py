@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livestack.daemon import Engine, Worker, WorkQueue
+from livestack.engine.core import Engine
+from livestack.engine.worker import Worker, WorkQueue
 from livestack.errors import JournalFullError
 from livestack.service.hub import Hub
 from livestack.service.limits import open_fd_count
@@ -177,7 +178,7 @@ def test_emfile_during_a_replay_never_marks_a_stacked_frame_failed(
         tmp_path: Path, frames: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import livestack.daemon as daemon_mod
+    import livestack.engine.resume as resume_mod
     from livestack.errors import DescriptorsExhaustedError
 
     watch = copy_frames(frames[:3], tmp_path / "in")
@@ -187,7 +188,7 @@ def test_emfile_during_a_replay_never_marks_a_stacked_frame_failed(
         engine.process_path(path)
     engine.close()  # no checkpoint yet: a restart replays the three frames from disk
     engine = Engine(config, tmp_path / "stacks", background_checkpoints=False)
-    real_sha = daemon_mod.sha256_file
+    real_sha = resume_mod.sha256_file
     calls = iter([OSError(errno.EMFILE, "Too many open files")])
 
     def sha(path: str) -> str:  # the second frame's replay meets EMFILE once
@@ -195,7 +196,7 @@ def test_emfile_during_a_replay_never_marks_a_stacked_frame_failed(
             raise exc
         return real_sha(path)
 
-    monkeypatch.setattr(daemon_mod, "sha256_file", sha)
+    monkeypatch.setattr(resume_mod, "sha256_file", sha)
     with pytest.raises(DescriptorsExhaustedError):
         engine.resume()
     assert engine.runtimes == {}  # the half-restored stack was dropped

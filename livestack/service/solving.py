@@ -82,8 +82,8 @@ class StackSolving:
     Parameters
     ----------
     engine : Engine
-        The daemon's engine (``config.solver``, ``journal``, ``runtimes``, ``_alert``,
-        ``_publish_stack``); called from its worker thread only.
+        The daemon's engine (``config.solver``, ``journal``, ``runtimes``, ``alert``,
+        ``publish_stack``); called from its worker thread only.
     """
 
     def __init__(self, engine: Any) -> None:
@@ -247,7 +247,7 @@ class StackSolving:
                  job.attempts)
         job.thread = threading.Thread(target=run, name=f"solve-{stack_id}", daemon=True)
         job.thread.start()
-        self.engine._publish_stack(rt)
+        self.engine.publish_stack(rt)
 
     def _previous(self, stack_id: str, job: _Job) -> dict[str, float]:
         """Hint from an earlier solution of this stack or of the same camera."""
@@ -286,9 +286,9 @@ class StackSolving:
                 "; trying again on a deeper stack" if retry else "")
             note["retry"] = retry
             if result.reason != "cancelled":
-                self.engine._alert("warning", "not_solved", message, stack_id)
+                self.engine.alert("warning", "not_solved", message, stack_id)
         self.engine.journal.set_state(f"solver:{stack_id}", note)
-        self.engine._publish_stack(rt)
+        self.engine.publish_stack(rt)
 
     def _check_existing(self, stack_id: str, job: _Job, cards: WcsCards) -> None:
         """Log when the capture software's own WCS disagrees with ours."""

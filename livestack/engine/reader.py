@@ -1,0 +1,138 @@
+"""Reading a frame for the engine and choosing its masters.
+
+Used by ingest, resume, re-routing and the rebuild's catch-up: one place turns an
+``OSError`` into a :class:`~livestack.errors.FrameError` with a reason, and one place
+decides which masters calibrate a light.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from livestack.errors import (
+    CalibrationError,
+    DescriptorsExhaustedError,
+    FrameError,
+    MasterError,
+)
+from livestack.runopts import UNCALIBRATED_HINT, calibration_gap
+from livestack.service.limits import is_fd_exhaustion
+from livestack.storage.formats import options_for, read_frame
+from livestack.storage.masters import MasterLibrary
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from livestack.config import Config
+    from livestack.pipeline.types import FrameInfo
+
+log = logging.getLogger("livestack.engine")
+
+
+def load_masters(config: Config) -> Any:
+    """The master library ``config.masters.paths`` names (None when it names none).
+
+    Raises
+    ------
+    MasterError
+        A master cannot be loaded.
+    """
+    if not config.masters.paths:
+        return None
+    library = MasterLibrary.from_paths([Path(p) for p in config.masters.paths])
+    log.info("loaded %d master frame(s) from %s", len(library),
+             ", ".join(config.masters.paths))
+    return library
+
+
+class FrameReader:
+    """Reads lights read-only and selects their masters.
+
+    Parameters
+    ----------
+    config : Config
+    masters : object or None
+        A ``MasterLibrary`` (``select(info, tolerance_c)``); None: lights are uncalibrated.
+    """
+
+    def __init__(self, config: Config, masters: Any) -> None:
+        self.config = config
+        self.masters = masters
+        self._masters_note: dict[tuple[int, int], str] = {}
+        self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
+
+    def read(self, path: str) -> tuple[np.ndarray, FrameInfo]:
+        """Read a frame read-only.
+
+        Returns
+        -------
+        image : ndarray
+            The raw frame (shape ``(ny, nx)``, float32, ADU).
+        info : FrameInfo
+
+        Raises
+        ------
+        FrameError
+            ``vanished``, ``permission_denied``, ``not_a_file``, ``unreadable`` or the
+            reader's own reason (``not_fits``, ``truncated``, ...).
+        DescriptorsExhaustedError
+            No file descriptor was left (never a verdict on the frame).
+        """
+        fmt = self.config.formats
+        options = options_for(fmt.raw_black, fmt.utc_offset_h, fmt.exposure_s, self.masters)
+        try:
+            image, info, _header = read_frame(Path(path), options)
+        except FileNotFoundError:
+            raise FrameError("vanished", f"{path}: the file disappeared while it was read"
+                             ) from None
+        except PermissionError:
+            raise FrameError("permission_denied", f"{path}: permission denied") from None
+        except IsADirectoryError:
+            raise FrameError("not_a_file", f"{path}: not a regular file") from None
+        except OSError as exc:
+            if is_fd_exhaustion(exc):  # the row stays pending; the worker retries
+                raise DescriptorsExhaustedError(f"{path}: {exc.strerror}") from None
+            raise FrameError("unreadable", f"{path}: cannot read: {exc.strerror or exc}"
+                             ) from None
+        return image, info
+
+    def select_masters(self, info: FrameInfo) -> Any:
+        """The masters for a light (None without a library).
+
+        Raises
+        ------
+        CalibrationError
+            ``master_shape_mismatch`` when masters are configured but none has the frame's
+            shape and binning (stacking it uncalibrated would hide the mistake);
+            ``master_unreadable`` when a chosen master file cannot be read any more.
+        """
+        if self.masters is None:
+            if not self._uncalibrated_warned:
+                self._uncalibrated_warned = True
+                log.warning("light frames are stacked uncalibrated: no master dark or flat "
+                            "(%s)", UNCALIBRATED_HINT)
+            return None
+        entries = getattr(self.masters, "entries", None)
+        if entries and not any(e.info.shape == info.shape and e.info.binning == info.binning
+                               for e in entries):
+            have = sorted({f"{e.info.shape[1]}x{e.info.shape[0]}" for e in entries})
+            raise CalibrationError(
+                "master_shape_mismatch",
+                f"{info.path}: frame is {info.shape[1]}x{info.shape[0]} bin "
+                f"{info.binning[0]}x{info.binning[1]} but the masters are {', '.join(have)}")
+        try:
+            chosen = self.masters.select(info, self.config.masters.temp_tolerance_c)
+        except MasterError as exc:
+            raise CalibrationError("master_unreadable", f"{info.path}: {exc}") from None
+        gap = calibration_gap(chosen)
+        if gap is not None and not self._uncalibrated_warned:
+            self._uncalibrated_warned = True
+            log.warning("light frames are stacked with %s (%s)", gap, UNCALIBRATED_HINT)
+        description = "; ".join(chosen.description) or "no masters apply"
+        if self._masters_note.get(info.shape) != description:
+            self._masters_note[info.shape] = description
+            log.info("masters for %s frames: %s", f"{info.shape[1]}x{info.shape[0]}",
+                     description)
+        return chosen
