@@ -74,6 +74,7 @@ from livestack.pipeline.integrate import IntegrateConfig, combine_masked_tile
 from livestack.pipeline.normalize import FrameStats, NormalizeConfig, frame_stats
 from livestack.pipeline.saturation import StackSaturation
 from livestack.pipeline.types import FrameMetrics, StarList
+from livestack.reasons import Reason
 from livestack.storage.masters import MasterLibrary, masters_for_cli
 
 EXTRA_HINT = "pip install 'livestack[distributed]'"
@@ -270,8 +271,8 @@ def _register_task(frame: SessionFrame, is_reference: bool, masters: MasterPaths
     image, info, applied, stars, saturation = _calibrated(
         frame, masters.open() if masters else None, pipeline, ref.stars is not None)
     if image.shape[-2:] != ref.shape or image.ndim != ref.ndim:
-        raise FrameError("shape_mismatch", f"{frame.path}: shape {image.shape} differs from "
-                                           f"the reference's {ref.shape}")
+        raise FrameError(Reason.SHAPE_MISMATCH, f"{frame.path}: shape {image.shape} differs from "
+                                           f"the reference's {ref.shape}", frame.path)
     scale = _signal_scale(is_reference, frame.transform, stars, ref.stars)
     channels = 3 if image.ndim == 3 else 1
     out = np.empty((channels, *ref.shape), dtype=np.float32)

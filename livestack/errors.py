@@ -6,11 +6,22 @@ message that names the file or key; ``livestack.cli`` prints that line without
 a traceback and maps the class to an exit code.
 
 Per-frame problems derive from :class:`FrameError` and carry a machine-readable
-``reason`` code. The daemon turns them into a journal row with that reason and
-keeps running; they never stop the stack.
+:class:`~livestack.reasons.Reason` and the frame's path. The daemon turns them into a
+journal row with that reason and keeps running; they never stop the stack.
 """
 
 from __future__ import annotations
+
+import os
+
+from livestack.reasons import Reason
+
+__all__ = [
+    "CalibrationError", "ConfigError", "DescriptorsExhaustedError", "FrameError",
+    "FrameNotReadyError", "FrameReadError", "JournalError", "JournalFullError",
+    "LivestackError", "MasterError", "Reason", "RegistrationError", "StorageError",
+    "TransientError", "UsageError",
+]
 
 
 class LivestackError(Exception):
@@ -41,21 +52,30 @@ class FrameError(LivestackError):
 
     Parameters
     ----------
-    reason : str
-        Machine-readable reason code (``snake_case``), e.g. ``"truncated"``.
+    reason : Reason or str
+        Why, e.g. ``Reason.TRUNCATED`` (or its value ``"truncated"``).
     message : str
         One human sentence naming the file where known.
+    path : str or PathLike, optional
+        The frame's file, when known (a rebuild names the frame it must leave out by it).
+
+    Raises
+    ------
+    ValueError
+        ``reason`` is not a :class:`Reason` value (every code lives in one place).
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason | str, message: str,
+                 path: str | os.PathLike[str] | None = None) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = Reason(reason)
         self.message = message
+        self.path = None if path is None else os.fspath(path)
 
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        # Pickled with both arguments: a Dask worker's FrameError reaches the client
+    def __reduce__(self) -> tuple[type, tuple[Reason, str, str | None]]:
+        # Pickled with every argument: a Dask worker's FrameError reaches the client
         # intact (the default would call __init__ with the message only).
-        return (type(self), (self.reason, self.message))
+        return (type(self), (self.reason, self.message, self.path))
 
 
 class FrameReadError(FrameError):

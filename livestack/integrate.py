@@ -87,6 +87,7 @@ from livestack.pipeline.saturation import (
 from livestack.pipeline.select import parse_select, selection_values
 from livestack.pipeline.types import FrameInfo, FrameMetrics, FrameRecord, StarList, Transform
 from livestack.pipeline.warp import warp
+from livestack.reasons import Reason
 
 DEFAULT_MEMORY_LIMIT_BYTES = 2 * 1024**3
 #: Held back from the memory limit for the interpreter, numpy, numba and astropy.
@@ -596,22 +597,22 @@ def check_frame_file(frame: SessionFrame) -> None:
     try:
         st = os.stat(frame.path)
     except FileNotFoundError:
-        raise FrameReadError("missing", f"{frame.path}: raw frame listed in the journal "
-                                        "is missing") from None
+        raise FrameReadError(Reason.MISSING, f"{frame.path}: raw frame listed in the journal "
+                                        "is missing", frame.path) from None
     except OSError as exc:
-        raise FrameReadError("unreadable", f"{frame.path}: cannot read: "
-                                           f"{exc.strerror or exc}") from None
+        raise FrameReadError(Reason.UNREADABLE, f"{frame.path}: cannot read: "
+                                           f"{exc.strerror or exc}", frame.path) from None
     changed = frame.size is not None and st.st_size != frame.size
     if (not changed and frame.mtime_ns is not None and st.st_mtime_ns != frame.mtime_ns
             and frame.sha256 is not None):
         try:
             changed = sha256_file(frame.path) != frame.sha256
         except OSError as exc:
-            raise FrameReadError("unreadable", f"{frame.path}: cannot read: "
-                                               f"{exc.strerror or exc}") from None
+            raise FrameReadError(Reason.UNREADABLE, f"{frame.path}: cannot read: "
+                                               f"{exc.strerror or exc}", frame.path) from None
     if changed:
-        raise FrameReadError("changed_on_disk", f"{frame.path}: content changed since it "
-                                                "was stacked")
+        raise FrameReadError(Reason.CHANGED_ON_DISK, f"{frame.path}: content changed since it "
+                                                "was stacked", frame.path)
     check_complete(Path(frame.path))
 
 
@@ -899,8 +900,9 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
                 image, info, applied, stars, saturation = loaded
                 loaded = None
                 if image.shape[-2:] != shape or image.ndim != ndim:
-                    raise FrameError("shape_mismatch", f"{frame.path}: shape {image.shape} "
-                                                       f"differs from the reference's {shape}")
+                    raise FrameError(Reason.SHAPE_MISMATCH,
+                                     f"{frame.path}: shape {image.shape} differs from the "
+                                     f"reference's {shape}", frame.path)
                 signal_scale = _signal_scale(index == ref_index, frame.transform, stars,
                                              ref_stars)
                 n_star_scaled += signal_scale is not None
@@ -1018,8 +1020,8 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         warped, saturated = clamp_ringing(warped, image, frame.transform, saturation[0],
                                           saturation[1])
     if not warped.footprint.any():
-        raise FrameError("no_overlap", f"{frame.path}: the aligned frame does not overlap "
-                                       "the reference")
+        raise FrameError(Reason.NO_OVERLAP, f"{frame.path}: the aligned frame does not overlap "
+                                       "the reference", frame.path)
     metrics = _metrics_of(frame)
     stats = frame_stats(warped.image, warped.footprint)
     norm = normalization(

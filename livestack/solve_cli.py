@@ -26,6 +26,7 @@ from livestack.errors import FrameError, StorageError, UsageError
 from livestack.pipeline.debayer import debayer, luminance
 from livestack.pipeline.detect import detect_stars
 from livestack.pipeline.wcs import field_geometry, header_cards
+from livestack.reasons import Reason
 from livestack.service.solving import add_wcs_cards
 from livestack.storage.atomic import atomic_write
 from livestack.storage.headers import parse_frame_info
@@ -65,17 +66,18 @@ def _read(path: Path) -> tuple[Any, Any, Any]:
         with fits.open(path, memmap=False) as hdul:
             hdu = next((h for h in hdul if h.data is not None and h.data.ndim >= 2), None)
             if hdu is None:
-                raise FrameError("not_2d", f"{path}: no image in the file")
+                raise FrameError(Reason.NOT_2D, f"{path}: no image in the file", path)
             header = hdu.header.copy()
             data = np.asarray(hdu.data, dtype=np.float32)
     except FileNotFoundError:
-        raise FrameError("vanished", f"{path}: no such file") from None
+        raise FrameError(Reason.VANISHED, f"{path}: no such file", path) from None
     except OSError as exc:
-        raise FrameError("not_fits", f"{path}: not a readable FITS file ({exc})") from None
+        raise FrameError(Reason.NOT_FITS, f"{path}: not a readable FITS file ({exc})",
+                         path) from None
     if data.ndim == 3 and data.shape[0] == 3:
         data = luminance(data)
     elif data.ndim != 2:
-        raise FrameError("not_2d", f"{path}: image of shape {data.shape} is not 2-D")
+        raise FrameError(Reason.NOT_2D, f"{path}: image of shape {data.shape} is not 2-D", path)
     info = parse_frame_info(header, str(path), (data.shape[0], data.shape[1]))
     if info.bayer_pattern and "STACKID" not in header:
         data = luminance(debayer(data, info.bayer_pattern))

@@ -31,6 +31,7 @@ from livestack.errors import (
     JournalFullError,
 )
 from livestack.pipeline.routing import Router
+from livestack.reasons import Reason
 from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.entries import check_entry
 from livestack.storage.formats import frame_format
@@ -125,13 +126,13 @@ class Ingest:
         try:
             st = os.stat(spath)
         except FileNotFoundError:
-            return self._record_failure(spath, None, None, None, "vanished",
+            return self._record_failure(spath, None, None, None, Reason.VANISHED,
                                         f"{spath}: the file disappeared before it was read")
         except OSError as exc:
-            return self._record_failure(spath, None, None, None, "unreadable",
+            return self._record_failure(spath, None, None, None, Reason.UNREADABLE,
                                         f"{spath}: cannot stat: {exc.strerror}")
         if not stat_mod.S_ISREG(st.st_mode):
-            return self._record_failure(spath, None, None, None, "not_a_file",
+            return self._record_failure(spath, None, None, None, Reason.NOT_A_FILE,
                                         f"{spath}: not a regular file")
         if self.journal.seen(spath, st.st_size, st.st_mtime_ns):
             log.debug("%s: already in the journal", spath)
@@ -141,22 +142,22 @@ class Ingest:
         try:
             sha = sha256_file(spath)
         except FileNotFoundError:
-            return self._record_failure(spath, st.st_size, st.st_mtime_ns, None, "vanished",
+            return self._record_failure(spath, st.st_size, st.st_mtime_ns, None, Reason.VANISHED,
                                         f"{spath}: the file disappeared while it was read")
         except PermissionError:
             return self._record_failure(spath, st.st_size, st.st_mtime_ns, None,
-                                        "permission_denied", f"{spath}: permission denied")
+                                        Reason.PERMISSION_DENIED, f"{spath}: permission denied")
         except OSError as exc:
             if is_fd_exhaustion(exc):  # says nothing about the frame: retried, never final
                 raise DescriptorsExhaustedError(f"{spath}: {exc.strerror}") from None
-            return self._record_failure(spath, st.st_size, st.st_mtime_ns, None, "unreadable",
+            return self._record_failure(spath, st.st_size, st.st_mtime_ns, None, Reason.UNREADABLE,
                                         f"{spath}: cannot read: {exc.strerror or exc}")
         done = self.journal.already_done(spath, sha)
         if done is not None:
             if done.path == spath:
                 return None
             return self._record_failure(
-                spath, st.st_size, st.st_mtime_ns, sha, "duplicate",
+                spath, st.st_size, st.st_mtime_ns, sha, Reason.DUPLICATE,
                 f"{spath}: same content as {done.path} (already {done.status})",
                 status="ignored", level=logging.INFO)
         row_id = self.journal.mark_pending(spath, st.st_size, st.st_mtime_ns, sha)
@@ -168,7 +169,7 @@ class Ingest:
             return self.finish_failure(row_id, spath, exc.reason, exc.message)
         if info.image_type in CALIBRATION_TYPES:
             message = f"{spath}: {info.image_type} frame in the watch folder, not stacked"
-            return self.finish_failure(row_id, spath, "calibration_frame", message,
+            return self.finish_failure(row_id, spath, Reason.CALIBRATION_FRAME, message,
                                        status="ignored", level=logging.INFO)
         try:
             masters = engine.reader.select_masters(info)
@@ -193,12 +194,12 @@ class Ingest:
                                    read_ms=(t_read - t0) * 1e3, t0=t0)
 
     def _record_failure(self, path: str, size: int | None, mtime_ns: int | None,
-                        sha: str | None, reason: str, message: str, *,
+                        sha: str | None, reason: Reason, message: str, *,
                         status: str = "failed", level: int = logging.WARNING) -> FrameRow | None:
         row_id = self.journal.mark_pending(path, size, mtime_ns, sha)
         return self.finish_failure(row_id, path, reason, message, status=status, level=level)
 
-    def finish_failure(self, row_id: int, path: str, reason: str, message: str, *,
+    def finish_failure(self, row_id: int, path: str, reason: Reason, message: str, *,
                        status: str = "failed", stack_id: str | None = None,
                        level: int = logging.WARNING) -> FrameRow | None:
         """Finish a row as ``failed`` / ``ignored``: log line, journal, metrics, event.
@@ -242,7 +243,7 @@ class Ingest:
         row_id, self.open_row = self.open_row, None
         if row_id is None:
             return None
-        return self.finish_failure(row_id, path, "internal_error", message)
+        return self.finish_failure(row_id, path, Reason.INTERNAL_ERROR, message)
 
     def _after_outcome(self, rt: Runtime, row_id: int, info: FrameInfo,
                        outcome: FrameOutcome, *, read_ms: float, t0: float) -> FrameRow | None:

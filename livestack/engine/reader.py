@@ -17,6 +17,7 @@ from livestack.errors import (
     FrameError,
     MasterError,
 )
+from livestack.reasons import Reason
 from livestack.runopts import UNCALIBRATED_HINT, calibration_gap
 from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.formats import options_for, read_frame
@@ -85,17 +86,18 @@ class FrameReader:
         try:
             image, info, _header = read_frame(Path(path), options)
         except FileNotFoundError:
-            raise FrameError("vanished", f"{path}: the file disappeared while it was read"
-                             ) from None
+            raise FrameError(Reason.VANISHED, f"{path}: the file disappeared while it was read",
+                             path) from None
         except PermissionError:
-            raise FrameError("permission_denied", f"{path}: permission denied") from None
+            raise FrameError(Reason.PERMISSION_DENIED, f"{path}: permission denied",
+                             path) from None
         except IsADirectoryError:
-            raise FrameError("not_a_file", f"{path}: not a regular file") from None
+            raise FrameError(Reason.NOT_A_FILE, f"{path}: not a regular file", path) from None
         except OSError as exc:
             if is_fd_exhaustion(exc):  # the row stays pending; the worker retries
                 raise DescriptorsExhaustedError(f"{path}: {exc.strerror}") from None
-            raise FrameError("unreadable", f"{path}: cannot read: {exc.strerror or exc}"
-                             ) from None
+            raise FrameError(Reason.UNREADABLE, f"{path}: cannot read: {exc.strerror or exc}",
+                             path) from None
         return image, info
 
     def select_masters(self, info: FrameInfo) -> Any:
@@ -119,13 +121,15 @@ class FrameReader:
                                for e in entries):
             have = sorted({f"{e.info.shape[1]}x{e.info.shape[0]}" for e in entries})
             raise CalibrationError(
-                "master_shape_mismatch",
+                Reason.MASTER_SHAPE_MISMATCH,
                 f"{info.path}: frame is {info.shape[1]}x{info.shape[0]} bin "
-                f"{info.binning[0]}x{info.binning[1]} but the masters are {', '.join(have)}")
+                f"{info.binning[0]}x{info.binning[1]} but the masters are {', '.join(have)}",
+                info.path)
         try:
             chosen = self.masters.select(info, self.config.masters.temp_tolerance_c)
         except MasterError as exc:
-            raise CalibrationError("master_unreadable", f"{info.path}: {exc}") from None
+            raise CalibrationError(Reason.MASTER_UNREADABLE, f"{info.path}: {exc}",
+                                   info.path) from None
         gap = calibration_gap(chosen)
         if gap is not None and not self._uncalibrated_warned:
             self._uncalibrated_warned = True

@@ -56,6 +56,7 @@ from livestack.integrate import (
 from livestack.pipeline.product import StackProduct
 from livestack.pipeline.session import StackSession
 from livestack.pipeline.types import Transform
+from livestack.reasons import Reason
 
 if TYPE_CHECKING:
     from livestack.engine.core import Engine
@@ -250,19 +251,22 @@ def read_result(path: Path) -> RebuildResult:
 
 
 def write_error(path: Path, exc: LivestackError) -> None:
-    """Describe a failed rebuild in one JSON line: reason code and message.
+    """Describe a failed rebuild in one JSON line: reason code, message and frame.
 
-    A frame's problem has its reason code (``missing``, ``changed_on_disk``, ...) and a
-    message that starts with the frame's path, as every :class:`FrameError` does.
+    A frame's problem has its :class:`~livestack.reasons.Reason` (``missing``,
+    ``changed_on_disk``, ...) and the frame's path, which the daemon drops before it
+    retries; any other error has its class name as reason and no path.
     """
-    payload = {"reason": exc.reason if isinstance(exc, FrameError) else type(exc).__name__,
-               "message": str(exc)}
+    if isinstance(exc, FrameError):
+        payload = {"reason": exc.reason.value, "message": str(exc), "path": exc.path}
+    else:
+        payload = {"reason": type(exc).__name__, "message": str(exc), "path": None}
     with contextlib.suppress(OSError):
         path.write_text(json.dumps(payload), encoding="utf-8")
 
 
 def read_error(path: Path) -> dict[str, Any] | None:
-    """The error a failed child described, or None when it wrote none."""
+    """The error a failed child described (``reason``, ``message``, ``path``), or None."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -475,7 +479,8 @@ class RebuildSupervisor:
                   "(pid %d)", stack_id, why, job.process.pid)
         engine.outputs.publish_stack(rt)
 
-    def drop(self, stack_id: str, row_id: int | None, reason: str, message: str) -> None:
+    def drop(self, stack_id: str, row_id: int | None, reason: Reason | str,
+             message: str) -> None:
         """Mark a frame that cannot be re-read ``failed`` so rebuilds leave it out."""
         if row_id is None:
             return
@@ -608,8 +613,10 @@ class RebuildSupervisor:
         message = str(error.get("message") or f"exit status {code}, see "
                       f"{job.folder / LOG_NAME}")
         reason = str(error.get("reason") or "failed")
-        culprit = next((r for r in self.journal.rows(stack_id=rt.stack_id)
-                        if r.active and message.startswith(f"{r.path}:")), None)
+        frame_path = error.get("path")
+        culprit = None if not frame_path else next(
+            (r for r in self.journal.rows(stack_id=rt.stack_id)
+             if r.active and r.path == frame_path), None)
         if culprit is not None and job.attempts < MAX_ATTEMPTS:
             self.drop(rt.stack_id, culprit.id, reason, message)
             self._restart(rt, job)

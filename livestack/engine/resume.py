@@ -17,6 +17,7 @@ from livestack.engine.state import FITS_NAME, Runtime, metrics_json, remove_file
 from livestack.errors import DescriptorsExhaustedError, FrameError, StorageError, TransientError
 from livestack.pipeline.session import StackSession
 from livestack.pipeline.types import Transform
+from livestack.reasons import Reason
 from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.checkpoint import CHECKPOINT_NAME, load_checkpoint, remove_stale_temps
 from livestack.storage.journal import sha256_file
@@ -166,14 +167,14 @@ class Resumer:
         try:
             sha = sha256_file(row.path)
             if sha != row.sha256:
-                raise FrameError("changed_on_disk",
-                                 f"{row.path}: content changed since it was stacked")
+                raise FrameError(Reason.CHANGED_ON_DISK,
+                                 f"{row.path}: content changed since it was stacked", row.path)
             raw, info = self.engine.reader.read(row.path)
             masters = self.engine.reader.select_masters(info)
         except (FrameError, OSError) as exc:
             if is_fd_exhaustion(exc):  # never a verdict on the frame (issue 14)
                 raise DescriptorsExhaustedError(f"{row.path}: {exc}") from None
-            reason = exc.reason if isinstance(exc, FrameError) else "vanished"
+            reason = exc.reason if isinstance(exc, FrameError) else Reason.VANISHED
             log.warning("%s: %s: cannot replay: %s", row.path, reason, exc)
             self.journal.finish(row.id, "failed", reason=f"replay_{reason}", message=str(exc),
                                 stack_id=rt.stack_id, seq=row.seq)

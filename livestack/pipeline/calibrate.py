@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 from livestack.errors import CalibrationError
 from livestack.pipeline import kernels_calibrate as kc
 from livestack.pipeline.cosmetic import correct_defects, neighbour_step
+from livestack.reasons import Reason
 
 #: Flat values at or below this are not divided by (they are defects; see the kernel).
 FLAT_MIN = kc.FLAT_MIN
@@ -73,15 +74,17 @@ def _check_shapes(raw_shape: tuple[int, ...], masters: MasterSet, frame_name: st
         if arr is not None and arr.shape != raw_shape:
             where = f"{frame_name}: " if frame_name else ""
             raise CalibrationError(
-                "master_shape_mismatch",
+                Reason.MASTER_SHAPE_MISMATCH,
                 f"{where}master {label} has shape {arr.shape} but the frame has shape {raw_shape}",
+                frame_name,
             )
 
 
 def _as_frame(raw: np.ndarray, frame_name: str | None) -> NDArray[np.float32]:
     if raw.ndim != 2:
         where = f"{frame_name}: " if frame_name else ""
-        raise CalibrationError("not_2d", f"{where}expected a 2-D frame, got shape {raw.shape}")
+        raise CalibrationError(Reason.NOT_2D, f"{where}expected a 2-D frame, got shape {raw.shape}",
+                               frame_name)
     return np.ascontiguousarray(raw, dtype=np.float32)
 
 

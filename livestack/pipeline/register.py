@@ -35,6 +35,7 @@ from numpy.typing import NDArray
 from livestack.errors import RegistrationError
 from livestack.pipeline.ranges import rng
 from livestack.pipeline.types import StarList, Transform
+from livestack.reasons import Reason
 
 MODELS = ("translation", "similarity", "affine")
 _MIN_POINTS = {"translation": 1, "similarity": 2, "affine": 3}
@@ -442,7 +443,8 @@ class Registrar:
             result, pc_note = self._phase_fallback(xy, image)
             if result is not None:
                 return result
-        reason = "too_few_stars" if min(n, n_ref) < max(3, cfg.min_matches) else "no_match"
+        reason = (Reason.TOO_FEW_STARS if min(n, n_ref) < max(3, cfg.min_matches)
+                  else Reason.NO_MATCH)
         raise RegistrationError(
             reason,
             f"cannot register: {n} stars in the frame, {n_ref} in the reference{detail}"

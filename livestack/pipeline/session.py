@@ -59,6 +59,7 @@ from livestack.pipeline.types import (
     Verdict,
 )
 from livestack.pipeline.warp import warp
+from livestack.reasons import CALIBRATION_FAILURES, Reason
 
 
 @dataclass(frozen=True)
@@ -204,11 +205,11 @@ def _raise_no_footprint(lum: np.ndarray, info: FrameInfo, kernel: str) -> None:
     """
     bad = int(np.count_nonzero(~np.isfinite(lum)))
     if bad:
-        raise FrameError("nan_pixels", f"{info.path}: {100.0 * bad / lum.size:.1f} % of the "
+        raise FrameError(Reason.NAN_PIXELS, f"{info.path}: {100.0 * bad / lum.size:.1f} % of the "
                                        f"pixels are NaN/inf; no aligned pixel has only finite "
-                                       f"neighbours for the {kernel} kernel")
-    raise FrameError("no_overlap",
-                     f"{info.path}: the aligned frame does not overlap the reference")
+                                       f"neighbours for the {kernel} kernel", info.path)
+    raise FrameError(Reason.NO_OVERLAP,
+                     f"{info.path}: the aligned frame does not overlap the reference", info.path)
 
 
 class StackSession:
@@ -270,7 +271,8 @@ class StackSession:
         try:
             return self._process(raw, info, masters, stored_transform, timer)
         except FrameError as exc:
-            verdict = "failed" if exc.reason.startswith(("master_", "calibration")) else "rejected"
+            # A master that does not fit is the setup's fault, not the frame's.
+            verdict = "failed" if exc.reason in CALIBRATION_FAILURES else "rejected"
             outcome = FrameOutcome(info.path, verdict, exc.reason, exc.message,
                                    timings_ms=timer.timings_ms)
             self._record(outcome, info)
@@ -299,12 +301,13 @@ class StackSession:
         """
         cfg = self.config
         if raw.ndim != 2:
-            raise FrameError("not_2d", f"{info.path}: expected a 2-D image, got shape {raw.shape}")
+            raise FrameError(Reason.NOT_2D,
+                             f"{info.path}: expected a 2-D image, got shape {raw.shape}", info.path)
         if self._reference is not None and raw.shape != self._reference.luminance.shape:
             raise FrameError(
-                "shape_mismatch",
+                Reason.SHAPE_MISMATCH,
                 f"{info.path}: shape {raw.shape} differs from the stack's "
-                f"{self._reference.luminance.shape}",
+                f"{self._reference.luminance.shape}", info.path,
             )
         calibrated = calibrate(raw, masters, info.bayer_pattern)
         saturation = frame_saturation(raw, calibrated, info, cfg.saturation)
@@ -329,7 +332,8 @@ class StackSession:
         lum = luminance(image) if image.ndim == 3 else image
         if not np.isfinite(lum[:: max(1, lum.shape[0] // 64), :: max(1, lum.shape[1] // 64)]).any():
             if not np.isfinite(lum).any():
-                raise FrameError("all_nan", f"{info.path}: no finite pixel in the frame")
+                raise FrameError(Reason.ALL_NAN, f"{info.path}: no finite pixel in the frame",
+                                 info.path)
 
         detect_cfg = cfg.detect
         if detect_cfg.pixel_scale_arcsec is None and info.pixel_scale_arcsec is not None:
@@ -391,8 +395,9 @@ class StackSession:
         noise_norm = normalized_noise(stats, norm)
         _check_noise(np.asarray(noise_norm, dtype=np.float64), info)
         if not (math.isfinite(norm.weight) and norm.weight > 0):
-            raise FrameError("bad_weight",
-                             f"{info.path}: frame weight {norm.weight} is not finite and > 0")
+            raise FrameError(Reason.BAD_WEIGHT,
+                             f"{info.path}: frame weight {norm.weight} is not finite and > 0",
+                             info.path)
         normalised = apply_normalization(warped.image, warped.footprint, norm, out=warped.image)
         self.saturation.apply(normalised, warped.footprint, saturated, saturation, norm.location,
                               norm.scale, norm.reference_location)
@@ -692,16 +697,16 @@ _BATCH_KEYS = ("REJECT", "REJLOW", "REJHIGH", "NSTARSCL", "HISTORY")
 
 
 def _check_noise(noise_adu: np.ndarray, info: FrameInfo) -> None:
-    """Raise ``FrameError("zero_noise")`` unless every channel's noise is finite and > 0.
+    """Raise ``FrameError(Reason.ZERO_NOISE)`` unless every channel's noise is finite and > 0.
 
     A noise-free or heavily quantised sky measures a background sigma of 0, which
     the kappa-sigma accumulator cannot weight (see ``RunningStack.add``).
     """
     if not bool(np.all(np.isfinite(noise_adu) & (noise_adu > 0))):
         values = ", ".join(f"{v:.3g}" for v in np.atleast_1d(noise_adu))
-        raise FrameError("zero_noise",
+        raise FrameError(Reason.ZERO_NOISE,
                          f"{info.path}: background noise {values} ADU is not finite and > 0 "
-                         "(noise-free or heavily quantised sky)")
+                         "(noise-free or heavily quantised sky)", info.path)
 
 
 def _is_identity(transform: Transform, tolerance: float = 1e-9) -> bool:

@@ -83,6 +83,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from livestack.errors import FrameNotReadyError, FrameReadError, UsageError
+from livestack.reasons import Reason
 from livestack.storage.formats import FRAME_SUFFIXES as ALL_FRAME_SUFFIXES
 from livestack.storage.formats import check_complete as default_check
 
@@ -452,7 +453,7 @@ class FrameWatcher:
         except FrameNotReadyError as exc:
             return self._not_ready(path, key, exc.message, report=report)
         except FrameReadError as exc:
-            if exc.reason == "vanished":
+            if exc.reason is Reason.VANISHED:
                 self._pending.pop(path, None)
                 return False
             log.debug("%s is unreadable (%s); reporting it for the journal", path, exc.reason)

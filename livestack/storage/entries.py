@@ -18,12 +18,13 @@ import os
 from pathlib import Path
 
 from livestack.config import is_within
+from livestack.reasons import Reason
 from livestack.storage.journal import Journal
 
 __all__ = ["check_entry", "unjournaled"]
 
 
-def check_entry(path: str, watch_root: Path | None) -> tuple[str, str, str, int] | None:
+def check_entry(path: str, watch_root: Path | None) -> tuple[Reason, str, str, int] | None:
     """Refuse a symlink out of the watch folder or a dangling one.
 
     Parameters
@@ -43,10 +44,10 @@ def check_entry(path: str, watch_root: Path | None) -> tuple[str, str, str, int]
         return None
     target = os.path.realpath(path)
     if not os.path.exists(path):
-        return ("dangling_symlink", f"{path}: a symlink to {target}, which does not exist",
+        return (Reason.DANGLING_SYMLINK, f"{path}: a symlink to {target}, which does not exist",
                 "failed", logging.WARNING)
     if watch_root is not None and not is_within(path, watch_root):
-        return ("outside_watch_folder",
+        return (Reason.OUTSIDE_WATCH_FOLDER,
                 f"{path}: a symlink to {target}, outside the watch folder {watch_root}; "
                 "not followed (links out of the watch folder are refused)",
                 "ignored", logging.WARNING)

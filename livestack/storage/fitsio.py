@@ -29,6 +29,7 @@ from astropy.io.fits.verify import VerifyError
 
 from livestack.errors import FrameNotReadyError, FrameReadError
 from livestack.pipeline.types import FrameInfo
+from livestack.reasons import Reason
 from livestack.storage import kernels_fits as kf
 from livestack.storage.atomic import atomic_write
 from livestack.storage.headers import parse_frame_info
@@ -88,8 +89,8 @@ class FrameLayout:
         return tuple(reversed(self.axes))
 
 
-def _err(reason: str, path: Path, text: str) -> FrameReadError:
-    return FrameReadError(reason, f"{path}: {text}")
+def _err(reason: Reason, path: Path, text: str) -> FrameReadError:
+    return FrameReadError(reason, f"{path}: {text}", path)
 
 
 @contextmanager
@@ -98,21 +99,21 @@ def _open(path: Path) -> Iterator[io.BufferedReader]:
     try:
         fh = open(path, "rb")  # closed in the finally below
     except FileNotFoundError as exc:
-        raise _err("vanished", path, "file vanished before it could be read") from exc
+        raise _err(Reason.VANISHED, path, "file vanished before it could be read") from exc
     except PermissionError as exc:
-        raise _err("unreadable", path, "permission denied") from exc
+        raise _err(Reason.UNREADABLE, path, "permission denied") from exc
     except IsADirectoryError as exc:
-        raise _err("unreadable", path, "is a directory, not a file") from exc
+        raise _err(Reason.UNREADABLE, path, "is a directory, not a file") from exc
     except OSError as exc:
-        raise _err("unreadable", path, f"cannot open: {exc.strerror or exc}") from exc
+        raise _err(Reason.UNREADABLE, path, f"cannot open: {exc.strerror or exc}") from exc
     try:
         yield fh
     except FileNotFoundError as exc:
-        raise _err("vanished", path, "file vanished while being read") from exc
+        raise _err(Reason.VANISHED, path, "file vanished while being read") from exc
     except PermissionError as exc:
-        raise _err("unreadable", path, "permission denied") from exc
+        raise _err(Reason.UNREADABLE, path, "permission denied") from exc
     except OSError as exc:
-        raise _err("unreadable", path, f"read error: {exc.strerror or exc}") from exc
+        raise _err(Reason.UNREADABLE, path, f"read error: {exc.strerror or exc}") from exc
     finally:
         fh.close()
 
@@ -166,29 +167,29 @@ def _scan_header(fh: IO[bytes], start: int, path: Path, primary: bool,
             head = block[: len(expected)]
             if head != expected[: len(head)]:
                 if primary:
-                    raise _err("not_fits", path, "not a FITS file (no SIMPLE card)")
-                raise _err("not_fits", path, f"bytes after HDU at offset {start} are not a "
+                    raise _err(Reason.NOT_FITS, path, "not a FITS file (no SIMPLE card)")
+                raise _err(Reason.NOT_FITS, path, f"bytes after HDU at offset {start} are not a "
                            "FITS extension header")
         try:
             text = block.decode("ascii")
         except UnicodeDecodeError as exc:
-            raise _err("not_fits", path, "header contains non-ASCII bytes") from exc
+            raise _err(Reason.NOT_FITS, path, "header contains non-ASCII bytes") from exc
         if any(c < " " or c > "~" for c in text):
-            raise _err("not_fits", path, "header contains control characters")
+            raise _err(Reason.NOT_FITS, path, "header contains control characters")
         chunks.append(block)
         for i in range(0, len(text) - CARD + 1, CARD):
             card = text[i:i + CARD]
             key = card[:8].rstrip()
             if key == "END":
                 if primary and cards.get("SIMPLE") is not True:
-                    raise _err("not_fits", path, "SIMPLE is not T")
+                    raise _err(Reason.NOT_FITS, path, "SIMPLE is not T")
                 return cards, b"".join(chunks), start + (block_no + 1) * BLOCK
             if key and key not in cards:
                 cards[key] = _card_value(card)
         if len(block) < BLOCK:
-            raise _err("truncated", path, f"header incomplete: file has {file_size} bytes and "
+            raise _err(Reason.TRUNCATED, path, f"header incomplete: file has {file_size} bytes and "
                        "no END card yet")
-    raise _err("not_fits", path, f"no END card within {MAX_HEADER_BLOCKS} header blocks")
+    raise _err(Reason.NOT_FITS, path, f"no END card within {MAX_HEADER_BLOCKS} header blocks")
 
 
 def _data_nbytes(cards: dict[str, Any], path: Path) -> tuple[int, int, tuple[int, ...]]:
@@ -198,9 +199,9 @@ def _data_nbytes(cards: dict[str, Any], path: Path) -> tuple[int, int, tuple[int
         naxis = int(cards["NAXIS"])
         axes = tuple(int(cards[f"NAXIS{i}"]) for i in range(1, naxis + 1))
     except (KeyError, TypeError, ValueError) as exc:
-        raise _err("not_fits", path, f"missing or bad structural keyword ({exc})") from exc
+        raise _err(Reason.NOT_FITS, path, f"missing or bad structural keyword ({exc})") from exc
     if bitpix not in (8, 16, 32, 64, -32, -64) or naxis < 0 or any(a < 0 for a in axes):
-        raise _err("not_fits", path, f"invalid BITPIX={bitpix} or NAXIS={naxis}")
+        raise _err(Reason.NOT_FITS, path, f"invalid BITPIX={bitpix} or NAXIS={naxis}")
     count = 0 if naxis == 0 else int(np.prod(axes, dtype=np.int64))
     pcount = int(cards.get("PCOUNT") or 0)
     gcount = int(cards.get("GCOUNT") or 1)
@@ -229,27 +230,27 @@ def _layout(fh: IO[bytes], path: Path, file_size: int) -> FrameLayout:
         next_start = data_start + _padded(nbytes)
         if next_start >= file_size:
             if index == 0 and cards.get("EXTEND") is True and nbytes == 0:
-                raise _err("truncated", path, "primary header has no data and the extension "
+                raise _err(Reason.TRUNCATED, path, "primary header has no data and the extension "
                            "is not written yet")
             # No image anywhere: report the primary as an empty image.
             return FrameLayout(index, start, data_start, nbytes, bitpix, axes, False, raw)
         start = next_start
-    raise _err("not_2d", path, f"no image data in the first {MAX_HDUS} HDUs")
+    raise _err(Reason.NOT_2D, path, f"no image data in the first {MAX_HDUS} HDUs")
 
 
 def _stat_size(path: Path) -> int:
     try:
         st = os.stat(path)
     except FileNotFoundError as exc:
-        raise _err("vanished", path, "file vanished") from exc
+        raise _err(Reason.VANISHED, path, "file vanished") from exc
     except PermissionError as exc:
-        raise _err("unreadable", path, "permission denied") from exc
+        raise _err(Reason.UNREADABLE, path, "permission denied") from exc
     except OSError as exc:
-        raise _err("unreadable", path, f"cannot stat: {exc.strerror or exc}") from exc
+        raise _err(Reason.UNREADABLE, path, f"cannot stat: {exc.strerror or exc}") from exc
     if not os.path.isfile(path):
-        raise _err("unreadable", path, "not a regular file")
+        raise _err(Reason.UNREADABLE, path, "not a regular file")
     if st.st_size == 0:
-        raise _err("empty_file", path, "file is empty (0 bytes)")
+        raise _err(Reason.EMPTY_FILE, path, "file is empty (0 bytes)")
     return int(st.st_size)
 
 
@@ -275,7 +276,7 @@ def frame_layout(path: Path) -> FrameLayout:
     with _open(path) as fh:
         layout = _layout(fh, path, size)
     if size < layout.required_size:
-        raise _err("truncated", path, f"data unit incomplete: file has {size} bytes, header "
+        raise _err(Reason.TRUNCATED, path, f"data unit incomplete: file has {size} bytes, header "
                    f"declares {layout.required_size}")
     return layout
 
@@ -307,8 +308,8 @@ def check_complete(path: Path) -> int:
     try:
         return frame_layout(path).required_size
     except FrameReadError as exc:
-        if exc.reason == "truncated":
-            raise FrameNotReadyError("incomplete", exc.message) from exc
+        if exc.reason is Reason.TRUNCATED:
+            raise FrameNotReadyError(Reason.INCOMPLETE, exc.message, exc.path) from exc
         raise
 
 
@@ -316,7 +317,7 @@ def _parse_header(raw: bytes, path: Path) -> fits.Header:
     try:
         return fits.Header.fromstring(raw)
     except (ValueError, VerifyError) as exc:
-        raise _err("not_fits", path, f"header cannot be parsed: {exc}") from exc
+        raise _err(Reason.NOT_FITS, path, f"header cannot be parsed: {exc}") from exc
 
 
 def _image_shape_2d(axes: tuple[int, ...], path: Path) -> tuple[int, int]:
@@ -325,7 +326,7 @@ def _image_shape_2d(axes: tuple[int, ...], path: Path) -> tuple[int, int]:
     squeezed = shape[1:] if len(shape) == 3 and shape[0] == 1 else shape
     if len(squeezed) != 2:
         kind = "cube" if len(shape) >= 3 else f"{len(shape)}-D array"
-        raise _err("not_2d", path, f"expected a 2-D image, got a {kind} of shape {shape}")
+        raise _err(Reason.NOT_2D, path, f"expected a 2-D image, got a {kind} of shape {shape}")
     return int(squeezed[0]), int(squeezed[1])
 
 
@@ -388,7 +389,7 @@ def _read_fast(fh: io.BufferedReader, path: Path, layout: FrameLayout, header: f
     buf = np.empty(nbytes, dtype=np.uint8)
     got = fh.readinto(buf.data)
     if got is None or got < nbytes:
-        raise _err("truncated", path, f"data unit has {got or 0} of {nbytes} bytes")
+        raise _err(Reason.TRUNCATED, path, f"data unit has {got or 0} of {nbytes} bytes")
     bscale = float(header.get("BSCALE", 1.0))
     bzero = float(header.get("BZERO", 0.0))
     out, finite = _decode(buf, layout.bitpix, shape, bscale, bzero)
@@ -397,7 +398,7 @@ def _read_fast(fh: io.BufferedReader, path: Path, layout: FrameLayout, header: f
         _apply_blank(out, buf, layout.bitpix, blank)
         finite = int(np.count_nonzero(np.isfinite(out)))
     if finite == 0:
-        raise _err("all_nan", path, "no finite pixel in the image")
+        raise _err(Reason.ALL_NAN, path, "no finite pixel in the image")
     return out
 
 
@@ -409,24 +410,24 @@ def _read_astropy(path: Path, layout: FrameLayout) -> tuple[np.ndarray, fits.Hea
             data = hdu.data
             header = hdu.header.copy()
     except FileNotFoundError as exc:
-        raise _err("vanished", path, "file vanished while being read") from exc
+        raise _err(Reason.VANISHED, path, "file vanished while being read") from exc
     except PermissionError as exc:
-        raise _err("unreadable", path, "permission denied") from exc
+        raise _err(Reason.UNREADABLE, path, "permission denied") from exc
     except (OSError, ValueError, TypeError, IndexError, VerifyError) as exc:
-        raise _err("unreadable", path, f"astropy cannot decode the image: {exc}") from exc
+        raise _err(Reason.UNREADABLE, path, f"astropy cannot decode the image: {exc}") from exc
     if data is None:
-        raise _err("not_2d", path, "no image data")
+        raise _err(Reason.NOT_2D, path, "no image data")
     arr = np.asarray(data)
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
         kind = "cube" if arr.ndim >= 3 else f"{arr.ndim}-D array"
-        raise _err("not_2d", path, f"expected a 2-D image, got a {kind} of shape {arr.shape}")
+        raise _err(Reason.NOT_2D, path, f"expected a 2-D image, got a {kind} of shape {arr.shape}")
     out = np.ascontiguousarray(arr, dtype=np.float32)
     if out.dtype.byteorder not in ("=", "|"):
         out = out.astype(out.dtype.newbyteorder("="))
     if not np.isfinite(out).any():
-        raise _err("all_nan", path, "no finite pixel in the image")
+        raise _err(Reason.ALL_NAN, path, "no finite pixel in the image")
     return out, header
 
 
@@ -459,7 +460,7 @@ def read_frame(path: Path) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     with _open(path) as fh:
         layout = _layout(fh, path, size)
         if size < layout.required_size:
-            raise _err("truncated", path, f"data unit incomplete: file has {size} bytes, "
+            raise _err(Reason.TRUNCATED, path, f"data unit incomplete: file has {size} bytes, "
                        f"header declares {layout.required_size}")
         shape = _image_shape_2d(layout.axes, path)
         fast = not layout.compressed and layout.bitpix in _FAST_BITPIX

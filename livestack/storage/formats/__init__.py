@@ -29,6 +29,7 @@ import numpy as np
 from astropy.io import fits
 
 from livestack.pipeline.types import FrameInfo
+from livestack.reasons import Reason
 from livestack.storage import fitsio
 from livestack.storage.fitsio import _open, _stat_size
 from livestack.storage.formats.common import ReadOptions, err
@@ -118,7 +119,7 @@ def read_frame(path: Path | str, options: ReadOptions | None = None
     path = Path(path)
     fmt = frame_format(path)
     if fmt is None:
-        raise err("unknown_format", path, "unsupported file type (suffix)")
+        raise err(Reason.UNKNOWN_FORMAT, path, "unsupported file type (suffix)")
     if fmt in ("fits", "fits.fz"):
         return fitsio.read_frame(path)
     image, header = _decode(path, fmt, options or _DEFAULT)

@@ -21,6 +21,7 @@ import numpy as np
 from astropy.io import fits
 
 from livestack.errors import FrameReadError
+from livestack.reasons import Reason
 
 log = logging.getLogger("livestack.formats")
 
@@ -66,9 +67,9 @@ def note_once(key: str, message: str, *args: object, level: int = logging.INFO) 
     log.log(level, message, *args)
 
 
-def err(reason: str, path: Path, text: str) -> FrameReadError:
-    """A :class:`FrameReadError` whose one-line message names ``path``."""
-    return FrameReadError(reason, f"{path}: {text}")
+def err(reason: Reason, path: Path, text: str) -> FrameReadError:
+    """A :class:`FrameReadError` for ``path`` whose one-line message names it."""
+    return FrameReadError(reason, f"{path}: {text}", path)
 
 
 def parse_offset(text: object) -> timedelta | None:
@@ -145,7 +146,7 @@ def mtime_start(path: Path, exposure_s: float, fmt: str) -> datetime:
     try:
         mtime_s = os.stat(path).st_mtime
     except OSError as exc:
-        raise err("vanished", path, f"cannot stat: {exc.strerror or exc}") from exc
+        raise err(Reason.VANISHED, path, f"cannot stat: {exc.strerror or exc}") from exc
     note_once(f"mtime-{fmt}", "%s frames: no time in the file's metadata; start time = file "
               "modification time minus the exposure", fmt.upper())
     end = datetime.fromtimestamp(mtime_s, tz=timezone.utc).replace(tzinfo=None)
@@ -218,12 +219,12 @@ def to_mono_float32(arr: np.ndarray, path: Path, fmt: str) -> np.ndarray:
     elif arr.ndim == 2:
         out = np.asarray(arr, dtype=np.float32)
     else:
-        raise err("not_2d", path, f"expected a 2-D image, got shape {arr.shape}")
+        raise err(Reason.NOT_2D, path, f"expected a 2-D image, got shape {arr.shape}")
     out = np.ascontiguousarray(out)
     if out.dtype.byteorder not in ("=", "|"):
         out = out.astype(out.dtype.newbyteorder("="))
     if out.dtype.kind == "f" and not np.isfinite(out).any():
-        raise err("all_nan", path, "no finite pixel in the image")
+        raise err(Reason.ALL_NAN, path, "no finite pixel in the image")
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from livestack.reasons import Reason
 from livestack.storage.formats.common import (
     ReadOptions,
     add_container_cards,
@@ -85,16 +86,17 @@ def _read_tiff(path: Path, options: ReadOptions) -> tuple[np.ndarray, fits.Heade
     try:
         import tifffile
     except ImportError:
-        raise err("missing_extra", path, MISSING_TIFF) from None
+        raise err(Reason.MISSING_EXTRA, path, MISSING_TIFF) from None
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
             tags: dict[str, Any] = {tag.name: tag.value for tag in page.tags.values()}
             arr = page.asarray()
     except tifffile.TiffFileError as exc:
-        raise err("corrupt", path, f"not a readable TIFF: {exc}") from exc
+        raise err(Reason.CORRUPT, path, f"not a readable TIFF: {exc}") from exc
     except (ValueError, KeyError, IndexError, struct.error, zlib.error) as exc:
-        raise err("truncated", path, f"TIFF data cannot be decoded (truncated?): {exc}") from exc
+        raise err(Reason.TRUNCATED, path,
+                  f"TIFF data cannot be decoded (truncated?): {exc}") from exc
     exif = tags.get("ExifTag")
     if isinstance(exif, dict):
         tags.update(exif)
@@ -119,10 +121,10 @@ def _read_pillow(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray
             else:
                 arr = np.array(im.convert("RGB"))
     except UnidentifiedImageError as exc:
-        raise err("corrupt", path, f"not a readable {fmt.upper()} image: {exc}") from exc
+        raise err(Reason.CORRUPT, path, f"not a readable {fmt.upper()} image: {exc}") from exc
     except (OSError, SyntaxError, ValueError, zlib.error, struct.error) as exc:
         # Pillow raises OSError("image file is truncated"), SyntaxError for broken PNG chunks.
-        raise err("truncated", path, f"{fmt.upper()} data cannot be decoded: {exc}") from exc
+        raise err(Reason.TRUNCATED, path, f"{fmt.upper()} data cannot be decoded: {exc}") from exc
     if fmt == "jpeg":
         note_once("jpeg-lossy", "JPEG frames: 8-bit lossy data limit the stack's depth and "
                   "add block artefacts; use RAW, TIFF or PNG where possible",

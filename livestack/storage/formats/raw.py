@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from livestack.reasons import Reason
 from livestack.storage.formats.common import (
     ReadOptions,
     camera_clock_to_utc,
@@ -76,12 +77,12 @@ def _ratio(value: object) -> float | None:
 def _pattern(raw_pattern: np.ndarray | None, color_desc: bytes, path: Path) -> str:
     if raw_pattern is None or raw_pattern.shape != (2, 2):
         shape = None if raw_pattern is None else raw_pattern.shape
-        raise err("unsupported_cfa", path, f"CFA is not a 2x2 Bayer pattern (LibRaw pattern "
+        raise err(Reason.UNSUPPORTED_CFA, path, f"CFA is not a 2x2 Bayer pattern (LibRaw pattern "
                   f"shape {shape}): X-Trans and linear RAWs are not supported")
     desc = color_desc.decode("ascii", "replace")
     letters = "".join(desc[int(i)] for i in raw_pattern.ravel())
     if sorted(letters) != ["B", "G", "G", "R"]:
-        raise err("unsupported_cfa", path, f"CFA colours {letters!r} are not R, G, G, B")
+        raise err(Reason.UNSUPPORTED_CFA, path, f"CFA colours {letters!r} are not R, G, G, B")
     return letters
 
 
@@ -127,12 +128,12 @@ def read_raw(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fi
     try:
         import rawpy
     except ImportError:
-        raise err("missing_extra", path, MISSING_EXTRA) from None
+        raise err(Reason.MISSING_EXTRA, path, MISSING_EXTRA) from None
     try:
         with rawpy.imread(str(path)) as raw:
             visible = raw.raw_image_visible
             if visible is None:
-                raise err("unsupported_cfa", path, "no CFA data (a linear or Foveon RAW)")
+                raise err(Reason.UNSUPPORTED_CFA, path, "no CFA data (a linear or Foveon RAW)")
             pattern = _pattern(raw.raw_pattern, raw.color_desc, path)
             raw_pattern = np.array(raw.raw_pattern)
             blacks = [int(b) for b in raw.black_level_per_channel]
@@ -143,13 +144,13 @@ def read_raw(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fi
             libraw_time = other.timestamp
             image = visible.astype(np.float32)  # copy out of LibRaw's buffer
     except rawpy.LibRawFileUnsupportedError as exc:
-        raise err("unsupported", path, "LibRaw cannot read this file or camera: "
+        raise err(Reason.UNSUPPORTED, path, "LibRaw cannot read this file or camera: "
                   f"{_text(exc)}") from exc
     except rawpy.LibRawIOError as exc:
-        raise err("truncated", path, f"RAW data end early or cannot be read: {_text(exc)}"
+        raise err(Reason.TRUNCATED, path, f"RAW data end early or cannot be read: {_text(exc)}"
                   ) from exc
     except (rawpy.LibRawError, rawpy.NotSupportedError) as exc:
-        raise err("corrupt", path, f"LibRaw cannot decode the file: {_text(exc)}") from exc
+        raise err(Reason.CORRUPT, path, f"LibRaw cannot decode the file: {_text(exc)}") from exc
 
     subtract = options.raw_black == "subtract"
     black = _subtract_black(image, raw_pattern, blacks) if subtract else 0.0

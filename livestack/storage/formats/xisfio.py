@@ -19,6 +19,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
+from livestack.reasons import Reason
 from livestack.storage.fitsio import _card_value
 from livestack.storage.formats.common import (
     FORMAT_KEY,
@@ -92,19 +93,19 @@ def read_xisf(path: Path, options: ReadOptions) -> tuple[np.ndarray, fits.Header
     try:
         from xisf import XISF
     except ImportError:
-        raise err("missing_extra", path, MISSING_EXTRA) from None
+        raise err(Reason.MISSING_EXTRA, path, MISSING_EXTRA) from None
     try:
         xisf = XISF(str(path))
         metas = xisf.get_images_metadata()
         if not metas:
-            raise err("not_2d", path, "the XISF file holds no image")
+            raise err(Reason.NOT_2D, path, "the XISF file holds no image")
         meta = metas[0]
     except (ValueError, ParseError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise err("corrupt", path, f"not a readable XISF file: {exc}") from exc
+        raise err(Reason.CORRUPT, path, f"not a readable XISF file: {exc}") from exc
     try:
         arr = xisf.read_image(0)
     except (ValueError, KeyError, TypeError, RuntimeError, NotImplementedError,
             zlib.error, struct.error) as exc:
-        raise err("truncated", path, f"XISF image data cannot be decoded: {exc}") from exc
+        raise err(Reason.TRUNCATED, path, f"XISF image data cannot be decoded: {exc}") from exc
     image = to_mono_float32(np.asarray(arr), path, "xisf")
     return image, _header(meta, np.asarray(arr).dtype)
