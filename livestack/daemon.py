@@ -28,6 +28,7 @@ from livestack.engine.core import Engine
 from livestack.engine.worker import Worker, WorkQueue
 from livestack.errors import UsageError
 from livestack.runopts import ensure_folder, lan_banner
+from livestack.service.events import AlertEvent
 from livestack.service.guard import PathRedactor
 from livestack.service.hub import Hub
 from livestack.service.metrics import Metrics
@@ -357,11 +358,9 @@ class Daemon:
                 msg = (f"falling behind: {depth} frames waiting, oldest for {age:.0f} s "
                        "(none is dropped)")
                 log.warning("%s", msg)
-                self.hub.publish({"type": "alert", "level": "warning", "code": "lag",
-                                  "message": msg})
+                self.hub.publish(AlertEvent("warning", "lag", msg))
             elif self._lagging and depth == 0:
-                self.hub.publish({"type": "alert", "level": "info", "code": "lag_cleared",
-                                  "message": "caught up: no frame waiting"})
+                self.hub.publish(AlertEvent("info", "lag_cleared", "caught up: no frame waiting"))
             self._lagging = lagging if lagging else (self._lagging and depth > 0)
             status = self._status_text()
             if status != last:

@@ -37,6 +37,7 @@ from livestack.engine.core import Engine
 from livestack.errors import UsageError
 from livestack.pipeline.session import StackSession
 from livestack.pipeline.types import Transform
+from livestack.service.events import Event, event_to_dict
 from livestack.sim import SimConfig, Simulator, write_calibration_set, write_fits, write_sequence
 from livestack.storage.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from livestack.storage.fitsio import read_frame
@@ -328,9 +329,9 @@ class RecordingHub:
         self.events: list[dict] = []
         self.previews: list[tuple[str, int]] = []
 
-    def publish(self, event: dict) -> None:
+    def publish(self, event: Event | dict) -> None:
         self.hub.publish(event)
-        self.events.append(dict(event))
+        self.events.append(event_to_dict(event))  # as it goes on the wire
 
     def publish_preview(self, stack_id: str, version: int, jpeg: bytes) -> None:
         assert jpeg[:2] == b"\xff\xd8"
@@ -428,7 +429,7 @@ def test_commands_exclude_reference_reset_pause_new_stack(tmp_path: Path,
     engine.execute_command("exclude_frame", args)
     job = engine.rebuilds[stack_id]
     assert rt.session is old_session and job.process is not None
-    assert engine.summary(rt)["state"] == "rebuilding"
+    assert engine.summary(rt).state == "rebuilding"
     _rebuild(engine)
     assert rt.session is not old_session and not engine.rebuilds
     assert rt.session.n_accepted == n0 - 1
@@ -472,7 +473,7 @@ def test_commands_exclude_reference_reset_pause_new_stack(tmp_path: Path,
 
     # pause / resume / snapshot
     engine.execute_command("pause", {})
-    assert engine.summary(rt)["state"] == "paused"
+    assert engine.summary(rt).state == "paused"
     engine.execute_command("resume", {})
     assert engine.execute_command("snapshot", {})["stacks"] == [stack_id]
 
@@ -1044,7 +1045,7 @@ def test_an_unusable_rebuild_result_keeps_the_old_stack(tmp_path: Path,
     assert not engine.rebuilds and rt.session is old_session
     alerts = [e for e in hub.events if e["type"] == "alert"]
     assert alerts and alerts[-1]["code"] == "rebuild_failed"
-    assert engine.summary(rt)["state"] == "running"
+    assert engine.summary(rt).state == "running"
     engine.close()
 
 

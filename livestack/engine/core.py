@@ -43,6 +43,7 @@ from livestack.engine.reader import FrameReader, load_masters
 from livestack.engine.rebuild import RebuildJob, RebuildSupervisor
 from livestack.engine.resume import Resumer
 from livestack.engine.state import CHECKPOINT_WAIT_S, STACK_FILES, CrashPause, Runtime
+from livestack.service.events import AlertEvent, StackSummary
 from livestack.service.solving import StackSolving
 from livestack.storage.journal import JOURNAL_NAME, Journal
 
@@ -201,8 +202,7 @@ class Engine:
         """Log and publish an alert (see :mod:`livestack.resilience`)."""
         log.warning("alert: %s", message)
         if self.hub is not None:
-            self.hub.publish({"type": "alert", "level": level, "code": code,
-                              "message": message, "stack_id": stack_id})
+            self.hub.publish(AlertEvent(level, code, message, stack_id))
 
     # ---------------------------------------------------------------- outputs
 
@@ -234,7 +234,7 @@ class Engine:
         """Checkpoint and write ``stack.fits`` + preview for every stack with new work."""
         self.outputs.finalize()
 
-    def summary(self, rt: Runtime) -> dict[str, Any]:
+    def summary(self, rt: Runtime) -> StackSummary:
         """The hub summary of a stack."""
         return self.outputs.summary(rt)
 

@@ -32,6 +32,7 @@ from livestack.errors import (
 )
 from livestack.pipeline.routing import Router
 from livestack.reasons import Reason
+from livestack.service.events import FrameEvent
 from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.entries import check_entry
 from livestack.storage.formats import frame_format
@@ -220,9 +221,7 @@ class Ingest:
         if engine.metrics is not None and status == "failed":
             engine.metrics.inc("livestack_frames_failed_total", {"reason": reason})
         if engine.hub is not None and status == "failed":  # ignored files are not frames
-            event = {"type": "frame", "stack_id": stack_id, "file": path, "verdict": status,
-                     "reason": reason, "message": text, "weight": 0.0, "time": now_iso(),
-                     "metrics": None}
+            event = FrameEvent(stack_id, path, status, reason, text, 0.0, time=now_iso())
             engine.hub.publish(event)
             if stack_id is not None:
                 engine.hub.record_frame(stack_id, event)
@@ -358,14 +357,13 @@ class Ingest:
         hub = self.engine.hub
         if hub is None:
             return
-        event = {"type": "frame", "stack_id": rt.stack_id, "file": info.path,
-                 "verdict": outcome.verdict, "reason": outcome.reason,
-                 "message": outcome.message, "weight": outcome.weight,
-                 "exposure_s": info.exposure_s, "seq": seq,
-                 "time": info.date_obs.isoformat() if info.date_obs else now_iso(),
-                 "metrics": outcome.metrics.as_dict() if outcome.metrics else None,
-                 "timings_ms": outcome.timings_ms,
-                 # pixels clipped by the stack: a satellite trail shows as a jump here
-                 "rejected_low": outcome.rejected_low, "rejected_high": outcome.rejected_high}
+        event = FrameEvent(
+            rt.stack_id, info.path, outcome.verdict, outcome.reason, outcome.message,
+            outcome.weight, exposure_s=info.exposure_s, seq=seq,
+            time=info.date_obs.isoformat() if info.date_obs else now_iso(),
+            metrics=outcome.metrics.as_dict() if outcome.metrics else None,
+            timings_ms=outcome.timings_ms,
+            # pixels clipped by the stack: a satellite trail shows as a jump here
+            rejected_low=outcome.rejected_low, rejected_high=outcome.rejected_high)
         hub.publish(event)
         hub.record_frame(rt.stack_id, event)

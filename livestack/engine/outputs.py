@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from livestack.engine.state import (
     CHECKPOINT_WAIT_S,
@@ -21,6 +21,7 @@ from livestack.engine.state import (
     write_atomic,
 )
 from livestack.errors import StorageError
+from livestack.service.events import StackEvent, StackSummary
 from livestack.storage.stackfits import write_stack_fits
 
 if TYPE_CHECKING:
@@ -125,19 +126,19 @@ class Outputs:
         if not engine.checkpointer.wait(CHECKPOINT_WAIT_S):
             log.error("checkpoints not written within %.0f s", CHECKPOINT_WAIT_S)
 
-    def summary(self, rt: Runtime) -> dict[str, Any]:
+    def summary(self, rt: Runtime) -> StackSummary:
         """The hub summary of a stack."""
         engine = self.engine
         session = rt.session
-        return {"object": rt.key.get("object", ""), "filter": rt.key.get("filter", ""),
-                "frames": session.n_accepted, "frames_seen": rt.seen, "rejected": rt.rejected,
-                "failed": rt.failed, "total_exposure_s": session.total_exposure_s,
-                "sub_exposure_s": rt.key.get("exposure_s"),
-                "preview_version": rt.preview_version,
-                "state": "paused" if engine.paused else
-                         ("rebuilding" if rt.stack_id in engine.rebuilds else "running"),
-                "reference": session.reference_file, "started": rt.started,
-                "updated": now_iso(), "solve": engine.solving.status(rt.stack_id)}
+        return StackSummary(
+            object=rt.key.get("object", ""), filter=rt.key.get("filter", ""),
+            frames=session.n_accepted, frames_seen=rt.seen, rejected=rt.rejected,
+            failed=rt.failed, total_exposure_s=session.total_exposure_s,
+            sub_exposure_s=rt.key.get("exposure_s"), preview_version=rt.preview_version,
+            state="paused" if engine.paused else
+                  ("rebuilding" if rt.stack_id in engine.rebuilds else "running"),
+            reference=session.reference_file, started=rt.started, updated=now_iso(),
+            solve=engine.solving.status(rt.stack_id))
 
     def publish_stack(self, rt: Runtime) -> None:
         """Send the stack's summary to the hub (no-op without one)."""
@@ -146,4 +147,4 @@ class Outputs:
             return
         summary = self.summary(rt)
         hub.update_stack(rt.stack_id, summary)
-        hub.publish({"type": "stack", "stack_id": rt.stack_id, **summary})
+        hub.publish(StackEvent(rt.stack_id, summary))

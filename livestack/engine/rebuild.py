@@ -57,6 +57,7 @@ from livestack.pipeline.product import StackProduct
 from livestack.pipeline.session import StackSession
 from livestack.pipeline.types import Transform
 from livestack.reasons import Reason
+from livestack.service.events import AlertEvent
 
 if TYPE_CHECKING:
     from livestack.engine.core import Engine
@@ -681,10 +682,9 @@ class RebuildSupervisor:
         slog.error("%s: rebuild (%s) failed: %s; the stack keeps its previous frames until "
                    "the next restart replays the journal", rt.stack_id, job.why, message)
         if self.engine.hub is not None:
-            self.engine.hub.publish({"type": "alert", "level": "error",
-                                     "code": "rebuild_failed",
-                                     "message": f"{rt.stack_id}: rebuild failed: {message}",
-                                     "stack_id": rt.stack_id})
+            self.engine.hub.publish(AlertEvent("error", "rebuild_failed",
+                                               f"{rt.stack_id}: rebuild failed: {message}",
+                                               rt.stack_id))
         self.engine.outputs.publish_stack(rt)
 
     def _swap(self, rt: Runtime, job: RebuildJob) -> None:

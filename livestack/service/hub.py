@@ -7,30 +7,14 @@ the last frames of every stack, the latest preview of every stack) and forwards
 events to the asyncio loop with ``loop.call_soon_threadsafe``, where the
 server's per-viewer sinks pick them up.
 
-Event shapes (``publish(event)``)
----------------------------------
-``event`` is a JSON-able dict with a ``"type"`` key; every other key becomes the
-``data`` of the wire envelope ``{"v": 1, "type": ..., "seq": n, "data": {...}}``
-(``seq`` increases by one per published event). The viewer page reads:
-
-``frame``
-    ``stack_id``, ``file``, ``verdict`` (``"accepted"|"rejected"|"failed"``),
-    ``reason`` (snake_case or None), ``message``, ``weight``, ``exposure_s``,
-    ``time`` (ISO 8601 UTC, optional), ``metrics`` (None or the fields of
-    :class:`~livestack.pipeline.types.FrameMetrics`: ``star_count``, ``fwhm_px``,
-    ``fwhm_arcsec``, ``elongation``, ``background_adu``, ``noise_adu``, ``snr``).
-``stack``
-    ``stack_id`` plus the summary keys of :meth:`Hub.update_stack`, including
-    ``preview_version`` when a new preview exists.
-``alert``
-    ``level`` (``"info"|"warning"|"error"``), ``message``, optional ``stack_id``
-    and ``code``.
-
-Summary keys (``update_stack``): ``object``, ``filter``, ``frames`` (accepted
-count), ``frames_seen``, ``rejected``, ``total_exposure_s`` (integrated seconds of
-accepted frames; ``exposure_s`` is read as a fallback), ``sub_exposure_s``,
-``preview_version``, ``state`` (``"running"|"paused"``), ``started``/``updated``
-(ISO 8601). Unknown keys are kept and passed through.
+Events (``publish(event)``)
+---------------------------
+The events and their keys are defined once, in :mod:`livestack.service.events`
+(``frame``, ``stack`` with a :class:`~livestack.service.events.StackSummary`, ``alert``).
+An event's keys become the ``data`` of the wire envelope ``{"v": 1, "type": ...,
+"seq": n, "data": {...}}`` (``seq`` increases by one per published event). A plain dict
+with a ``"type"`` key is accepted too (tests, tools). Summaries (``update_stack``) are
+merged over the previous ones; unknown keys are kept and passed through.
 
 Preview ordering contract
 -------------------------
@@ -58,11 +42,17 @@ from datetime import date, datetime
 from pathlib import Path, PurePath
 from typing import Any, Protocol
 
+from livestack.service.events import (
+    EVENT_TYPES,
+    Event,
+    FrameEvent,
+    StackSummary,
+    event_to_dict,
+)
+
 #: Version of the wire envelope ``{"v": 1, ...}``.
 PROTOCOL_VERSION = 1
 
-#: Event types the worker may publish.
-EVENT_TYPES = frozenset({"frame", "stack", "alert"})
 
 #: Length prefix of a binary preview message: 4-byte big-endian header length.
 _PREVIEW_PREFIX = struct.Struct(">I")
@@ -316,14 +306,15 @@ class Hub:
 
     # -- producer side (any thread) --------------------------------------------------
 
-    def publish(self, event: Mapping[str, Any]) -> None:
+    def publish(self, event: Event | Mapping[str, Any]) -> None:
         """Broadcast one event to every viewer, in publish order.
 
         Parameters
         ----------
-        event : Mapping
-            ``{"type": "frame"|"stack"|"alert", ...}``; the other keys become the
-            envelope's ``data`` (see the module docstring).
+        event : FrameEvent, StackEvent, AlertEvent or Mapping
+            A :mod:`~livestack.service.events` event, or a dict
+            ``{"type": "frame"|"stack"|"alert", ...}`` whose other keys become the
+            envelope's ``data``.
 
         Raises
         ------
@@ -332,6 +323,7 @@ class Hub:
         TypeError
             If a value is not JSON-serialisable.
         """
+        event = event_to_dict(event)
         kind = event.get("type")
         if kind not in EVENT_TYPES:
             raise ValueError(f"event type must be one of {sorted(EVENT_TYPES)}, got {kind!r}")
@@ -367,22 +359,23 @@ class Hub:
             self._previews[stack_id] = preview
             self._schedule(self._dispatch_preview, stack_id, preview.version)
 
-    def update_stack(self, stack_id: str, summary: Mapping[str, Any]) -> None:
+    def update_stack(self, stack_id: str, summary: StackSummary | Mapping[str, Any]) -> None:
         """Merge ``summary`` into the stored summary of ``stack_id`` (no broadcast).
 
         Parameters
         ----------
         stack_id : str
             Stack identifier.
-        summary : Mapping
-            Summary keys (see the module docstring); merged over the previous ones.
+        summary : StackSummary or Mapping
+            Summary keys; merged over the previous ones.
 
         Raises
         ------
         TypeError
             If a value is not JSON-serialisable.
         """
-        clean = to_jsonable(dict(summary), where=f"stack {stack_id}")
+        keys = summary.to_dict() if isinstance(summary, StackSummary) else dict(summary)
+        clean = to_jsonable(keys, where=f"stack {stack_id}")
         if self.redact is not None:
             clean = self.redact(clean)
         with self._lock:
@@ -390,7 +383,7 @@ class Hub:
             stored.update(clean)
             stored["stack_id"] = stack_id
 
-    def record_frame(self, stack_id: str, frame: Mapping[str, Any]) -> None:
+    def record_frame(self, stack_id: str, frame: FrameEvent | Mapping[str, Any]) -> None:
         """Append one frame record (same keys as a ``frame`` event) to a stack's history.
 
         Only the last ``max_frames_per_stack`` records are kept.
@@ -400,7 +393,7 @@ class Hub:
         TypeError
             If a value is not JSON-serialisable.
         """
-        clean = to_jsonable(dict(frame), where=f"frame of {stack_id}")
+        clean = to_jsonable(event_to_dict(frame), where=f"frame of {stack_id}")
         if self.redact is not None:
             clean = self.redact(clean)
         with self._lock:

@@ -30,7 +30,8 @@ WebSocket ``/ws``
 Every text message is ``{"v": 1, "type": ..., "data": ...}``. The server sends
 ``hello`` (data: :meth:`Hub.snapshot` plus ``"commands"`` and ``"run_id"``, a random
 id of this server run: preview versions restart when it changes), then ``frame``,
-``stack`` and ``alert`` events in publish order (each with ``seq``), ``gap``
+``stack`` and ``alert`` events in publish order (each with ``seq``; their keys are
+defined in :mod:`livestack.service.events`), ``gap``
 (``{"dropped": n}``: the viewer was too slow and lost the ``n`` oldest events;
 refetch ``/api/stacks``) and ``command_result``
 (``{"v":1,"type":"command_result","id":..,"ok":true,"data":{..}}`` or

@@ -2,6 +2,8 @@
  *
  * Wire protocol (see livestack/service/server.py):
  *   text:   {"v":1,"type":"hello"|"frame"|"stack"|"alert"|"gap"|"command_result", "data":..}
+ *           the data of "frame", "stack" (state "running"|"paused"|"rebuilding") and "alert"
+ *           are defined in livestack/service/events.py
  *   binary: 4-byte big-endian header length L, L bytes of JSON {"stack_id","version","mime"}, JPEG.
  */
 "use strict";
