@@ -100,7 +100,6 @@ class Engine:
         self.preview_versions: dict[str, int] = {}
         self.current_stack: str | None = None
         self.paused = False
-        self.processed = 0
         #: Journal counts per status, kept by :meth:`close` for reports after closing.
         self.final_counts: dict[str, int] = {}
         #: The daemon's watch folder: symlinks leading out of it are refused (None: batch).

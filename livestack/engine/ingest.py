@@ -225,7 +225,6 @@ class Ingest:
             engine.hub.publish(event)
             if stack_id is not None:
                 engine.hub.record_frame(stack_id, event)
-        engine.processed += 1
         return self.journal.row(row_id)
 
     def fail_open_row(self, path: str, message: str) -> FrameRow | None:
@@ -273,7 +272,6 @@ class Ingest:
         rt.last_seq = seq or rt.last_seq
         rt.seen += 1
         rt.frames_since_checkpoint += 1
-        engine.processed += 1
         if outcome.verdict == "accepted":
             rt.accepted_since_fits += 1
             rt.accepted_since_preview += 1

@@ -12,7 +12,6 @@ or ``"failed"`` (calibration impossible), a reason code and a sentence.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -786,24 +785,6 @@ def record_from_json(d: dict[str, Any]) -> FrameRecord:
     )
 
 
-def outcome_to_json(outcome: FrameOutcome) -> str:
-    """Serialise an outcome's metrics/transform for logs and the journal.
-
-    Returns
-    -------
-    str
-        Compact JSON with NaN mapped to null.
-    """
-    payload = {
-        "verdict": outcome.verdict, "reason": outcome.reason, "message": outcome.message,
-        "metrics": None if outcome.metrics is None else outcome.metrics.as_dict(),
-        "transform": None if outcome.transform is None else outcome.transform.to_list(),
-        "weight": outcome.weight if math.isfinite(outcome.weight) else None,
-        "timings_ms": outcome.timings_ms,
-    }
-    return json.dumps(payload, separators=(",", ":"))
-
-
 __all__ = [
     "CosmeticConfig",
     "FrameOutcome",
@@ -813,7 +794,6 @@ __all__ = [
     "StackSession",
     "Verdict",
     "WarpConfig",
-    "outcome_to_json",
     "record_from_json",
     "record_to_json",
 ]

@@ -288,7 +288,6 @@ class _Viewer:
         self._announced: dict[str, int] = {}
         self._sent: dict[str, int] = {}
         self._dropped = 0
-        self.dropped_total = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -310,7 +309,6 @@ class _Viewer:
         if len(self._events) >= self._max_events:
             self._events.popleft()
             self._dropped += 1
-            self.dropped_total += 1
             self._metrics.inc("livestack_ws_events_dropped_total")
         self._events.append(text)
         if announce is not None:

@@ -222,11 +222,6 @@ class FrameWatcher:
         self._stopped = False
 
     # ------------------------------------------------------------------ public API
-    @property
-    def uses_close_events(self) -> bool:
-        """True when readiness comes from close/move events (inotify), False when polled."""
-        return self._close_events
-
     def start(self) -> list[Path]:
         """Start watching and return the candidate frames already in the folder.
 

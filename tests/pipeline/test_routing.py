@@ -160,7 +160,7 @@ def test_state_round_trip_routes_identically() -> None:
     assert restored.report_alignment_failure(sid, fail) == router.report_alignment_failure(
         sid, fail)
     assert restored.is_retired(sid) and router.is_retired(sid)
-    assert restored.stack_ids() == router.stack_ids()
+    assert restored.to_dict() == router.to_dict()
 
 
 def test_bad_arguments_and_state() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import queue
 import threading
@@ -102,10 +103,12 @@ def test_is_candidate(name: str, expected: bool) -> None:
     assert is_candidate(Path("/some/dir") / name if name else "") is expected
 
 
-def test_slow_indi_style_write_reported_once_after_close(make_watcher, tmp_path: Path) -> None:
+def test_slow_indi_style_write_reported_once_after_close(
+        make_watcher, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     watcher, got = make_watcher()
-    assert watcher.start() == []
-    assert watcher.uses_close_events
+    with caplog.at_level(logging.INFO, logger="livestack.service.watcher"):
+        assert watcher.start() == []
+    assert "inotify close/move" in caplog.text  # readiness from close events, not polling
     payload = fits_bytes(1)
     closed_at = write_slowly(tmp_path / "light_001.fits", payload)
     name, size, when = got.next()
@@ -249,10 +252,12 @@ def test_truncated_file_is_reported_after_the_not_ready_timeout(make_watcher,
     assert when - started >= 0.5
 
 
-def test_polling_mode_waits_for_stable_size(make_watcher, tmp_path: Path) -> None:
+def test_polling_mode_waits_for_stable_size(
+        make_watcher, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     watcher, got = make_watcher(polling=True, poll_interval_s=0.1)
-    assert watcher.start() == []
-    assert not watcher.uses_close_events
+    with caplog.at_level(logging.INFO, logger="livestack.service.watcher"):
+        assert watcher.start() == []
+    assert "size-stable polling" in caplog.text
     payload = fits_bytes(16, shape=(300, 400))
     write_slowly(tmp_path / "polled.fits", payload, chunk=8192, pause_s=0.02)
     name, size, _ = got.next()
