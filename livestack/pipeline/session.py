@@ -154,6 +154,9 @@ class FrameOutcome:
         Milliseconds per stage.
     rejected_low, rejected_high : int
         Pixels of this frame rejected as low/high outliers.
+    stars : StarList or None
+        The frame's detected stars when it was rejected after detection (e.g. it did not
+        align): the daemon plate-solves them to route the frame by its solved pointing.
     """
 
     file: str
@@ -166,6 +169,7 @@ class FrameOutcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     rejected_low: int = 0
     rejected_high: int = 0
+    stars: StarList | None = None
 
 
 class _Timer:
@@ -240,6 +244,8 @@ class StackSession:
         self.base_header: dict[str, object] = {}
         #: The stack's saturation level (pipeline.saturation).
         self.saturation = StackSaturation()
+        #: Stars of the frame in progress (handed to a rejected frame's outcome).
+        self._frame_stars: StarList | None = None
 
     # ------------------------------------------------------------------ frames
     def process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
@@ -267,12 +273,13 @@ class StackSession:
             Never raises for per-frame problems.
         """
         timer = _Timer()
+        self._frame_stars = None
         try:
             return self._process(raw, info, masters, stored_transform, timer)
         except FrameError as exc:
             verdict = "failed" if exc.reason.startswith(("master_", "calibration")) else "rejected"
             outcome = FrameOutcome(info.path, verdict, exc.reason, exc.message,
-                                   timings_ms=timer.timings_ms)
+                                   timings_ms=timer.timings_ms, stars=self._frame_stars)
             self._record(outcome, info)
             return outcome
 
@@ -342,6 +349,7 @@ class StackSession:
                  stored_transform: Transform | None, timer: _Timer) -> FrameOutcome:
         cfg = self.config
         image, lum, stars, metrics, saturation = self._prepare(raw, info, masters, timer)
+        self._frame_stars = stars  # for the outcome of a frame rejected from here on
         verdict = self.gate.evaluate(metrics)
         if not verdict.accepted:
             outcome = FrameOutcome(info.path, "rejected", verdict.reason, verdict.message,
