@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+import numpy as np
 import pytest
+from astropy.io import fits
 
+from livestack.config import Config, SolverConfig
+from livestack.daemon import Engine
 from livestack.pipeline.routing import Router, angular_separation_deg
 from livestack.pipeline.types import FrameInfo
+from livestack.pipeline.wcs import field_geometry
+from livestack.sim.tycho import Catalogue, read_index_stars, render_field, tan_cards
+from tests.storage.test_solver import INDEX_DIR, require_solver
 
 T0 = datetime(2026, 1, 15, 21, 0, tzinfo=timezone.utc)
 DIAGONAL_DEG = 0.84  # 0.67 x 0.5 deg
@@ -96,3 +107,88 @@ def test_solved_centres_and_the_fraction_survive_to_dict() -> None:
     del state["solved_jump_fraction"]
     old = Router.from_dict(state)
     assert old.solved_jump_fraction == 0.5 and old.solved_centre(first) is None
+
+
+# --------------------------------------------------------------------------- with the solver
+
+SHAPE = (600, 800)  # 0.67 x 0.5 deg at 3"/px
+FIELD_A = (83.8, -5.4)
+FIELD_B = (85.8, -5.4)  # 2 deg east: no overlap, no RA/DEC key says so
+
+
+def _render(folder: Path, name: str, minute: int, centre: tuple[float, float],
+            catalogue: Catalogue) -> Path:
+    cards = tan_cards(centre[0], centre[1], 3.0, SHAPE)
+    # A small dither, so frames of one field are not identical.
+    cards["CRPIX1"] = float(cards["CRPIX1"]) + 2.0 * (minute % 3)
+    image = render_field(catalogue, cards, SHAPE, rng=np.random.default_rng(minute))
+    header = fits.Header({"IMAGETYP": "Light Frame", "EXPTIME": 30.0,
+                          "DATE-OBS": f"2026-01-01T00:{minute:02d}:00", "FOCALLEN": 935.0,
+                          "XPIXSZ": 13.6})  # a scale, but no RA/DEC, OBJCTRA or WCS
+    path = folder / f"{name}.fits"
+    fits.PrimaryHDU(np.clip(image, 0, 60000).astype(np.uint16), header).writeto(path)
+    return path
+
+
+def _settle(engine: Engine) -> None:
+    """What the worker does between frames: finish the solves, then an idle tick."""
+    engine.solving.drain(60)
+    engine.idle()
+    engine.solving.drain(60)
+    engine.idle()
+
+
+@pytest.mark.solver
+def test_a_jump_without_header_pointing_starts_a_stack_and_a_return_goes_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    require_solver()
+    catalogue = read_index_stars(Path(INDEX_DIR) / "index-tycho2-07.littleendian.fits")
+    a = [_render(tmp_path, f"a{i}", i, FIELD_A, catalogue) for i in range(3)]
+    b = [_render(tmp_path, f"b{i}", 10 + i, FIELD_B, catalogue) for i in range(2)]
+    back = _render(tmp_path, "a3", 20, FIELD_A, catalogue)
+    config = replace(Config(), solver=replace(SolverConfig(), time_limit_s=30))
+    engine = Engine(config, tmp_path / "out", background_checkpoints=False)
+    try:
+        with caplog.at_level(logging.INFO):
+            for path in a:
+                assert engine.process_path(path).status == "accepted"  # type: ignore[union-attr]
+            _settle(engine)
+            (first,) = engine.runtimes
+            assert engine.router.solved_centre(first) is not None
+            row = engine.process_path(b[0])
+            assert row is not None and row.status == "rejected" and row.stack_id == first
+            assert row.reason in ("no_match", "no_overlap")
+            _settle(engine)  # b0 is solved 2 deg away and moves
+            moved = engine.journal.row(row.id)
+            assert moved is not None and moved.status == "accepted"
+            second = moved.stack_id
+            assert second is not None and second != first
+            row = engine.process_path(b[1])  # follows the new stack, no solve needed
+            assert row is not None and (row.status, row.stack_id) == ("accepted", second)
+            row = engine.process_path(back)
+            assert row is not None and row.status == "rejected"
+            _settle(engine)
+            returned = engine.journal.row(row.id)
+            assert returned is not None and (returned.status, returned.stack_id) == \
+                ("accepted", first)
+        assert sorted(engine.runtimes) == sorted([first, second])
+        assert engine.runtimes[first].session.n_accepted == 4
+        assert engine.runtimes[second].session.n_accepted == 2
+        lines = [r.getMessage() for r in caplog.records if "routed: solved centre moved" in
+                 r.getMessage()]
+        assert len(lines) == 2, lines
+        expected = angular_separation_deg(*FIELD_A, *FIELD_B)  # 1.99 deg at Dec -5.4
+        for line in lines:
+            moved_deg = float(re.search(r"moved ([0-9.]+) deg", line).group(1))  # type: ignore[union-attr]
+            assert moved_deg == pytest.approx(expected, abs=0.02)
+        # The new stack's WCS is the moved frame's solve (not solved a second time).
+        note = engine.journal.get_state(f"solver:{second}")
+        assert note["solved"] and note["reference"] == str(b[0]) and note["attempt"] == 1
+        geo = field_geometry(note["wcs"], SHAPE)
+        assert angular_separation_deg(geo.ra_deg, geo.dec_deg, *FIELD_B) < 0.01
+        # The solved centres are in the journaled router state.
+        saved = Router.from_dict(engine.journal.get_state("router"))
+        assert saved.solved_centre(first) is not None
+        assert saved.solved_centre(second) is not None
+    finally:
+        engine.close()
