@@ -128,8 +128,7 @@ def frame_table(fields: list, n_frames: int, time_limit_s: float, repeat: int,
         try:
             if solve != "none":
                 thread.start()
-                while not pause.groups() and not done.is_set():
-                    time.sleep(0.05)
+                pause.registered.wait(30)
                 time.sleep(1.0)  # let solve-field load its indexes and start searching
             for path in paths:
                 t0 = time.perf_counter()

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,13 +263,21 @@ class ChildPause:
     their child with :meth:`child`. A child started while paused is stopped at once. Every
     child is continued before it is killed or waited for (a stopped process never exits on
     its own), and :meth:`kill_all` ends every registered group from any thread.
+
+    Parameters
+    ----------
+    clock : callable, optional
+        Monotonic seconds (tests give a fake one).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._groups: set[int] = set()
         self._paused_since: float | None = None
         self._paused_total_s = 0.0
+        #: Set when a child is registered (callers and tests wait on it).
+        self.registered = threading.Event()
 
     @property
     def paused(self) -> bool:
@@ -279,7 +287,7 @@ class ChildPause:
     def paused_s(self) -> float:
         """Seconds spent paused since this object was made (the current pause included)."""
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             return self._paused_total_s + (0.0 if self._paused_since is None
                                            else now - self._paused_since)
 
@@ -288,7 +296,7 @@ class ChildPause:
         with self._lock:
             if self._paused_since is not None:
                 return
-            self._paused_since = time.monotonic()
+            self._paused_since = self._clock()
             for pgid in self._groups:
                 _signal_group(pgid, signal.SIGSTOP)
 
@@ -297,7 +305,7 @@ class ChildPause:
         with self._lock:
             if self._paused_since is None:
                 return
-            self._paused_total_s += time.monotonic() - self._paused_since
+            self._paused_total_s += self._clock() - self._paused_since
             self._paused_since = None
             for pgid in self._groups:
                 _signal_group(pgid, signal.SIGCONT)
@@ -325,6 +333,7 @@ class ChildPause:
             self._groups.add(proc.pid)
             if self._paused_since is not None:
                 _signal_group(proc.pid, signal.SIGSTOP)
+        self.registered.set()
         try:
             yield
         finally:
