@@ -309,14 +309,16 @@ class Router:
 
     def set_solved_centre(self, stack_id: str, ra_deg: float, dec_deg: float,
                           diagonal_deg: float) -> None:
-        """Remember where a stack's reference points, from its plate solve.
+        """Remember where a stack points, from its plate solve.
 
         Parameters
         ----------
         stack_id : str
             A router stack id.
         ra_deg, dec_deg : float
-            Solved centre of the reference frame, degrees.
+            Solved centre of the stack's latest aligned frame (or its reference), degrees:
+            like the header pointing, the comparison is with the latest frame, so a slow
+            drift over the night is not a jump.
         diagonal_deg : float
             The field's diagonal, degrees (the unit of ``solved_jump_fraction``).
 

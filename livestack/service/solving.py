@@ -159,6 +159,9 @@ class StackSolving:
                 and job.wcs is not None:
             ra, dec, pa = frame_pointing(job.wcs, transform, job.shape)
             self._pointing.append((row_id, ra, dec, pa))
+            if job.field is not None:  # the stack points where its latest frame does
+                self._route_by(rt.stack_id, ra, dec,
+                               math.hypot(job.field["width_deg"], job.field["height_deg"]))
         if len(self._pointing) >= POINTING_BATCH:
             self._flush_pointing()
         self.poll()
