@@ -1037,7 +1037,9 @@ class Engine:
 
         t0 = time.perf_counter()
         try:
-            product = rt.session.product()
+            # Views of the live state (no 10 B/px of map copies): written before the
+            # worker folds in another frame.
+            product = rt.session.product(copy=False)
             self.solving.annotate(rt, product.header)
             write_stack_fits(rt.folder / FITS_NAME, product)
         except StorageError as exc:

@@ -467,8 +467,15 @@ class StackSession:
             raise ValueError(f"stack {self.stack_id} has no accepted frame yet")
         return self._stack.mean()
 
-    def product(self) -> StackProduct:
+    def product(self, *, copy: bool = True) -> StackProduct:
         """Return the stack image, its maps, the frame records and FITS header values.
+
+        Parameters
+        ----------
+        copy : bool
+            False: the maps may be views of the live stack state (see
+            :meth:`RunningStack.product_maps`), valid until the next frame; for writing
+            ``stack.fits`` between frames.
 
         Raises
         ------
@@ -477,11 +484,10 @@ class StackSession:
         """
         if self._stack is None:
             raise ValueError(f"stack {self.stack_id} has no accepted frame yet")
-        stack = self._stack
-        image = stack.mean() if self.config.stack.method != "sum" else _sum_image(stack)
+        image, weight, count, rejected_low, rejected_high = self._stack.product_maps(copy=copy)
         return StackProduct(
-            image=image, weight=stack.weight_map(), count=stack.count_map(),
-            rejected_low=stack.reject_low_map(), rejected_high=stack.reject_high_map(),
+            image=image, weight=weight, count=count,
+            rejected_low=rejected_low, rejected_high=rejected_high,
             records=list(self.records), header=self._header(),
         )
 
@@ -722,13 +728,6 @@ def _is_identity(transform: Transform, tolerance: float = 1e-9) -> bool:
     """True if ``transform`` maps every pixel to itself (within ``tolerance``)."""
     identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     return bool(np.allclose(transform.matrix, identity, rtol=0.0, atol=tolerance))
-
-
-def _sum_image(stack: RunningStack) -> np.ndarray:
-    """Sum of samples for the ``sum`` method (mean times count)."""
-    mean = stack.mean()
-    count = stack.count_map().astype(np.float32)
-    return np.where(count > 0, mean * count, np.nan).astype(np.float32)
 
 
 def _accept_message(info: FrameInfo, metrics: FrameMetrics, transform: Transform,
