@@ -35,7 +35,9 @@ pixel parities; a demosaic that treats the CFA sites unequally shows as a spread
 Timing (wall clock; the machine may be shared, so ratios against bilinear measured in the
 same run are what count): ``debayer`` alone on a synthetic 26 MP frame (6248x4176) and on a
 real 2 MP Seestar frame, median of ``--repeat`` runs after a warm-up; and the whole
-``livestack stack`` run per frame next to Siril's whole script per frame.
+``livestack stack`` run per frame next to Siril's whole script per frame. ``--timing-only``
+times each method on 1 numba thread and on all of them, wall clock and process CPU time,
+with ``rcd-4pass``, the four-pass RCD that the fused kernel replaced, beside them.
 
     .venv/bin/python bench/bench_demosaic_siril.py [--data DIR] [--dir WORK] [--repeat N]
         [--methods rcd bilinear malvar] [--timing-only]
@@ -59,6 +61,9 @@ from bench_integrate_siril import (
     run_siril,
 )
 from numpy.typing import NDArray
+
+# tests/oracles_demosaic (the four-pass RCD) is importable when run as `python bench/...`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seestar_m94_osc"
 SIRIL_OSC_SCRIPT = """requires 1.0.0
@@ -223,43 +228,69 @@ def star_snr(image: NDArray[np.float64], xy: NDArray[np.float64], empty: NDArray
 
 
 def time_debayer(methods: list[str], frame: NDArray[np.float32], pattern: str,
-                 repeat: int) -> dict[str, float]:
-    """Median ms of ``debayer(frame, pattern, method)`` after one warm-up call."""
-    from livestack.pipeline.debayer import debayer
+                 repeat: int, threads: int | None = None) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU ms of each method on ``frame`` after one warm-up call, with
+    ``threads`` numba threads (all of them when None). ``rcd-4pass`` is the four-pass RCD
+    that the fused kernel replaced (``tests/oracles_demosaic.py``)."""
+    import numba
 
+    from livestack.pipeline.debayer import debayer
+    from tests.oracles_demosaic import rcd_multipass
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads or numba.config.NUMBA_NUM_THREADS)
     result = {}
-    for method in methods:
-        debayer(frame, pattern, method)
-        runs = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            debayer(frame, pattern, method)
-            runs.append((time.perf_counter() - t0) * 1e3)
-        result[method] = statistics.median(runs)
+    try:
+        for method in methods:
+            def run(method: str = method) -> None:
+                if method == "rcd-4pass":
+                    rcd_multipass(frame, pattern)
+                else:
+                    debayer(frame, pattern, method)
+
+            run()
+            walls, cpus = [], []
+            for _ in range(repeat):
+                c0, t0 = time.process_time(), time.perf_counter()
+                run()
+                walls.append((time.perf_counter() - t0) * 1e3)
+                cpus.append((time.process_time() - c0) * 1e3)
+            result[method] = (statistics.median(walls), statistics.median(cpus))
+    finally:
+        numba.set_num_threads(before)
     return result
 
 
-def debayer_timings(light: Path, methods: list[str], repeat: int
-                    ) -> tuple[dict[str, float], dict[str, float]]:
-    """ms per call of each method on the real frame ``light`` and on a synthetic 26 MP one."""
+def debayer_timings(light: Path, methods: list[str], repeat: int, threads: int | None = None
+                    ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+    """(wall, CPU) ms per call of each method on the real frame ``light`` and on a
+    synthetic 26 MP one."""
     from livestack.storage.fitsio import read_frame
 
     raw, info, _ = read_frame(light)
     pattern = info.bayer_pattern or "GRBG"
-    real_ms = time_debayer(methods, np.asarray(raw, dtype=np.float32), pattern, repeat)
+    real_ms = time_debayer(methods, np.asarray(raw, dtype=np.float32), pattern, repeat, threads)
     big = np.random.default_rng(0).normal(1000.0, 30.0, size=(4176, 6248)).astype(np.float32)
-    return real_ms, time_debayer(methods, big, pattern, repeat)
+    return real_ms, time_debayer(methods, big, pattern, repeat, threads)
 
 
 def print_timings(data: Path, methods: list[str], repeat: int) -> int:
-    """Print the debayer timings alone (a quick re-measure when the machine is quieter)."""
-    real_ms, big_ms = debayer_timings(sorted((data / "lights").glob("*.fit"))[0], methods,
-                                      repeat)
-    print("| method | ms per 26 MP frame | x bilinear | ms per Seestar frame | x bilinear |")
-    print("|---|---|---|---|---|")
-    for m in methods:
-        print(f"| {m} | {big_ms[m]:.0f} | {big_ms[m] / big_ms['bilinear']:.2f} | "
-              f"{real_ms[m]:.1f} | {real_ms[m] / real_ms['bilinear']:.2f} |")
+    """Print the debayer timings alone, on 1 and on all numba threads (a quick re-measure
+    when the machine is quieter). CPU ms is the process's CPU time (all threads)."""
+    import numba
+
+    light = sorted((data / "lights").glob("*.fit"))[0]
+    methods = list(dict.fromkeys([*methods, "rcd-4pass"]))
+    print("| method | threads | ms per 26 MP frame (wall) | x bilinear | CPU ms | "
+          "x bilinear | ms per Seestar frame (wall) | x bilinear |")
+    print("|---|---|---|---|---|---|---|---|")
+    for threads in dict.fromkeys([1, numba.config.NUMBA_NUM_THREADS]):
+        real_ms, big_ms = debayer_timings(light, methods, repeat, threads)
+        for m in methods:
+            print(f"| {m} | {threads} | {big_ms[m][0]:.0f} | "
+                  f"{big_ms[m][0] / big_ms['bilinear'][0]:.2f} | {big_ms[m][1]:.0f} | "
+                  f"{big_ms[m][1] / big_ms['bilinear'][1]:.2f} | {real_ms[m][0]:.1f} | "
+                  f"{real_ms[m][0] / real_ms['bilinear'][0]:.2f} |")
     return 0
 
 
@@ -269,7 +300,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/livestack-bench-demosaic"))
     parser.add_argument("--repeat", type=int, default=5, help="timing runs per method")
     parser.add_argument("--methods", nargs="+", default=["bilinear", "rcd", "malvar"],
-                        choices=("bilinear", "rcd", "malvar"))
+                        choices=("bilinear", "rcd", "malvar", "auto"))
     parser.add_argument("--timing-only", action="store_true",
                         help="only the debayer timings (no Siril, no stacks)")
     args = parser.parse_args()
@@ -361,9 +392,11 @@ def main() -> int:
     row("checkerboard: max 2x2-parity spread of the sky, ADU (per-pixel sigma)",
         {n: f"{boards[n][0]:.2f} ({boards[n][1]:.1f})" for n in names})
     row("debayer ms per 26 MP frame (6248x4176)",
-        {m: f"{big_ms[m]:.0f} ({big_ms[m] / big_ms['bilinear']:.2f}x bilinear)" for m in methods})
+        {m: f"{big_ms[m][0]:.0f} ({big_ms[m][0] / big_ms['bilinear'][0]:.2f}x bilinear)"
+         for m in methods})
     row(f"debayer ms per Seestar frame ({raw.shape[1]}x{raw.shape[0]})",
-        {m: f"{real_ms[m]:.1f} ({real_ms[m] / real_ms['bilinear']:.2f}x)" for m in methods})
+        {m: f"{real_ms[m][0]:.1f} ({real_ms[m][0] / real_ms['bilinear'][0]:.2f}x)"
+         for m in methods})
     row("whole run, s per frame (wall)",
         {"siril": f"{siril_wall / len(lights):.3f} (convert+register+stack)",
          **{m: f"{walls[m] / len(lights):.3f} (livestack stack)" for m in methods}})
