@@ -49,6 +49,8 @@ def stack_files(config: Config, files: Iterable[Path], output_root: Path, *,
             if progress is not None:
                 progress(i, total, row)
         engine.solving.drain()  # batch: the stack.fits written next carries the WCS
+        while engine.solving.route_moves():  # frames solved elsewhere: their stacks too
+            engine.solving.drain()
         engine.finalize()
     finally:
         engine.close()

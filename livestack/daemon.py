@@ -278,6 +278,7 @@ class Daemon:
             engine.close()
         elif engine is not None:
             engine.terminate_rebuilds()  # no orphan rebuild process outlives the daemon
+            engine.solving.terminate()  # nor a solve-field (maybe stopped mid-frame)
         log.info("stopped")
         return code
 

@@ -71,7 +71,8 @@ class Engine:
     hub, metrics : optional
         Live-server bridge and metrics registry (None in batch mode).
     checkpoint_writer : callable, optional
-        ``(path, arrays, meta) -> bytes`` (tests inject a failing one).
+        ``(path, arrays, meta) -> (StagedFile, bytes)``, default
+        :func:`~livestack.storage.checkpoint.stage_checkpoint` (tests inject a failing one).
     background_checkpoints : bool
         Write checkpoints in a background thread (default) or inline.
 

@@ -64,7 +64,8 @@ class Ingest:
         self.journal = engine.journal
         config = engine.config
         self.router = Router(slew_threshold_deg=config.routing.slew_threshold_deg,
-                             failure_run=config.routing.failure_run)
+                             failure_run=config.routing.failure_run,
+                             solved_jump_fraction=config.routing.solved_jump_fraction)
         saved = self.journal.get_state("router")
         if saved is not None:
             try:
@@ -72,6 +73,7 @@ class Ingest:
             except ValueError as exc:
                 log.warning("%s: router state not usable (%s); routing starts afresh",
                             self.journal.path, exc)
+            self.router.solved_jump_fraction = config.routing.solved_jump_fraction
         #: new_stack command: router id -> the id frames of that key go to instead.
         self.redirects: dict[str, str] = dict(self.journal.get_state("redirects", {}))
         #: The journal row left ``pending`` by the frame in progress (None between frames).
@@ -119,6 +121,7 @@ class Ingest:
         engine = self.engine
         spath = os.path.abspath(path)
         t0 = time.perf_counter()
+        engine.solving.frame_started()  # a running solve-field waits (SIGSTOP) until idle
         refusal = check_entry(spath, engine.watch_root)
         if refusal is not None:  # symlink out of the watch folder, dangling symlink
             reason, message, status, level = refusal
@@ -251,6 +254,7 @@ class Ingest:
         router_id = self.router_id(rt.stack_id)
         if alignment:
             reroute = self.router.report_alignment_failure(router_id, info)
+            engine.solving.unaligned(rt, row_id, info, outcome.stars)
         elif outcome.verdict == "accepted":
             self.router.report_alignment_success(router_id)
         transform = outcome.transform
@@ -295,17 +299,21 @@ class Ingest:
         engine.outputs.after_frame(rt)
         if reroute:
             self.reroute(rt.stack_id, reroute)
+        engine.solving.route_moves()
         return self.journal.row(row_id)
 
-    def reroute(self, old_stack: str, paths: tuple[str, ...]) -> None:
+    def reroute(self, old_stack: str, paths: tuple[str, ...], *,
+                to_stack: str | None = None, why: str = "") -> None:
         """A run of agreeing alignment failures closed ``old_stack``: restack the run.
 
         The frames (rejected in the old stack) move to the stack the router now gives
-        them: their journal rows get the new stack and a new ``seq`` there.
+        them, or to ``to_stack`` (solved routing, ``why`` says why): their journal rows get
+        the new stack and a new ``seq`` there.
         """
         engine = self.engine
-        log.info("%s: %d frames in a row do not align but agree among themselves: "
-                 "starting a new stack with them", old_stack, len(paths))
+        if to_stack is None:
+            log.info("%s: %d frames in a row do not align but agree among themselves: "
+                     "starting a new stack with them", old_stack, len(paths))
         for path in paths:
             rows = [r for r in self.journal.rows(path=path, stack_id=old_stack)
                     if r.status == "rejected"]
@@ -318,7 +326,9 @@ class Ingest:
             except FrameError as exc:
                 log.warning("%s: %s: %s", path, exc.reason, exc.message)
                 continue
-            stack_id = self.route(info)
+            stack_id = self.route(info) if to_stack is None else to_stack
+            if to_stack is not None:
+                log.info("%s: %s -> %s (%s)", path, old_stack, to_stack, why)
             new_rt = engine.runtime(stack_id, info)
             engine.current_stack = stack_id
             t0 = time.perf_counter()

@@ -65,7 +65,9 @@ class Outputs:
         engine = self.engine
         out = engine.config.output
         now = time.monotonic()
+        engine.solving.idle()  # the solve-field stopped during frames runs again
         engine.solving.poll()
+        engine.solving.route_moves()
         for rt in list(engine.runtimes.values()):
             if rt.session.n_accepted and rt.accepted_since_preview > 0 and (
                     now - rt.last_preview_t >= out.preview_min_interval_s):
@@ -79,7 +81,9 @@ class Outputs:
         """Write ``stack.fits`` atomically; on StorageError log one line and go on."""
         t0 = time.perf_counter()
         try:
-            product = rt.session.product()
+            # Views of the live state (no 10 B/px of map copies): written before the
+            # worker folds in another frame.
+            product = rt.session.product(copy=False)
             self.engine.solving.annotate(rt, product.header)
             write_stack_fits(rt.folder / FITS_NAME, product)
         except StorageError as exc:
