@@ -21,6 +21,7 @@ import pytest
 from livestack.engine.core import Engine
 from livestack.engine.worker import Worker, WorkQueue
 from livestack.errors import JournalFullError
+from livestack.service.events import event_to_dict
 from livestack.service.hub import Hub
 from livestack.service.limits import open_fd_count
 from tests.test_daemon import assert_same_image, copy_frames, frames, make_config
@@ -40,8 +41,9 @@ class RecordingHub(Hub):
 
     def publish(self, event: Any) -> None:
         super().publish(event)
+        event = event_to_dict(event)  # as it goes on the wire
         if event.get("type") == "alert":
-            self.alerts.append(dict(event))
+            self.alerts.append(event)
             self.seen.setdefault(event["code"], threading.Event()).set()
 
     def wait(self, code: str) -> bool:
