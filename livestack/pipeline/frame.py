@@ -282,10 +282,39 @@ def find_transform(registrar: Registrar, stars: StarList, lum: NDArray[np.float3
     return registrar.register(stars, lum)
 
 
+def star_scale(stars: StarList | None, reference_stars: StarList | None,
+               transform: Transform | None, *, is_reference: bool = False) -> float | None:
+    """The photometric scale of a frame: reference/frame flux ratio of matched stars.
+
+    Parameters
+    ----------
+    stars, reference_stars : StarList or None
+        The frame's and the reference's stars, each in its own pixel coordinates.
+    transform : Transform or None
+        Frame -> reference, to pair them.
+    is_reference : bool
+        The reference itself: 1.0.
+
+    Returns
+    -------
+    float or None
+        None without stars or with fewer than 5 pairs (the dispersion ratio is then used).
+    """
+    if stars is None or reference_stars is None:
+        return None
+    if is_reference:
+        return 1.0
+    if transform is None:
+        return None
+    return star_flux_scale(transform.apply(stars.xy), stars.flux, reference_stars.xy,
+                           reference_stars.flux)
+
+
 def normalise_frame(image: NDArray[np.float32], reference: FrameReference,
                     config: NormalizeConfig, *, transform: Transform | None = None,
                     stars: StarList | None = None, metrics: FrameMetrics | None = None,
-                    stats: FrameStats | None = None, is_reference: bool = False) -> FrameNorm:
+                    stats: FrameStats | None = None, is_reference: bool = False,
+                    signal_scale: float | None = None) -> FrameNorm:
     """Normalisation and weight of a frame onto the reference, measured before warping.
 
     Parameters
@@ -298,14 +327,16 @@ def normalise_frame(image: NDArray[np.float32], reference: FrameReference,
         Frame -> reference, to pair the frame's stars with the reference's.
     stars : StarList, optional
         The frame's stars (frame pixels). With ``additive_scaling``, the reference/frame
-        flux ratio of matched stars is the scale; without them (or with fewer than 5
-        pairs) the dispersion ratio is.
+        flux ratio of matched stars (:func:`star_scale`) is the scale; without them (or
+        with fewer than 5 pairs) the dispersion ratio is.
     metrics : FrameMetrics, optional
         For the ``stars``, ``fwhm`` and ``noise`` weights.
     stats : FrameStats, optional
         The frame's statistics when already measured (the reference's own).
     is_reference : bool
         The reference itself: scale 1 by the flux ratio.
+    signal_scale : float, optional
+        A photometric scale found by the caller, used when ``stars`` is None.
 
     Returns
     -------
@@ -313,13 +344,10 @@ def normalise_frame(image: NDArray[np.float32], reference: FrameReference,
     """
     if stats is None:
         stats = frame_stats(image, None)
-    signal_scale: float | None = None
-    if config.method == "additive_scaling" and stars is not None and reference.stars is not None:
-        if is_reference:
-            signal_scale = 1.0
-        elif transform is not None:
-            signal_scale = star_flux_scale(transform.apply(stars.xy), stars.flux,
-                                           reference.stars.xy, reference.stars.flux)
+    if stars is not None and config.method == "additive_scaling":
+        signal_scale = star_scale(stars, reference.stars, transform, is_reference=is_reference)
+    if config.method != "additive_scaling":
+        signal_scale = None
     ref_metrics = reference.metrics
     norm = normalization(
         stats, reference.stats, config, signal_scale=signal_scale,
@@ -490,4 +518,5 @@ __all__ = [
     "normalise_frame",
     "raise_no_footprint",
     "register",
+    "star_scale",
 ]

@@ -339,7 +339,9 @@ class RecordedMasters:
     output_root : Path
         The session's output root (``<output_root>/masters/``).
     by_frame : dict of str to list of dict
-        Recorded masters per frame path (absolute), from the journal.
+        Recorded masters per frame path (absolute), from the journal. A record may name
+        its folder in ``"dir"`` (sessions of several output roots); else
+        ``<output_root>/masters/``.
 
     Raises
     ------
@@ -366,7 +368,7 @@ class RecordedMasters:
             recorded it``.
         """
         for m in self.recorded:
-            path = self.folder / m["file"]
+            path = self._path(m)
             try:
                 sha = sha256_file(path)
             except FileNotFoundError:
@@ -381,6 +383,9 @@ class RecordedMasters:
                                   f"the session used it (sha256 {sha[:12]}... instead of "
                                   f"{m['sha256'][:12]}...)")
 
+    def _path(self, m: RecordedMaster) -> Path:
+        return Path(m["dir"]) / m["file"] if m.get("dir") else self.folder / m["file"]
+
     @property
     def entries(self) -> list[MasterEntry]:
         """Every recorded master (headers read once)."""
@@ -389,13 +394,13 @@ class RecordedMasters:
     def _entry(self, m: RecordedMaster) -> MasterEntry:
         entry = self._entries.get(m["sha256"])
         if entry is None:
-            entry = MasterEntry.from_file(self.folder / m["file"])
+            entry = MasterEntry.from_file(self._path(m))
             self._entries[m["sha256"]] = entry
         return entry
 
     def provenance(self) -> list[RecordedMaster]:
-        """The recorded masters, each once."""
-        return [dict(m) for m in self.recorded]
+        """The recorded masters, each once (without their folder)."""
+        return [{k: v for k, v in m.items() if k != "dir"} for m in self.recorded]
 
     def masters_of(self, path: str) -> list[RecordedMaster]:
         """The masters recorded for one frame (empty when none)."""
@@ -424,6 +429,62 @@ class RecordedMasters:
         return library.select(info, temp_tolerance_c=math.inf)
 
 
+def session_masters(recorded: dict[str, list[RecordedMaster]], root: Path | None, *,
+                    given: Any = None, no_calibration: bool = False,
+                    note: Any = None) -> Any:
+    """The masters a re-stack calibrates with: the recorded ones unless told otherwise.
+
+    Parameters
+    ----------
+    recorded : dict of str to list of dict
+        Recorded masters per frame path (``Session.recorded_masters()``).
+    root : Path or None
+        The output root holding ``masters/``.
+    given : OpenedMasters, optional
+        Masters named by a flag (``--bias/--darks/--flats``): they win.
+    no_calibration : bool
+        ``--no-calibration``: no masters at all.
+    note : callable, optional
+        ``note(line)`` receives one line saying what was chosen when it is not the
+        recorded calibration (the log, or stderr).
+
+    Returns
+    -------
+    RecordedMasters, OpenedMasters or None
+        None when there is nothing to calibrate with (or ``no_calibration``).
+
+    Raises
+    ------
+    MasterError
+        A recorded master is missing or changed (one line naming it).
+    """
+    def say(line: str) -> None:
+        if note is not None:
+            note(line)
+
+    if no_calibration:
+        if recorded:
+            say("calibration off (--no-calibration): the session's recorded masters are "
+                "not applied")
+        return None
+    if given is not None:
+        if recorded:
+            have = distinct_masters(recorded.values())
+            mine = given.provenance() if hasattr(given, "provenance") else []
+            if differs(have, mine):
+                say("the masters given differ from the session's recorded calibration "
+                    f"(recorded: {_names(have)}; given: {_names(mine)}); using the given ones")
+        return given
+    if recorded:
+        return RecordedMasters(root if root is not None else Path("."), recorded)
+    return None
+
+
+def _names(masters: Sequence[RecordedMaster]) -> str:
+    return ", ".join(f"{m.get('file', '?')} ({m.get('sha256', '')[:8] or 'in memory'})"
+                     for m in masters) or "none"
+
+
 def differs(recorded: Sequence[RecordedMaster], given: Sequence[RecordedMaster]) -> bool:
     """True when two master lists differ by content (hash), order aside."""
     return sorted(m.get("sha256", "") for m in recorded) != sorted(
@@ -440,4 +501,5 @@ __all__ = [
     "distinct_masters",
     "master_cards",
     "open_masters",
+    "session_masters",
 ]
