@@ -243,6 +243,8 @@ class _Registered:
     masters: tuple[str, ...] = field(default_factory=tuple)
     #: Background sigma after normalisation (ADU), one value per channel.
     noise_adu: tuple[float, ...] = ()
+    #: The frame's normalisation (``FrameNorm.to_json()``).
+    norm: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- session
@@ -893,6 +895,7 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
                            find_stars and stored[index] is None, formats)
 
     planes_buffer = np.empty((channels, *shape), dtype=np.float32)
+    used: list[FrameNorm] = []
     try:
         # Read + calibrate the next frame in a helper thread while this one is warped,
         # normalised and stored (numpy and I/O release the GIL; numba runs on TBB).
@@ -920,11 +923,11 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
                                                   plan.reference.path, planes_buffer,
                                                   signal_scale, frame_noise,
                                                   (saturation, pipeline.saturation,
-                                                   stack_saturation), reused)
+                                                   stack_saturation), reused, used)
                 del image
                 store.put(index, planes)
                 facts[index] = _Registered(info, weight, frame.transform, _metrics_of(frame),
-                                           applied, noise)
+                                           applied, noise, used.pop().to_json())
                 if progress is not None:
                     progress("register", done, n)
         del planes, planes_buffer  # the last frame's planes are the buffer
@@ -977,7 +980,7 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
               out: NDArray[np.float32], signal_scale: float | None = None,
               measure_noise: bool = False,
               saturation: tuple[FrameSaturation | None, Any, StackSaturation] | None = None,
-              stored: FrameNorm | None = None
+              stored: FrameNorm | None = None, norm_out: list[FrameNorm] | None = None
               ) -> tuple[NDArray[np.float32], float, tuple[float, ...]]:
     """Warp one calibrated frame onto the reference and normalise it, as the live stack does.
 
@@ -1013,6 +1016,8 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         stack's white level (:mod:`livestack.pipeline.saturation`). None: neither.
     stored : FrameNorm, optional
         The live stack's normalisation of the frame (journal), reused instead of measuring.
+    norm_out : list, optional
+        The normalisation used is appended to it.
 
     Returns
     -------
@@ -1036,6 +1041,8 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         image, FrameReference(ref_stats, None, ref_metrics), norm_config,
         transform=frame.transform, metrics=metrics, signal_scale=signal_scale)
     norm = fnorm.normalization
+    if norm_out is not None:
+        norm_out.append(fnorm)
     warped, saturated = apply_transform(image, frame.transform, shape, kernel,
                                         saturation[0] if saturation is not None else None,
                                         saturation[1] if saturation is not None else None)
@@ -1164,7 +1171,9 @@ def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: Normal
         rejected_low=out(maps["rejected_low"]), rejected_high=out(maps["rejected_high"]),
         records=records, header=header, **({"std": out(std)} if std is not None else {}),
         frame_noise_adu=(np.array([f.noise_adu for f in facts], dtype=np.float64)
-                         if all(f.noise_adu for f in facts) else None))
+                         if all(f.noise_adu for f in facts) else None),
+        frame_norms=([f.norm for f in facts if f.norm is not None]
+                     if all(f.norm for f in facts) else None))
 
 
 def integrate_session(stack_dir: str | Path | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,6 +35,9 @@ class StackProduct:
     frame_noise_adu : ndarray, shape (n_accepted, channels), float64, optional
         Background sigma (ADU) of each accepted frame after normalisation, in the order
         of the accepted ``records`` (batch integrations; lets a live stack continue).
+    frame_norms : list of dict, optional
+        Each accepted frame's normalisation (``FrameNorm.to_json()``), in the order of the
+        accepted ``records`` (batch integrations).
     """
 
     image: NDArray[np.float32]
@@ -45,3 +49,4 @@ class StackProduct:
     header: dict[str, object]
     std: NDArray[np.float32] | None = None
     frame_noise_adu: NDArray[np.float64] | None = None
+    frame_norms: list[dict[str, Any]] | None = None
