@@ -71,7 +71,7 @@ from livestack.pipeline.integrate import IntegrateConfig, combine_masked_tile
 from livestack.pipeline.normalize import FrameStats, NormalizeConfig, frame_stats
 from livestack.pipeline.saturation import StackSaturation
 from livestack.pipeline.types import FrameMetrics, StarList
-from livestack.storage.calibration import open_masters
+from livestack.storage.calibration import RecordedMasters, open_masters
 
 EXTRA_HINT = "pip install 'livestack[distributed]'"
 #: Share of ``--memory-limit`` one combine task may use; the rest is for the pieces Dask
@@ -458,14 +458,26 @@ def check_cluster_options(args: Any) -> None:
                          "frames stay on the workers")
 
 
-def master_paths(args: Any, settings: Any, err: Any) -> MasterPaths:
+def master_paths(args: Any, settings: Any, err: Any,
+                 recorded: RecordedMasters | None = None) -> MasterPaths:
     """The masters of ``livestack integrate`` options / configuration as paths.
 
-    Writes the same notice as the local engine to ``err`` when no master is given.
+    Without master flags, the sessions' recorded masters (already hash-checked by the
+    client) are the workers' library; ``--no-calibration`` names none. Writes the same
+    notice as the local engine to ``err`` when no master is given.
     """
     def absolute(value: str | None) -> str | None:
         return os.path.abspath(value) if value else None
 
+    if getattr(args, "no_calibration", False):
+        return MasterPaths()
+    flags = bool(args.bias or args.darks or args.flats)
+    if recorded is not None and not flags:
+        # Workers choose among the recorded files by exposure and temperature, as the
+        # session chose among its masters (the hashes were checked here, on the client).
+        files = tuple(sorted({str(recorded.path_of(m)) for m in recorded.recorded}))
+        return MasterPaths(library=files, temp_tolerance_c=float(
+            settings.masters.temp_tolerance_c))
     paths = MasterPaths(bias=absolute(args.bias), darks=absolute(args.darks),
                         flats=absolute(args.flats),
                         library=tuple(os.path.abspath(p) for p in settings.masters.paths),

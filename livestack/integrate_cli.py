@@ -135,19 +135,13 @@ def _masters(args: argparse.Namespace, config: Any, err: TextIO,
     UsageError
         ``--no-calibration`` together with master flags.
     """
-    from livestack.integrate import load_session
     from livestack.storage.calibration import open_masters, session_masters
 
     flags = bool(args.bias or args.darks or args.flats)
     if args.no_calibration and flags:
         raise UsageError("integrate: --no-calibration cannot be combined with "
                          "--bias/--darks/--flats")
-    recorded: dict[str, list[dict[str, str]]] = {}
-    root = None
-    for folder in stack_dirs:
-        session = load_session(folder)
-        recorded.update(session.recorded_masters())
-        root = root or session.root
+    recorded, root = _recorded(stack_dirs)
     given = None
     if flags:
         given = open_masters(bias=args.bias, darks=args.darks, flats=args.flats,
@@ -166,6 +160,25 @@ def _masters(args: argparse.Namespace, config: Any, err: TextIO,
                   "(--bias/--darks/--flats or masters.paths in -c CONFIG): frames are "
                   "integrated without calibration frames\n")
     return masters
+
+
+def _recorded(stack_dirs: list[str]) -> tuple[dict[str, list[dict[str, str]]], Path | None]:
+    """The recorded masters of every frame of the sessions, and the first output root.
+
+    Raises
+    ------
+    UsageError, JournalError
+        As :func:`~livestack.integrate.load_session`.
+    """
+    from livestack.integrate import load_session
+
+    recorded: dict[str, list[dict[str, str]]] = {}
+    root = None
+    for folder in stack_dirs:
+        session = load_session(folder)
+        recorded.update(session.recorded_masters())
+        root = root or session.root
+    return recorded, root
 
 
 def _progress(stream: TextIO) -> Callable[[str, int, int], None]:
@@ -229,7 +242,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         from livestack.distributed import check_cluster_options, master_paths
 
         check_cluster_options(args)  # no Dask or unsupported options: before any work
-        paths = master_paths(args, settings, err)  # the workers open them
+        recorded = None
+        if not (args.bias or args.darks or args.flats or args.no_calibration):
+            from livestack.storage.calibration import RecordedMasters
+
+            by_frame, root = _recorded(stack_dirs)
+            if by_frame:  # hash-checked here, on the client
+                recorded = RecordedMasters(root or Path("."), by_frame)
+        paths = master_paths(args, settings, err, recorded)  # the workers open them
         masters = paths.open() if len(stack_dirs) > 1 else None
     elif len(stack_dirs) > 1:
         masters = _masters(args, settings, err, stack_dirs)

@@ -264,3 +264,45 @@ def test_an_old_journal_gains_the_columns_and_integrates_by_measuring(
                                 masters=None)
     assert "NORMSTOR" not in product.header
     assert product.frame_norms is not None and len(product.frame_norms) == N_FRAMES
+
+
+def test_cluster_workers_get_the_recorded_masters_as_paths(night: dict[str, Any]) -> None:
+    import io
+
+    from livestack.config import load_config
+    from livestack.distributed import master_paths
+
+    session = load_session(night["stack"])
+    recorded = RecordedMasters(night["out"], session.recorded_masters())
+    settings = load_config(None)
+    err = io.StringIO()
+    paths = master_paths(_cli(str(night["stack"])), settings, err, recorded)
+    folder = night["out"] / MASTERS_DIR
+    assert sorted(paths.library) == sorted(str(p) for p in folder.iterdir())
+    assert paths.bias is None and err.getvalue() == ""
+    off = master_paths(_cli(str(night["stack"]), "--no-calibration"), settings, err, recorded)
+    assert off.empty and err.getvalue() == ""
+
+
+def test_the_live_rebuild_calibrates_with_the_recorded_masters(night: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+    from livestack import rebuild as rb
+    from livestack.config import Config, config_to_dict
+
+    rows = _rows(night)
+    config = Config()  # no masters.paths: only the recorded masters can calibrate
+    request = rb.RebuildRequest(
+        journal=str(night["out"] / "journal.sqlite"), stack_id=night["stack_id"],
+        reference=None, config={"pipeline": config_to_dict(config.pipeline),
+                                "masters": config_to_dict(config.masters),
+                                "formats": config_to_dict(config.formats)},
+        folder=str(tmp_path), memory_limit_bytes=512 * 2**20, row_ids=[r.id for r in rows])
+    rb.run_request(request)
+    result = rb.read_result(tmp_path / rb.RESULT_NAME)
+    header = result.product.header
+    assert header["NMASTERS"] == 3 and header["NORMSTOR"] == N_FRAMES
+    image, count, live_header = _live(night)
+    assert {header[f"MSTSHA{k}"] for k in (1, 2, 3)} == {live_header[f"MSTSHA{k}"]
+                                                         for k in (1, 2, 3)}
+    rebuilt = _efficiency(night, result.product.image, result.product.count)
+    assert rebuilt == pytest.approx(_efficiency(night, image, count), rel=0.1)

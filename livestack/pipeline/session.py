@@ -37,6 +37,7 @@ from livestack.pipeline.frame import (
     check_noise,
     detect_frame,
     find_transform,
+    normalise_frame,
     register,
 )
 from livestack.pipeline.normalize import (
@@ -299,10 +300,14 @@ class StackSession:
         # (frame.normalise_frame), since interpolation smooths the noise and would bias the
         # dispersion-based scale.
         is_reference = transform.method == "identity" and ref.file == info.path
-        done = register(frame, info, transform,
-                        FrameReference(ref.stats, ref.stars, ref.metrics),
-                        ref.luminance.shape, cfg, stars=stars, metrics=metrics,
-                        stats=ref.stats if is_reference else None, is_reference=is_reference)
+        reference = FrameReference(ref.stats, ref.stars, ref.metrics)
+        frame_norm = normalise_frame(image, reference, cfg.normalize, transform=transform,
+                                     stars=stars, metrics=metrics,
+                                     stats=ref.stats if is_reference else None,
+                                     is_reference=is_reference)
+        timer.lap("normalize")
+        done = register(frame, info, transform, reference, ref.luminance.shape, cfg,
+                        norm=frame_norm)
         timer.lap("warp")
         norm = done.norm.normalization
         noise_norm = done.norm.noise_adu

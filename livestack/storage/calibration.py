@@ -368,7 +368,7 @@ class RecordedMasters:
             recorded it``.
         """
         for m in self.recorded:
-            path = self._path(m)
+            path = self.path_of(m)
             try:
                 sha = sha256_file(path)
             except FileNotFoundError:
@@ -383,7 +383,8 @@ class RecordedMasters:
                                   f"the session used it (sha256 {sha[:12]}... instead of "
                                   f"{m['sha256'][:12]}...)")
 
-    def _path(self, m: RecordedMaster) -> Path:
+    def path_of(self, m: RecordedMaster) -> Path:
+        """The file of a recorded master."""
         return Path(m["dir"]) / m["file"] if m.get("dir") else self.folder / m["file"]
 
     @property
@@ -394,7 +395,7 @@ class RecordedMasters:
     def _entry(self, m: RecordedMaster) -> MasterEntry:
         entry = self._entries.get(m["sha256"])
         if entry is None:
-            entry = MasterEntry.from_file(self._path(m))
+            entry = MasterEntry.from_file(self.path_of(m))
             self._entries[m["sha256"]] = entry
         return entry
 
