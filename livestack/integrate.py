@@ -865,7 +865,8 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
 
     n = len(plan.frames)
     ref_index = plan.frames.index(plan.reference)
-    stored = [_stored_norm(f, plan, norm_config) if reuse_norm else None for f in plan.frames]
+    stored = [_stored_norm(f, plan, norm_config, masters) if reuse_norm else None
+              for f in plan.frames]
     # The photometric scale needs the stars of every frame without a stored normalisation
     # (and the reference's).
     find_stars = method == "additive_scaling" and any(x is None for x in stored)
@@ -949,14 +950,23 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
     return product
 
 
-def _stored_norm(frame: SessionFrame, plan: IntegrationPlan, config: NormalizeConfig
-                 ) -> FrameNorm | None:
+def _stored_norm(frame: SessionFrame, plan: IntegrationPlan, config: NormalizeConfig,
+                 masters: MasterSource | None) -> FrameNorm | None:
     """The live stack's normalisation of a frame when it applies to this integration.
 
     It applies when it was computed onto the plan's reference (the transforms were not
-    composed onto another one) with the same method and weights.
+    composed onto another one), with the same method and weights, and the frame is
+    calibrated as the live stack calibrated it (its recorded masters, or none when it
+    recorded none): other masters move the frame's location and scale.
     """
     if frame.norm is None or plan.reference_changed:
+        return None
+    masters_of = getattr(masters, "masters_of", None)
+    used = masters_of(frame.path) if callable(masters_of) else None
+    if masters is None:
+        used = []
+    if used is None or sorted(m["sha256"] for m in used) != sorted(
+            m["sha256"] for m in frame.masters or ()):
         return None
     if frame.norm.get("reference_file") != plan.reference.path:
         return None

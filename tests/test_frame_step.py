@@ -180,6 +180,7 @@ def test_integrate_reuses_the_recorded_calibration_by_default(
     args = _cli(str(night["stack"]), "-o", str(default))
     assert args.func(args) == 0
     header, data, data_count = _header(default)
+    assert header["NORMSTOR"] == N_FRAMES  # the journal's normalisation, no star detection
     reused = _efficiency(night, data.astype(np.float32), data_count)
     for k in (1, 2, 3):
         assert header[f"MSTSHA{k}"] == live_header[f"MSTSHA{k}"]
@@ -190,6 +191,7 @@ def test_integrate_reuses_the_recorded_calibration_by_default(
     assert "calibration off (--no-calibration)" in capsys.readouterr().err
     header, data, data_count = _header(bare)
     assert "MASTER1" not in header
+    assert "NORMSTOR" not in header  # measured afresh: uncalibrated frames differ
     uncalibrated = _efficiency(night, data.astype(np.float32), data_count)
     print(f"\nnoise efficiency: live {live:.3f}, integrate {reused:.3f}, "
           f"--no-calibration {uncalibrated:.3f}")
