@@ -63,7 +63,6 @@ from numpy.typing import NDArray
 from livestack.errors import FrameError, FrameReadError, LivestackError, StorageError, UsageError
 from livestack.pipeline.calibrate import MasterSet
 from livestack.pipeline.detect import detect_stars
-from livestack.pipeline.fitskeys import time_keywords
 from livestack.pipeline.frame import (
     FrameNorm,
     FrameReference,
@@ -1111,7 +1110,7 @@ def _combine(store: _FrameStore, weights: NDArray[np.float64], config: Integrate
 def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: NormalizeConfig,
              pipeline: Any, facts: list[_Registered], maps: dict[str, NDArray[Any]],
              n_star_scaled: int | None = None) -> Any:
-    from livestack.pipeline.product import StackProduct
+    from livestack.pipeline.product import StackProduct, provenance_header
 
     mono = maps["image"].shape[0] == 1
 
@@ -1129,34 +1128,16 @@ def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: Normal
                                    reason="exclude" if why == "--exclude" else "select"))
 
     infos = [f.info for f in facts]
-    header: dict[str, object] = {
-        "NCOMBINE": len(facts),
-        "EXPTIME": float(sum(i.exposure_s for i in infos)),
-        "STACKID": plan.stack_id,
-        "INTEGRAT": "batch",
-        "COMBINE": config.combine,
-        "REJECT": config.reject,
-        "REJLOW": float(config.low),
-        "REJHIGH": float(config.high),
-        "WEIGHTS": config.weights,
-        "NORMALIZ": norm_config.method,
-        "WARPKERN": pipeline.warp.kernel,
-        "REFFRAME": os.path.basename(plan.reference.path),
-        "NEXCLUDE": len(plan.excluded),
-    }
+    first = infos[plan.frames.index(plan.reference)]
+    gains = [i.egain_e_per_adu for i in infos if i.egain_e_per_adu is not None]
+    header = provenance_header(
+        plan.stack_id, ((i.date_obs, i.exposure_s) for i in infos), first,
+        gains[-1] if gains else None, INTEGRAT="batch", COMBINE=config.combine,
+        REJECT=config.reject, REJLOW=float(config.low), REJHIGH=float(config.high),
+        WEIGHTS=config.weights, NORMALIZ=norm_config.method, WARPKERN=pipeline.warp.kernel,
+        REFFRAME=os.path.basename(plan.reference.path), NEXCLUDE=len(plan.excluded))
     if n_star_scaled is not None:
         header["NSTARSCL"] = n_star_scaled  # frames scaled by matched-star flux ratio
-    header.update(time_keywords((i.date_obs, i.exposure_s) for i in infos))
-    first = infos[plan.frames.index(plan.reference)]
-    header["OBJECT"] = first.object_name
-    header["FILTER"] = first.filter_name
-    header["XBINNING"] = first.binning[0]
-    header["YBINNING"] = first.binning[1]
-    if first.bayer_pattern and mono:  # a debayered (RGB) stack carries no CFA keys
-        header["CFAPAT"] = first.bayer_pattern
-    gains = [i.egain_e_per_adu for i in infos if i.egain_e_per_adu is not None]
-    if gains:
-        header["EGAIN"] = float(gains[-1])
     if plan.selection is not None:
         header["SELECT"] = plan.selection
     for k, (path, why) in enumerate(plan.excluded, start=1):

@@ -26,7 +26,6 @@ from livestack.pipeline.accumulate import RunningStack, StackConfig
 from livestack.pipeline.calibrate import MasterSet
 from livestack.pipeline.debayer import DebayerConfig
 from livestack.pipeline.detect import DetectConfig
-from livestack.pipeline.fitskeys import time_keywords
 from livestack.pipeline.frame import (
     CalibratedFrame,
     CosmeticConfig,
@@ -46,7 +45,7 @@ from livestack.pipeline.normalize import (
     apply_normalization,
     frame_stats,
 )
-from livestack.pipeline.product import StackProduct
+from livestack.pipeline.product import StackProduct, provenance_header
 from livestack.pipeline.quality import GateConfig, QualityGate
 from livestack.pipeline.ranges import rng
 from livestack.pipeline.register import RegisterConfig, Registrar
@@ -398,32 +397,19 @@ class StackSession:
 
     def _header(self) -> dict[str, object]:
         accepted = [r for r in self.records if r.verdict == "accepted"]
-        header: dict[str, object] = {
-            "NCOMBINE": len(accepted),
-            "EXPTIME": float(self.total_exposure_s),
-            "STACKID": self.stack_id,
-            "COMBINE": self.config.stack.method,
-            "KAPPALO": self.config.stack.kappa_low,
-            "KAPPAHI": self.config.stack.kappa_high,
-            "NORMALIZ": self.config.normalize.method,
-            "WEIGHTS": self.config.normalize.weights,
-            "WARPKERN": self.config.warp.kernel,
-        }
+        cfg = self.config
+        header = provenance_header(
+            self.stack_id, ((r.date_obs, r.exposure_s) for r in accepted), self.first_info,
+            self.egain_e_per_adu, COMBINE=cfg.stack.method, KAPPALO=cfg.stack.kappa_low,
+            KAPPAHI=cfg.stack.kappa_high, NORMALIZ=cfg.normalize.method,
+            WEIGHTS=cfg.normalize.weights, WARPKERN=cfg.warp.kernel)
+        # The live total counts every accepted frame's exposure as it came in.
+        header["EXPTIME"] = float(self.total_exposure_s)
         if self._reference is not None:
             header["REFFRAME"] = self._reference.file
         if self.base_header:
             header.update(self.base_header)
             header["INTEGRAT"] = "batch+live"  # a rebuild's batch result, then live frames
-        header.update(time_keywords((r.date_obs, r.exposure_s) for r in accepted))
-        if self.first_info is not None:
-            fi = self.first_info
-            header["OBJECT"] = fi.object_name
-            header["FILTER"] = fi.filter_name
-            header["XBINNING"] = fi.binning[0]
-            header["YBINNING"] = fi.binning[1]
-            # Colour frames are debayered: the stack is RGB, so no CFA keys (fitskeys).
-        if self.egain_e_per_adu is not None:
-            header["EGAIN"] = self.egain_e_per_adu
         if self.saturation.level_adu is not None:
             header["SATURATE"] = float(self.saturation.level_adu.min())
         return header
