@@ -568,7 +568,8 @@ class Engine:
             return None
         if transform is None and use_stored and row.transform is not None:
             transform = _Transform.from_list(row.transform, row.model or "similarity")
-        outcome = session.process(raw, info, masters, stored_transform=transform)
+        outcome = session.process(raw, info, masters, stored_transform=transform,
+                                  overwrite_raw=True)
         if outcome.verdict != row.status:
             log.warning("%s: replay gave %s (%s) where the journal says %s", row.path,
                         outcome.verdict, outcome.reason, row.status)
@@ -660,7 +661,8 @@ class Engine:
         self.current_stack = stack_id
         t_read = time.perf_counter()
         try:
-            outcome = rt.session.process(raw, info, masters)
+            # The frame as read is not needed afterwards: calibrated where it lies.
+            outcome = rt.session.process(raw, info, masters, overwrite_raw=True)
         except OSError as exc:  # a lazy import or kernel compile found no descriptor
             if not is_fd_exhaustion(exc):
                 raise
@@ -892,7 +894,7 @@ class Engine:
             new_rt = self.runtime(stack_id, info)
             self.current_stack = stack_id
             t0 = time.perf_counter()
-            outcome = new_rt.session.process(raw, info, masters)
+            outcome = new_rt.session.process(raw, info, masters, overwrite_raw=True)
             self.journal.mark_pending(row.path, row.size, row.mtime_ns, row.sha256)
             self.open_row = row.id
             self._after_outcome(new_rt, row.id, info, outcome, read_ms=0.0, t0=t0)
@@ -1840,18 +1842,20 @@ def _warm_up_steps(config: Config, *, with_masters: bool) -> Iterator[str]:
         masters = MasterSet(subtract=offset, flat=flat, defects=defects)
         yield "masters"
     session = StackSession("warm-up", config.pipeline)
-    session.process(raw_frame(0), info(0), masters)
+    # overwrite_raw as the worker calls it, so the in-place calibration kernel is compiled.
+    session.process(raw_frame(0), info(0), masters, overwrite_raw=True)
     if session.n_accepted:
         session.preview_jpeg()
     yield "first frame"
     for i in range(1, n_frames):
-        session.process(raw_frame(i), info(i), masters)
+        session.process(raw_frame(i), info(i), masters, overwrite_raw=True)
         yield f"frame {i}"
     if session.n_accepted:
         session.preview_jpeg()
         yield "preview"
     if with_masters and config.pipeline.cosmetic.auto_hot_pixels:
-        StackSession("warm-up", config.pipeline).process(raw_frame(0), info(0), None)
+        StackSession("warm-up", config.pipeline).process(raw_frame(0), info(0), None,
+                                                         overwrite_raw=True)
         yield "no masters"
     log.debug("pipeline warmed up in %.0f ms of steps (%d synthetic frames stacked)",
               (time.perf_counter() - t0) * 1e3, session.n_accepted)

@@ -51,8 +51,9 @@ from livestack.pipeline.register import Registrar
 from livestack.pipeline.saturation import (
     FrameSaturation,
     SaturationConfig,
+    calibrated_saturation,
     clamp_ringing,
-    frame_saturation,
+    raw_saturation,
 )
 from livestack.pipeline.types import (
     FrameInfo,
@@ -204,7 +205,8 @@ class FrameNorm:
 
 # ------------------------------------------------------------------------------ stages
 def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | None,
-                    config: PipelineConfig) -> CalibratedFrame:
+                    config: PipelineConfig, *, overwrite_raw: bool = False
+                    ) -> CalibratedFrame:
     """Calibrate, correct hot pixels, debayer and remove the sky gradient of one light.
 
     Parameters
@@ -216,6 +218,8 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
     masters : MasterSet or None
     config : PipelineConfig
         ``cosmetic``, ``debayer``, ``gradient`` and ``saturation`` are used.
+    overwrite_raw : bool
+        Calibrate in ``raw`` itself (see :func:`~livestack.pipeline.calibrate.calibrate`).
 
     Returns
     -------
@@ -228,8 +232,10 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
     """
     if raw.ndim != 2:
         raise FrameError("not_2d", f"{info.path}: expected a 2-D image, got shape {raw.shape}")
-    calibrated = calibrate(raw, masters, info.bayer_pattern)
-    saturation = frame_saturation(raw, calibrated, info, config.saturation)
+    # The raw half of the saturation facts first: the calibration may overwrite raw.
+    raw_sat = raw_saturation(raw, info, config.saturation)
+    calibrated = calibrate(raw, masters, info.bayer_pattern, overwrite_raw=overwrite_raw)
+    saturation = calibrated_saturation(raw_sat, calibrated)
     cosmetic = config.cosmetic
     if cosmetic.auto_hot_pixels and (masters is None or masters.defects is None):
         hot = find_isolated_hot_pixels(calibrated, cosmetic.hot_sigma, info.bayer_pattern)

@@ -48,7 +48,7 @@ from livestack.pipeline.normalize import (
 from livestack.pipeline.product import StackProduct, provenance_header
 from livestack.pipeline.quality import GateConfig, QualityGate
 from livestack.pipeline.ranges import rng
-from livestack.pipeline.register import RegisterConfig, Registrar
+from livestack.pipeline.register import PhaseImage, RegisterConfig, Registrar, phase_image
 from livestack.pipeline.saturation import (
     SaturationConfig,
     StackSaturation,
@@ -167,7 +167,9 @@ class _Reference:
     shape: tuple[int, ...]
     stars: StarList
     stats: FrameStats
-    luminance: np.ndarray
+    #: The luminance binned for the registrar: all a stack needs of the reference's pixels
+    #: (the full-resolution luminance was 104 MB held for the night at 26 MP).
+    phase: PhaseImage
     metrics: FrameMetrics
 
 
@@ -205,7 +207,8 @@ class StackSession:
 
     # ------------------------------------------------------------------ frames
     def process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
-                stored_transform: Transform | None = None) -> FrameOutcome:
+                stored_transform: Transform | None = None, *,
+                overwrite_raw: bool = False) -> FrameOutcome:
         """Put one raw frame through the pipeline and, if it passes, into the stack.
 
         Parameters
@@ -222,6 +225,9 @@ class StackSession:
             frame of the stack arrives with a non-identity stored transform, the frame
             those transforms refer to is missing; they are then ignored from here on and
             frames are registered afresh against the new reference.
+        overwrite_raw : bool
+            Calibrate in ``raw`` itself (the caller does not need it afterwards): one
+            full-resolution float32 frame less in memory (104 MB at 26 MP).
 
         Returns
         -------
@@ -231,7 +237,7 @@ class StackSession:
         timer = _Timer()
         self._frame_stars = None
         try:
-            return self._process(raw, info, masters, stored_transform, timer)
+            return self._process(raw, info, masters, stored_transform, timer, overwrite_raw)
         except FrameError as exc:
             verdict = "failed" if exc.reason.startswith(("master_", "calibration")) else "rejected"
             outcome = FrameOutcome(info.path, verdict, exc.reason, exc.message,
@@ -240,7 +246,8 @@ class StackSession:
             return outcome
 
     def _prepare(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
-                 timer: _Timer) -> tuple[CalibratedFrame, StarList, FrameMetrics]:
+                 timer: _Timer, overwrite_raw: bool = False
+                 ) -> tuple[CalibratedFrame, StarList, FrameMetrics]:
         """Calibrate, correct, debayer and measure one raw frame (:mod:`.frame`).
 
         Returns
@@ -256,13 +263,13 @@ class StackSession:
             ``not_2d``, ``shape_mismatch``, ``all_nan`` or a calibration problem.
         """
         if raw.ndim == 2 and self._reference is not None \
-                and raw.shape != self._reference.luminance.shape:
+                and raw.shape != self._reference.phase.shape:
             raise FrameError(
                 "shape_mismatch",
                 f"{info.path}: shape {raw.shape} differs from the stack's "
-                f"{self._reference.luminance.shape}",
+                f"{self._reference.phase.shape}",
             )
-        frame = calibrate_frame(raw, info, masters, self.config)
+        frame = calibrate_frame(raw, info, masters, self.config, overwrite_raw=overwrite_raw)
         # calibrate_frame runs calibrate, cosmetic, debayer and gradient: one lap for all
         timer.lap("calibrate")
         stars, metrics = detect_frame(frame.luminance, info, self.config.detect)
@@ -270,9 +277,10 @@ class StackSession:
         return frame, stars, metrics
 
     def _process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
-                 stored_transform: Transform | None, timer: _Timer) -> FrameOutcome:
+                 stored_transform: Transform | None, timer: _Timer,
+                 overwrite_raw: bool) -> FrameOutcome:
         cfg = self.config
-        frame, stars, metrics = self._prepare(raw, info, masters, timer)
+        frame, stars, metrics = self._prepare(raw, info, masters, timer, overwrite_raw)
         image, lum, saturation = frame.image, frame.luminance, frame.saturation
         self._frame_stars = stars  # for the outcome of a frame rejected from here on
         verdict = self.gate.evaluate(metrics)
@@ -313,7 +321,7 @@ class StackSession:
                                      stats=ref.stats if is_reference else None,
                                      is_reference=is_reference)
         timer.lap("normalize")
-        done = register(frame, info, transform, reference, ref.luminance.shape, cfg,
+        done = register(frame, info, transform, reference, ref.phase.shape, cfg,
                         norm=frame_norm)
         timer.lap("warp")
         norm = done.norm.normalization
@@ -346,9 +354,9 @@ class StackSession:
 
     def _set_reference(self, info: FrameInfo, image: np.ndarray, lum: np.ndarray,
                        stars: StarList, metrics: FrameMetrics, stats: FrameStats) -> None:
-        self._reference = _Reference(info.path, image.shape, stars, stats,
-                                     np.ascontiguousarray(lum, dtype=np.float32), metrics)
-        self._registrar = Registrar(stars, self._reference.luminance, self.config.register)
+        phase = phase_image(lum, self.config.register)
+        self._reference = _Reference(info.path, image.shape, stars, stats, phase, metrics)
+        self._registrar = Registrar(stars, phase, self.config.register)
         self.first_info = info
 
     def _record(self, outcome: FrameOutcome, info: FrameInfo) -> None:
@@ -486,7 +494,7 @@ class StackSession:
                 arrays[f"stack.{key}"] = value
         ref = self._reference
         if ref is not None:
-            arrays["ref.luminance"] = ref.luminance
+            arrays["ref.phase"] = ref.phase.binned
             arrays["ref.xy"] = ref.stars.xy
             arrays["ref.flux"] = ref.stars.flux
             arrays["ref.fwhm_px"] = ref.stars.fwhm_px
@@ -494,6 +502,8 @@ class StackSession:
             meta["reference"] = {
                 "file": ref.file,
                 "shape": list(ref.shape),
+                "phase_factor": ref.phase.factor,
+                "phase_shape": list(ref.phase.shape),
                 "stats": _stats_to_json(ref.stats),
                 "metrics": asdict(ref.metrics),
             }
@@ -530,12 +540,18 @@ class StackSession:
                              np.asarray(arrays["ref.flux"], dtype=np.float64),
                              np.asarray(arrays["ref.fwhm_px"], dtype=np.float64),
                              np.asarray(arrays["ref.elongation"], dtype=np.float64))
-            lum = np.ascontiguousarray(arrays["ref.luminance"], dtype=np.float32)
+            if "ref.phase" in arrays:
+                ny, nx = (int(v) for v in ref_meta["phase_shape"])
+                phase = PhaseImage(np.ascontiguousarray(arrays["ref.phase"], dtype=np.float32),
+                                   int(ref_meta["phase_factor"]), (ny, nx))
+            else:  # a checkpoint from before the binned reference: bin it now
+                phase = phase_image(np.asarray(arrays["ref.luminance"], dtype=np.float32),
+                                    config.register)
             session._reference = _Reference(
                 ref_meta["file"], tuple(int(s) for s in ref_meta["shape"]), stars,
-                _stats_from_json(ref_meta["stats"]), lum, FrameMetrics(**ref_meta["metrics"]),
+                _stats_from_json(ref_meta["stats"]), phase, FrameMetrics(**ref_meta["metrics"]),
             )
-            session._registrar = Registrar(stars, lum, config.register)
+            session._registrar = Registrar(stars, phase, config.register)
         return session
 
 
