@@ -2,8 +2,8 @@
 
 The arrays have the shapes, dtypes and kind of content of ``StackSession.state()`` for a
 mono 6248x4176 stack past its warm-up: ``RunningStack`` planes ``mean``, ``m2``, ``wsum``
-(float32), ``count``, ``rej_lo``, ``rej_hi`` (uint16), plus the reference luminance
-(float32) and its star list. Content is realistic for compression: noisy sky with stars in
+(float32), ``count``, ``rej_lo``, ``rej_hi`` (uint16), plus the binned reference
+luminance (float32) and its star list. Content is realistic for compression: noisy sky with stars in
 the float planes, a constant count with a ragged edge, sparse rejections.
 
 Each variant is written with the production writer (temp file, fsync, rename, fsync dir)
@@ -45,7 +45,10 @@ def make_state(ny: int, nx: int, seed: int = 1) -> dict[str, np.ndarray]:
         "stack.rej_lo": rej[None],
         "stack.rej_hi": np.roll(rej, 7, axis=1)[None],
         "stack.noise_sq_sum": np.array([360.0]),
-        "ref.luminance": (sky + rng.normal(0, 10, size=(ny, nx)).astype(np.float32)),
+        # The reference binned for the registrar (1024 px on the long side).
+        "ref.phase": (sky[:: -(-nx // 1024), :: -(-nx // 1024)]
+                      + rng.normal(0, 10, size=sky[:: -(-nx // 1024), :: -(-nx // 1024)].shape)
+                      ).astype(np.float32),
         "ref.xy": rng.uniform(0, nx, size=(500, 2)),
         "ref.flux": rng.uniform(100, 1e5, 500),
         "ref.fwhm_px": rng.uniform(2, 3, 500),

@@ -45,6 +45,7 @@ from livestack.engine.resume import Resumer
 from livestack.engine.state import CHECKPOINT_WAIT_S, STACK_FILES, CrashPause, Runtime
 from livestack.service.events import AlertEvent, StackSummary
 from livestack.service.solving import StackSolving
+from livestack.storage.calibration import CalibrationRecord
 from livestack.storage.journal import JOURNAL_NAME, Journal
 
 if TYPE_CHECKING:
@@ -105,7 +106,10 @@ class Engine:
         self.final_counts: dict[str, int] = {}
         #: The daemon's watch folder: symlinks leading out of it are refused (None: batch).
         self.watch_root: Path | None = None
-        self.reader = FrameReader(config, self.masters)
+        #: Keeps each master used in <output>/masters/ with its hash (storage.calibration).
+        self.calibration = CalibrationRecord(self.output_root, self.masters,
+                                             config.masters.temp_tolerance_c)
+        self.reader = FrameReader(config, self.masters, self.calibration)
         self.checkpointer = Checkpointer(self.journal, metrics, self.alert, self.crash_pause,
                                          checkpoint_writer, background_checkpoints)
         self.outputs = Outputs(self)

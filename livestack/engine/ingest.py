@@ -187,7 +187,8 @@ class Ingest:
         engine.current_stack = stack_id
         t_read = time.perf_counter()
         try:
-            outcome = rt.session.process(raw, info, masters)
+            # The frame as read is not needed afterwards: calibrated where it lies.
+            outcome = rt.session.process(raw, info, masters, overwrite_raw=True)
         except OSError as exc:  # a lazy import or kernel compile found no descriptor
             if not is_fd_exhaustion(exc):
                 raise
@@ -267,7 +268,10 @@ class Ingest:
                 stack_id=rt.stack_id, metrics=metrics,
                 transform=transform.to_list() if transform is not None else None,
                 model=transform.model if transform is not None else None,
-                weight=outcome.weight, assign_seq=True, state=self.router_state())
+                weight=outcome.weight, assign_seq=True, state=self.router_state(),
+                norm=None if outcome.norm is None else {
+                    **outcome.norm.to_json(), "reference_file": rt.session.reference_file},
+                masters=engine.reader.frame_masters if outcome.verdict != "failed" else None)
         except JournalFullError:
             engine.forget_runtime(rt)  # the stack holds a frame the journal lacks: undo it
             raise
@@ -332,7 +336,7 @@ class Ingest:
             new_rt = engine.runtime(stack_id, info)
             engine.current_stack = stack_id
             t0 = time.perf_counter()
-            outcome = new_rt.session.process(raw, info, masters)
+            outcome = new_rt.session.process(raw, info, masters, overwrite_raw=True)
             self.journal.mark_pending(row.path, row.size, row.mtime_ns, row.sha256)
             self.open_row = row.id
             self._after_outcome(new_rt, row.id, info, outcome, read_ms=0.0, t0=t0)

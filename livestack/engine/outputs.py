@@ -22,6 +22,7 @@ from livestack.engine.state import (
 )
 from livestack.errors import StorageError
 from livestack.service.events import StackEvent, StackSummary
+from livestack.storage.calibration import master_cards
 from livestack.storage.stackfits import write_stack_fits
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class Outputs:
             # Views of the live state (no 10 B/px of map copies): written before the
             # worker folds in another frame.
             product = rt.session.product(copy=False)
+            product.header.update(master_cards(self.engine.journal.stack_masters(rt.stack_id)))
             self.engine.solving.annotate(rt, product.header)
             write_stack_fits(rt.folder / FITS_NAME, product)
         except StorageError as exc:

@@ -8,7 +8,6 @@ decides which masters calibrate a light.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livestack.errors import (
@@ -20,8 +19,8 @@ from livestack.errors import (
 from livestack.reasons import Reason
 from livestack.runopts import UNCALIBRATED_HINT, calibration_gap
 from livestack.service.limits import is_fd_exhaustion
-from livestack.storage.formats import options_for, read_frame
-from livestack.storage.masters import MasterLibrary
+from livestack.storage.calibration import CalibrationRecord, open_masters
+from livestack.storage.lights import read_light
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,9 +39,10 @@ def load_masters(config: Config) -> Any:
     MasterError
         A master cannot be loaded.
     """
-    if not config.masters.paths:
+    library = open_masters(paths=config.masters.paths,
+                           temp_tolerance_c=config.masters.temp_tolerance_c)
+    if library is None:
         return None
-    library = MasterLibrary.from_paths([Path(p) for p in config.masters.paths])
     log.info("loaded %d master frame(s) from %s", len(library),
              ", ".join(config.masters.paths))
     return library
@@ -56,11 +56,16 @@ class FrameReader:
     config : Config
     masters : object or None
         A ``MasterLibrary`` (``select(info, tolerance_c)``); None: lights are uncalibrated.
+    calibration : CalibrationRecord
+        Keeps each master used in ``<output>/masters/`` with its hash.
     """
 
-    def __init__(self, config: Config, masters: Any) -> None:
+    def __init__(self, config: Config, masters: Any, calibration: CalibrationRecord) -> None:
         self.config = config
         self.masters = masters
+        self.calibration = calibration
+        #: The recorded masters of the frame in progress (for its journal row).
+        self.frame_masters: list[dict[str, str]] = []
         self._masters_note: dict[tuple[int, int], str] = {}
         self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
 
@@ -81,10 +86,8 @@ class FrameReader:
         DescriptorsExhaustedError
             No file descriptor was left (never a verdict on the frame).
         """
-        fmt = self.config.formats
-        options = options_for(fmt.raw_black, fmt.utc_offset_h, fmt.exposure_s, self.masters)
         try:
-            image, info, _header = read_frame(Path(path), options)
+            image, info = read_light(path, self.config.formats, self.masters)
         except FileNotFoundError:
             raise FrameError(Reason.VANISHED, f"{path}: the file disappeared while it was read",
                              path) from None
@@ -110,6 +113,7 @@ class FrameReader:
             shape and binning (stacking it uncalibrated would hide the mistake);
             ``master_unreadable`` when a chosen master file cannot be read any more.
         """
+        self.frame_masters = []
         if self.masters is None:
             if not self._uncalibrated_warned:
                 self._uncalibrated_warned = True
@@ -126,10 +130,12 @@ class FrameReader:
                 f"{info.binning[0]}x{info.binning[1]} but the masters are {', '.join(have)}",
                 info.path)
         try:
-            chosen = self.masters.select(info, self.config.masters.temp_tolerance_c)
+            chosen, self.frame_masters = self.calibration.select(
+                info, self.config.masters.temp_tolerance_c)
         except MasterError as exc:
             raise CalibrationError(Reason.MASTER_UNREADABLE, f"{info.path}: {exc}",
                                    info.path) from None
+        assert chosen is not None  # a library is there (checked above)
         gap = calibration_gap(chosen)
         if gap is not None and not self._uncalibrated_warned:
             self._uncalibrated_warned = True

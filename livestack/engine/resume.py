@@ -181,7 +181,8 @@ class Resumer:
             return None
         if transform is None and use_stored and row.transform is not None:
             transform = Transform.from_list(row.transform, row.model or "similarity")
-        outcome = session.process(raw, info, masters, stored_transform=transform)
+        outcome = session.process(raw, info, masters, stored_transform=transform,
+                                  overwrite_raw=True)
         if outcome.verdict != row.status:
             log.warning("%s: replay gave %s (%s) where the journal says %s", row.path,
                         outcome.verdict, outcome.reason, row.status)

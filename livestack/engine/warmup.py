@@ -92,18 +92,20 @@ def warm_up_steps(config: Config, *, with_masters: bool) -> Iterator[str]:
         masters = MasterSet(subtract=offset, flat=flat, defects=defects)
         yield "masters"
     session = StackSession("warm-up", config.pipeline)
-    session.process(raw_frame(0), info(0), masters)
+    # overwrite_raw as the worker calls it, so the in-place calibration kernel is compiled.
+    session.process(raw_frame(0), info(0), masters, overwrite_raw=True)
     if session.n_accepted:
         session.preview_jpeg()
     yield "first frame"
     for i in range(1, n_frames):
-        session.process(raw_frame(i), info(i), masters)
+        session.process(raw_frame(i), info(i), masters, overwrite_raw=True)
         yield f"frame {i}"
     if session.n_accepted:
         session.preview_jpeg()
         yield "preview"
     if with_masters and config.pipeline.cosmetic.auto_hot_pixels:
-        StackSession("warm-up", config.pipeline).process(raw_frame(0), info(0), None)
+        StackSession("warm-up", config.pipeline).process(raw_frame(0), info(0), None,
+                                                         overwrite_raw=True)
         yield "no masters"
     log.debug("pipeline warmed up in %.0f ms of steps (%d synthetic frames stacked)",
               (time.perf_counter() - t0) * 1e3, session.n_accepted)

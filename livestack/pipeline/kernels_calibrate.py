@@ -4,10 +4,11 @@ FITS decoding lives in :mod:`livestack.storage.kernels_fits`, debayering in
 :mod:`.kernels_demosaic`, master combining in :mod:`.kernels_masters` and hot-pixel
 search in :mod:`.kernels_cosmetic`.
 
-Each kernel is small, writes into a caller-allocated output and never touches
-its inputs. They are compiled on first use (``cache=True`` keeps the machine
-code on disk) and run rows in parallel (``prange``), so a 26 MP frame is touched
-once instead of once per numpy temporary. ``bench/bench_read_calibrate.py``
+Each kernel is small and writes into a caller-allocated output without touching
+its inputs, except :func:`calibrate_inplace`, which overwrites the frame it is
+given. They are compiled on first use (``cache=True`` keeps the machine code on
+disk) and run rows in parallel (``prange``), so a 26 MP frame is touched once
+instead of once per numpy temporary. ``bench/bench_read_calibrate.py``
 measures them against the plain numpy versions.
 
 Conventions: images are ``[y, x]`` C-contiguous; CFA colour codes are
@@ -27,14 +28,6 @@ from livestack.pipeline.kernels_common import median_small
 # Pixels whose flat value is at or below this are not divided (they would blow
 # up); such pixels belong in the defect map (find_defects marks them cold).
 FLAT_MIN = 1e-3
-
-
-
-
-
-
-
-
 
 
 @njit(cache=True, nogil=True, fastmath=False, inline="always")
@@ -114,6 +107,61 @@ def calibrate_fused(raw: np.ndarray, sub: np.ndarray, flat: np.ndarray, defects:
                 else:
                     out[y, x] = np.nan
                     unresolved[y] += 1
+    return int(unresolved.sum())
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def calibrate_inplace(data: np.ndarray, sub: np.ndarray, flat: np.ndarray, defects: np.ndarray,
+                      defect_ptr: np.ndarray, defect_cols: np.ndarray, use_sub: bool,
+                      use_flat: bool, use_defects: bool, step: int) -> int:
+    """:func:`calibrate_fused` writing into ``data`` itself (no second frame in memory).
+
+    Two passes make it safe in place: every pixel is calibrated first (pixel-local), then
+    each defect becomes the median of its calibrated neighbours, read from ``data``. A
+    defect is never anyone's neighbour, so the second pass only reads pixels it never
+    writes. The result is bit-identical to :func:`calibrate_fused`.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny, nx), float32
+        The raw frame on entry, the calibrated frame on return.
+    sub, flat, defects, defect_ptr, defect_cols, use_sub, use_flat, use_defects, step
+        As for :func:`calibrate_fused`.
+
+    Returns
+    -------
+    int
+        Number of defect pixels left NaN (no usable neighbour).
+    """
+    ny, nx = data.shape
+    for y in prange(ny):
+        for x in range(nx):
+            data[y, x] = _calibrated_at(data, sub, flat, use_sub, use_flat, y, x)
+    unresolved = np.zeros(ny, np.int64)
+    if not use_defects:
+        return 0
+    for y in prange(ny):
+        buf = np.empty(8, np.float32)
+        for k in range(defect_ptr[y], defect_ptr[y + 1]):
+            x = defect_cols[k]
+            n = 0
+            for dy in range(-step, step + 1, step):
+                yy = y + dy
+                if yy < 0 or yy >= ny:
+                    continue
+                for dx in range(-step, step + 1, step):
+                    xx = x + dx
+                    if (dy == 0 and dx == 0) or xx < 0 or xx >= nx or defects[yy, xx]:
+                        continue
+                    w = data[yy, xx]
+                    if np.isfinite(w):
+                        buf[n] = w
+                        n += 1
+            if n > 0:
+                data[y, x] = median_small(buf, n)
+            else:
+                data[y, x] = np.nan
+                unresolved[y] += 1
     return int(unresolved.sum())
 
 

@@ -297,12 +297,64 @@ def _pc_prepare(image: NDArray[np.float32], factor: int,
     return data * window, window
 
 
-def _phase_reference(image: NDArray[np.float32], max_size_px: int) -> _PhaseReference:
+@dataclass(frozen=True)
+class PhaseImage:
+    """A reference luminance binned as the phase-correlation fallback uses it.
+
+    All the registrar needs of the reference image: a stack keeps this (about 2 MB at
+    26 MP with the default 1024 px) instead of the full-resolution luminance (104 MB).
+
+    Attributes
+    ----------
+    binned : ndarray, shape (ny // factor, nx // factor), float32
+        Block means of the luminance (ADU).
+    factor : int
+        Block size in pixels.
+    shape : tuple of int
+        The full-resolution ``(ny, nx)``.
+    """
+
+    binned: NDArray[np.float32]
+    factor: int
+    shape: tuple[int, int]
+
+
+def phase_image(image: NDArray[np.float32], config: RegisterConfig) -> PhaseImage:
+    """Bin a reference luminance for :class:`Registrar` (see :class:`PhaseImage`).
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx), float32
+    config : RegisterConfig
+        ``pc_max_size_px`` sets the block size.
+
+    Raises
+    ------
+    ValueError
+        ``image`` is not 2-D.
+    """
+    from livestack.pipeline import kernels_binning as kb
+
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"reference_image must be 2-D, got shape {img.shape}")
+    ny, nx = img.shape
+    factor = max(1, math.ceil(max(ny, nx) / config.pc_max_size_px))
+    if factor > 1:
+        binned = np.empty((ny // factor, nx // factor), dtype=np.float32)
+        kb.bin_mean_kernel(img, factor, binned)
+    else:
+        binned = img.copy()
+    return PhaseImage(binned, factor, (int(ny), int(nx)))
+
+
+def _phase_reference(image: PhaseImage) -> _PhaseReference:
     from scipy import fft
 
-    ny, nx = image.shape
-    factor = max(1, math.ceil(max(ny, nx) / max_size_px))
-    data, window = _pc_prepare(image, factor, None)
+    # _pc_prepare of the binned image with factor 1 is what it does to the full image
+    # with ``image.factor``: it bins with the same kernel first.
+    factor = image.factor
+    data, window = _pc_prepare(image.binned, 1, None)
     spec = fft.rfft2(data)
     ky = fft.fftfreq(data.shape[0])[:, None]
     kx = fft.rfftfreq(data.shape[1])[None, :]
@@ -362,12 +414,14 @@ class Registrar:
     ----------
     reference_stars : StarList
         The reference frame's stars (brightest first).
-    reference_image : ndarray, shape (ny, nx), float32, or None
-        The reference luminance, needed only for the phase-correlation fallback.
+    reference_image : ndarray, shape (ny, nx), float32, PhaseImage, or None
+        The reference luminance (or its :func:`phase_image`), needed only for the
+        phase-correlation fallback.
     config : RegisterConfig
     """
 
-    def __init__(self, reference_stars: StarList, reference_image: NDArray[np.float32] | None,
+    def __init__(self, reference_stars: StarList,
+                 reference_image: NDArray[np.float32] | PhaseImage | None,
                  config: RegisterConfig) -> None:
         from scipy.spatial import cKDTree
 
@@ -383,12 +437,11 @@ class Registrar:
         self._ref_shape: tuple[int, int] | None = None
         self._pc: _PhaseReference | None = None
         if reference_image is not None:
-            img = np.asarray(reference_image)
-            if img.ndim != 2:
-                raise ValueError(f"reference_image must be 2-D, got shape {img.shape}")
-            self._ref_shape = (int(img.shape[0]), int(img.shape[1]))
+            phase = (reference_image if isinstance(reference_image, PhaseImage)
+                     else phase_image(reference_image, config))
+            self._ref_shape = phase.shape
             if config.phase_correlation_fallback:
-                self._pc = _phase_reference(img, config.pc_max_size_px)
+                self._pc = _phase_reference(phase)
 
     @property
     def n_reference_stars(self) -> int:

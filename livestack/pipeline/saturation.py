@@ -205,6 +205,62 @@ def debayered_mask(cfa_mask: BoolImage | None) -> BoolImage | None:
     return out
 
 
+@dataclass(frozen=True)
+class RawSaturation:
+    """What :func:`frame_saturation` needs from the raw pixels, taken before calibrating.
+
+    Attributes
+    ----------
+    level_adu : float
+        The raw white level.
+    mask : ndarray, bool, or None
+        Saturated pixels (on the debayered grid for colour).
+    raw_sample : ndarray, float64
+        The raw frame every ``_OFFSET_STEP`` rows and columns (the pedestal estimate).
+    """
+
+    level_adu: float
+    mask: BoolImage | None
+    raw_sample: NDArray[np.float64]
+
+
+def raw_saturation(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
+                   ) -> RawSaturation | None:
+    """The raw half of :func:`frame_saturation`, so the raw frame can be calibrated in place.
+
+    Returns
+    -------
+    RawSaturation or None
+        None when disabled or when no level is known.
+    """
+    if not config.enabled:
+        return None
+    level = resolve_level(raw, info, config)
+    if level is None:
+        return None
+    mask = raw_mask(raw, level)
+    if info.bayer_pattern:
+        mask = debayered_mask(mask)
+    sample = np.array(raw[::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
+    return RawSaturation(level, mask, sample)
+
+
+def calibrated_saturation(raw: RawSaturation | None, calibrated: NDArray[Any]
+                          ) -> FrameSaturation | None:
+    """The calibrated half of :func:`frame_saturation`: the white level after calibration."""
+    if raw is None:
+        return None
+    sub_raw = raw.raw_sample
+    sub_cal = np.asarray(calibrated[::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
+    finite = np.isfinite(sub_raw) & np.isfinite(sub_cal)
+    if not finite.any():
+        return None
+    raw_sky = float(np.median(sub_raw[finite]))
+    cal_sky = float(np.median(sub_cal[finite]))
+    level_cal = raw.level_adu - (raw_sky - cal_sky)
+    return FrameSaturation(raw.mask, level_cal, max(level_cal - cal_sky, 1e-6))
+
+
 def frame_saturation(raw: NDArray[Any], calibrated: NDArray[Any], info: FrameInfo,
                      config: SaturationConfig) -> FrameSaturation | None:
     """Find a frame's saturated pixels and its white level after calibration.
@@ -226,23 +282,7 @@ def frame_saturation(raw: NDArray[Any], calibrated: NDArray[Any], info: FrameInf
         sparse grid: the dark/bias pedestal); flat-field gain is ignored, the mask is
         exact (it comes from the raw pixels).
     """
-    if not config.enabled:
-        return None
-    level = resolve_level(raw, info, config)
-    if level is None:
-        return None
-    mask = raw_mask(raw, level)
-    if info.bayer_pattern:
-        mask = debayered_mask(mask)
-    sub_raw = np.asarray(raw[::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
-    sub_cal = np.asarray(calibrated[::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
-    finite = np.isfinite(sub_raw) & np.isfinite(sub_cal)
-    if not finite.any():
-        return None
-    raw_sky = float(np.median(sub_raw[finite]))
-    cal_sky = float(np.median(sub_cal[finite]))
-    level_cal = level - (raw_sky - cal_sky)
-    return FrameSaturation(mask, level_cal, max(level_cal - cal_sky, 1e-6))
+    return calibrated_saturation(raw_saturation(raw, info, config), calibrated)
 
 
 #: A transform whose warp is a plain copy (see :func:`clamp_ringing`).

@@ -133,6 +133,38 @@ def test_defect_whose_ring_is_all_defects_still_corrected() -> None:
     np.testing.assert_allclose(out, calibrate_numpy(img, MasterSet(defects=mask)))
 
 
+@pytest.mark.parametrize("pattern", [None, "RGGB"])
+@pytest.mark.parametrize("parts", [("subtract", "flat", "defects"), ("defects",), ("flat",)])
+def test_in_place_calibration_is_bit_identical(pattern: str | None,
+                                               parts: tuple[str, ...]) -> None:
+    shape = (61, 90)
+    rng = np.random.default_rng(3)
+    raw = rng.normal(2000, 50, shape).astype(np.float32)
+    raw[20, 30] = np.nan
+    full = _random_set(shape, seed=4, defect_fraction=0.03)
+    chosen = {name: getattr(full, name) for name in parts}
+    if "defects" in chosen:
+        chosen["defects"] = chosen["defects"].copy()
+        chosen["defects"][30:37, 30:37] = True  # a block whose centre needs the fallback
+    masters = MasterSet(**chosen)
+    expected = calibrate(raw, masters, pattern)
+    frame = raw.copy()
+    got = calibrate(frame, masters, pattern, overwrite_raw=True)
+    assert got is frame  # calibrated where it was read: no second frame in memory
+    np.testing.assert_array_equal(got, expected)  # NaN == NaN, and bit for bit
+    untouched = raw.copy()
+    calibrate(untouched, masters, pattern)
+    np.testing.assert_array_equal(untouched, raw)  # the default never writes raw
+
+
+def test_in_place_needs_a_float32_frame() -> None:
+    raw = np.arange(12 * 10, dtype=np.uint16).reshape(12, 10)
+    masters = MasterSet(subtract=np.ones((12, 10), dtype=np.float32))
+    got = calibrate(raw, masters, overwrite_raw=True)  # cannot hold float32: a new array
+    assert got.dtype == np.float32 and raw[0, 1] == 1
+    np.testing.assert_array_equal(got, raw.astype(np.float32) - 1)
+
+
 # ----------------------------------------------------------------------------- find_defects
 
 

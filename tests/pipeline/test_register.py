@@ -175,6 +175,31 @@ def test_few_stars_fall_back_to_phase_correlation() -> None:
     assert abs(est.dx - truth.dx) < 0.2 and abs(est.dy - truth.dy) < 0.2
 
 
+def test_a_binned_phase_image_registers_like_the_full_reference() -> None:
+    from livestack.pipeline.register import phase_image
+
+    rng = np.random.default_rng(31)
+    xy = np.array([[200.3, 150.7], [520.9, 380.2], [410.1, 90.6]])
+    flux = np.array([20000.0, 15000.0, 12000.0])
+    ref_img = noisy(rng, render_stars(SHAPE, xy, flux))
+    truth = Transform.from_params(-11.2, 6.45)
+    img = noisy(rng, render_stars(SHAPE, truth.inverse().apply(xy), flux))
+    ref_stars, _, _ = detect_stars(ref_img)
+    stars, _, _ = detect_stars(img)
+    config = RegisterConfig(pc_max_size_px=200)  # a block factor > 1 at this size
+    phase = phase_image(ref_img, config)
+    assert phase.factor > 1 and phase.binned.size * phase.factor**2 <= ref_img.size
+    from_full = Registrar(ref_stars, ref_img, config).register(stars, img)
+    from_phase = Registrar(ref_stars, phase, config).register(stars, img)
+    assert from_phase.method == from_full.method == "phase_correlation"
+    np.testing.assert_array_equal(from_phase.matrix, from_full.matrix)
+    wrong = noisy(rng, render_stars((SHAPE[0] - 8, SHAPE[1]), xy, flux))
+    with pytest.raises(RegistrationError) as err:
+        Registrar(ref_stars, phase, config).register(
+            StarList(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0)), wrong)
+    assert "differs from the reference" in err.value.message
+
+
 def test_blank_and_nan_frames_raise_registration_error() -> None:
     sky = _Sky(seed=14)
     ref_img = sky.frame(Transform.identity())

@@ -478,3 +478,21 @@ def test_a_session_continues_from_a_batch_product() -> None:
     restored = StackSession.restore("seeded", PipelineConfig(), arrays, meta)
     assert restored.product().header["NBATCH"] == 6
     np.testing.assert_array_equal(restored.stacked_image(), seeded.stacked_image())
+    # The reference is kept binned (not its 104 MB luminance at 26 MP); a checkpoint
+    # from before that, with the full luminance, still restores to the same registrar.
+    assert arrays["ref.phase"].size * meta["reference"]["phase_factor"] ** 2 \
+        <= config.width * config.height
+    old = {k: v for k, v in arrays.items() if k != "ref.phase"}
+    old["ref.luminance"] = ref.data.astype(np.float32)  # mono: the luminance as read
+    old_meta = {**meta, "reference": {k: v for k, v in meta["reference"].items()
+                                      if not k.startswith("phase_")}}
+    resumed = StackSession.restore("seeded", PipelineConfig(), old, old_meta)
+    assert resumed._reference is not None and restored._reference is not None
+    assert resumed._reference.phase.shape == restored._reference.phase.shape
+    frame = sim.light(7)
+    info = _info(frame.header, "frame_007.fits", frame.data.shape)
+    a = resumed.process(frame.data.astype(np.float32), info, None)
+    b = restored.process(frame.data.astype(np.float32), info, None)
+    assert a.verdict == b.verdict == "accepted" and a.transform is not None
+    assert b.transform is not None
+    assert np.abs(a.transform.apply(points) - b.transform.apply(points)).max() < 0.02
