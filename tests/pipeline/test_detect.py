@@ -270,3 +270,33 @@ def test_rejects_3d_input_and_bad_config() -> None:
         DetectConfig(bin_factor=0)
     with pytest.raises(ValueError, match="threshold_sigma"):
         DetectConfig(threshold_sigma=-1.0)
+
+
+@pytest.mark.parametrize("sigma_guess", [1.1, 2.4])  # 2.4: the window is refitted
+@pytest.mark.parametrize("saturation_adu", [None, 50000.0])
+def test_refine_kernel_matches_the_numpy_oracle(sigma_guess: float,
+                                                saturation_adu: float | None) -> None:
+    """The numba refinement gives the numpy version's centroids, shapes, flux and cuts."""
+    from livestack.pipeline.detect import _refine
+    from tests.oracles import refine_numpy
+
+    rng = np.random.default_rng(11)
+    shape = (300, 360)
+    xy, flux = star_field(rng, shape, 70, margin=2, flux_min=1500)
+    img = noisy(rng, render_stars(shape, xy, flux))
+    img[rng.integers(5, 295, 10), rng.integers(5, 355, 10)] += 4000.0  # hot pixels
+    img += render_stars(shape, np.array([[180.2, 150.7]]), np.array([4e6]))
+    img = np.minimum(img, 60000.0).astype(np.float32)  # one saturated star
+    img[40:60, 200:230] = np.nan
+    guess = np.vstack([xy, [[180.2, 150.7]], rng.uniform(0, 360, (10, 2))])
+    guess += rng.uniform(-1.5, 1.5, guess.shape)  # binning leaves the guesses off
+    sky = np.full(len(guess), 1000.0)
+    got = _refine(img, guess[:, 0], guess[:, 1], sky, sigma_guess, 2, saturation_adu)
+    want = refine_numpy(img, guess[:, 0], guess[:, 1], sky, sigma_guess, 2, saturation_adu)
+    assert float(got["radius"]) == float(want["radius"])
+    np.testing.assert_array_equal(got["keep"], want["keep"])
+    assert 40 < np.count_nonzero(got["keep"]) < len(guess)  # the cuts do cut
+    keep = got["keep"]
+    np.testing.assert_allclose(got["xy"][keep], want["xy"][keep], rtol=0, atol=1e-9)
+    for key in ("flux", "fwhm", "elong"):
+        np.testing.assert_allclose(got[key][keep], want[key][keep], rtol=1e-9)
