@@ -57,6 +57,7 @@ from livestack.pipeline.types import (
     StarList,
     Transform,
     Verdict,
+    Warped,
 )
 from livestack.pipeline.warp import warp
 
@@ -240,6 +241,8 @@ class StackSession:
         self.base_header: dict[str, object] = {}
         #: The stack's saturation level (pipeline.saturation).
         self.saturation = StackSaturation()
+        #: The last frame's warp, whose arrays the next frame's warp overwrites (``out=``).
+        self._warp_buffer: Warped | None = None
 
     # ------------------------------------------------------------------ frames
     def process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
@@ -383,7 +386,13 @@ class StackSession:
                              reference_fwhm_px=ref.metrics.fwhm_px,
                              reference_noise_adu=ref.metrics.noise_adu)
         timer.lap("normalize")
-        warped = warp(image, transform, ref.luminance.shape, cfg.warp.kernel)
+        buffer = self._warp_buffer
+        if buffer is not None and buffer.image.shape != image.shape[:-2] + ref.luminance.shape:
+            buffer = None
+        # Reusing the buffer is safe: what follows normalises it in place and the stack
+        # copies it (accumulates or holds it); nothing keeps it past this frame.
+        warped = warp(image, transform, ref.luminance.shape, cfg.warp.kernel, out=buffer)
+        self._warp_buffer = warped
         warped, saturated = clamp_ringing(warped, image, transform, saturation, cfg.saturation)
         timer.lap("warp")
         if not warped.footprint.any():

@@ -478,3 +478,29 @@ def test_a_session_continues_from_a_batch_product() -> None:
     restored = StackSession.restore("seeded", PipelineConfig(), arrays, meta)
     assert restored.product().header["NBATCH"] == 6
     np.testing.assert_array_equal(restored.stacked_image(), seeded.stacked_image())
+
+
+def test_the_warp_buffer_is_reused_and_changes_nothing() -> None:
+    """Each frame's warp overwrites the previous frame's arrays, and the stack is the one a
+    fresh buffer per frame gives: nothing (held warm-up frames included) keeps the warped
+    frame by reference."""
+    config = SimConfig(width=320, height=240, n_stars=150, flux_powerlaw_index=1.0,
+                       drift_px_per_frame=(1.3, -0.7), rotation_deg_per_frame=0.3,
+                       satellite_frames=(5,))
+    sim = Simulator(config, seed=5)
+    reused = StackSession("reused", PipelineConfig())
+    fresh = StackSession("fresh", PipelineConfig())
+    buffers = set()
+    for i in range(9):  # past the 4 held warm-up frames
+        frame = sim.light(i)
+        info = _info(frame.header, f"frame_{i:03d}.fits", frame.data.shape)
+        a = reused.process(frame.data.astype(np.float32), info, None)
+        fresh._warp_buffer = None
+        b = fresh.process(frame.data.astype(np.float32), info, None)
+        assert a.verdict == b.verdict == "accepted", (a.message, b.message)
+        assert reused._warp_buffer is not None
+        buffers.add(reused._warp_buffer.image.ctypes.data)
+    assert len(buffers) == 1
+    np.testing.assert_array_equal(reused.stacked_image(), fresh.stacked_image())
+    product_a, product_b = reused.product(), fresh.product()
+    np.testing.assert_array_equal(product_a.rejected_high, product_b.rejected_high)
