@@ -28,11 +28,16 @@ def _sums(st: NDArray[np.float64], m: int, x0: float, y0: float, x: float, y: fl
           second: bool) -> tuple[float, float, float, float, float, float]:
     """Gaussian-windowed sums of one stamp: ``w I``, ``w I dx``, ``w I dy`` and, when
     ``second``, ``w I dx^2``, ``w I dy^2``, ``w I dx dy``; ``(x0, y0)`` is the position of
-    the stamp's pixel [0, 0]."""
+    the stamp's pixel [0, 0]. ``wx``, ``wy`` are scratch of at least ``3 m`` values."""
     inv = 0.5 / (sigma * sigma)
+    # Column weights w, w dx, w dx^2 (as the numpy version forms them), then each row is
+    # two or three dot products.
     for i in range(m):
         dx = x0 + i - x
-        wx[i] = math.exp(-dx * dx * inv)
+        w = math.exp(-dx * dx * inv)
+        wx[i] = w
+        wx[m + i] = w * dx
+        wx[2 * m + i] = w * dx * dx
         dy = y0 + i - y
         wy[i] = math.exp(-dy * dy * inv)
     s0 = 0.0
@@ -44,21 +49,21 @@ def _sums(st: NDArray[np.float64], m: int, x0: float, y0: float, x: float, y: fl
     for j in range(m):
         row0 = 0.0
         row1 = 0.0
-        row2 = 0.0
         for i in range(m):
-            dx = x0 + i - x
-            v = st[j, i] * wx[i]
-            row0 += v
-            row1 += v * dx
-            row2 += v * dx * dx
+            v = st[j, i]
+            row0 += v * wx[i]
+            row1 += v * wx[m + i]
         dy = y0 + j - y
         s0 += wy[j] * row0
         sx += wy[j] * row1
-        sy += wy[j] * dy * row0
+        sy += (wy[j] * dy) * row0
         if second:
+            row2 = 0.0
+            for i in range(m):
+                row2 += st[j, i] * wx[2 * m + i]
             sxx += wy[j] * row2
-            syy += wy[j] * dy * dy * row0
-            sxy += wy[j] * dy * row1
+            syy += (wy[j] * dy * dy) * row0
+            sxy += (wy[j] * dy) * row1
     return s0, sx, sy, sxx, syy, sxy
 
 
@@ -143,7 +148,7 @@ def refine_stars_kernel(img: NDArray[np.float32], cx: NDArray[np.intp], cy: NDAr
         st = np.empty((m, m), dtype=np.float64)
         raw = np.empty((m, m), dtype=np.float64)
         valid = np.empty((m, m), dtype=np.bool_)
-        wx = np.empty(m, dtype=np.float64)
+        wx = np.empty(3 * m, dtype=np.float64)
         wy = np.empty(m, dtype=np.float64)
         raw_peak = -np.inf
         peak = -np.inf
