@@ -300,3 +300,49 @@ def test_refine_kernel_matches_the_numpy_oracle(sigma_guess: float,
     np.testing.assert_allclose(got["xy"][keep], want["xy"][keep], rtol=0, atol=1e-9)
     for key in ("flux", "fwhm", "elong"):
         np.testing.assert_allclose(got[key][keep], want[key][keep], rtol=1e-9)
+
+
+def test_peak_pass_on_large_frames_matches_the_sep_path() -> None:
+    """Large frames take the peak pass and the 8x8 sky: the same stars, centroids, sky and
+    noise as sep.extract on the 4x4 sky (the path before issue 16), and neither a
+    satellite trail nor hot pixels crowd the brightest stars out."""
+    rng = np.random.default_rng(16)
+    shape = (2900, 2900)  # 8.4 MP: just past auto_bin_min_mpix
+    xy, flux = star_field(rng, shape, 700, margin=30, flux_min=4000)
+    img = noisy(rng, render_stars(shape, xy, flux, fwhm_px=4.0, radius_px=16))
+    # A satellite trail brighter than most stars, across the whole frame.
+    cols = np.arange(shape[1])
+    rows = np.rint(0.37 * cols + 600).astype(int)
+    for dy, gain in ((-1, 0.4), (0, 1.0), (1, 0.4)):
+        img[rows + dy, cols] += 400.0 * gain
+    hot = np.column_stack([rng.integers(20, 2880, 300), rng.integers(20, 2880, 300)])
+    img[hot[:, 1], hot[:, 0]] += 5000.0
+    config = DetectConfig(max_stars=300)
+    new = _detect(img, config)
+    old = _detect(img, config, legacy=True)
+    assert new.bin_factor == old.bin_factor == 4
+    assert len(new.stars) == len(old.stars) == 300
+    on_trail = np.abs(new.stars.xy[:, 1] - (0.37 * new.stars.xy[:, 0] + 600)) < 8.0
+    d_true, _ = cKDTree(xy).query(new.stars.xy[on_trail])
+    assert np.all(d_true < 0.5), "a trail fragment was kept as a star"
+    d_hot, _ = cKDTree(hot.astype(float)).query(new.stars.xy)
+    assert np.all(d_hot > 1.5), "a hot pixel was kept as a star"
+    # Every star is a true one, and at least as many of the 300 brightest true stars are
+    # found as sep finds (sep drops blended pairs that the refinement keeps).
+    truth_idx, err = match(new.stars.xy, xy, radius=0.5)
+    assert len(truth_idx) == len(new.stars)
+    nn, _ = cKDTree(xy).query(xy, k=2)
+    isolated = nn[truth_idx, 1] > 12.0  # blended pairs bias any centroid
+    assert float(np.sqrt(np.mean(err[isolated] ** 2))) < 0.03
+    old_idx, _ = match(old.stars.xy, xy, radius=0.5)
+    assert np.count_nonzero(truth_idx < 300) >= np.count_nonzero(old_idx < 300) >= 250
+    # Stars both paths found have the same centroids, up to the local sky (the sky maps
+    # differ by the grid they are measured on).
+    dist, _ = cKDTree(old.stars.xy).query(new.stars.xy)
+    same = dist < 0.05
+    assert np.count_nonzero(same) >= 0.8 * len(new.stars)
+    assert float(np.median(dist[same])) < 0.002
+    assert float(np.percentile(dist[same], 95)) < 0.01
+    assert new.background_adu == pytest.approx(old.background_adu, rel=1e-3)
+    assert new.noise_adu == pytest.approx(old.noise_adu, rel=0.02)
+    assert new.noise_adu == pytest.approx(5.0, rel=0.05)
