@@ -1,11 +1,15 @@
 """Star detection and frame quality metrics.
 
-Detection runs sep on a (usually) binned copy of the frame, which is where the time goes
-at 26 MP (sep at full resolution 386 ms, 2x2 104 ms, 4x4 31 ms). On large frames the sky
-(sep.Background) is always measured on the 4x4-binned copy and resampled, and the
-automatic binning probes the star size on the 30 brightest 4x4 detections before choosing
-4x4, 2x2 or none. Everything that needs precision then happens on small full-resolution
-stamps around the candidates:
+Small frames are detected by sep on a (usually) binned copy. Large frames (>=
+``auto_bin_min_mpix``) are detected on a 4x4-binned copy by a peak pass
+(``kernels_binning.peak_score_kernel``: local maxima above the threshold, scored by their
+3x3 flux), which keeps only the brightest few hundred candidates, all that registration
+and the metrics refine; sep.extract labels and deblends every object instead, ~1 s on a
+26 MP field of 8000 stars (issue 16, ``bench/bench_detect_register.py``). Their sky
+(sep.Background) is measured on an 8x8 grid subsampled from the 4x4 copy and resampled,
+and the automatic binning probes the star size on the 30 brightest 4x4 detections before
+choosing 4x4, 2x2 or none. Everything that needs precision then happens on small
+full-resolution stamps around the candidates (``kernels_detect``, parallel over stars):
 
 * a Gaussian-windowed centroid (the same fixed point as sep.winpos / SExtractor XWIN)
   after subtracting the local sky from sep's background map, so registration reaches a
@@ -62,7 +66,8 @@ class DetectConfig:
     max_fit_stars : int
         Number of bright isolated stars fitted with a Moffat profile in :func:`measure`.
     auto_bin_min_mpix : float
-        Frames with fewer megapixels are never binned automatically.
+        Frames with fewer megapixels are never binned automatically and are detected by
+        sep.extract; larger ones by the peak pass, with their sky on an 8x8 grid.
     min_binned_fwhm_px : float
         Smallest FWHM (binned pixels) the automatic binning accepts.
     """
