@@ -426,7 +426,7 @@ def _peak_candidates(binned: NDArray[np.float32], config: DetectConfig, factor: 
     fields sep gives (``x``, ``y``, ``flux``, ``a``, ``b`` in binned pixels), brightest
     first, after the same streak cut (``a / b`` against the field's median).
     """
-    from livestack.pipeline import kernels_binning as kb
+    from livestack.pipeline import kernels_binning as kb  # numba only when detecting
 
     none = _Detection(_empty_stars(), sky.global_back, sky.noise_full, np.zeros(0),
                       np.zeros(0, bool), factor)
@@ -588,7 +588,7 @@ def _refine(img: NDArray[np.float32], x0: NDArray[np.float64], y0: NDArray[np.fl
     stars); the window is then matched to the stars' median size and the stars refined
     again from where they are, as the numpy oracle in ``tests/oracles.py`` does.
     """
-    from livestack.pipeline import kernels_detect as kd
+    from livestack.pipeline import kernels_detect as kd  # numba only when detecting
 
     n = x0.size
     sig_w = max(sigma_guess, 0.7)
