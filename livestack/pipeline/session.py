@@ -96,9 +96,21 @@ class GradientConfig:
 
 @dataclass(frozen=True)
 class WarpConfig:
-    """Resampling kernel: ``nearest``, ``bilinear``, ``bicubic`` or ``lanczos3``."""
+    """Resampling onto the reference grid.
+
+    Attributes
+    ----------
+    kernel : str
+        Resampling kernel: ``nearest``, ``bilinear``, ``bicubic`` or ``lanczos3``.
+    reuse_buffer : bool
+        Warp each frame into the previous frame's arrays: saves the CPU of a fresh
+        output per frame (about half the warp's CPU time at 26 MP, bench/bench_warp.py)
+        but keeps those arrays (5 bytes per pixel) between frames, which raised the peak
+        RSS of a 26 MP mono run by ~110 MB (bench/bench_pipeline.py).
+    """
 
     kernel: str = "lanczos3"
+    reuse_buffer: bool = True
 
 
 @dataclass(frozen=True)
@@ -392,7 +404,7 @@ class StackSession:
         # Reusing the buffer is safe: what follows normalises it in place and the stack
         # copies it (accumulates or holds it); nothing keeps it past this frame.
         warped = warp(image, transform, ref.luminance.shape, cfg.warp.kernel, out=buffer)
-        self._warp_buffer = warped
+        self._warp_buffer = warped if cfg.warp.reuse_buffer else None
         warped, saturated = clamp_ringing(warped, image, transform, saturation, cfg.saturation)
         timer.lap("warp")
         if not warped.footprint.any():

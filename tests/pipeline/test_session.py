@@ -11,7 +11,7 @@ from astropy.stats import sigma_clip
 from scipy import ndimage
 
 from livestack.pipeline.calibrate import MasterSet, find_defects
-from livestack.pipeline.session import FrameOutcome, PipelineConfig, StackSession
+from livestack.pipeline.session import FrameOutcome, PipelineConfig, StackSession, WarpConfig
 from livestack.pipeline.types import FrameInfo, Transform
 from livestack.sim import SimConfig, Simulator
 from livestack.storage.fitsio import read_frame
@@ -489,16 +489,15 @@ def test_the_warp_buffer_is_reused_and_changes_nothing() -> None:
                        satellite_frames=(5,))
     sim = Simulator(config, seed=5)
     reused = StackSession("reused", PipelineConfig())
-    fresh = StackSession("fresh", PipelineConfig())
+    fresh = StackSession("fresh", PipelineConfig(warp=WarpConfig(reuse_buffer=False)))
     buffers = set()
     for i in range(9):  # past the 4 held warm-up frames
         frame = sim.light(i)
         info = _info(frame.header, f"frame_{i:03d}.fits", frame.data.shape)
         a = reused.process(frame.data.astype(np.float32), info, None)
-        fresh._warp_buffer = None
         b = fresh.process(frame.data.astype(np.float32), info, None)
         assert a.verdict == b.verdict == "accepted", (a.message, b.message)
-        assert reused._warp_buffer is not None
+        assert reused._warp_buffer is not None and fresh._warp_buffer is None
         buffers.add(reused._warp_buffer.image.ctypes.data)
     assert len(buffers) == 1
     np.testing.assert_array_equal(reused.stacked_image(), fresh.stacked_image())
