@@ -61,9 +61,9 @@ def generate(out_dir: Path, width: int, height: int, n_frames: int, seed: int,
     return write_sequence(out_dir, config, seed, n_frames)
 
 
-def run_ours(paths: list[Path]) -> dict[str, object]:
+def run_ours(paths: list[Path], reuse_buffer: bool = True) -> dict[str, object]:
     """Process every frame with livestack; return per-stage timings and RSS."""
-    from livestack.pipeline.session import PipelineConfig, StackSession
+    from livestack.pipeline.session import PipelineConfig, StackSession, WarpConfig
     from livestack.storage.fitsio import read_frame
 
     # One-time JIT: process a tiny synthetic frame first so compile cost is reported apart.
@@ -71,7 +71,10 @@ def run_ours(paths: list[Path]) -> dict[str, object]:
     _warm_up_jit()
     jit_s = time.perf_counter() - t0
 
-    session = StackSession("bench", PipelineConfig())
+    # The default config unless asked: the script also times older trees without the key.
+    config = (PipelineConfig() if reuse_buffer
+              else PipelineConfig(warp=WarpConfig(reuse_buffer=False)))
+    session = StackSession("bench", config)
     rows: list[dict[str, float]] = []
     rss_at_20 = float("nan")
     verdicts: list[str] = []
@@ -179,13 +182,16 @@ def main() -> int:
     parser.add_argument("--data", type=Path, help="reuse a folder of frames instead of simulating")
     parser.add_argument("--cache", type=Path,
                         help="simulate into this folder once and reuse it on later runs")
+    parser.add_argument("--no-warp-buffer", action="store_true",
+                        help="pipeline.warp.reuse_buffer off (a fresh warp output per frame)")
     parser.add_argument("--mode", choices=["ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--paths-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.mode:  # child process
         paths = [Path(p) for p in json.loads(args.paths_file.read_text())]
-        result = run_ours(paths) if args.mode == "ours" else run_naive(paths)
+        result = (run_ours(paths, not args.no_warp_buffer) if args.mode == "ours"
+                  else run_naive(paths))
         print(json.dumps(result))
         return 0
 
@@ -213,9 +219,10 @@ def main() -> int:
                 continue
             listing = tmp_path / f"{mode}.json"
             listing.write_text(json.dumps([str(p) for p in subset]))
+            extra = ["--no-warp-buffer"] if args.no_warp_buffer else []
             proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--paths-file",
-                                   str(listing)], capture_output=True, text=True, check=False,
-                                  env=dict(os.environ))
+                                   str(listing), *extra], capture_output=True, text=True,
+                                  check=False, env=dict(os.environ))
             if proc.returncode != 0:
                 print(proc.stderr, file=sys.stderr)
                 return proc.returncode
