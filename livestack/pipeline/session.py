@@ -104,9 +104,9 @@ class WarpConfig:
         Resampling kernel: ``nearest``, ``bilinear``, ``bicubic`` or ``lanczos3``.
     reuse_buffer : bool
         Warp each frame into the previous frame's arrays: saves the CPU of a fresh
-        output per frame (about half the warp's CPU time at 26 MP, bench/bench_warp.py)
-        but keeps those arrays (5 bytes per pixel) between frames, which raised the peak
-        RSS of a 26 MP mono run by ~110 MB (bench/bench_pipeline.py).
+        output per frame (31-48 % of a rotated Lanczos3 warp's CPU at 26 MP,
+        bench/bench_warp.py) but keeps those arrays (5 bytes per pixel) between frames,
+        which raised the peak RSS of a 26 MP mono run by ~110 MB (bench/bench_pipeline.py).
     """
 
     kernel: str = "lanczos3"
