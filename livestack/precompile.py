@@ -176,12 +176,14 @@ def steps() -> Iterator[str]:
         field += (3000.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)).astype(np.float32)
     measure(field, DetectConfig(auto_bin_min_mpix=0.0))
     yield "detection peak pass"
-    # The default demosaic (RCD) takes about 30 s to compile: the daemon's own warm-up
-    # leaves it to the first colour frame, so compile it here, off the frame path.
-    from livestack.pipeline.debayer import DEFAULT_METHOD, debayer
+    # The default demosaic (auto: RCD or, above 8 MP, Malvar) takes about 30 s to compile:
+    # the daemon's own warm-up leaves it to the first colour frame, so compile both here,
+    # off the frame path.
+    from livestack.pipeline.debayer import debayer
 
-    debayer(frames[0], "RGGB", DEFAULT_METHOD)
-    yield f"demosaic ({DEFAULT_METHOD})"
+    for method in ("rcd", "malvar"):
+        debayer(frames[0], "RGGB", method)
+        yield f"demosaic ({method})"
     # Then the front half, in case the daemon has not reached it yet (a frame waiting
     # behind a slow FITS read, say); kernels already cached just load.
     from livestack.config import Config
