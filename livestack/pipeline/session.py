@@ -61,14 +61,27 @@ from livestack.pipeline.types import (
     StarList,
     Transform,
     Verdict,
+    Warped,
 )
 
 
 @dataclass(frozen=True)
 class WarpConfig:
-    """Resampling kernel: ``nearest``, ``bilinear``, ``bicubic`` or ``lanczos3``."""
+    """Resampling onto the reference grid.
+
+    Attributes
+    ----------
+    kernel : str
+        Resampling kernel: ``nearest``, ``bilinear``, ``bicubic`` or ``lanczos3``.
+    reuse_buffer : bool
+        Warp each frame into the previous frame's arrays: saves the CPU of a fresh
+        output per frame (31-48 % of a rotated Lanczos3 warp's CPU at 26 MP,
+        bench/bench_warp.py) but keeps those arrays (5 bytes per pixel) between frames,
+        which raised the peak RSS of a 26 MP mono run by ~110 MB (bench/bench_pipeline.py).
+    """
 
     kernel: str = "lanczos3"
+    reuse_buffer: bool = True
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,8 @@ class StackSession:
         self.base_header: dict[str, object] = {}
         #: The stack's saturation level (pipeline.saturation).
         self.saturation = StackSaturation()
+        #: The last frame's warp, whose arrays the next frame's warp overwrites (``out=``).
+        self._warp_buffer: Warped | None = None
         #: Stars of the frame in progress (handed to a rejected frame's outcome).
         self._frame_stars: StarList | None = None
 
@@ -321,8 +336,14 @@ class StackSession:
                                      stats=ref.stats if is_reference else None,
                                      is_reference=is_reference)
         timer.lap("normalize")
+        buffer = self._warp_buffer
+        if buffer is not None and buffer.image.shape != image.shape[:-2] + ref.phase.shape:
+            buffer = None
+        # Reusing the buffer is safe: what follows normalises it in place and the stack
+        # copies it (accumulates or holds it); nothing keeps it past this frame.
         done = register(frame, info, transform, reference, ref.phase.shape, cfg,
-                        norm=frame_norm)
+                        norm=frame_norm, out=buffer)
+        self._warp_buffer = done.warped if cfg.warp.reuse_buffer else None
         timer.lap("warp")
         norm = done.norm.normalization
         noise_norm = done.norm.noise_adu
