@@ -248,8 +248,9 @@ class StackSession:
 
         Parameters
         ----------
-        raw : ndarray, shape (ny, nx), float32
-            Pixels as read from FITS (a CFA mosaic for colour cameras), ADU.
+        raw : ndarray, shape (ny, nx) or (3, ny, nx), float32
+            Pixels as read (a CFA mosaic for colour cameras, or an RGB frame of a
+            TIFF/PNG/JPEG/XISF file: calibrated per channel, not debayered), ADU.
         info : FrameInfo
             Header facts; ``bayer_pattern`` selects colour processing.
         masters : MasterSet or None
@@ -298,13 +299,18 @@ class StackSession:
             ``not_2d``, ``shape_mismatch``, ``all_nan`` or a calibration problem.
         """
         cfg = self.config
-        if raw.ndim != 2:
-            raise FrameError("not_2d", f"{info.path}: expected a 2-D image, got shape {raw.shape}")
-        if self._reference is not None and raw.shape != self._reference.luminance.shape:
+        rgb = raw.ndim == 3 and raw.shape[0] == 3 and not info.bayer_pattern
+        if raw.ndim != 2 and not rgb:
+            raise FrameError("not_2d", f"{info.path}: expected a 2-D (mono or CFA) or "
+                                       f"(3, ny, nx) RGB image, got shape {raw.shape}")
+        # Colour (debayered CFA or RGB) and mono frames never share a stack.
+        colour = rgb or bool(info.bayer_pattern)
+        if self._reference is not None and (raw.shape[-2:] != self._reference.luminance.shape
+                                            or colour != (len(self._reference.shape) == 3)):
             raise FrameError(
                 "shape_mismatch",
-                f"{info.path}: shape {raw.shape} differs from the stack's "
-                f"{self._reference.luminance.shape}",
+                f"{info.path}: shape {raw.shape} ({'colour' if colour else 'mono'}) differs "
+                f"from the stack's {self._reference.shape}",
             )
         calibrated = calibrate(raw, masters, info.bayer_pattern)
         saturation = frame_saturation(raw, calibrated, info, cfg.saturation)
