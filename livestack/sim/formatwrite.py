@@ -22,8 +22,8 @@ as a camera's software would) is written as an RGB image: chunky (or ``planar=Tr
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
