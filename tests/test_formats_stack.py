@@ -263,3 +263,62 @@ def test_the_cli_stacks_raw_and_gzipped_folders_and_builds_masters_from_tiff(
         with fits.open(path) as hdul:
             formats |= {str(f) for f in hdul["FRAMES"].data["format"]}
     assert formats == {"dng", "fits.gz"}
+
+
+def test_rgb_lights_with_masters_built_from_rgb_darks_and_flats(tmp_path: Path) -> None:
+    """RGB darks and flats (TIFF) build (3, ny, nx) masters that calibrate RGB lights per
+    channel, like FITS CFA masters calibrate the FITS CFA night; 2-D masters are refused."""
+    sim = _sim("RGGB")
+    darks, flats, lights = tmp_path / "darks", tmp_path / "flats", tmp_path / "lights"
+    fits_darks, fits_flats, fits_lights = (tmp_path / "fd", tmp_path / "ff", tmp_path / "fl")
+    for folder in (darks, flats, lights, fits_darks, fits_flats, fits_lights):
+        folder.mkdir()
+    for i in range(5):
+        write_frame(darks / f"dark_{i}.tiff", rgb_frame(sim.dark(i)), "tiff")
+        write_frame(flats / f"flat_{i}.tiff", rgb_frame(sim.flat(i)), "tiff")
+        write_fits(fits_darks / f"dark_{i}.fits", sim.dark(i))
+        write_fits(fits_flats / f"flat_{i}.fits", sim.flat(i))
+    for i in range(4):
+        write_frame(lights / f"light_{i}.tiff", rgb_frame(sim.light(i)), "tiff")
+        write_fits(fits_lights / f"light_{i}.fits", sim.light(i))
+    masters_dir = tmp_path / "masters"
+    written = build_masters_from_dirs(masters_dir, dark_dir=darks, flat_dir=flats)
+    assert len(written) == 2
+    for path in written:
+        with fits.open(path) as hdul:
+            assert hdul[0].data.shape == (3, 192, 256) and hdul[0].header["NCOMBINE"] == 5
+            if hdul[0].header["LSKIND"] == "flat":  # median 1 per channel
+                medians = np.median(hdul[0].data.reshape(3, -1), axis=1)
+                np.testing.assert_allclose(medians, 1.0, atol=1e-3)
+    got = _stack(lights, tmp_path / "out",
+                 masters=masters_for_cli(darks=masters_dir, flats=masters_dir))
+    ref = _stack(fits_lights, tmp_path / "out_ref",
+                 masters=masters_for_cli(darks=fits_darks, flats=fits_flats))
+    assert got["image"].shape == ref["image"].shape == (3, 192, 256)
+    assert got["ncombine"] == ref["ncombine"] == 4
+    assert abs(got["efficiency"] - ref["efficiency"]) <= 0.02
+    # Dark-subtracted and flat-fielded per channel: the sky of each channel is the FITS
+    # stack's (the dark's pedestal is gone in both, the flat's vignetting divided out).
+    for channel in range(3):
+        sky, ref_sky = (float(np.nanmedian(x["image"][channel])) for x in (got, ref))
+        assert abs(sky - ref_sky) < 0.02 * abs(ref_sky) + 5.0
+        corner = got["image"][channel, 5:40, 5:40]  # vignetted corner, flattened as well
+        ref_corner = ref["image"][channel, 5:40, 5:40]
+        assert abs(float(np.nanmedian(corner)) - float(np.nanmedian(ref_corner))) < (
+            0.02 * abs(ref_sky) + 5.0)
+    # 2-D (mono/CFA) masters do not calibrate RGB lights: each frame fails with the reason.
+    cfa_masters = tmp_path / "cfa_masters"
+    build_masters_from_dirs(cfa_masters, dark_dir=fits_darks)
+    (tmp_path / "out_bad").mkdir()
+    bad = _stack_rows(lights, tmp_path / "out_bad", masters_for_cli(darks=cfa_masters))
+    assert bad == [("failed", "master_shape_mismatch")] * 4
+
+
+def _stack_rows(folder: Path, out: Path, masters: Any) -> list[tuple[str, str]]:
+    config = config_from_dict({"formats": {"exposure_s": EXPOSURE_S},
+                               "solver": {"enabled": False}})
+    stack_files(config, sorted(folder.iterdir()), out, masters=masters)
+    db = sqlite3.connect(out / "journal.sqlite")
+    rows = db.execute("SELECT status, reason FROM frames ORDER BY id").fetchall()
+    db.close()
+    return [(str(a), str(b)) for a, b in rows]

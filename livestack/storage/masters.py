@@ -22,7 +22,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,54 @@ def _fmt_temp(temp_c: float | None) -> str:
     return f"{temp_c:.1f} C" if temp_c is not None else "unknown temperature"
 
 
-def _fmt_shape(shape: tuple[int, int]) -> str:
-    return f"{shape[1]}x{shape[0]}"
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    text = f"{shape[-1]}x{shape[-2]}"
+    return f"{text} RGB" if len(shape) == 3 else text
+
+
+def _geometry_of(info: FrameInfo) -> tuple[int, ...]:
+    """``(ny, nx)`` of a mono/CFA frame, ``(3, ny, nx)`` of an RGB one: what must match."""
+    return (info.channels, *info.shape) if info.channels > 1 else tuple(info.shape)
+
+
+def _rows_shape(info: FrameInfo) -> tuple[int, int]:
+    """The 2-D shape masters are combined in: an RGB frame's planes end to end in rows."""
+    return (info.channels * info.shape[0], info.shape[1])
+
+
+def _per_channel(fn: Callable[..., np.ndarray], image: np.ndarray, *args: Any,
+                 **kwargs: Any) -> np.ndarray:
+    """``fn`` (a 2-D defect finder) applied to each channel of an RGB master, else once."""
+    if image.ndim == 3:
+        return np.stack([fn(plane, *args, **kwargs) for plane in image])
+    return fn(image, *args, **kwargs)
+
+
+def _read_rgb_master(path: Path) -> tuple[np.ndarray, fits.Header, FrameInfo]:
+    """Pixels (float32), header and info of an RGB ``(3, ny, nx)`` master FITS file.
+
+    The frame reader refuses cubes (a colour stack dropped among lights is not a light), so
+    RGB masters, written by this module, are read by astropy here.
+
+    Raises
+    ------
+    MasterError
+        Not a readable FITS file, or not a ``(3, ny, nx)`` image.
+    """
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            header = hdul[0].header.copy()
+            data = hdul[0].data
+    except (OSError, ValueError, TypeError, VerifyError) as exc:
+        raise MasterError(f"{path}: cannot read master: {exc}") from exc
+    if data is None or data.ndim != 3 or data.shape[0] != 3:
+        shape = None if data is None else data.shape
+        raise MasterError(f"{path}: cannot read master: expected a 2-D or (3, ny, nx) image, "
+                          f"got {shape}")
+    arr = np.ascontiguousarray(data, dtype=np.float32)
+    info = replace(parse_frame_info(header, str(path), (arr.shape[1], arr.shape[2])),
+                   channels=3)
+    return arr, header, info
 
 
 # --------------------------------------------------------------------------- reading inputs
@@ -117,7 +163,7 @@ def _inspect_other(path: Path) -> _Input:
         header, info = read_any_header(path, _CALIBRATION_READ)
     except FrameReadError as exc:
         raise MasterError(f"{path}: cannot use as calibration frame: {exc.message}") from exc
-    ny, nx = info.shape
+    ny, nx = _rows_shape(info)
     # compressed=True sends _RowSource to the decode-and-spill path.
     layout = FrameLayout(0, 0, 0, 0, -32, (nx, ny), True, b"")
     return _Input(Path(path), layout, header, info)
@@ -148,7 +194,7 @@ class _RowSource:
             except FrameReadError as exc:
                 raise MasterError(f"{item.path}: {exc.message}") from exc
             spill = spill_dir / f"{id(self)}.npy"
-            np.save(spill, data)
+            np.save(spill, data.reshape(-1, data.shape[-1]))  # RGB: planes end to end
             del data
             self._array = np.load(spill, mmap_mode="r")
             self._scaled = False
@@ -194,10 +240,10 @@ def _validate(kind: str, items: Sequence[_Input]) -> None:
         return MasterError(f"{odd.path}: {what} {value} differs from the other {plural}' "
                            f"{common}; refusing to mix them")
 
-    odd = _odd_one(items, lambda i: i.info.shape)
+    odd = _odd_one(items, lambda i: _geometry_of(i.info))
     if odd is not None:
-        common = Counter(i.info.shape for i in items).most_common(1)[0][0]
-        raise refuse(odd, "shape", _fmt_shape(odd.info.shape), _fmt_shape(common))
+        common = Counter(_geometry_of(i.info) for i in items).most_common(1)[0][0]
+        raise refuse(odd, "shape", _fmt_shape(_geometry_of(odd.info)), _fmt_shape(common))
     odd = _odd_one(items, lambda i: i.info.binning)
     if odd is not None:
         common_bin = Counter(i.info.binning for i in items).most_common(1)[0][0]
@@ -268,7 +314,8 @@ def _frame_median(src: _RowSource, shape: tuple[int, int], pre: np.ndarray | Non
 
 
 def normalize_flat(flat: np.ndarray, bayer_pattern: str | None) -> np.ndarray:
-    """Divide a flat by its median, per CFA colour (R, G, B) when ``bayer_pattern`` is set.
+    """Divide a flat by its median, per CFA colour (R, G, B) when ``bayer_pattern`` is set,
+    per channel for an RGB ``(3, ny, nx)`` flat.
 
     Raises
     ------
@@ -276,6 +323,10 @@ def normalize_flat(flat: np.ndarray, bayer_pattern: str | None) -> np.ndarray:
         If a median is not positive.
     """
     out = np.array(flat, dtype=np.float32, copy=True)
+    if out.ndim == 3:  # RGB: per channel, as per CFA colour for a mosaic
+        for plane in out:
+            plane[...] = normalize_flat(plane, None)
+        return out
     if bayer_pattern is None:
         groups = [np.ones(out.shape, dtype=bool)]
     else:
@@ -339,20 +390,22 @@ def build_master(kind: str, paths: Sequence[Path], *, bias: np.ndarray | None = 
         raise MasterError(f"kappa must be > 0, got {kappa}")
     items = [_inspect(Path(p)) for p in paths]
     _validate(kind, items)
-    shape = items[0].info.shape
+    geometry = _geometry_of(items[0].info)
+    # RGB frames are combined as one 2-D image of their planes end to end (per pixel work).
+    shape = _rows_shape(items[0].info)
     for label, arr in (("bias", bias), ("dark flat", dark_flat)):
-        if arr is not None and arr.shape != shape:
+        if arr is not None and arr.shape != geometry:
             raise MasterError(f"master {label} shape {_fmt_shape(arr.shape)} does not match the "
-                              f"{kind} frames' {_fmt_shape(shape)}")
+                              f"{kind} frames' {_fmt_shape(geometry)}")
     pre: np.ndarray | None = None
     pre_label = "none"
     if kind == "flat":
         if dark_flat is not None:
-            pre, pre_label = np.asarray(dark_flat, dtype=np.float32), "dark flat"
+            pre, pre_label = np.asarray(dark_flat, dtype=np.float32).reshape(shape), "dark flat"
         elif bias is not None:
-            pre, pre_label = np.asarray(bias, dtype=np.float32), "bias"
+            pre, pre_label = np.asarray(bias, dtype=np.float32).reshape(shape), "bias"
     elif kind == "dark" and bias is not None:
-        pre, pre_label = np.asarray(bias, dtype=np.float32), "bias"
+        pre, pre_label = np.asarray(bias, dtype=np.float32).reshape(shape), "bias"
 
     with tempfile.TemporaryDirectory(prefix="livestack-master-") as spill:
         sources = [_RowSource(item, Path(spill)) for item in items]
@@ -367,6 +420,7 @@ def build_master(kind: str, paths: Sequence[Path], *, bias: np.ndarray | None = 
                 scales.append(med)
         master, n_rejected = _combine(sources, shape, kappa, pre, scales)
         del sources
+    master = master.reshape(geometry)
     pattern = items[0].info.bayer_pattern
     if kind == "flat":
         master = normalize_flat(master, pattern)
@@ -412,7 +466,8 @@ def _master_header(kind: str, items: Sequence[_Input], kappa: float, n_rejected:
                            "UTC start of the first input")
     hdr["LSMETHOD"] = ("sigma-clipped mean", "combine method")
     hdr["LSKAPPA"] = (kappa, "rejection threshold in sigma")
-    hdr["LSREJECT"] = (n_rejected / float(n * ny * nx), "fraction of input values rejected")
+    hdr["LSREJECT"] = (n_rejected / float(n * ny * nx * infos[0].channels),
+                       "fraction of input values rejected")
     hdr["LSBIASSB"] = (kind == "dark" and pre_label == "bias", "bias already subtracted")
     if kind == "flat":
         hdr["LSFLATPR"] = (pre_label, "subtracted from each flat before normalising")
@@ -422,7 +477,8 @@ def _master_header(kind: str, items: Sequence[_Input], kappa: float, n_rejected:
                     f"max {CLIP_MAX_ITER} passes")
     if kind == "flat":
         hdr.add_history(f"each flat minus {pre_label}, divided by its median; result normalised "
-                        "to median 1" + (" per CFA colour" if pattern else ""))
+                        "to median 1" + (" per CFA colour" if pattern else "")
+                        + (" per channel" if infos[0].channels > 1 else ""))
     return hdr
 
 
@@ -430,7 +486,7 @@ def _master_header(kind: str, items: Sequence[_Input], kappa: float, n_rejected:
 
 
 def _group_key(kind: str, info: FrameInfo) -> tuple[object, ...]:
-    key: tuple[object, ...] = (info.shape, info.binning, info.gain, info.offset,
+    key: tuple[object, ...] = (_geometry_of(info), info.binning, info.gain, info.offset,
                                info.bayer_pattern)
     if kind in ("dark", "darkflat"):
         key += (round(info.exposure_s, 3),)
@@ -479,7 +535,8 @@ def _raw_dir_files(directory: Path, kind: str) -> list[Path]:
 
 
 def _matching(candidates: Iterable[MasterEntry], info: FrameInfo) -> list[MasterEntry]:
-    return [c for c in candidates if c.info.shape == info.shape and c.info.binning == info.binning
+    return [c for c in candidates if _geometry_of(c.info) == _geometry_of(info)
+            and c.info.binning == info.binning
             and _same_setting(c.info.gain, info.gain) and _same_setting(c.info.offset, info.offset)]
 
 
@@ -625,7 +682,9 @@ class MasterEntry:
         """Entry for a master already in memory (e.g. fresh from :func:`build_master`)."""
         arr = np.ascontiguousarray(data, dtype=np.float32)
         info = parse_frame_info(header, str(path) if path else f"<{kind}>",
-                                (arr.shape[0], arr.shape[1]))
+                                (arr.shape[-2], arr.shape[-1]))
+        if arr.ndim == 3:
+            info = replace(info, channels=int(arr.shape[0]))
         return cls(kind, info, header, path, int(header.get("NCOMBINE", 1) or 1),
                    bool(header.get("LSBIASSB", False)), arr)
 
@@ -640,16 +699,19 @@ class MasterEntry:
         """
         from livestack.storage.fitsio import read_header
 
+        data: np.ndarray | None = None
         try:
             header, info = read_header(path)
         except FrameReadError as exc:
-            raise MasterError(f"{path}: cannot read master: {exc.message}") from exc
+            if exc.reason != "not_2d":
+                raise MasterError(f"{path}: cannot read master: {exc.message}") from exc
+            data, header, info = _read_rgb_master(path)  # an RGB master (3, ny, nx)
         kind = str(header.get("LSKIND", "")).strip() or info.image_type
         if kind not in MASTER_KINDS:
             raise MasterError(f"{path}: IMAGETYP {header.get('IMAGETYP')!r} is not a bias, dark, "
                               "flat or dark flat master")
         return cls(kind, info, header, Path(path), int(header.get("NCOMBINE", 1) or 1),
-                   bool(header.get("LSBIASSB", False)))
+                   bool(header.get("LSBIASSB", False)), data)
 
     def data(self) -> np.ndarray:
         """The master's pixels (float32), read on first use.
@@ -661,6 +723,9 @@ class MasterEntry:
         """
         if self._data is None:
             assert self.path is not None  # entries without data always have a path
+            if self.info.channels > 1:
+                self._data, _, _ = _read_rgb_master(self.path)
+                return self._data
             try:
                 self._data, _, _ = read_any_frame(self.path)
             except FrameReadError as exc:
@@ -732,9 +797,10 @@ class MasterLibrary:
                   check_gain: bool = True) -> list[MasterEntry]:
         cands = self._of_kind(kind)
         name = {"darkflat": "dark flat"}.get(kind, kind)
-        cands = self._narrow(cands, lambda c: c.info.shape == info.shape, notes, lambda cs: (
-            f"no {name} of shape {_fmt_shape(info.shape)} (have "
-            f"{', '.join(sorted({_fmt_shape(c.info.shape) for c in cs}))})"))
+        cands = self._narrow(
+            cands, lambda c: _geometry_of(c.info) == _geometry_of(info), notes, lambda cs: (
+                f"no {name} of shape {_fmt_shape(_geometry_of(info))} (have "
+                f"{', '.join(sorted({_fmt_shape(_geometry_of(c.info)) for c in cs}))})"))
         cands = self._narrow(cands, lambda c: c.info.binning == info.binning, notes, lambda cs: (
             f"no {name} with binning {info.binning[0]}x{info.binning[1]} (have "
             f"{', '.join(sorted({'{}x{}'.format(*c.info.binning) for c in cs}))})"))
@@ -881,8 +947,16 @@ class MasterLibrary:
                 text += (f" scaled x{choice.dark_scale:.3g} to "
                          f"{d.info.exposure_s * choice.dark_scale:g}s")
             applied.append(text)
-            defects = find_defects(thermal if thermal is not None else dark, d.info.exposure_s,
-                                   master_flat=choice.flat.data() if choice.flat else None)
+            flat_data = choice.flat.data() if choice.flat else None
+            thermal_or_dark = thermal if thermal is not None else dark
+            if thermal_or_dark.ndim == 3:  # RGB: each channel against its own flat plane
+                defects = np.stack([find_defects(
+                    thermal_or_dark[c], d.info.exposure_s,
+                    master_flat=None if flat_data is None else flat_data[c])
+                    for c in range(thermal_or_dark.shape[0])])
+            else:
+                defects = find_defects(thermal_or_dark, d.info.exposure_s,
+                                       master_flat=flat_data)
         elif bias is not None:
             subtract = bias
         flat = choice.flat.data() if choice.flat is not None else None
@@ -890,7 +964,7 @@ class MasterLibrary:
             f = choice.flat
             applied.append(f"flat {f.info.filter_name!r} x{f.ncombine} ({f.label})")
             if defects is None:
-                defects = find_cold_pixels(f.data())
+                defects = _per_channel(find_cold_pixels, f.data())
         if defects is not None:
             applied.append(f"defect map: {int(defects.sum())} pixels")
         return MasterSet(
@@ -910,8 +984,13 @@ def _is_master_file(path: Path) -> bool:
 
     try:
         header, _ = read_header(path)
-    except FrameReadError:
-        return False
+    except FrameReadError as exc:
+        if exc.reason != "not_2d":
+            return False
+        try:  # an RGB master (3, ny, nx)
+            _, header, _ = _read_rgb_master(path)
+        except MasterError:
+            return False
     imagetyp = str(header.get("IMAGETYP", "")).strip().lower()
     return bool(header.get("LSMASTER", False)) or imagetyp.startswith("master") or int(
         header.get("NCOMBINE", 1) or 1) > 1
