@@ -251,6 +251,35 @@ def test_a_bad_file_of_each_format_is_one_named_read_error(tmp_path: Path, name:
     _one_line(caught.value, path)
 
 
+@pytest.mark.parametrize(("name", "fmt", "keep", "reason"), [
+    ("trunc_rgb.tiff", "tiff", 0.6, "truncated"),
+    ("trunc_rgb.png", "png", 0.6, "truncated"),     # 16-bit RGB: the imagecodecs path
+    ("head_rgb.png", "png", 0.02, "truncated"),     # IHDR only, no image data
+    ("trunc_rgb.jpg", "jpeg", 0.6, "truncated"),
+    ("trunc_rgb.xisf", "xisf", 0.6, "truncated"),
+])
+def test_a_bad_rgb_file_of_each_format_is_one_named_read_error(
+        tmp_path: Path, name: str, fmt: str, keep: float, reason: str) -> None:
+    path = tmp_path / name
+    write_frame(path, rgb_frame(_frame("RGGB")), fmt)
+    _truncate(path, keep)
+    with pytest.raises(FrameReadError) as caught:
+        read_frame(path)
+    assert caught.value.reason == reason, caught.value.message
+    _one_line(caught.value, path)
+
+
+def test_a_16bit_rgb_png_without_imagecodecs_names_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_frame(tmp_path / "a.png", rgb_frame(_frame("RGGB")), "png")
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # import raises ImportError
+    with pytest.raises(FrameReadError) as caught:
+        read_frame(path)
+    assert caught.value.reason == "missing_extra" and "livestack[formats]" in (
+        caught.value.message)
+    _one_line(caught.value, path)
+
+
 @pytest.mark.parametrize(("module", "name", "extra"), [
     ("rawpy", "a.cr2", "livestack[raw]"), ("tifffile", "a.tiff", "livestack[formats]"),
     ("xisf", "a.xisf", "livestack[formats]")])
