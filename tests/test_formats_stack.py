@@ -153,6 +153,15 @@ def test_the_night_as_rgb_files_gives_a_colour_stack_like_the_fits_cfa_original(
         assert float(np.nanmax(off)) <= 1.5
         assert int(np.count_nonzero(off > 0.5)) <= 5
         assert float(np.nanpercentile(off, 99.9)) <= 0.2
+    if fmt == "tiff":  # the batch re-stack reads the RGB files again: a colour integration
+        from livestack.cli import main
+
+        (stack_dir,) = (p.parent for p in (tmp_path / "out").rglob("stack.fits"))
+        assert main(["integrate", str(stack_dir), "-o", str(tmp_path / "int.fits")]) == 0
+        with fits.open(tmp_path / "int.fits") as hdul:
+            assert hdul[0].data.shape == (3, 192, 256)
+            assert int(hdul[0].header["NCOMBINE"]) == N_FRAMES
+            assert sorted({str(f) for f in hdul["FRAMES"].data["format"]}) == ["tiff"]
 
 
 def test_the_dng_night_gives_an_rgb_stack_with_the_exposure_total_and_start(
