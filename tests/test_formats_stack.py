@@ -185,6 +185,14 @@ def test_the_dng_night_gives_an_rgb_stack_with_the_exposure_total_and_start(
     assert got["exptime"] == N_FRAMES * EXPOSURE_S
     assert got["date_obs"].startswith(START.isoformat())
     assert got["formats"] == ["dng"] and got["journal_formats"] == ["dng"]
+    from livestack.cli import main  # integrate reads the RAW files again
+
+    (stack_dir,) = (p.parent for p in (tmp_path / "out_dng").rglob("stack.fits"))
+    assert main(["integrate", str(stack_dir), "-o", str(tmp_path / "int.fits")]) == 0
+    with fits.open(tmp_path / "int.fits") as hdul:
+        assert hdul[0].data.shape == (3, 192, 256)
+        assert int(hdul[0].header["NCOMBINE"]) == got["ncombine"]
+        assert sorted({str(f) for f in hdul["FRAMES"].data["format"]}) == ["dng"]
 
 
 def test_raw_lights_with_masters_built_from_raw_darks_and_fits_bias(
