@@ -158,6 +158,27 @@ def test_rgb_files_read_as_three_channels_first_with_their_pixels(
         assert info.date_obs == START
 
 
+def test_a_16bit_rgb_png_takes_its_metadata_from_the_exif_chunk(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    rgb = rgb_frame(_frame("RGGB"))
+    path = write_frame(tmp_path / "c.png", rgb, "png")
+    exif = Image.Exif()
+    exif[0x0110] = "Sim RGB"  # Model
+    exif.get_ifd(0x8769).update({0x829A: 30.0, 0x8827: 400,  # ExposureTime, ISO
+                                 0x9003: "2026:01:15 22:00:00", 0x9011: "+01:00"})
+    body = exif.tobytes()
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(
+        ">I", zlib.crc32(b"eXIf" + body))
+    blob = path.read_bytes()
+    path.write_bytes(blob[:33] + chunk + blob[33:])  # after the signature and IHDR
+    image, info, header = read_frame(path)
+    np.testing.assert_array_equal(image, rgb.data.astype(np.float32))
+    assert info.exposure_s == 30.0 and info.gain == 400 and info.date_obs == START
+    assert header["INSTRUME"] == "Sim RGB"
+
+
 def test_rgba_drops_alpha_grey_alpha_stays_mono_and_jpeg_warns(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from livestack.storage.formats import common

@@ -4,7 +4,7 @@ Mono data are read as they are (a CFA mosaic stays one). RGB data (chunky or pla
 RGB/RGBA PNG and JPEG) are returned channels first, ``(3, ny, nx)``, and stacked in colour
 like a debayered frame; alpha is ignored. Pillow reads 16-bit RGB PNG only as 8 bits, so
 those files are decoded by ``imagecodecs`` (libpng; the ``formats`` extra), their EXIF
-taken from the chunks before the image data.
+taken from the ``eXIf`` chunk.
 Exposure, ISO, camera and time come from the EXIF tags when the file has them
 (ExposureTime, ISOSpeedRatings, Make/Model, DateTimeOriginal + OffsetTimeOriginal);
 otherwise the exposure is ``formats.exposure_s`` and the start time is the file's
@@ -120,53 +120,75 @@ def _png_is_16bit_rgb(path: Path) -> bool:
         with open(path, "rb") as handle:
             head = handle.read(26)
     except OSError:
-        return False  # Pillow's open below reports it with its reason
+        return False  # Pillow's open reports it with its reason
     # Signature (8), IHDR length and type (8), width and height (8), bit depth, colour type.
     return (len(head) == 26 and head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR"
             and head[24] == 16 and head[25] in _PNG_RGB_TYPES)
 
 
-def _decode_png48(path: Path) -> np.ndarray:
+def _png_exif_tags(blob: bytes) -> dict[int, Any]:
+    """EXIF tags (numbers) of a PNG's ``eXIf`` chunk, without decoding the image.
+
+    Pillow's ``getexif`` on a PNG decodes the whole image first (to 8 bits); walking the
+    chunk headers costs nothing. A damaged chunk list ends the walk (no tags).
+    """
+    from PIL import Image
+
+    offset = len(_PNG_SIGNATURE)
+    while offset + 8 <= len(blob):
+        length, kind = struct.unpack(">I4s", blob[offset:offset + 8])
+        if kind == b"eXIf":
+            exif = Image.Exif()
+            try:
+                exif.load(blob[offset + 8:offset + 8 + length])
+            except (SyntaxError, ValueError, struct.error, OSError):
+                return {}  # an unreadable EXIF block: the file's metadata are missing
+            return {**dict(exif), **dict(exif.get_ifd(_EXIF_IFD))}
+        if kind == b"IEND":
+            break
+        offset += 12 + length  # length, type, data, CRC
+    return {}
+
+
+def _read_png48(path: Path) -> tuple[np.ndarray, dict[int, Any]]:
     """A 16-bit RGB(A) PNG as ``(ny, nx, 3 or 4)`` uint16 through imagecodecs (libpng)."""
     try:
         import imagecodecs
     except ImportError:
         raise err("missing_extra", path, MISSING_PNG48) from None
+    blob = path.read_bytes()
     try:
-        return np.asarray(imagecodecs.png_decode(path.read_bytes()))
+        arr = np.asarray(imagecodecs.png_decode(blob))
     except imagecodecs.PngError as exc:  # libpng: short stream, bad CRC, bad zlib data
         raise err("truncated", path, f"PNG data cannot be decoded: {exc}") from exc
     except ValueError as exc:  # not a PNG after all
         raise err("corrupt", path, f"not a readable PNG image: {exc}") from exc
+    return arr, _png_exif_tags(blob)
 
 
 def _read_pillow(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fits.Header]:
     from PIL import Image, UnidentifiedImageError
 
-    png48 = fmt == "png" and _png_is_16bit_rgb(path)
-    arr: np.ndarray | None = None
-    try:
-        with Image.open(path) as im:
-            if not png48:
+    if fmt == "png" and _png_is_16bit_rgb(path):
+        arr, pil_tags = _read_png48(path)
+    else:
+        try:
+            with Image.open(path) as im:
                 im.load()
-            # 16-bit RGB: the EXIF of the chunks before the image data (Pillow stops there).
-            exif = im.getexif()
-            pil_tags = {**dict(exif), **dict(exif.get_ifd(_EXIF_IFD))}
-            if png48:
-                pass
-            elif im.mode in ("I;16", "I;16B", "I;16L"):
-                arr = np.array(im, dtype=np.uint16)
-            elif im.mode in ("1", "L", "LA", "RGB", "RGBA", "I", "F"):
-                arr = np.array(im)  # alpha (LA, RGBA) is dropped by to_image_float32
-            else:
-                arr = np.array(im.convert("RGB"))
-    except UnidentifiedImageError as exc:
-        raise err("corrupt", path, f"not a readable {fmt.upper()} image: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, zlib.error, struct.error) as exc:
-        # Pillow raises OSError("image file is truncated"), SyntaxError for broken PNG chunks.
-        raise err("truncated", path, f"{fmt.upper()} data cannot be decoded: {exc}") from exc
-    if arr is None:
-        arr = _decode_png48(path)
+                exif = im.getexif()
+                pil_tags = {**dict(exif), **dict(exif.get_ifd(_EXIF_IFD))}
+                if im.mode in ("I;16", "I;16B", "I;16L"):
+                    arr = np.array(im, dtype=np.uint16)
+                elif im.mode in ("1", "L", "LA", "RGB", "RGBA", "I", "F"):
+                    arr = np.array(im)  # alpha (LA, RGBA) is dropped by to_image_float32
+                else:
+                    arr = np.array(im.convert("RGB"))
+        except UnidentifiedImageError as exc:
+            raise err("corrupt", path, f"not a readable {fmt.upper()} image: {exc}") from exc
+        except (OSError, SyntaxError, ValueError, zlib.error, struct.error) as exc:
+            # Pillow: OSError("image file is truncated"), SyntaxError for broken PNG chunks.
+            raise err("truncated", path, f"{fmt.upper()} data cannot be decoded: {exc}"
+                      ) from exc
     if fmt == "jpeg":
         note_once("jpeg-lossy", "JPEG frames: 8-bit lossy data limit the stack's depth and "
                   "add block artefacts; use RAW, TIFF or PNG where possible",
