@@ -196,7 +196,8 @@ def write_png(path: Path, frame: SimFrame) -> None:
     """Write ``frame`` as 16-bit grey or RGB PNG without metadata; mtime = end of exposure."""
 
     if _is_rgb(frame):
-        import imagecodecs  # Pillow cannot write 16-bit RGB
+        # Lazy: imagecodecs is optional (formats/test extras); Pillow writes no 16-bit RGB.
+        import imagecodecs
 
         Path(path).write_bytes(imagecodecs.png_encode(_chunky(frame)))
     else:

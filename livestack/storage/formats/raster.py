@@ -132,7 +132,7 @@ def _png_exif_tags(blob: bytes) -> dict[int, Any]:
     Pillow's ``getexif`` on a PNG decodes the whole image first (to 8 bits); walking the
     chunk headers costs nothing. A damaged chunk list ends the walk (no tags).
     """
-    from PIL import Image
+    from PIL import Image  # as in _read_pillow: Pillow loads with the first raster frame
 
     offset = len(_PNG_SIGNATURE)
     while offset + 8 <= len(blob):
@@ -152,7 +152,7 @@ def _png_exif_tags(blob: bytes) -> dict[int, Any]:
 
 def _read_png48(path: Path) -> tuple[np.ndarray, dict[int, Any]]:
     """A 16-bit RGB(A) PNG as ``(ny, nx, 3 or 4)`` uint16 through imagecodecs (libpng)."""
-    try:
+    try:  # lazy: optional (the formats extra), its absence is a per-frame reason
         import imagecodecs
     except ImportError:
         raise err("missing_extra", path, MISSING_PNG48) from None
