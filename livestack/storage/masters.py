@@ -31,7 +31,7 @@ from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
 from livestack.errors import FrameReadError, MasterError
-from livestack.pipeline.calibrate import MasterSet, find_cold_pixels, find_defects
+from livestack.pipeline.calibrate import MasterSet
 from livestack.pipeline.debayer import cfa_channel_masks
 from livestack.pipeline.types import FrameInfo
 from livestack.storage.fitsio import (
@@ -43,6 +43,14 @@ from livestack.storage.formats import FRAME_SUFFIXES, ReadOptions, is_fits
 from livestack.storage.formats import read_frame as read_any_frame
 from livestack.storage.formats import read_header as read_any_header
 from livestack.storage.headers import parse_frame_info
+from livestack.storage.masters_rgb import (
+    cold_map,
+    defect_map,
+    fmt_shape,
+    geometry_of,
+    read_rgb_master,
+    rows_shape,
+)
 
 MASTER_KINDS: tuple[str, ...] = ("bias", "dark", "flat", "darkflat")
 _IMAGETYP = {"bias": "Master Bias", "dark": "Master Dark", "flat": "Master Flat",
@@ -75,56 +83,6 @@ def same_exposure(a_s: float, b_s: float) -> bool:
 
 def _fmt_temp(temp_c: float | None) -> str:
     return f"{temp_c:.1f} C" if temp_c is not None else "unknown temperature"
-
-
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    text = f"{shape[-1]}x{shape[-2]}"
-    return f"{text} RGB" if len(shape) == 3 else text
-
-
-def _geometry_of(info: FrameInfo) -> tuple[int, ...]:
-    """``(ny, nx)`` of a mono/CFA frame, ``(3, ny, nx)`` of an RGB one: what must match."""
-    return (info.channels, *info.shape) if info.channels > 1 else tuple(info.shape)
-
-
-def _rows_shape(info: FrameInfo) -> tuple[int, int]:
-    """The 2-D shape masters are combined in: an RGB frame's planes end to end in rows."""
-    return (info.channels * info.shape[0], info.shape[1])
-
-
-def _per_channel(fn: Callable[..., np.ndarray], image: np.ndarray, *args: Any,
-                 **kwargs: Any) -> np.ndarray:
-    """``fn`` (a 2-D defect finder) applied to each channel of an RGB master, else once."""
-    if image.ndim == 3:
-        return np.stack([fn(plane, *args, **kwargs) for plane in image])
-    return fn(image, *args, **kwargs)
-
-
-def _read_rgb_master(path: Path) -> tuple[np.ndarray, fits.Header, FrameInfo]:
-    """Pixels (float32), header and info of an RGB ``(3, ny, nx)`` master FITS file.
-
-    The frame reader refuses cubes (a colour stack dropped among lights is not a light), so
-    RGB masters, written by this module, are read by astropy here.
-
-    Raises
-    ------
-    MasterError
-        Not a readable FITS file, or not a ``(3, ny, nx)`` image.
-    """
-    try:
-        with fits.open(path, memmap=False) as hdul:
-            header = hdul[0].header.copy()
-            data = hdul[0].data
-    except (OSError, ValueError, TypeError, VerifyError) as exc:
-        raise MasterError(f"{path}: cannot read master: {exc}") from exc
-    if data is None or data.ndim != 3 or data.shape[0] != 3:
-        shape = None if data is None else data.shape
-        raise MasterError(f"{path}: cannot read master: expected a 2-D or (3, ny, nx) image, "
-                          f"got {shape}")
-    arr = np.ascontiguousarray(data, dtype=np.float32)
-    info = replace(parse_frame_info(header, str(path), (arr.shape[1], arr.shape[2])),
-                   channels=3)
-    return arr, header, info
 
 
 # --------------------------------------------------------------------------- reading inputs
@@ -163,7 +121,7 @@ def _inspect_other(path: Path) -> _Input:
         header, info = read_any_header(path, _CALIBRATION_READ)
     except FrameReadError as exc:
         raise MasterError(f"{path}: cannot use as calibration frame: {exc.message}") from exc
-    ny, nx = _rows_shape(info)
+    ny, nx = rows_shape(info)
     # compressed=True sends _RowSource to the decode-and-spill path.
     layout = FrameLayout(0, 0, 0, 0, -32, (nx, ny), True, b"")
     return _Input(Path(path), layout, header, info)
@@ -240,10 +198,10 @@ def _validate(kind: str, items: Sequence[_Input]) -> None:
         return MasterError(f"{odd.path}: {what} {value} differs from the other {plural}' "
                            f"{common}; refusing to mix them")
 
-    odd = _odd_one(items, lambda i: _geometry_of(i.info))
+    odd = _odd_one(items, lambda i: geometry_of(i.info))
     if odd is not None:
-        common = Counter(_geometry_of(i.info) for i in items).most_common(1)[0][0]
-        raise refuse(odd, "shape", _fmt_shape(_geometry_of(odd.info)), _fmt_shape(common))
+        common = Counter(geometry_of(i.info) for i in items).most_common(1)[0][0]
+        raise refuse(odd, "shape", fmt_shape(geometry_of(odd.info)), fmt_shape(common))
     odd = _odd_one(items, lambda i: i.info.binning)
     if odd is not None:
         common_bin = Counter(i.info.binning for i in items).most_common(1)[0][0]
@@ -390,13 +348,13 @@ def build_master(kind: str, paths: Sequence[Path], *, bias: np.ndarray | None = 
         raise MasterError(f"kappa must be > 0, got {kappa}")
     items = [_inspect(Path(p)) for p in paths]
     _validate(kind, items)
-    geometry = _geometry_of(items[0].info)
+    geometry = geometry_of(items[0].info)
     # RGB frames are combined as one 2-D image of their planes end to end (per pixel work).
-    shape = _rows_shape(items[0].info)
+    shape = rows_shape(items[0].info)
     for label, arr in (("bias", bias), ("dark flat", dark_flat)):
         if arr is not None and arr.shape != geometry:
-            raise MasterError(f"master {label} shape {_fmt_shape(arr.shape)} does not match the "
-                              f"{kind} frames' {_fmt_shape(geometry)}")
+            raise MasterError(f"master {label} shape {fmt_shape(arr.shape)} does not match the "
+                              f"{kind} frames' {fmt_shape(geometry)}")
     pre: np.ndarray | None = None
     pre_label = "none"
     if kind == "flat":
@@ -486,7 +444,7 @@ def _master_header(kind: str, items: Sequence[_Input], kappa: float, n_rejected:
 
 
 def _group_key(kind: str, info: FrameInfo) -> tuple[object, ...]:
-    key: tuple[object, ...] = (_geometry_of(info), info.binning, info.gain, info.offset,
+    key: tuple[object, ...] = (geometry_of(info), info.binning, info.gain, info.offset,
                                info.bayer_pattern)
     if kind in ("dark", "darkflat"):
         key += (round(info.exposure_s, 3),)
@@ -535,7 +493,7 @@ def _raw_dir_files(directory: Path, kind: str) -> list[Path]:
 
 
 def _matching(candidates: Iterable[MasterEntry], info: FrameInfo) -> list[MasterEntry]:
-    return [c for c in candidates if _geometry_of(c.info) == _geometry_of(info)
+    return [c for c in candidates if geometry_of(c.info) == geometry_of(info)
             and c.info.binning == info.binning
             and _same_setting(c.info.gain, info.gain) and _same_setting(c.info.offset, info.offset)]
 
@@ -705,7 +663,7 @@ class MasterEntry:
         except FrameReadError as exc:
             if exc.reason != "not_2d":
                 raise MasterError(f"{path}: cannot read master: {exc.message}") from exc
-            data, header, info = _read_rgb_master(path)  # an RGB master (3, ny, nx)
+            data, header, info = read_rgb_master(path)  # an RGB master (3, ny, nx)
         kind = str(header.get("LSKIND", "")).strip() or info.image_type
         if kind not in MASTER_KINDS:
             raise MasterError(f"{path}: IMAGETYP {header.get('IMAGETYP')!r} is not a bias, dark, "
@@ -724,7 +682,7 @@ class MasterEntry:
         if self._data is None:
             assert self.path is not None  # entries without data always have a path
             if self.info.channels > 1:
-                self._data, _, _ = _read_rgb_master(self.path)
+                self._data, _, _ = read_rgb_master(self.path)
                 return self._data
             try:
                 self._data, _, _ = read_any_frame(self.path)
@@ -798,9 +756,9 @@ class MasterLibrary:
         cands = self._of_kind(kind)
         name = {"darkflat": "dark flat"}.get(kind, kind)
         cands = self._narrow(
-            cands, lambda c: _geometry_of(c.info) == _geometry_of(info), notes, lambda cs: (
-                f"no {name} of shape {_fmt_shape(_geometry_of(info))} (have "
-                f"{', '.join(sorted({_fmt_shape(_geometry_of(c.info)) for c in cs}))})"))
+            cands, lambda c: geometry_of(c.info) == geometry_of(info), notes, lambda cs: (
+                f"no {name} of shape {fmt_shape(geometry_of(info))} (have "
+                f"{', '.join(sorted({fmt_shape(geometry_of(c.info)) for c in cs}))})"))
         cands = self._narrow(cands, lambda c: c.info.binning == info.binning, notes, lambda cs: (
             f"no {name} with binning {info.binning[0]}x{info.binning[1]} (have "
             f"{', '.join(sorted({'{}x{}'.format(*c.info.binning) for c in cs}))})"))
@@ -947,16 +905,8 @@ class MasterLibrary:
                 text += (f" scaled x{choice.dark_scale:.3g} to "
                          f"{d.info.exposure_s * choice.dark_scale:g}s")
             applied.append(text)
-            flat_data = choice.flat.data() if choice.flat else None
-            thermal_or_dark = thermal if thermal is not None else dark
-            if thermal_or_dark.ndim == 3:  # RGB: each channel against its own flat plane
-                defects = np.stack([find_defects(
-                    thermal_or_dark[c], d.info.exposure_s,
-                    master_flat=None if flat_data is None else flat_data[c])
-                    for c in range(thermal_or_dark.shape[0])])
-            else:
-                defects = find_defects(thermal_or_dark, d.info.exposure_s,
-                                       master_flat=flat_data)
+            defects = defect_map(thermal if thermal is not None else dark, d.info.exposure_s,
+                                 choice.flat.data() if choice.flat else None)
         elif bias is not None:
             subtract = bias
         flat = choice.flat.data() if choice.flat is not None else None
@@ -964,7 +914,7 @@ class MasterLibrary:
             f = choice.flat
             applied.append(f"flat {f.info.filter_name!r} x{f.ncombine} ({f.label})")
             if defects is None:
-                defects = _per_channel(find_cold_pixels, f.data())
+                defects = cold_map(f.data())
         if defects is not None:
             applied.append(f"defect map: {int(defects.sum())} pixels")
         return MasterSet(
@@ -988,7 +938,7 @@ def _is_master_file(path: Path) -> bool:
         if exc.reason != "not_2d":
             return False
         try:  # an RGB master (3, ny, nx)
-            _, header, _ = _read_rgb_master(path)
+            _, header, _ = read_rgb_master(path)
         except MasterError:
             return False
     imagetyp = str(header.get("IMAGETYP", "")).strip().lower()
