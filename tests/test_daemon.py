@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,7 +39,8 @@ from livestack.errors import UsageError
 from livestack.pipeline.session import StackSession
 from livestack.pipeline.types import Transform
 from livestack.sim import SimConfig, Simulator, write_calibration_set, write_fits, write_sequence
-from livestack.storage.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from livestack.storage.atomic import StagedFile
+from livestack.storage.checkpoint import CHECKPOINT_NAME, load_checkpoint, stage_checkpoint
 from livestack.storage.fitsio import read_frame
 
 SIZE = {"width": 256, "height": 192}
@@ -147,13 +149,19 @@ def test_bad_inputs_end_as_journal_rows_while_the_stack_grows(
     def enospc(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def writer(path: Path, arrays: dict, meta: dict) -> int:
+    def writer(path: Path, arrays: dict, meta: dict) -> tuple[StagedFile, int]:
         written.append(int(meta["seq"]))
-        if len(written) == 2:  # the second checkpoint hits a full disk
-            with pytest.MonkeyPatch.context() as m:
-                m.setattr(os, "fsync", enospc)
-                return save_checkpoint(path, arrays, meta)
-        return save_checkpoint(path, arrays, meta)
+        staged, size = stage_checkpoint(path, arrays, meta)
+        if len(written) == 2:  # the second checkpoint hits a full disk when it is synced
+            commit = staged.commit
+
+            def full_disk_commit(before_replace: Any = None) -> None:
+                with pytest.MonkeyPatch.context() as m:
+                    m.setattr(os, "fsync", enospc)
+                    commit(before_replace)
+
+            staged.commit = full_disk_commit  # type: ignore[method-assign]
+        return staged, size
 
     before = {p: sha(p) for p in [*good, *bad.values()] if p.is_file()
               and p != bad["vanished"] and os.access(p, os.R_OK)}
@@ -618,9 +626,13 @@ def test_run_subprocess_systemd_notify_signals_and_outputs(tmp_path: Path,
         stack_url = url + "api/stacks/" + stacks[0]["stack_id"] + "/stack.fits"
         with urllib.request.urlopen(stack_url, timeout=60) as resp:
             assert resp.read(6) == b"SIMPLE"
+        # A status dropped by a full queue (the test was slow to read) comes with a later
+        # watchdog ping as "WATCHDOG=1\nSTATUS=...": split datagrams into lines.
+        deadline = time.monotonic() + 120
         while not (any(m.startswith("WATCHDOG=1") for m in messages) and any(
                 m.startswith("STATUS=") and "3 stacked" in m for m in messages)):
-            messages.append(sock.recv(4096).decode())
+            assert time.monotonic() < deadline, messages[-5:]
+            messages.extend(sock.recv(4096).decode().splitlines())
         # Excluding a frame rebuilds in the background (a child process) and swaps.
         status, reply = command("exclude_frame", token, {"file": frames[1].name})
         assert status == 200 and reply.get("ok") is True, reply
@@ -918,7 +930,8 @@ def test_checkpoint_thread_survives_a_bug_and_drain_returns(
         return True
 
     def job(stack_id: str) -> _CheckpointJob:
-        return _CheckpointJob(stack_id, Path("/nonexistent"), {}, {}, 1, 1, 0)
+        staged = StagedFile(Path("/nonexistent"), Path("/nonexistent.tmp"), "checkpoint")
+        return _CheckpointJob(stack_id, staged, 0, 0.0, 1, 1, 0)
 
     thread = _CheckpointThread(write)
     with caplog.at_level(logging.ERROR, logger="livestack.daemon"):

@@ -491,8 +491,15 @@ class RunningStack:
         return total
 
     # ------------------------------------------------------------- persistence
-    def state(self) -> dict[str, NDArray[Any]]:
-        """Return everything needed to resume exactly (new, contiguous arrays).
+    def state(self, *, copy: bool = True) -> dict[str, NDArray[Any]]:
+        """Return everything needed to resume exactly (contiguous arrays).
+
+        Parameters
+        ----------
+        copy : bool
+            True: new arrays, safe to keep while frames are added. False: the planes
+            themselves where they are contiguous (no extra 18 bytes per pixel), valid
+            only until the next :meth:`add`; for writing a checkpoint between frames.
 
         Returns
         -------
@@ -511,8 +518,10 @@ class RunningStack:
         }
         if self._warm:
             k = len(self._warm_weights)
-            frames = (self._buffer[:k].copy() if self._buffer is not None
+            frames = (self._buffer[:k] if self._buffer is not None
                       else np.empty((0, self._nc, self._ny, self._nx), dtype=np.float32))
+            if copy:
+                frames = frames.copy()
             out["warm_frames"] = frames
             out["warm_weights"] = np.asarray(self._warm_weights, dtype=np.float64)
             out["warm_noise_sq"] = np.asarray(self._warm_noise_sq,
@@ -520,7 +529,8 @@ class RunningStack:
             return out
         names = ("mean", "m2", "wsum", "count", "rej_lo", "rej_hi")
         for name, arr in zip(names, self._planes(), strict=True):
-            out[name] = np.ascontiguousarray(arr).copy()
+            plane = np.ascontiguousarray(arr)
+            out[name] = plane.copy() if copy and plane is arr else plane
         return out
 
     @classmethod

@@ -537,8 +537,14 @@ class StackSession:
         return encode_jpeg(pixels, quality or self.config.preview.quality)
 
     # ------------------------------------------------------------ persistence
-    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def state(self, *, copy: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Return everything needed to resume this stack exactly.
+
+        Parameters
+        ----------
+        copy : bool
+            False returns the accumulator's own planes (see :meth:`RunningStack.state`),
+            valid until the next frame: for writing a checkpoint without a 18 B/px copy.
 
         Returns
         -------
@@ -563,7 +569,7 @@ class StackSession:
             "first_info": None if self.first_info is None else _info_to_json(self.first_info),
         }
         if self._stack is not None:
-            for key, value in self._stack.state().items():
+            for key, value in self._stack.state(copy=copy).items():
                 arrays[f"stack.{key}"] = value
         ref = self._reference
         if ref is not None:

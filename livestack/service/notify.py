@@ -49,6 +49,10 @@ class SystemdNotifier:
         self._watchdog_usec = _watchdog_usec(env)
         self._sock: socket.socket | None = None
         self._warned = False
+        #: The last status line, while systemd has not received it: the daemon sends a status
+        #: only when it changes, so a dropped datagram (a full socket queue) would otherwise
+        #: leave ``systemctl status`` stale until the next change.
+        self._pending_status: str | None = None
 
     def ready(self) -> None:
         """Report that start-up finished (``READY=1``): systemd marks the unit active."""
@@ -63,11 +67,18 @@ class SystemdNotifier:
 
         Newlines in ``text`` are replaced by spaces (they would start a new field).
         """
-        self._send("STATUS=" + " ".join(text.splitlines()))
+        line = "STATUS=" + " ".join(text.splitlines())
+        self._pending_status = None if self._send(line) else line
 
     def watchdog(self) -> None:
-        """Ping the service watchdog (``WATCHDOG=1``); call it more often than WatchdogSec."""
-        self._send("WATCHDOG=1")
+        """Ping the service watchdog (``WATCHDOG=1``); call it more often than WatchdogSec.
+
+        A status line that could not be delivered travels with the ping.
+        """
+        if self._pending_status is None:
+            self._send("WATCHDOG=1")
+        elif self._send("WATCHDOG=1\n" + self._pending_status):
+            self._pending_status = None
 
     def watchdog_interval_s(self) -> float | None:
         """Recommended ping period in seconds: half of ``WATCHDOG_USEC``.
@@ -87,9 +98,10 @@ class SystemdNotifier:
             self._sock.close()
             self._sock = None
 
-    def _send(self, message: str) -> None:
+    def _send(self, message: str) -> bool:
+        """Send one datagram; True when it was handed to the socket."""
         if self._address is None:
-            return
+            return True
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -97,11 +109,13 @@ class SystemdNotifier:
                 # raises BlockingIOError (an OSError) and the message is dropped.
                 self._sock.setblocking(False)
             self._sock.sendto(message.encode("utf-8"), self._address)
+            return True
         except OSError as exc:        # systemd gone or socket removed: never crash the daemon
             if not self._warned:
                 log.warning("cannot notify systemd at %r: %s", self._address, exc)
                 self._warned = True
             self.close()
+            return False
 
 
 def _socket_address(value: str) -> str | bytes | None:

@@ -88,3 +88,100 @@ def atomic_write(path: str | Path, *, what: str = "file", mode: int = 0o644,
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+class StagedFile:
+    """A complete temporary file that will replace ``path`` when :meth:`commit` is called.
+
+    Splits :func:`atomic_write` in two so the cheap half (writing into the page cache)
+    can run where the data is consistent and the slow half (fsync, rename, folder fsync)
+    elsewhere: the live worker writes a checkpoint straight from the stack's arrays
+    without copying them, and the checkpoint thread makes it durable.
+
+    Parameters
+    ----------
+    path : Path
+        Final file name.
+    tmp : Path
+        The complete temporary file in ``path``'s folder.
+    what : str
+        Words for error messages.
+    """
+
+    def __init__(self, path: Path, tmp: Path, what: str) -> None:
+        self.path = path
+        self.tmp = tmp
+        self.what = what
+
+    def commit(self, before_replace: Callable[[Path], None] | None = None) -> None:
+        """fsync the temp file, rename it over :attr:`path` and fsync the folder.
+
+        Raises
+        ------
+        StorageError
+            Any ``OSError``; the temp file is removed and the previous file is untouched.
+        """
+        try:
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if before_replace is not None:
+                before_replace(self.tmp)
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            self.discard()
+            raise StorageError(f"{self.path}: cannot write {self.what}: "
+                               f"{exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        """Remove the temporary file (it was superseded or the write is abandoned)."""
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+def stage_write(path: str | Path, write: Callable[[int], None], *, what: str = "file",
+                mode: int = 0o644, prefix: str | None = None) -> StagedFile:
+    """Write a temporary file next to ``path`` with ``write(fd)``; return it uncommitted.
+
+    Parameters
+    ----------
+    path : str or Path
+        Final file name.
+    write : callable
+        Writes the content into the open file descriptor it is given.
+    what, mode, prefix
+        As for :func:`atomic_write`.
+
+    Returns
+    -------
+    StagedFile
+        Call :meth:`StagedFile.commit` to make it durable and visible.
+
+    Raises
+    ------
+    StorageError
+        Any ``OSError`` while writing (disk full, permissions); the temp file is removed.
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp",
+                                        dir=path.parent)
+        tmp = Path(tmp_name)
+        try:
+            os.fchmod(fd, mode)
+            write(fd)
+        finally:
+            os.close(fd)
+        staged = StagedFile(path, tmp, what)
+        tmp = None
+        return staged
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot write {what}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from livestack.errors import StorageError
-from livestack.storage.atomic import atomic_write
+from livestack.storage.atomic import StagedFile, stage_write
 
 CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT_VERSION = 1
@@ -58,22 +58,49 @@ def save_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[
         Any OSError (disk full, permissions, read-only file system); the message names
         the path. The previous checkpoint at ``path`` is left untouched.
     """
-    path = Path(path)
+    staged, size = stage_checkpoint(path, arrays, meta, compress=compress)
+    staged.commit(before_replace)
+    return size
+
+
+def stage_checkpoint(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any],
+                     *, compress: bool = False) -> tuple[StagedFile, int]:
+    """Write a checkpoint into a temporary file next to ``path``, not yet durable or visible.
+
+    The arrays may be live views of the stack's state: they are only read here, so the
+    caller must not change them until this returns (the worker calls it between frames).
+    :meth:`StagedFile.commit` (fsync + rename) can then run in another thread.
+
+    Returns
+    -------
+    staged : StagedFile
+    size : int
+        Bytes written.
+
+    Raises
+    ------
+    StorageError
+        Any OSError while writing; no temp file is left behind.
+    """
     if _META_KEY in arrays:
         raise ValueError(f"array name {_META_KEY!r} is reserved")
     payload = dict(arrays)
     blob = json.dumps({"format": FORMAT_VERSION, **meta}).encode("utf-8")
     payload[_META_KEY] = np.frombuffer(blob, dtype=np.uint8)
-    with atomic_write(path, what="checkpoint", prefix=_TMP_PREFIX,
-                      before_replace=before_replace) as (fd, _tmp):
+    written = [0]
+
+    def write(fd: int) -> None:
         with os.fdopen(fd, "wb", closefd=False) as fh:
             if compress:
                 np.savez_compressed(fh, allow_pickle=False, **payload)
             else:
+                # numpy streams each member in bounded chunks: no copy of a plane is made.
                 np.savez(fh, allow_pickle=False, **payload)
             fh.flush()
-            size = fh.tell()
-    return size
+            written[0] = fh.tell()
+
+    staged = stage_write(path, write, what="checkpoint", prefix=_TMP_PREFIX)
+    return staged, written[0]
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

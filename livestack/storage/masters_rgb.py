@@ -1,4 +1,5 @@
-"""Masters of RGB frames: the shape they must match and reading their ``(3, ny, nx)`` files.
+"""Masters of RGB frames: the shape they must match, flat normalisation per CFA colour or
+RGB channel, and reading ``(3, ny, nx)`` master files.
 
 RGB frames (TIFF/PNG/JPEG/XISF colour images, read as ``(3, ny, nx)``) need masters of the
 same shape: :mod:`livestack.storage.masters` combines such frames as one 2-D image of their
@@ -16,9 +17,11 @@ import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
-from livestack.errors import MasterError
+from livestack.errors import FrameReadError, MasterError
 from livestack.pipeline.calibrate import find_cold_pixels, find_defects
+from livestack.pipeline.debayer import cfa_channel_masks
 from livestack.pipeline.types import FrameInfo
+from livestack.storage import fitsio
 from livestack.storage.headers import parse_frame_info
 
 
@@ -91,3 +94,60 @@ def read_rgb_master(path: Path) -> tuple[np.ndarray, fits.Header, FrameInfo]:
     info = replace(parse_frame_info(header, str(path), (arr.shape[1], arr.shape[2])),
                    channels=3)
     return arr, header, info
+
+
+def read_master_header(path: Path) -> tuple[fits.Header, FrameInfo, np.ndarray | None]:
+    """Header and info of a master FITS file; an RGB cube's pixels come along (one read).
+
+    Returns
+    -------
+    header : astropy.io.fits.Header
+    info : FrameInfo
+        ``channels`` is 3 for a ``(3, ny, nx)`` master.
+    data : ndarray or None
+        The pixels of an RGB master (read whole by astropy); None for a 2-D master
+        (read on first use by the fast frame reader).
+
+    Raises
+    ------
+    MasterError
+        Unreadable file, or neither a 2-D nor a ``(3, ny, nx)`` image.
+    """
+    try:
+        header, info = fitsio.read_header(path)
+    except FrameReadError as exc:
+        if exc.reason != "not_2d":
+            raise MasterError(f"{path}: cannot read master: {exc.message}") from exc
+        data, header, info = read_rgb_master(path)
+        return header, info, data
+    return header, info, None
+
+
+def normalize_flat(flat: np.ndarray, bayer_pattern: str | None) -> np.ndarray:
+    """Divide a flat by its median, per CFA colour (R, G, B) when ``bayer_pattern`` is set,
+    per channel for an RGB ``(3, ny, nx)`` flat.
+
+    Raises
+    ------
+    MasterError
+        If a median is not positive.
+    """
+    out = np.array(flat, dtype=np.float32, copy=True)
+    if out.ndim == 3:  # RGB: per channel, as per CFA colour for a mosaic
+        for plane in out:
+            plane[...] = normalize_flat(plane, None)
+        return out
+    if bayer_pattern is None:
+        groups = [np.ones(out.shape, dtype=bool)]
+    else:
+        codes = cfa_channel_masks(bayer_pattern, out.shape)
+        groups = [codes == k for k in range(3)]
+    for mask in groups:
+        vals = out[mask]
+        vals = vals[np.isfinite(vals)]
+        med = float(np.median(vals)) if vals.size else float("nan")
+        if not med > 0:
+            raise MasterError(f"master flat has a non-positive median ({med}); "
+                              "check the flat frames and their bias/dark subtraction")
+        out[mask] /= np.float32(med)
+    return out

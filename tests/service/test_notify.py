@@ -112,3 +112,27 @@ def test_a_notify_socket_nobody_reads_never_blocks(tmp_path: Path) -> None:
         notifier.close()
     finally:
         receiver.close()
+
+
+def test_a_status_dropped_by_a_full_queue_travels_with_the_next_ping(
+        path_socket: tuple[socket.socket, str]) -> None:
+    sock, address = path_socket
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": address})
+    sent = 0
+    while notifier._send("WATCHDOG=1"):  # nobody reads: fill the datagram queue
+        sent += 1
+        assert sent < 100_000
+    notifier.status("M_42-L-60s: 3 stacked")  # dropped: the queue is full
+    sock.setblocking(False)
+    drained = []
+    while True:
+        try:
+            drained.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            break
+    assert len(drained) == sent and not any("STATUS" in m for m in drained)
+    sock.settimeout(5.0)
+    notifier.watchdog()
+    notifier.watchdog()
+    notifier.close()
+    assert receive_all(sock, 2) == ["WATCHDOG=1\nSTATUS=M_42-L-60s: 3 stacked", "WATCHDOG=1"]

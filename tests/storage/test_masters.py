@@ -146,6 +146,16 @@ def test_chunked_combine_equals_single_chunk(tmp_path: Path,
     np.testing.assert_array_equal(whole, chunked)
 
 
+def test_truncated_input_is_a_one_line_error_naming_it(tmp_path: Path) -> None:
+    files = _make_frames(tmp_path, "dark", 4, seed=6, exposure_s=30.0)
+    blob = files[2].read_bytes()
+    cut = files[2].with_name("cut.fits")
+    cut.write_bytes(blob[: len(blob) - 2880 * 3])  # the camera stopped writing
+    with pytest.raises(MasterError, match=r"cut\.fits: .*truncated") as info:
+        build_master("dark", [*files[:2], cut, files[3]])
+    assert "\n" not in str(info.value)
+
+
 def test_compressed_inputs(tmp_path: Path) -> None:
     plain = _make_frames(tmp_path / "plain", "bias", 5, seed=5)
     packed = []
