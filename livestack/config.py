@@ -177,10 +177,16 @@ class RoutingConfig:
     failure_run : int
         This many consecutive alignment failures that agree among themselves start a new
         stack (a slew without RA/DEC in the headers).
+    solved_jump_fraction : float
+        A frame that does not align with its stack and whose own plate solve (or WCS
+        header) puts its centre farther than this fraction of the field diagonal from the
+        stack's solved centre starts a new stack, or returns to the stack already there: a
+        re-point or meridian flip the headers did not report. Needs ``solver.enabled``.
     """
 
     slew_threshold_deg: float = field(default=0.5, metadata=_rng(0.0, 180.0, lo_open=True))
     failure_run: int = field(default=5, metadata=_rng(2, None))
+    solved_jump_fraction: float = field(default=0.5, metadata=_rng(0.0, 10.0, lo_open=True))
 
 
 @dataclass(frozen=True)

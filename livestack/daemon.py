@@ -369,7 +369,8 @@ class Engine:
         self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
         self.masters = masters if masters is not None else self._load_masters()
         self.router = Router(slew_threshold_deg=config.routing.slew_threshold_deg,
-                             failure_run=config.routing.failure_run)
+                             failure_run=config.routing.failure_run,
+                             solved_jump_fraction=config.routing.solved_jump_fraction)
         saved = self.journal.get_state("router")
         if saved is not None:
             try:
@@ -377,6 +378,7 @@ class Engine:
             except ValueError as exc:
                 log.warning("%s: router state not usable (%s); routing starts afresh",
                             self.journal.path, exc)
+            self.router.solved_jump_fraction = config.routing.solved_jump_fraction
         # new_stack command: router id -> the id frames of that key go to instead.
         self.redirects: dict[str, str] = dict(self.journal.get_state("redirects", {}))
         self.runtimes: dict[str, _Runtime] = {}
@@ -586,6 +588,7 @@ class Engine:
         """
         spath = os.path.abspath(path)
         t0 = time.perf_counter()
+        self.solving.frame_started()  # a running solve-field waits (SIGSTOP) until idle
         refusal = check_entry(spath, self.watch_root)
         if refusal is not None:  # symlink out of the watch folder, dangling symlink
             reason, message, status, level = refusal
@@ -787,6 +790,7 @@ class Engine:
         router_id = self._router_id(rt.stack_id)
         if alignment:
             reroute = self.router.report_alignment_failure(router_id, info)
+            self.solving.unaligned(rt, row_id, info, outcome.stars)
         elif outcome.verdict == "accepted":
             self.router.report_alignment_success(router_id)
         transform = outcome.transform
@@ -832,6 +836,7 @@ class Engine:
         self.after_frame(rt)
         if reroute:
             self._reroute(rt.stack_id, reroute)
+        self.solving.route_moves()
         return self.journal.row(row_id)
 
     def forget_runtime(self, rt: _Runtime) -> None:
@@ -853,14 +858,17 @@ class Engine:
                 self.router = Router.from_dict(saved)
         self.redirects = dict(self.journal.get_state("redirects", {}))
 
-    def _reroute(self, old_stack: str, paths: tuple[str, ...]) -> None:
+    def _reroute(self, old_stack: str, paths: tuple[str, ...], *,
+                 to_stack: str | None = None, why: str = "") -> None:
         """A run of agreeing alignment failures closed ``old_stack``: restack the run.
 
         The frames (rejected in the old stack) move to the stack the router now gives
-        them: their journal rows get the new stack and a new ``seq`` there.
+        them, or to ``to_stack`` (solved routing, ``why`` says why): their journal rows get
+        the new stack and a new ``seq`` there.
         """
-        log.info("%s: %d frames in a row do not align but agree among themselves: "
-                 "starting a new stack with them", old_stack, len(paths))
+        if to_stack is None:
+            log.info("%s: %d frames in a row do not align but agree among themselves: "
+                     "starting a new stack with them", old_stack, len(paths))
         for path in paths:
             rows = [r for r in self.journal.rows(path=path, stack_id=old_stack)
                     if r.status == "rejected"]
@@ -873,7 +881,9 @@ class Engine:
             except FrameError as exc:
                 log.warning("%s: %s: %s", path, exc.reason, exc.message)
                 continue
-            stack_id = self._route(info)
+            stack_id = self._route(info) if to_stack is None else to_stack
+            if to_stack is not None:
+                log.info("%s: %s -> %s (%s)", path, old_stack, to_stack, why)
             new_rt = self.runtime(stack_id, info)
             self.current_stack = stack_id
             t0 = time.perf_counter()
@@ -958,7 +968,9 @@ class Engine:
         """Called when no frame is waiting: flush what the cadences deferred."""
         out = self.config.output
         now = time.monotonic()
+        self.solving.idle()  # the solve-field stopped during frames runs again
         self.solving.poll()
+        self.solving.route_moves()
         for rt in list(self.runtimes.values()):
             if rt.session.n_accepted and rt.accepted_since_preview > 0 and (
                     now - rt.last_preview_t >= out.preview_min_interval_s):
@@ -1028,7 +1040,9 @@ class Engine:
 
         t0 = time.perf_counter()
         try:
-            product = rt.session.product()
+            # Views of the live state (no 10 B/px of map copies): written before the
+            # worker folds in another frame.
+            product = rt.session.product(copy=False)
             self.solving.annotate(rt, product.header)
             write_stack_fits(rt.folder / FITS_NAME, product)
         except StorageError as exc:
@@ -2070,6 +2084,7 @@ class Daemon:
             engine.close()
         elif engine is not None:
             engine.terminate_rebuilds()  # no orphan rebuild process outlives the daemon
+            engine.solving.terminate()  # nor a solve-field (maybe stopped mid-frame)
         log.info("stopped")
         return code
 
@@ -2247,6 +2262,8 @@ def stack_files(config: Config, files: Iterable[Path], output_root: Path, *,
             if progress is not None:
                 progress(i, total, row)
         engine.solving.drain()  # batch: the stack.fits written next carries the WCS
+        while engine.solving.route_moves():  # frames solved elsewhere: their stacks too
+            engine.solving.drain()
         engine.finalize()
     finally:
         engine.close()

@@ -82,6 +82,9 @@ _METHODS = ("kappa_sigma", "mean", "sum")
 #: Row/column stride of the sample the sky level is taken from.
 _SKY_STEP = 8
 
+#: Rows per band of a warm-up preview's replay (rounded up to the preview's block size).
+_PREVIEW_BAND_ROWS = 128
+
 
 @dataclass(frozen=True)
 class StackConfig:
@@ -295,17 +298,47 @@ class RunningStack:
         from livestack.pipeline import kernels_accumulate as kern
 
         assert self._buffer is not None
+        rows = np.zeros((self._nc * self._ny, 2), dtype=np.int64)
+        replay: Any = kern.replay_warmup  # a numba dispatcher; mypy cannot see *args
+        replay(self._buffer, len(self._warm_weights), *self._replay_inputs(),
+               mean, m2, wsum, count, rej_lo, rej_hi, rows, packed)
+        return int(rows[:, 0].sum()), int(rows[:, 1].sum())
+
+    def _replay_inputs(self) -> tuple[Any, ...]:
+        """``weights, noise_sq, noise_bar_sq, sky, prior_n, coef_lo, coef_hi`` of a replay."""
         k = len(self._warm_weights)
         weights = np.asarray(self._warm_weights, dtype=np.float64)
         noise_sq = np.asarray(self._warm_noise_sq, dtype=np.float64).reshape(k, self._nc)
-        noise_bar_sq = noise_sq.mean(axis=0)
-        rows = np.zeros((self._nc * self._ny, 2), dtype=np.int64)
-        sky = self._sky_level()
         coef_lo, coef_hi = self._coefficients()
-        kern.replay_warmup(self._buffer, k, weights, noise_sq, noise_bar_sq, sky,
-                           float(self.config.prior_frames), coef_lo, coef_hi, mean,
-                           m2, wsum, count, rej_lo, rej_hi, rows, packed)
-        return int(rows[:, 0].sum()), int(rows[:, 1].sum())
+        return (weights, noise_sq, noise_sq.mean(axis=0), self._sky_level(),
+                float(self.config.prior_frames), coef_lo, coef_hi)
+
+    def _warm_preview(self, factor: int) -> NDArray[np.float32]:
+        """:meth:`preview_mean` during warm-up: the replay band by band.
+
+        A whole-frame provisional replay allocates the full state (18 B/px, 470 MB at
+        26 MP) next to the held frames; the replay is row-local, so bands of rows (a
+        multiple of ``factor``) give the same blocks with a few MB of scratch.
+        """
+        from livestack.pipeline import kernels_accumulate as kern
+        from livestack.pipeline.kernels_binning import block_mean_counted
+
+        assert self._buffer is not None
+        k = len(self._warm_weights)
+        inputs = self._replay_inputs()
+        replay: Any = kern.replay_warmup  # a numba dispatcher; mypy cannot see *args
+        band = factor * max(1, math.ceil(_PREVIEW_BAND_ROWS / factor))
+        parts = []
+        for y0 in range(0, self._ny, band):
+            y1 = min(self._ny, y0 + band)
+            frames = np.ascontiguousarray(self._buffer[:k, :, y0:y1, :])
+            shape = (self._nc, y1 - y0, self._nx)
+            mean, m2, wsum = (np.empty(shape, np.float32) for _ in range(3))
+            count, rej_lo, rej_hi = (np.empty(shape, np.uint16) for _ in range(3))
+            rows = np.zeros((self._nc * (y1 - y0), 2), dtype=np.int64)
+            replay(frames, k, *inputs, mean, m2, wsum, count, rej_lo, rej_hi, rows, False)
+            parts.append(block_mean_counted(mean, count, factor))
+        return np.concatenate(parts, axis=1)
 
     def _sky_level(self) -> NDArray[np.float64]:
         """Median of the held frames per channel (every 8th row and column)."""
@@ -417,6 +450,8 @@ class RunningStack:
             # The stack is its first frame: block-average it in numpy, with no replay or
             # block kernel. On a first start the first preview then needs no compile.
             return self._shape_out(_block_nanmean(self._buffer[0], factor))
+        if self._warm:
+            return self._shape_out(self._warm_preview(factor))
         mean, _, _, count, _, _ = self._planes()
         small = block_mean_counted(mean, count, factor)
         return self._shape_out(small)
@@ -435,6 +470,45 @@ class RunningStack:
         else:
             out = np.where(count > 0, mean, np.float32(np.nan)).astype(np.float32, copy=False)
         return self._shape_out(out)
+
+    def product_maps(self, *, copy: bool = True) -> tuple[
+            NDArray[np.float32], NDArray[np.float32], NDArray[np.uint16], NDArray[np.uint16],
+            NDArray[np.uint16]]:
+        """The stack product and its maps from one look at the state.
+
+        Parameters
+        ----------
+        copy : bool
+            False returns the count and rejection maps (and the mono weight map) as views
+            of the state, valid only until the next :meth:`add`: for writing ``stack.fits``
+            between frames without 10 B/px of copies. During warm-up the maps come from one
+            provisional replay (one 18 B/px allocation instead of one per map).
+
+        Returns
+        -------
+        tuple of ndarray
+            ``(image, weight, count, rejected_low, rejected_high)`` as :meth:`image`,
+            :meth:`weight_map`, :meth:`count_map`, :meth:`reject_low_map`,
+            :meth:`reject_high_map` return them.
+        """
+        planes = self._planes()
+        mean, _, wsum, count, rej_lo, rej_hi = planes
+        keep = copy and not self._warm  # a warm-up replay is already a private copy
+        if self.config.method == "sum":
+            value = mean.astype(np.float64) * count
+            image = np.where(count > 0, value, np.nan).astype(np.float32)
+        else:
+            image = np.where(count > 0, mean, np.float32(np.nan)).astype(np.float32, copy=False)
+        if self._nc == 1:
+            weight = wsum[0].copy() if keep else wsum[0]
+        else:
+            weight = wsum.mean(axis=0, dtype=np.float32)
+
+        def u16(plane: NDArray[np.uint16]) -> NDArray[np.uint16]:
+            out = np.ascontiguousarray(self._shape_out(plane), dtype=np.uint16)
+            return out.copy() if keep else out
+
+        return (self._shape_out(image), weight, u16(count), u16(rej_lo), u16(rej_hi))
 
     def weight_map(self) -> NDArray[np.float32]:
         """Summed weights of the accepted samples, float32 (ny, nx) (colour: channel mean)."""

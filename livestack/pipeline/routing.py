@@ -17,6 +17,12 @@ Rules
 * ``failure_run`` consecutive alignment failures that agree among themselves mean the field
   changed without the header saying so (a re-point without RA/DEC, a rotated camera): the stack
   is retired and the next frame of that key starts a new stack.
+* A frame that does not align and whose own plate solve (or WCS header) puts its centre more
+  than ``solved_jump_fraction`` of the field diagonal from its stack's solved centre moved
+  without the header saying so (no RA/DEC keys, a meridian flip and re-point): it goes to the
+  stack of that key whose solved centre is near it, else to a new one
+  (:meth:`Router.route_solved`). Solved centres come from the caller
+  (:meth:`Router.set_solved_centre`); the router never solves.
 
 The night runs from local noon to noon, approximated from UTC: the date of ``DATE-OBS - 12 h``.
 """
@@ -174,6 +180,9 @@ class _Stack:
     retired: bool = False
     # current run of agreeing alignment failures: (path, ra_deg, dec_deg)
     failures: list[tuple[str, float | None, float | None]] = field(default_factory=list)
+    # plate-solved centre of the stack's reference and its field diagonal:
+    # (ra_deg, dec_deg, diagonal_deg)
+    solved: tuple[float, float, float] | None = None
 
 
 class Router:
@@ -186,20 +195,29 @@ class Router:
         another stack. Dithers and drift stay well below the default 0.5 deg.
     failure_run : int
         Number of consecutive, mutually agreeing alignment failures that retire a stack.
+    solved_jump_fraction : float
+        An unaligned frame whose solved centre is farther than this fraction of the field
+        diagonal from its stack's solved centre belongs to another stack. Dithers and drift
+        stay far below the default 0.5; a frame half a field away barely overlaps.
 
     Raises
     ------
     ValueError
-        If ``slew_threshold_deg <= 0`` or ``failure_run < 1``.
+        If ``slew_threshold_deg <= 0``, ``failure_run < 1`` or
+        ``solved_jump_fraction <= 0``.
     """
 
-    def __init__(self, slew_threshold_deg: float = 0.5, failure_run: int = 5) -> None:
+    def __init__(self, slew_threshold_deg: float = 0.5, failure_run: int = 5,
+                 solved_jump_fraction: float = 0.5) -> None:
         if not slew_threshold_deg > 0:
             raise ValueError(f"slew_threshold_deg must be > 0, got {slew_threshold_deg}")
         if failure_run < 1:
             raise ValueError(f"failure_run must be >= 1, got {failure_run}")
+        if not (solved_jump_fraction > 0 and math.isfinite(solved_jump_fraction)):
+            raise ValueError(f"solved_jump_fraction must be > 0, got {solved_jump_fraction}")
         self.slew_threshold_deg = float(slew_threshold_deg)
         self.failure_run = int(failure_run)
+        self.solved_jump_fraction = float(solved_jump_fraction)
         self._stacks: dict[str, _Stack] = {}
         self._seq = 0
 
@@ -295,6 +313,101 @@ class Router:
         """
         self._stacks[stack_id].failures.clear()
 
+    def set_solved_centre(self, stack_id: str, ra_deg: float, dec_deg: float,
+                          diagonal_deg: float) -> None:
+        """Remember where a stack points, from its plate solve.
+
+        Parameters
+        ----------
+        stack_id : str
+            A router stack id.
+        ra_deg, dec_deg : float
+            Solved centre of the stack's latest aligned frame (or its reference), degrees:
+            like the header pointing, the comparison is with the latest frame, so a slow
+            drift over the night is not a jump.
+        diagonal_deg : float
+            The field's diagonal, degrees (the unit of ``solved_jump_fraction``).
+
+        Raises
+        ------
+        KeyError
+            If ``stack_id`` is unknown.
+        ValueError
+            If a value is not finite or the diagonal is not positive.
+        """
+        stack = self._stacks[stack_id]
+        if not (math.isfinite(ra_deg) and math.isfinite(dec_deg) and math.isfinite(diagonal_deg)
+                and diagonal_deg > 0):
+            raise ValueError(f"solved centre ({ra_deg}, {dec_deg}) with diagonal "
+                             f"{diagonal_deg} deg is not usable")
+        stack.solved = (float(ra_deg) % 360.0, float(dec_deg), float(diagonal_deg))
+
+    def solved_centre(self, stack_id: str) -> tuple[float, float, float] | None:
+        """``(ra_deg, dec_deg, diagonal_deg)`` of a stack's solve, None before one
+        (KeyError if unknown)."""
+        return self._stacks[stack_id].solved
+
+    def route_solved(self, stack_id: str, info: FrameInfo, ra_deg: float,
+                     dec_deg: float) -> tuple[str, float] | None:
+        """Route again a frame of ``stack_id`` that did not align, by its solved centre.
+
+        Parameters
+        ----------
+        stack_id : str
+            The router stack the frame was routed to (and did not align with).
+        info : FrameInfo
+            The frame (its header pointing, if any, is remembered by the new stack).
+        ra_deg, dec_deg : float
+            The frame's centre from its own plate solve or WCS header, degrees.
+
+        Returns
+        -------
+        tuple of (str, float) or None
+            None when the stack has no solved centre yet or the frame's centre is within
+            ``solved_jump_fraction`` of the field diagonal of it (the frame failed for
+            another reason: it stays where it is). Otherwise ``(new_stack_id, moved_deg)``:
+            the most recently used stack of the same key and night whose solved centre is
+            that near the frame, else a new stack ``<night>/<slug>-N`` centred on the frame;
+            it becomes the key's most recent stack, so the frames that follow (without
+            header pointing) go there, and the frame leaves the old stack's failure run.
+
+        Raises
+        ------
+        KeyError
+            If ``stack_id`` is unknown.
+        ValueError
+            If the centre is not finite.
+        """
+        stack = self._stacks[stack_id]
+        if not (math.isfinite(ra_deg) and math.isfinite(dec_deg)):
+            raise ValueError(f"solved centre ({ra_deg}, {dec_deg}) is not finite")
+        if stack.solved is None:
+            return None
+        moved_deg = angular_separation_deg(stack.solved[0], stack.solved[1], ra_deg, dec_deg)
+        if moved_deg <= self.solved_jump_fraction * stack.solved[2]:
+            return None
+        candidates = sorted((s for s in self._stacks.values()
+                             if s.night == stack.night and s.key == stack.key and not s.retired
+                             and s is not stack and s.solved is not None),
+                            key=lambda s: s.last_used, reverse=True)
+        chosen = next((s for s in candidates if s.solved is not None and angular_separation_deg(
+            s.solved[0], s.solved[1], ra_deg, dec_deg)
+            <= self.solved_jump_fraction * s.solved[2]), None)
+        if chosen is None:
+            chosen = self._new_stack(stack.night, stack.key)
+            # The frame is the new stack's first: its centre stands for the stack until
+            # the stack's own solve replaces it.
+            chosen.solved = (float(ra_deg) % 360.0, float(dec_deg), stack.solved[2])
+        self._seq += 1
+        chosen.last_used = self._seq
+        chosen.n_frames += 1
+        stack.n_frames = max(0, stack.n_frames - 1)
+        stack.failures = [f for f in stack.failures if f[0] != info.path]
+        where = _pointing(info)
+        if where is not None:
+            chosen.pointing = where
+        return chosen.stack_id, moved_deg
+
     def key_of(self, stack_id: str) -> StackKey:
         """The :class:`StackKey` of a stack (KeyError if unknown)."""
         return self._stacks[stack_id].key
@@ -314,12 +427,14 @@ class Router:
             "version": _STATE_VERSION,
             "slew_threshold_deg": self.slew_threshold_deg,
             "failure_run": self.failure_run,
+            "solved_jump_fraction": self.solved_jump_fraction,
             "seq": self._seq,
             "stacks": [{
                 "stack_id": s.stack_id, "night": s.night, "key": s.key.to_dict(),
                 "pointing": None if s.pointing is None else list(s.pointing),
                 "last_used": s.last_used, "n_frames": s.n_frames, "retired": s.retired,
                 "failures": [list(f) for f in s.failures],
+                "solved": None if s.solved is None else list(s.solved),
             } for s in self._stacks.values()],
         }
 
@@ -336,16 +451,21 @@ class Router:
             raise ValueError(f"router state version {data.get('version')!r} is not "
                              f"{_STATE_VERSION}")
         try:
-            router = cls(float(data["slew_threshold_deg"]), int(data["failure_run"]))
+            # States written before solved routing have no fraction and no solved centres.
+            router = cls(float(data["slew_threshold_deg"]), int(data["failure_run"]),
+                         float(data.get("solved_jump_fraction", 0.5)))
             router._seq = int(data["seq"])
             for item in data["stacks"]:
                 pointing = item["pointing"]
+                solved = item.get("solved")
                 stack = _Stack(
                     str(item["stack_id"]), str(item["night"]), StackKey.from_dict(item["key"]),
                     None if pointing is None else (float(pointing[0]), float(pointing[1])),
                     int(item["last_used"]), int(item["n_frames"]), bool(item["retired"]),
                     [(str(p), None if ra is None else float(ra), None if dec is None else
-                      float(dec)) for p, ra, dec in item["failures"]])
+                      float(dec)) for p, ra, dec in item["failures"]],
+                    None if solved is None else (float(solved[0]), float(solved[1]),
+                                                 float(solved[2])))
                 router._stacks[stack.stack_id] = stack
         except (KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"router state is malformed: {exc!r}") from exc

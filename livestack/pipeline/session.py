@@ -154,6 +154,9 @@ class FrameOutcome:
         Milliseconds per stage.
     rejected_low, rejected_high : int
         Pixels of this frame rejected as low/high outliers.
+    stars : StarList or None
+        The frame's detected stars when it was rejected after detection (e.g. it did not
+        align): the daemon plate-solves them to route the frame by its solved pointing.
     """
 
     file: str
@@ -166,6 +169,7 @@ class FrameOutcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     rejected_low: int = 0
     rejected_high: int = 0
+    stars: StarList | None = None
 
 
 class _Timer:
@@ -240,6 +244,8 @@ class StackSession:
         self.base_header: dict[str, object] = {}
         #: The stack's saturation level (pipeline.saturation).
         self.saturation = StackSaturation()
+        #: Stars of the frame in progress (handed to a rejected frame's outcome).
+        self._frame_stars: StarList | None = None
 
     # ------------------------------------------------------------------ frames
     def process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
@@ -268,12 +274,13 @@ class StackSession:
             Never raises for per-frame problems.
         """
         timer = _Timer()
+        self._frame_stars = None
         try:
             return self._process(raw, info, masters, stored_transform, timer)
         except FrameError as exc:
             verdict = "failed" if exc.reason.startswith(("master_", "calibration")) else "rejected"
             outcome = FrameOutcome(info.path, verdict, exc.reason, exc.message,
-                                   timings_ms=timer.timings_ms)
+                                   timings_ms=timer.timings_ms, stars=self._frame_stars)
             self._record(outcome, info)
             return outcome
 
@@ -348,6 +355,7 @@ class StackSession:
                  stored_transform: Transform | None, timer: _Timer) -> FrameOutcome:
         cfg = self.config
         image, lum, stars, metrics, saturation = self._prepare(raw, info, masters, timer)
+        self._frame_stars = stars  # for the outcome of a frame rejected from here on
         verdict = self.gate.evaluate(metrics)
         if not verdict.accepted:
             outcome = FrameOutcome(info.path, "rejected", verdict.reason, verdict.message,
@@ -465,8 +473,15 @@ class StackSession:
             raise ValueError(f"stack {self.stack_id} has no accepted frame yet")
         return self._stack.mean()
 
-    def product(self) -> StackProduct:
+    def product(self, *, copy: bool = True) -> StackProduct:
         """Return the stack image, its maps, the frame records and FITS header values.
+
+        Parameters
+        ----------
+        copy : bool
+            False: the maps may be views of the live stack state (see
+            :meth:`RunningStack.product_maps`), valid until the next frame; for writing
+            ``stack.fits`` between frames.
 
         Raises
         ------
@@ -475,11 +490,10 @@ class StackSession:
         """
         if self._stack is None:
             raise ValueError(f"stack {self.stack_id} has no accepted frame yet")
-        stack = self._stack
-        image = stack.mean() if self.config.stack.method != "sum" else _sum_image(stack)
+        image, weight, count, rejected_low, rejected_high = self._stack.product_maps(copy=copy)
         return StackProduct(
-            image=image, weight=stack.weight_map(), count=stack.count_map(),
-            rejected_low=stack.reject_low_map(), rejected_high=stack.reject_high_map(),
+            image=image, weight=weight, count=count,
+            rejected_low=rejected_low, rejected_high=rejected_high,
             records=list(self.records), header=self._header(),
         )
 
@@ -720,13 +734,6 @@ def _is_identity(transform: Transform, tolerance: float = 1e-9) -> bool:
     """True if ``transform`` maps every pixel to itself (within ``tolerance``)."""
     identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     return bool(np.allclose(transform.matrix, identity, rtol=0.0, atol=tolerance))
-
-
-def _sum_image(stack: RunningStack) -> np.ndarray:
-    """Sum of samples for the ``sum`` method (mean times count)."""
-    mean = stack.mean()
-    count = stack.count_map().astype(np.float32)
-    return np.where(count > 0, mean * count, np.nan).astype(np.float32)
 
 
 def _accept_message(info: FrameInfo, metrics: FrameMetrics, transform: Transform,

@@ -13,11 +13,17 @@ files cover) keeps no WCS; the solve is tried again once the stack holds twice a
 frames, on stars detected in the deeper stack, up to :data:`MAX_ATTEMPTS` times.
 A change of reference (``set_reference``) is noticed and the new reference solved, with
 the previous solution as the hint.
+
+Frames that do not align are solved too, to route them by where they point
+(:mod:`livestack.service.solvedrouting`). A running ``solve-field`` is stopped while the
+worker processes a frame (:meth:`StackSolving.frame_started`) and continued when it is
+idle (:meth:`StackSolving.idle`), so that a solve does not slow the frames on two cores.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import MutableMapping
@@ -36,7 +42,9 @@ from livestack.pipeline.wcs import (
     max_offset_px,
     to_astropy,
 )
+from livestack.service.solvedrouting import SolvedRouting
 from livestack.storage.solver import (
+    ChildPause,
     SolveResult,
     header_wcs,
     hints_from_header,
@@ -99,6 +107,12 @@ class StackSolving:
         #: Solutions by camera (shape and binning): the scale hint of new stacks.
         self.cameras: dict[str, dict[str, float]] = dict(
             engine.journal.get_state("solver:cameras", {}) or {})
+        #: Stops solve-field children while a frame is processed.
+        self.pause = ChildPause()
+        #: Unaligned frames solved to route them by their pointing.
+        self.routing = SolvedRouting(self)
+        #: stack id -> (reference path, solve of that frame) from a solved-routing move.
+        self._seeds: dict[str, tuple[str, SolveResult]] = {}
 
     @property
     def active(self) -> bool:
@@ -106,6 +120,34 @@ class StackSolving:
         return bool(self.config.enabled) and self.problem is None
 
     # ----------------------------------------------------------------- worker hooks
+
+    def frame_started(self) -> None:
+        """The worker starts on a frame: stop the running solve-field (SIGSTOP)."""
+        self.pause.pause()
+
+    def idle(self) -> None:
+        """The worker is idle: let the solve-field run again (SIGCONT)."""
+        self.pause.resume()
+
+    def unaligned(self, rt: Any, row_id: int, info: FrameInfo,
+                  stars: StarList | None) -> None:
+        """A frame of ``rt`` did not align: find where it points, in the background."""
+        if self.active:
+            self.routing.unaligned(rt.stack_id, row_id, info, stars)
+
+    def route_moves(self) -> int:
+        """Re-stack the unaligned frames whose solved centre jumped; return how many moved.
+
+        Called by the worker at the end of a frame's outcome handling and when idle; never
+        waits for a solve.
+        """
+        if not self.active:
+            return 0
+        return self.routing.route_moves()
+
+    def seed(self, stack_id: str, reference: str, result: SolveResult) -> None:
+        """A solve of ``reference``, the first frame of ``stack_id``: its stack's solution."""
+        self._seeds[stack_id] = (reference, result)
 
     def after_frame(self, rt: Any, row_id: int, transform: Transform | None,
                     accepted: bool) -> None:
@@ -117,6 +159,9 @@ class StackSolving:
                 and job.wcs is not None:
             ra, dec, pa = frame_pointing(job.wcs, transform, job.shape)
             self._pointing.append((row_id, ra, dec, pa))
+            if job.field is not None:  # the stack points where its latest frame does
+                self._route_by(rt.stack_id, ra, dec,
+                               math.hypot(job.field["width_deg"], job.field["height_deg"]))
         if len(self._pointing) >= POINTING_BATCH:
             self._flush_pointing()
         self.poll()
@@ -128,8 +173,11 @@ class StackSolving:
         for stack_id, job in list(self.jobs.items()):
             if job.state == "solving" and job.done.is_set():
                 self._finish(stack_id, job)
-        if any(j.state == "solving" for j in self.jobs.values()):
+        self.routing.take_in()
+        if any(j.state == "solving" for j in self.jobs.values()) or self.routing.running:
             return  # one solve at a time: the machine may have only 2 cores
+        if self.routing.start_next():
+            return  # frames waiting to be routed come before deeper retries
         for stack_id, rt in list(self.engine.runtimes.items()):
             current = self._job(rt)
             if current is None or stack_id in getattr(self.engine, "rebuilds", {}):
@@ -149,22 +197,33 @@ class StackSolving:
         """Wait for the running solve (batch mode), then take it in."""
         deadline = time.monotonic() + (timeout_s if timeout_s is not None
                                        else self.config.time_limit_s + 10.0)
+        self.pause.resume()  # nothing else runs now
         while self.active:
             self.poll()
-            running = [j for j in self.jobs.values() if j.state == "solving"]
+            running = [j.done for j in self.jobs.values() if j.state == "solving"]
+            running += [r.done for r in self.routing.queue if r.state == "solving"]
             if not running or time.monotonic() > deadline:
                 break
-            running[0].done.wait(0.2)
+            running[0].wait(0.2)
         self._flush_pointing()
 
     def close(self) -> None:
         """Cancel a running solve (its child is killed) and write pending pointings."""
         for job in self.jobs.values():
             job.cancel.set()
+        self.routing.cancel_all()
         for job in self.jobs.values():
             if job.thread is not None:
                 job.thread.join(timeout=10.0)
+        self.routing.join(10.0)
         self._flush_pointing()
+
+    def terminate(self) -> None:
+        """Kill every solver child now, from any thread (the worker is stuck): no orphan."""
+        for job in list(self.jobs.values()):
+            job.cancel.set()
+        self.routing.cancel_all()
+        self.pause.kill_all()
 
     def annotate(self, rt: Any, header: dict[str, object]) -> None:
         """Add the stack's WCS cards (TAN or TAN-SIP) to a ``stack.fits`` header dict."""
@@ -214,6 +273,12 @@ class StackSolving:
                 return None
             job = _Job(reference, info.shape, _camera_key(info))
             self.jobs[rt.stack_id] = job
+            seed = self._seeds.pop(rt.stack_id, None)
+            if seed is not None and seed[0] == reference:
+                # Solved already, to route it here: taken in by the next poll.
+                job.attempts, job.frames_at_attempt = 1, rt.session.n_accepted
+                job.state, job.started, job.outcome = "solving", time.monotonic(), seed[1]
+                job.done.set()
         return job
 
     def _cancel_job(self, job: _Job) -> None:
@@ -239,7 +304,7 @@ class StackSolving:
         def run() -> None:
             job.outcome = _solve_job(job, info, stars, image, detect_config, previous,
                                      self.config.index_dir, self.config.time_limit_s,
-                                     job.cancel)
+                                     job.cancel, self.pause)
             job.done.set()
 
         what = f"the stack of {session.n_accepted} frames" if deeper else job.reference
@@ -274,6 +339,8 @@ class StackSolving:
             note["wcs"] = result.cards
             log.info("%s: %s", stack_id, result.message)
             self.cameras[job.camera] = {"scale_arcsec": geo.scale_arcsec}
+            self._route_by(stack_id, geo.ra_deg, geo.dec_deg,
+                           math.hypot(geo.width_deg, geo.height_deg))
             self.engine.journal.set_state("solver:cameras", self.cameras)
             self._check_existing(stack_id, job, result.cards)
             self._all_pointings(stack_id, job)
@@ -289,6 +356,18 @@ class StackSolving:
                 self.engine._alert("warning", "not_solved", message, stack_id)
         self.engine.journal.set_state(f"solver:{stack_id}", note)
         self.engine._publish_stack(rt)
+
+    def _route_by(self, stack_id: str, ra_deg: float, dec_deg: float,
+                  diagonal_deg: float) -> None:
+        """Tell the router where the stack points (its frames are routed by it too)."""
+        router = getattr(self.engine, "router", None)
+        if router is None:
+            return
+        try:
+            router.set_solved_centre(self.engine._router_id(stack_id), ra_deg, dec_deg,
+                                     diagonal_deg)
+        except (KeyError, ValueError) as exc:  # a stack the router does not know
+            log.debug("%s: solved centre not given to the router (%s)", stack_id, exc)
 
     def _check_existing(self, stack_id: str, job: _Job, cards: WcsCards) -> None:
         """Log when the capture software's own WCS disagrees with ours."""
@@ -323,7 +402,8 @@ class StackSolving:
 
 def _solve_job(job: _Job, info: FrameInfo, stars: StarList | None,
                image: np.ndarray | None, detect_config: Any, previous: dict[str, float],
-               index_dir: str, time_limit_s: float, cancel: threading.Event) -> SolveResult:
+               index_dir: str, time_limit_s: float, cancel: threading.Event,
+               pause: ChildPause | None = None) -> SolveResult:
     """The background part: hints from the reference header, stars, solve-field."""
     from livestack.pipeline.debayer import luminance
     from livestack.pipeline.detect import detect_stars
@@ -339,7 +419,7 @@ def _solve_job(job: _Job, info: FrameInfo, stars: StarList | None,
         stars = detect_stars(np.ascontiguousarray(lum, dtype=np.float32), detect_config)[0]
     assert stars is not None
     return solve_stars(stars, job.shape, hints, index_dir=index_dir,
-                       time_limit_s=time_limit_s, cancel=cancel)
+                       time_limit_s=time_limit_s, cancel=cancel, pause=pause)
 
 
 def _camera_key(info: FrameInfo) -> str:

@@ -13,6 +13,13 @@ A wrong hint cannot produce a wrong WCS: a match is only accepted after astromet
 verifies it against the index stars at odds of 1e9 to 1; a hint only narrows the
 search. When a hinted search fails, the next attempt drops the position hint (within
 what is left of the time limit); a scale hint is kept (see :func:`_attempt_plan`).
+
+On two cores even a niced, ``SCHED_IDLE`` child slows the frame path (memory bandwidth,
+caches, the second core's other work): :class:`ChildPause` stops the child's process group
+with SIGSTOP while a frame is processed and continues it (SIGCONT) when the worker is idle.
+Paused time does not count against the time limit. A killed daemon leaves no stopped
+``solve-field`` behind: the child gets SIGKILL when the thread that started it dies (where
+``setpriv`` exists), and its group, orphaned, gets the kernel's SIGHUP + SIGCONT.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,6 +245,111 @@ def header_wcs(header: Mapping[str, Any]) -> WcsCards | None:
         return None
 
 
+# ------------------------------------------------------------------------------ pausing
+
+# The child gets its own process group (stopped, continued and killed as a group) but stays
+# in the daemon's session: when the daemon dies, a stopped group left without it is
+# orphaned, and the kernel sends it SIGHUP + SIGCONT (in a session of its own it would stay
+# stopped for ever). Python 3.10 has no ``process_group``; setpgid is async-signal-safe.
+_OWN_GROUP: dict[str, Any] = ({"process_group": 0} if sys.version_info >= (3, 11)
+                              else {"preexec_fn": os.setpgrp})
+
+
+
+class ChildPause:
+    """Stop (SIGSTOP) and continue (SIGCONT) the process groups of running solver children.
+
+    Thread-safe: the worker calls :meth:`pause` and :meth:`resume`; solve threads register
+    their child with :meth:`child`. A child started while paused is stopped at once. Every
+    child is continued before it is killed or waited for (a stopped process never exits on
+    its own), and :meth:`kill_all` ends every registered group from any thread.
+
+    Parameters
+    ----------
+    clock : callable, optional
+        Monotonic seconds (tests give a fake one).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._groups: set[int] = set()
+        self._paused_since: float | None = None
+        self._paused_total_s = 0.0
+        #: Set when a child is registered (callers and tests wait on it).
+        self.registered = threading.Event()
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`."""
+        return self._paused_since is not None
+
+    def paused_s(self) -> float:
+        """Seconds spent paused since this object was made (the current pause included)."""
+        with self._lock:
+            now = self._clock()
+            return self._paused_total_s + (0.0 if self._paused_since is None
+                                           else now - self._paused_since)
+
+    def pause(self) -> None:
+        """Stop every registered child group (no-op when already paused)."""
+        with self._lock:
+            if self._paused_since is not None:
+                return
+            self._paused_since = self._clock()
+            for pgid in self._groups:
+                _signal_group(pgid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue every registered child group (no-op when not paused)."""
+        with self._lock:
+            if self._paused_since is None:
+                return
+            self._paused_total_s += self._clock() - self._paused_since
+            self._paused_since = None
+            for pgid in self._groups:
+                _signal_group(pgid, signal.SIGCONT)
+
+    def kill_all(self) -> None:
+        """Kill every registered child group (continued first); the solve threads reap them."""
+        with self._lock:
+            for pgid in self._groups:
+                _signal_group(pgid, signal.SIGCONT)
+                _signal_group(pgid, signal.SIGKILL)
+
+    def groups(self) -> list[int]:
+        """Process-group ids of the registered children."""
+        with self._lock:
+            return sorted(self._groups)
+
+    @contextmanager
+    def child(self, proc: subprocess.Popen) -> Iterator[None]:
+        """Register a child that leads its own process group (pgid = pid) for the block.
+
+        On leaving, the child's group is continued so that a kill or a wait after the block
+        cannot hang on a stopped process.
+        """
+        with self._lock:
+            self._groups.add(proc.pid)
+            if self._paused_since is not None:
+                _signal_group(proc.pid, signal.SIGSTOP)
+        self.registered.set()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._groups.discard(proc.pid)
+                _signal_group(proc.pid, signal.SIGCONT)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    # The group may have exited between the check and the signal: nothing to do then.
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 # ------------------------------------------------------------------------------ solving
 
 
@@ -258,7 +372,11 @@ def _command(xyls: Path, work: Path, shape: tuple[int, int], hints: SolveHints,
     # SCHED_IDLE (where chrt exists) runs the search only on otherwise idle CPU time, so
     # the live frames keep their pace; nice 19 on top for systems without it.
     idle = ["chrt", "--idle", "0"] if shutil.which("chrt") else []
-    cmd = [*idle, "nice", "-n", "19", SOLVE_FIELD, str(xyls), "--config", str(config),
+    # SIGKILL when the starting thread dies (a crashed or SIGKILLed daemon): a paused child
+    # would otherwise stay stopped for ever. Its own children (same group) then get the
+    # kernel's SIGHUP + SIGCONT for a stopped orphaned process group.
+    death = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+    cmd = [*death, *idle, "nice", "-n", "19", SOLVE_FIELD, str(xyls), "--config", str(config),
            "--width", str(nx), "--height", str(ny), "--x-column", "X", "--y-column", "Y",
            "--sort-column", "FLUX", "--dir", str(work), "--overwrite", "--no-plots",
            "--new-fits", "none", "--rdls", "none", "--corr", "none", "--match", "none",
@@ -276,10 +394,9 @@ def _command(xyls: Path, work: Path, shape: tuple[int, int], hints: SolveHints,
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    # Continued first: a SIGSTOPped group (see ChildPause) must run to act on the kill.
+    _signal_group(proc.pid, signal.SIGCONT)
+    _signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -301,7 +418,8 @@ def _attempt_plan(hints: SolveHints) -> list[tuple[str, SolveHints]]:
 
 def solve_stars(stars: StarList, shape: tuple[int, int], hints: SolveHints, *,
                 index_dir: str, time_limit_s: float,
-                cancel: threading.Event | None = None) -> SolveResult:
+                cancel: threading.Event | None = None,
+                pause: ChildPause | None = None) -> SolveResult:
     """Solve a star list with ``solve-field`` (niced child process, killable).
 
     Parameters
@@ -317,6 +435,9 @@ def solve_stars(stars: StarList, shape: tuple[int, int], hints: SolveHints, *,
         Budget for all attempts together (CPU limit of each child and wall limit).
     cancel : threading.Event, optional
         Set it to kill the child and return ``reason="cancelled"``.
+    pause : ChildPause, optional
+        Registers the child so the caller can stop it while frames are processed; time
+        spent paused does not count against ``time_limit_s``.
 
     Returns
     -------
@@ -325,6 +446,12 @@ def solve_stars(stars: StarList, shape: tuple[int, int], hints: SolveHints, *,
         result with a reason.
     """
     t0 = time.monotonic()
+    paused0 = pause.paused_s() if pause is not None else 0.0
+
+    def running_s() -> float:
+        paused = pause.paused_s() - paused0 if pause is not None else 0.0
+        return time.monotonic() - t0 - paused
+
     problem = solver_problem(index_dir)
     if problem is not None:
         return SolveResult(False, None, "solver_missing", problem)
@@ -338,12 +465,12 @@ def solve_stars(stars: StarList, shape: tuple[int, int], hints: SolveHints, *,
         xyls = work / "stars.xyls"
         result.n_stars = _write_xyls(xyls, stars)
         for name, attempt in _attempt_plan(hints):
-            left = time_limit_s - (time.monotonic() - t0)
+            left = time_limit_s - running_s()
             if left < 1.0:
                 break
             result.attempts.append(name)
             outcome = _run_once(_command(xyls, work, shape, attempt, index_dir, left),
-                                work, left, cancel)
+                                work, left, cancel, pause)
             if outcome is None:
                 result.reason, result.message = "cancelled", "solve cancelled"
                 break
@@ -379,28 +506,36 @@ def solve_stars(stars: StarList, shape: tuple[int, int], hints: SolveHints, *,
 
 
 def _run_once(cmd: list[str], work: Path, wall_limit_s: float,
-              cancel: threading.Event | None) -> tuple[int | None, str] | None:
-    """Run one ``solve-field``; None when cancelled. Output goes to a file (no pipe stall)."""
+              cancel: threading.Event | None,
+              pause: ChildPause | None = None) -> tuple[int | None, str] | None:
+    """Run one ``solve-field``; None when cancelled. Output goes to a file (no pipe stall).
+
+    The wall limit counts only the time the child was not paused.
+    """
     for stale in ("out.wcs", "out.solved"):
         (work / stale).unlink(missing_ok=True)
     out_path = work / "solve.log"
-    deadline = time.monotonic() + wall_limit_s + 5.0
+    t0 = time.monotonic()
+    paused0 = pause.paused_s() if pause is not None else 0.0
+    registry = pause if pause is not None else ChildPause()
     with open(out_path, "wb") as out:
         try:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, **_OWN_GROUP)
         except OSError as exc:
             return -1, f"cannot start {SOLVE_FIELD}: {exc}"
-        while True:
-            try:
-                code: int | None = proc.wait(timeout=0.1)
-                break
-            except subprocess.TimeoutExpired:
-                if cancel is not None and cancel.is_set():
-                    _kill(proc)
-                    return None
-                if time.monotonic() > deadline:
-                    _kill(proc)
-                    code = None
+        with registry.child(proc):
+            while True:
+                try:
+                    code: int | None = proc.wait(timeout=0.1)
                     break
+                except subprocess.TimeoutExpired:
+                    if cancel is not None and cancel.is_set():
+                        _kill(proc)
+                        return None
+                    paused = registry.paused_s() - paused0
+                    if time.monotonic() - t0 - paused > wall_limit_s + 5.0:
+                        _kill(proc)
+                        code = None
+                        break
     return code, out_path.read_text(encoding="utf-8", errors="replace")

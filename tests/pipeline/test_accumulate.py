@@ -420,6 +420,33 @@ def test_preview_mean_equals_block_average_of_mean() -> None:
             assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=1e-6)
 
 
+def test_warm_up_preview_replayed_in_bands_equals_the_whole_replay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import livestack.pipeline.accumulate as acc
+    from livestack.pipeline.kernels_binning import block_mean
+
+    monkeypatch.setattr(acc, "_PREVIEW_BAND_ROWS", 5)  # many bands, a ragged last one
+    rng = np.random.default_rng(23)
+    for shape in ((101, 77), (3, 64, 90)):
+        stack = RunningStack(shape, StackConfig(warmup_frames=5))
+        plane_shape = shape[-2:]
+        footprint = np.ones(plane_shape, dtype=bool)
+        footprint[:, :9] = False
+        for i in range(3):  # still warming up: the preview comes from a replay
+            frame = rng.normal(100.0, 5.0, size=shape).astype(np.float32)
+            if i == 1:
+                frame[..., 30, :] += 500.0  # a trail the replay rejects
+            stack.add(np.where(footprint, frame, 0.0).astype(np.float32), footprint, 1.0, 5.0)
+        planes = stack.mean().reshape((-1, *plane_shape))  # the whole-frame replay
+        for size in (40, 200):
+            factor = max(1, -(-max(plane_shape) // size))
+            expected = block_mean(np.ascontiguousarray(planes), factor)
+            got = stack.preview_mean(size).reshape(expected.shape)
+            assert np.array_equal(np.isnan(got), np.isnan(expected))
+            assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=1e-6)
+        assert stack.reject_high_map().sum() > 0  # the trail was rejected
+
+
 # ------------------------------------------------------------ seeding from a batch result
 def test_a_stack_seeded_from_batch_maps_continues_like_the_live_one() -> None:
     rng = np.random.default_rng(11)

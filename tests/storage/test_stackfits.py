@@ -186,3 +186,20 @@ def test_rgb_stack_drops_cfa_keys_mono_keeps_them(tmp_path: Path) -> None:
         for key in cfa:
             assert (key in header) is (not colour), key
         assert header["OBJECT"] == "M 94"
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_chunked_writer_gives_astropys_bytes(tmp_path: Path, colour: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import livestack.storage.stackfits as stackfits
+
+    prod = product(colour=colour)
+    prod.count[..., 0, :5] = [0, 1, 32767, 32768, 65535]  # both sides of the BZERO offset
+    monkeypatch.setattr(stackfits, "_WRITE_CHUNK_BYTES", 1000)  # many ragged chunks
+    ours = tmp_path / "ours.fits"
+    write_stack_fits(ours, prod)
+    reference = tmp_path / "astropy.fits"
+    stackfits._build(prod).writeto(reference)
+    assert ours.read_bytes() == reference.read_bytes()
+    with fits.open(ours) as hdul:
+        np.testing.assert_array_equal(hdul["COUNT"].data, prod.count)
