@@ -20,10 +20,16 @@ matched on every stack after removing the offset between the tools' reference gr
 * Gaussian FWHM: a circular 2-D Gaussian plus constant fitted by least squares to the
   15x15 px cutout (FWHM = 2.3548 sigma); the table gives the median over the stars;
 * star SNR: flux in a 5 px radius aperture minus the median of the 8-12 px annulus, over
-  the standard deviation (1.4826 MAD) of the same measurement at 400 star-free places of
-  the same stack. The empirical noise counts the correlation each demosaic puts between
-  neighbouring pixels, which a per-pixel sigma times sqrt(area) would not. The table gives
-  the median SNR and the median over stars of the SNR's ratio to Siril's;
+  the standard deviation (clipped at 4 robust sigma) of the same measurement at 4000
+  star-free places of the same stack. The empirical noise counts the correlation each
+  demosaic and interpolation puts between neighbouring pixels, which a per-pixel sigma
+  times sqrt(area) would not. The table gives the median SNR and the median over stars of
+  the SNR's ratio to Siril's, also at equal resolution: Siril's registration smooths (a
+  wider star, a lower per-pixel noise), and smoothing lowers the aperture noise, so each
+  stack sharper than Siril's is also measured Gaussian-blurred to Siril's median FWHM;
+* star flux: the ratio to Siril's is a scale set by each tool's normalisation (livestack
+  scales frames photometrically onto the reference frame, Siril's addscale by the
+  dispersion), which scales the noise too and leaves the SNR unchanged;
 * point-source detection SNR, as ``bench_integrate_siril.py`` measures it: every stack
   filtered with the same Gaussian (FWHM 2.3, 3.0 and 4.0 px), the filtered value at the
   star minus its annulus median over the filtered image's robust background noise; the
@@ -35,7 +41,9 @@ pixel parities; a demosaic that treats the CFA sites unequally shows as a spread
 Timing (wall clock; the machine may be shared, so ratios against bilinear measured in the
 same run are what count): ``debayer`` alone on a synthetic 26 MP frame (6248x4176) and on a
 real 2 MP Seestar frame, median of ``--repeat`` runs after a warm-up; and the whole
-``livestack stack`` run per frame next to Siril's whole script per frame.
+``livestack stack`` run per frame next to Siril's whole script per frame. ``--timing-only``
+times each method on 1 numba thread and on all of them, wall clock and process CPU time,
+with ``rcd-4pass``, the four-pass RCD that the fused kernel replaced, beside them.
 
     .venv/bin/python bench/bench_demosaic_siril.py [--data DIR] [--dir WORK] [--repeat N]
         [--methods rcd bilinear malvar] [--timing-only]
@@ -60,6 +68,9 @@ from bench_integrate_siril import (
 )
 from numpy.typing import NDArray
 
+# tests/oracles_demosaic (the four-pass RCD) is importable when run as `python bench/...`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seestar_m94_osc"
 SIRIL_OSC_SCRIPT = """requires 1.0.0
 cd lights
@@ -75,6 +86,10 @@ APERTURE_PX = 5.0
 ANNULUS_PX = (8.0, 12.0)
 EDGE_PX = 60  # the Seestar re-centres by up to ~40 px between blocks
 SNR_FILTERS = (2.3, 3.0, 4.0)  # FWHM (px) of the common detection filters
+# Blank-sky apertures for the empirical noise: with 400 and a MAD, RCD's SNR ratio to
+# Siril's ranged 0.88-0.99 over three random seeds of the places alone (bilinear's
+# 0.91-1.11); with 4000 and a clipped standard deviation it stays within about 1%.
+N_EMPTY = 4000
 
 
 def load_luminance(path: Path) -> NDArray[np.float64]:
@@ -190,7 +205,7 @@ def aperture_flux(image: NDArray[np.float64], xy: NDArray[np.float64],
     return np.array(out)
 
 
-def empty_places(images: dict[str, NDArray[np.float64]], n: int = 400, seed: int = 1,
+def empty_places(images: dict[str, NDArray[np.float64]], n: int = N_EMPTY, seed: int = 1,
                  clearance_px: float = 15.0) -> dict[str, NDArray[np.float64]]:
     """``n`` random star-free positions, the same sky on every stack (grid offsets applied)."""
     from scipy.spatial import cKDTree
@@ -216,50 +231,109 @@ def empty_places(images: dict[str, NDArray[np.float64]], n: int = 400, seed: int
 def star_snr(image: NDArray[np.float64], xy: NDArray[np.float64], empty: NDArray[np.float64],
              aperture_px: float = APERTURE_PX, annulus_px: tuple[float, float] = ANNULUS_PX
              ) -> NDArray[np.float64]:
-    """Aperture flux over the empirical noise of the same aperture on empty sky."""
+    """Aperture flux over the empirical noise of the same aperture on empty sky: the
+    standard deviation of the blank measurements within 4 robust sigma of their median
+    (faint sources and hot-pixel trails excluded; the standard deviation scatters half
+    as much as a MAD from the same samples)."""
     blank = aperture_flux(image, empty, aperture_px, annulus_px)
-    noise = 1.4826 * float(np.median(np.abs(blank - np.median(blank))))
+    robust = 1.4826 * float(np.median(np.abs(blank - np.median(blank))))
+    noise = float(np.std(blank[np.abs(blank - np.median(blank)) < 4.0 * robust]))
     return aperture_flux(image, xy, aperture_px, annulus_px) / noise
 
 
+def matched_resolution(image: NDArray[np.float64], xy: NDArray[np.float64], goal_px: float,
+                       tolerance_px: float = 0.01) -> tuple[NDArray[np.float64], float]:
+    """``image`` Gaussian-blurred until the median :func:`gaussian_fwhm` of the stars at
+    ``xy`` is ``goal_px`` (bisection on the blur's sigma); unchanged if already as wide.
+
+    Returns the blurred image and its median FWHM (px)."""
+    from bench_integrate_siril import gaussian_blur
+
+    def width(img: NDArray[np.float64]) -> float:
+        return float(np.nanmedian([gaussian_fwhm(img, x, y) for x, y in xy]))
+
+    achieved = width(image)
+    if achieved >= goal_px:
+        return image, achieved
+    low, high = 0.0, 2.0 * np.sqrt(goal_px ** 2 - achieved ** 2) / 2.3548
+    best = image
+    for _ in range(12):
+        sigma = 0.5 * (low + high)
+        best = gaussian_blur(image.astype(np.float32), sigma).astype(np.float64)
+        achieved = width(best)
+        if abs(achieved - goal_px) <= tolerance_px:
+            break
+        low, high = (sigma, high) if achieved < goal_px else (low, sigma)
+    return best, achieved
+
+
 def time_debayer(methods: list[str], frame: NDArray[np.float32], pattern: str,
-                 repeat: int) -> dict[str, float]:
-    """Median ms of ``debayer(frame, pattern, method)`` after one warm-up call."""
+                 repeat: int, threads: int | None = None) -> dict[str, tuple[float, float]]:
+    """Median wall ms and least CPU ms of each method on ``frame`` after one warm-up call,
+    with ``threads`` numba threads (all of them when None). The methods take turns in each
+    round, so that a load that comes and goes on a shared machine hits them alike.
+    ``rcd-4pass`` is the four-pass RCD that the fused kernel replaced
+    (``tests/oracles_demosaic.py``)."""
+    import numba
+
     from livestack.pipeline.debayer import debayer
+    from tests.oracles_demosaic import rcd_multipass
 
-    result = {}
-    for method in methods:
-        debayer(frame, pattern, method)
-        runs = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
+    def run(method: str) -> None:
+        if method == "rcd-4pass":
+            rcd_multipass(frame, pattern)
+        else:
             debayer(frame, pattern, method)
-            runs.append((time.perf_counter() - t0) * 1e3)
-        result[method] = statistics.median(runs)
-    return result
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads or numba.config.NUMBA_NUM_THREADS)
+    walls: dict[str, list[float]] = {m: [] for m in methods}
+    cpus: dict[str, list[float]] = {m: [] for m in methods}
+    try:
+        for method in methods:
+            run(method)
+        for _ in range(repeat):
+            for method in methods:
+                c0, t0 = time.process_time(), time.perf_counter()
+                run(method)
+                walls[method].append((time.perf_counter() - t0) * 1e3)
+                cpus[method].append((time.process_time() - c0) * 1e3)
+    finally:
+        numba.set_num_threads(before)
+    return {m: (statistics.median(walls[m]), min(cpus[m])) for m in methods}
 
 
-def debayer_timings(light: Path, methods: list[str], repeat: int
-                    ) -> tuple[dict[str, float], dict[str, float]]:
-    """ms per call of each method on the real frame ``light`` and on a synthetic 26 MP one."""
+def debayer_timings(light: Path, methods: list[str], repeat: int, threads: int | None = None
+                    ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+    """(wall, CPU) ms per call of each method on the real frame ``light`` and on a
+    synthetic 26 MP one."""
     from livestack.storage.fitsio import read_frame
 
     raw, info, _ = read_frame(light)
     pattern = info.bayer_pattern or "GRBG"
-    real_ms = time_debayer(methods, np.asarray(raw, dtype=np.float32), pattern, repeat)
+    real_ms = time_debayer(methods, np.asarray(raw, dtype=np.float32), pattern, repeat, threads)
     big = np.random.default_rng(0).normal(1000.0, 30.0, size=(4176, 6248)).astype(np.float32)
-    return real_ms, time_debayer(methods, big, pattern, repeat)
+    return real_ms, time_debayer(methods, big, pattern, repeat, threads)
 
 
 def print_timings(data: Path, methods: list[str], repeat: int) -> int:
-    """Print the debayer timings alone (a quick re-measure when the machine is quieter)."""
-    real_ms, big_ms = debayer_timings(sorted((data / "lights").glob("*.fit"))[0], methods,
-                                      repeat)
-    print("| method | ms per 26 MP frame | x bilinear | ms per Seestar frame | x bilinear |")
-    print("|---|---|---|---|---|")
-    for m in methods:
-        print(f"| {m} | {big_ms[m]:.0f} | {big_ms[m] / big_ms['bilinear']:.2f} | "
-              f"{real_ms[m]:.1f} | {real_ms[m] / real_ms['bilinear']:.2f} |")
+    """Print the debayer timings alone, on 1 and on all numba threads (a quick re-measure
+    when the machine is quieter). CPU ms is the least process CPU time (all threads) over
+    the runs; wall ms the median."""
+    import numba
+
+    light = sorted((data / "lights").glob("*.fit"))[0]
+    methods = list(dict.fromkeys([*methods, "rcd-4pass"]))
+    print("| method | threads | ms per 26 MP frame (wall) | x bilinear | CPU ms (least) | "
+          "x bilinear | ms per Seestar frame (wall) | x bilinear |")
+    print("|---|---|---|---|---|---|---|---|")
+    for threads in dict.fromkeys([1, numba.config.NUMBA_NUM_THREADS]):
+        real_ms, big_ms = debayer_timings(light, methods, repeat, threads)
+        for m in methods:
+            print(f"| {m} | {threads} | {big_ms[m][0]:.0f} | "
+                  f"{big_ms[m][0] / big_ms['bilinear'][0]:.2f} | {big_ms[m][1]:.0f} | "
+                  f"{big_ms[m][1] / big_ms['bilinear'][1]:.2f} | {real_ms[m][0]:.1f} | "
+                  f"{real_ms[m][0] / real_ms['bilinear'][0]:.2f} |")
     return 0
 
 
@@ -269,7 +343,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/livestack-bench-demosaic"))
     parser.add_argument("--repeat", type=int, default=5, help="timing runs per method")
     parser.add_argument("--methods", nargs="+", default=["bilinear", "rcd", "malvar"],
-                        choices=("bilinear", "rcd", "malvar"))
+                        choices=("bilinear", "rcd", "malvar", "auto"))
     parser.add_argument("--timing-only", action="store_true",
                         help="only the debayer timings (no Siril, no stacks)")
     args = parser.parse_args()
@@ -318,6 +392,16 @@ def main() -> int:
                                                 empty["siril"], a, r)))
                      for a in (3.0, 5.0) for r in ((8.0, 12.0), (8.0, 20.0), (10.0, 30.0))]
               for name in images}
+    # Siril's registration smooths (its stack is wider and its per-pixel noise lower), and
+    # smoothing trades resolution for aperture noise: compare the SNR at equal resolution,
+    # each stack sharper than Siril's blurred to Siril's median FWHM.
+    siril_fwhm = float(np.nanmedian(fwhm["siril"]))
+    matched = {name: matched_resolution(images[name], stars[name], siril_fwhm)
+               for name in images if name != "siril"}
+    matched_snr = {name: star_snr(image, stars[name], empty[name])
+                   for name, (image, _) in matched.items()}
+    matched_snr["siril"] = snr["siril"]
+    flux = {name: aperture_flux(images[name], stars[name]) for name in images}
     core = np.zeros(images["siril"].shape, dtype=bool)
     core[EDGE_PX:-EDGE_PX, EDGE_PX:-EDGE_PX] = True
     detection = {width: {name: detection_snr(images[name].astype(np.float32), stars[name],
@@ -350,6 +434,11 @@ def main() -> int:
         {n: f"{np.median(snr[n] / snr['siril']):.3f}" for n in names})
     row("the same ratio over apertures 3, 5 px x annuli 8-12, 8-20, 10-30 px (min-max)",
         {n: f"{min(spread[n]):.3f}-{max(spread[n]):.3f}" for n in names})
+    row("SNR / Siril's at Siril's resolution (blurred to its median FWHM; FWHM reached)",
+        {n: f"{np.median(matched_snr[n] / snr['siril']):.3f}"
+            + (f" ({matched[n][1]:.3f} px)" if n in matched else "") for n in names})
+    row("star flux / Siril's (a scale, not a loss: see the note below)",
+        {n: f"{np.median(flux[n] / flux['siril']):.3f}" for n in names})
     for width in SNR_FILTERS:
         row(f"detection SNR / Siril's, common Gaussian filter FWHM {width} px",
             {n: f"{np.median(detection[width][n] / detection[width]['siril']):.3f}"
@@ -361,9 +450,11 @@ def main() -> int:
     row("checkerboard: max 2x2-parity spread of the sky, ADU (per-pixel sigma)",
         {n: f"{boards[n][0]:.2f} ({boards[n][1]:.1f})" for n in names})
     row("debayer ms per 26 MP frame (6248x4176)",
-        {m: f"{big_ms[m]:.0f} ({big_ms[m] / big_ms['bilinear']:.2f}x bilinear)" for m in methods})
+        {m: f"{big_ms[m][0]:.0f} ({big_ms[m][0] / big_ms['bilinear'][0]:.2f}x bilinear)"
+         for m in methods})
     row(f"debayer ms per Seestar frame ({raw.shape[1]}x{raw.shape[0]})",
-        {m: f"{real_ms[m]:.1f} ({real_ms[m] / real_ms['bilinear']:.2f}x)" for m in methods})
+        {m: f"{real_ms[m][0]:.1f} ({real_ms[m][0] / real_ms['bilinear'][0]:.2f}x)"
+         for m in methods})
     row("whole run, s per frame (wall)",
         {"siril": f"{siril_wall / len(lights):.3f} (convert+register+stack)",
          **{m: f"{walls[m] / len(lights):.3f} (livestack stack)" for m in methods}})
@@ -371,6 +462,10 @@ def main() -> int:
                                    <= np.nanmedian(fwhm["siril"]) else "no" for m in methods})
     print()
     print("timings taken on a shared machine: compare ratios within this run")
+    print("star flux: livestack scales each frame photometrically onto the reference frame "
+          "(matched stars' flux),\nSiril's addscale by the dispersion (IKSS) onto its "
+          "reference; the stacks' flux scales differ by\nthat choice, which scales the noise "
+          "as well and leaves the SNR as it is.")
     return 0
 
 

@@ -400,10 +400,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
     files = _collect_frames(args.inputs)
     masters = None
     if args.bias or args.darks or args.flats:
-        from livestack.storage.masters import masters_for_cli
+        from livestack.storage.calibration import open_masters
 
-        masters = masters_for_cli(bias=_opt_path(args.bias), darks=_opt_path(args.darks),
-                                  flats=_opt_path(args.flats))
+        masters = open_masters(bias=_opt_path(args.bias), darks=_opt_path(args.darks),
+                               flats=_opt_path(args.flats),
+                               temp_tolerance_c=config.masters.temp_tolerance_c)
     from livestack.daemon import stack_files
 
     progress = None if args.no_progress else _progress_bar(sys.stderr)

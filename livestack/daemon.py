@@ -72,6 +72,7 @@ from livestack.service.guard import PathRedactor
 from livestack.service.hub import COMMANDS
 from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.atomic import StagedFile, atomic_write
+from livestack.storage.calibration import CalibrationRecord, master_cards, open_masters
 from livestack.storage.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -81,6 +82,7 @@ from livestack.storage.checkpoint import (
 from livestack.storage.entries import check_entry, unjournaled
 from livestack.storage.formats import frame_format
 from livestack.storage.journal import JOURNAL_NAME, FrameRow, Journal, sha256_file
+from livestack.storage.lights import read_light
 
 if TYPE_CHECKING:
     import numpy as np
@@ -368,6 +370,11 @@ class Engine:
         self._masters_note: dict[tuple[int, int], str] = {}
         self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
         self.masters = masters if masters is not None else self._load_masters()
+        #: Keeps each master used in <output>/masters/ with its hash (storage.calibration).
+        self.calibration = CalibrationRecord(self.output_root, self.masters,
+                                             config.masters.temp_tolerance_c)
+        #: The recorded masters of the frame in progress (for its journal row).
+        self._frame_masters: list[dict[str, str]] = []
         self.router = Router(slew_threshold_deg=config.routing.slew_threshold_deg,
                              failure_run=config.routing.failure_run,
                              solved_jump_fraction=config.routing.solved_jump_fraction)
@@ -407,11 +414,10 @@ class Engine:
         staged.commit(hook)
 
     def _load_masters(self) -> Any:
-        if not self.config.masters.paths:
+        library = open_masters(paths=self.config.masters.paths,
+                               temp_tolerance_c=self.config.masters.temp_tolerance_c)
+        if library is None:
             return None
-        from livestack.storage.masters import MasterLibrary
-
-        library = MasterLibrary.from_paths([Path(p) for p in self.config.masters.paths])
         log.info("loaded %d master frame(s) from %s", len(library),
                  ", ".join(self.config.masters.paths))
         return library
@@ -666,12 +672,8 @@ class Engine:
 
     def _read(self, path: str) -> tuple[np.ndarray, FrameInfo]:
         """Read a frame read-only; OSError becomes a FrameError with a clear reason."""
-        from livestack.storage.formats import options_for, read_frame
-
-        fmt = self.config.formats
-        options = options_for(fmt.raw_black, fmt.utc_offset_h, fmt.exposure_s, self.masters)
         try:
-            image, info, _header = read_frame(Path(path), options)
+            image, info = read_light(path, self.config.formats, self.masters)
         except FileNotFoundError:
             raise FrameError("vanished", f"{path}: the file disappeared while it was read"
                              ) from None
@@ -696,6 +698,7 @@ class Engine:
             shape and binning (stacking it uncalibrated would hide the mistake);
             ``master_unreadable`` when a chosen master file cannot be read any more.
         """
+        self._frame_masters = []
         if self.masters is None:
             if not self._uncalibrated_warned:
                 self._uncalibrated_warned = True
@@ -714,9 +717,11 @@ class Engine:
                 f"{rgb.get(info.channels, '')} bin "
                 f"{info.binning[0]}x{info.binning[1]} but the masters are {', '.join(have)}")
         try:
-            chosen = self.masters.select(info, self.config.masters.temp_tolerance_c)
+            chosen, self._frame_masters = self.calibration.select(
+                info, self.config.masters.temp_tolerance_c)
         except MasterError as exc:
             raise CalibrationError("master_unreadable", f"{info.path}: {exc}") from None
+        assert chosen is not None  # a library is there (checked above)
         gap = calibration_gap(chosen)
         if gap is not None and not self._uncalibrated_warned:
             self._uncalibrated_warned = True
@@ -803,7 +808,10 @@ class Engine:
                 stack_id=rt.stack_id, metrics=metrics,
                 transform=transform.to_list() if transform is not None else None,
                 model=transform.model if transform is not None else None,
-                weight=outcome.weight, assign_seq=True, state=self._router_state())
+                weight=outcome.weight, assign_seq=True, state=self._router_state(),
+                norm=None if outcome.norm is None else {
+                    **outcome.norm.to_json(), "reference_file": rt.session.reference_file},
+                masters=self._frame_masters if outcome.verdict != "failed" else None)
         except JournalFullError:
             self.forget_runtime(rt)  # the stack holds a frame the journal lacks: undo it
             raise
@@ -1043,6 +1051,7 @@ class Engine:
             # Views of the live state (no 10 B/px of map copies): written before the
             # worker folds in another frame.
             product = rt.session.product(copy=False)
+            product.header.update(master_cards(self.journal.stack_masters(rt.stack_id)))
             self.solving.annotate(rt, product.header)
             write_stack_fits(rt.folder / FITS_NAME, product)
         except StorageError as exc:
@@ -1263,7 +1272,8 @@ class Engine:
         request = rb.RebuildRequest(
             journal=str(self.journal.path), stack_id=stack_id, reference=reference,
             config={"pipeline": config_to_dict(self.config.pipeline),
-                    "masters": config_to_dict(self.config.masters)},
+                    "masters": config_to_dict(self.config.masters),
+                    "formats": config_to_dict(self.config.formats)},
             folder=str(rt.folder),
             memory_limit_bytes=self.config.rebuild.memory_limit_mb * 1024 * 1024,
             row_ids=row_ids, nice=self.config.rebuild.nice)

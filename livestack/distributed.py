@@ -45,7 +45,6 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,9 +57,7 @@ from livestack.integrate import (
     MasterSource,
     ProgressCallback,
     SessionFrame,
-    TolerantMasters,
     _calibrated,
-    _luminance,
     _metrics_of,
     _product,
     _register,
@@ -74,7 +71,7 @@ from livestack.pipeline.integrate import IntegrateConfig, combine_masked_tile
 from livestack.pipeline.normalize import FrameStats, NormalizeConfig, frame_stats
 from livestack.pipeline.saturation import StackSaturation
 from livestack.pipeline.types import FrameMetrics, StarList
-from livestack.storage.masters import MasterLibrary, masters_for_cli
+from livestack.storage.calibration import RecordedMasters, open_masters
 
 EXTRA_HINT = "pip install 'livestack[distributed]'"
 #: Share of ``--memory-limit`` one combine task may use; the rest is for the pieces Dask
@@ -124,18 +121,8 @@ class MasterPaths:
 # them (a few hundred MB at 26 MP) once per task would dominate the run.
 @functools.lru_cache(maxsize=2)
 def _open_masters(paths: MasterPaths) -> MasterSource | None:
-    if paths.bias or paths.darks or paths.flats:
-
-        def opt(value: str | None) -> Path | None:
-            return Path(value) if value else None
-
-        return masters_for_cli(bias=opt(paths.bias), darks=opt(paths.darks),
-                               flats=opt(paths.flats))
-    if paths.library:
-
-        library = MasterLibrary.from_paths([Path(p) for p in paths.library])
-        return TolerantMasters(library, paths.temp_tolerance_c)
-    return None
+    return open_masters(bias=paths.bias, darks=paths.darks, flats=paths.flats,
+                        paths=paths.library, temp_tolerance_c=paths.temp_tolerance_c)
 
 
 def connect(address: str, timeout_s: float | None = None) -> Any:
@@ -230,8 +217,7 @@ def _reference_task(frame: SessionFrame, masters: MasterPaths | None, pipeline: 
     check_frame_file(frame)
     image, _, _, stars, saturation = _calibrated(
         frame, masters.open() if masters else None, pipeline, find_stars)
-    lum = image if image.ndim == 2 else _luminance(image)
-    stats = frame_stats(image, np.isfinite(lum))
+    stats = frame_stats(image, None)  # as the live stack and the local engine
     shape = (int(image.shape[-2]), int(image.shape[-1]))
     level = None
     if saturation is not None:
@@ -472,14 +458,26 @@ def check_cluster_options(args: Any) -> None:
                          "frames stay on the workers")
 
 
-def master_paths(args: Any, settings: Any, err: Any) -> MasterPaths:
+def master_paths(args: Any, settings: Any, err: Any,
+                 recorded: RecordedMasters | None = None) -> MasterPaths:
     """The masters of ``livestack integrate`` options / configuration as paths.
 
-    Writes the same notice as the local engine to ``err`` when no master is given.
+    Without master flags, the sessions' recorded masters (already hash-checked by the
+    client) are the workers' library; ``--no-calibration`` names none. Writes the same
+    notice as the local engine to ``err`` when no master is given.
     """
     def absolute(value: str | None) -> str | None:
         return os.path.abspath(value) if value else None
 
+    if getattr(args, "no_calibration", False):
+        return MasterPaths()
+    flags = bool(args.bias or args.darks or args.flats)
+    if recorded is not None and not flags:
+        # Workers choose among the recorded files by exposure and temperature, as the
+        # session chose among its masters (the hashes were checked here, on the client).
+        files = tuple(sorted({str(recorded.path_of(m)) for m in recorded.recorded}))
+        return MasterPaths(library=files, temp_tolerance_c=float(
+            settings.masters.temp_tolerance_c))
     paths = MasterPaths(bias=absolute(args.bias), darks=absolute(args.darks),
                         flats=absolute(args.flats),
                         library=tuple(os.path.abspath(p) for p in settings.masters.paths),

@@ -61,9 +61,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from livestack.errors import FrameError, FrameReadError, LivestackError, StorageError, UsageError
-from livestack.pipeline.calibrate import MasterSet, calibrate
+from livestack.pipeline.calibrate import MasterSet
 from livestack.pipeline.detect import detect_stars
-from livestack.pipeline.fitskeys import time_keywords
+from livestack.pipeline.frame import (
+    FrameNorm,
+    FrameReference,
+    apply_transform,
+    calibrate_frame,
+    normalise_frame,
+    star_scale,
+)
 from livestack.pipeline.integrate import (
     KEY_CHUNK_BYTES,
     IntegrateConfig,
@@ -74,19 +81,15 @@ from livestack.pipeline.normalize import (
     FrameStats,
     NormalizeConfig,
     frame_stats,
-    normalization,
-    normalized_noise,
-    star_flux_scale,
 )
 from livestack.pipeline.saturation import (
     FrameSaturation,
     StackSaturation,
-    clamp_ringing,
-    frame_saturation,
 )
 from livestack.pipeline.select import parse_select, selection_values
 from livestack.pipeline.types import FrameInfo, FrameMetrics, FrameRecord, StarList, Transform
-from livestack.pipeline.warp import warp
+from livestack.storage.calibration import MASTERS_DIR, OpenedMasters, master_cards
+from livestack.storage.lights import read_light
 
 DEFAULT_MEMORY_LIMIT_BYTES = 2 * 1024**3
 #: Held back from the memory limit for the interpreter, numpy, numba and astropy.
@@ -152,6 +155,11 @@ class SessionFrame:
         File size and modification time when it was stacked (to detect changed files).
     sha256 : str or None
         Content hash when it was stacked.
+    norm : dict or None
+        The live stack's normalisation of the frame (``FrameNorm.to_json()`` plus
+        ``reference_file``), when the journal has it.
+    masters : list of dict or None
+        The masters that calibrated it (``{"kind", "file", "sha256"}``), when recorded.
     """
 
     path: str
@@ -163,6 +171,8 @@ class SessionFrame:
     size: int | None = None
     mtime_ns: int | None = None
     sha256: str | None = None
+    norm: dict[str, Any] | None = None
+    masters: list[dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -176,11 +186,21 @@ class Session:
         Accepted, active frames in processing order.
     folder : Path or None
         The stack's output folder (where ``stack.fits`` lives), when known.
+    root : Path or None
+        The output root (journal and ``masters/``), when known.
     """
 
     stack_id: str
     frames: tuple[SessionFrame, ...]
     folder: Path | None = None
+    root: Path | None = None
+
+    def recorded_masters(self) -> dict[str, list[dict[str, str]]]:
+        """The recorded masters of each frame that has them, by path, each naming its
+        folder (``<root>/masters/``) in ``"dir"``."""
+        folder = str(self.root / MASTERS_DIR) if self.root is not None else None
+        return {f.path: [{**m, **({"dir": folder} if folder else {})} for m in f.masters]
+                for f in self.frames if f.masters}
 
 
 @dataclass(frozen=True)
@@ -222,6 +242,8 @@ class _Registered:
     masters: tuple[str, ...] = field(default_factory=tuple)
     #: Background sigma after normalisation (ADU), one value per channel.
     noise_adu: tuple[float, ...] = ()
+    #: The frame's normalisation (``FrameNorm.to_json()``).
+    norm: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- session
@@ -308,10 +330,10 @@ def load_session(stack_dir: str | Path | None = None, *, journal: Any = None,
         frames.append(SessionFrame(
             path=r.path, transform=Transform.from_list(r.transform, r.model or "similarity"),
             metrics=r.metrics, weight=r.weight, row_id=r.id, seq=r.seq, size=r.size,
-            mtime_ns=r.mtime_ns, sha256=r.sha256))
+            mtime_ns=r.mtime_ns, sha256=r.sha256, norm=r.norm, masters=r.masters))
     if not frames:
         raise UsageError(f"stack {stack.id}: no accepted frame in the journal")
-    return Session(stack.id, tuple(frames), root / stack.folder)
+    return Session(stack.id, tuple(frames), root / stack.folder, root)
 
 
 # -------------------------------------------------------------------------------- plan
@@ -634,8 +656,10 @@ def _f(value: Any) -> float:
 
 
 def _calibrated(frame: SessionFrame, masters: MasterSource | None, pipeline: Any,
-                find_stars: bool = False) -> _Loaded:
-    """Read and calibrate one raw frame the way :class:`StackSession` does.
+                find_stars: bool = False, formats: Any = None) -> _Loaded:
+    """Read and calibrate one raw frame the way :class:`StackSession` does
+    (:func:`~livestack.storage.lights.read_light`,
+    :func:`~livestack.pipeline.frame.calibrate_frame`).
 
     Parameters
     ----------
@@ -647,6 +671,8 @@ def _calibrated(frame: SessionFrame, masters: MasterSource | None, pipeline: Any
         Also detect the frame's stars (:func:`~livestack.pipeline.detect.detect_stars`
         on the calibrated, gradient-subtracted frame, its luminance for colour, with
         ``pipeline.detect``), as the live pipeline does before it normalises.
+    formats : FormatsConfig, optional
+        The ``formats`` options the live stack read the frame with.
 
     Returns
     -------
@@ -665,36 +691,16 @@ def _calibrated(frame: SessionFrame, masters: MasterSource | None, pipeline: Any
     FrameError
         The frame cannot be read or calibrated (named).
     """
-    from livestack.pipeline.cosmetic import correct_defects, find_isolated_hot_pixels
-    from livestack.pipeline.debayer import debayer
-    from livestack.storage.formats import options_for, read_frame
-
     # RAW black level: kept when bias/dark masters carry it (formats.raw_black "auto").
-    raw, info, _ = read_frame(Path(frame.path), options_for("auto", None, None, masters))
+    raw, info = read_light(frame.path, formats, masters)
     chosen = masters.select(info) if masters is not None else None
-    image = calibrate(raw, chosen, info.bayer_pattern)
-    saturation = frame_saturation(raw, image, info, pipeline.saturation)
-    cosmetic = pipeline.cosmetic
-    if cosmetic.auto_hot_pixels and (chosen is None or chosen.defects is None):
-        hot = find_isolated_hot_pixels(image, cosmetic.hot_sigma, info.bayer_pattern)
-        if hot.any():
-            image = correct_defects(image, hot, info.bayer_pattern)
-    if info.bayer_pattern:
-        image = debayer(image, info.bayer_pattern, pipeline.debayer.method)
-    if pipeline.gradient.enabled:
-        from livestack.pipeline.background import subtract_gradient
-
-        if image.ndim == 3:
-            image = np.stack([subtract_gradient(c, pipeline.gradient.mesh_px) for c in image])
-        else:
-            image = subtract_gradient(image, pipeline.gradient.mesh_px)
-    image = np.ascontiguousarray(image, dtype=np.float32)
+    calibrated = calibrate_frame(raw, info, chosen, pipeline)
+    image = calibrated.image
     stars = None
     if find_stars:
-        stars, _, _ = detect_stars(image if image.ndim == 2 else _luminance(image),
-                                   pipeline.detect)
+        stars, _, _ = detect_stars(calibrated.luminance, pipeline.detect)
     return (image, info, chosen.description if chosen is not None else (), stars,
-            saturation)
+            calibrated.saturation)
 
 
 def _write_registered(folder: Path, frame: SessionFrame, planes: NDArray[np.float32],
@@ -720,17 +726,8 @@ def _write_registered(folder: Path, frame: SessionFrame, planes: NDArray[np.floa
     write_fits_float32(folder / f"r_{stem}.fits", data, fits.Header(header))
 
 
-class TolerantMasters:
-    """A ``MasterLibrary`` with the configured temperature tolerance bound in (a
-    :class:`MasterSource`)."""
-
-    def __init__(self, library: Any, temp_tolerance_c: float) -> None:
-        self.library = library
-        self.temp_tolerance_c = temp_tolerance_c
-
-    def select(self, info: FrameInfo) -> MasterSet:
-        """The masters for a light described by ``info``."""
-        return self.library.select(info, temp_tolerance_c=self.temp_tolerance_c)
+#: A ``MasterLibrary`` with the temperature tolerance bound in (storage.calibration).
+TolerantMasters = OpenedMasters
 
 
 @contextlib.contextmanager
@@ -781,8 +778,15 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
                    keep_registered_dir: str | Path | None = None,
                    scratch_dir: str | Path | None = None, force_scratch: bool = False,
                    progress: ProgressCallback | None = None,
-                   cancel: threading.Event | None = None, frame_noise: bool = False) -> Any:
+                   cancel: threading.Event | None = None, frame_noise: bool = False,
+                   formats: Any = None, reuse_norm: bool = True) -> Any:
     """Recalibrate, register and combine the frames of a plan.
+
+    Every frame goes through the per-frame step of the live stack
+    (:mod:`livestack.pipeline.frame`): read with the same ``formats`` options, calibrated,
+    normalised with location and scale measured on the unwarped frame, then warped. A
+    frame whose journal row holds the live stack's normalisation onto the same reference
+    (same method and weights) reuses it instead of detecting stars again.
 
     Parameters
     ----------
@@ -820,6 +824,10 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
         Also measure each frame's normalised background noise before warping (as the
         live pipeline does) into ``frame_noise_adu``, for a live stack that continues from
         the result (the daemon's rebuilds; 24 ms per 26 MP frame).
+    formats : FormatsConfig, optional
+        The ``formats`` options (RAW black level, UTC offset, fall-back exposure).
+    reuse_norm : bool
+        Reuse the normalisations stored in the journal where they apply (default).
 
     Returns
     -------
@@ -856,17 +864,19 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
 
     n = len(plan.frames)
     ref_index = plan.frames.index(plan.reference)
-    # The photometric scale needs every frame's stars (and the reference's).
-    find_stars = method == "additive_scaling"
+    stored = [_stored_norm(f, plan, norm_config, masters) if reuse_norm else None
+              for f in plan.frames]
+    # The photometric scale needs the stars of every frame without a stored normalisation
+    # (and the reference's).
+    find_stars = method == "additive_scaling" and any(x is None for x in stored)
     ref_image, ref_info, ref_masters, ref_stars, ref_sat = _calibrated(
-        plan.reference, masters, pipeline, find_stars)
+        plan.reference, masters, pipeline, find_stars, formats)
     channels = 3 if ref_image.ndim == 3 else 1
     shape = (int(ref_image.shape[-2]), int(ref_image.shape[-1]))
     mem = plan_memory(n, channels, shape, memory_limit_bytes, std_map=config.std_map,
                       has_masters=masters is not None, force_scratch=force_scratch)
-    ref_lum = ref_image if channels == 1 else _luminance(ref_image)
-    ref_stats = frame_stats(ref_image, np.isfinite(ref_lum))
-    del ref_lum
+    # As the live stack: the reference's statistics over all its finite pixels, unwarped.
+    ref_stats = frame_stats(ref_image, None)
     ref_metrics = _metrics_of(plan.reference)
 
     store = _FrameStore(n, channels, shape, None if mem.in_ram else
@@ -881,9 +891,11 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
     n_star_scaled = 0
 
     def load(index: int) -> _Loaded:
-        return _calibrated(plan.frames[index], masters, pipeline, find_stars)
+        return _calibrated(plan.frames[index], masters, pipeline,
+                           find_stars and stored[index] is None, formats)
 
     planes_buffer = np.empty((channels, *shape), dtype=np.float32)
+    used: list[FrameNorm] = []
     try:
         # Read + calibrate the next frame in a helper thread while this one is warped,
         # normalised and stored (numpy and I/O release the GIL; numba runs on TBB).
@@ -903,17 +915,19 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
                                                        f"differs from the reference's {shape}")
                 signal_scale = _signal_scale(index == ref_index, frame.transform, stars,
                                              ref_stars)
-                n_star_scaled += signal_scale is not None
+                reused = stored[index]
+                n_star_scaled += (reused.star_scaled if reused is not None
+                                  else signal_scale is not None)
                 planes, weight, noise = _register(frame, image, shape, pipeline.warp.kernel,
                                                   ref_stats, ref_metrics, norm_config, keep_dir,
                                                   plan.reference.path, planes_buffer,
                                                   signal_scale, frame_noise,
                                                   (saturation, pipeline.saturation,
-                                                   stack_saturation))
+                                                   stack_saturation), reused, used)
                 del image
                 store.put(index, planes)
                 facts[index] = _Registered(info, weight, frame.transform, _metrics_of(frame),
-                                           applied, noise)
+                                           applied, noise, used.pop().to_json())
                 if progress is not None:
                     progress("register", done, n)
         del planes, planes_buffer  # the last frame's planes are the buffer
@@ -923,38 +937,50 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
     finally:
         store.close()
     product = _product(plan, config, norm_config, pipeline, registered_facts, maps,
-                       n_star_scaled if find_stars else None)
+                       n_star_scaled if method == "additive_scaling" else None)
     if stack_saturation.level_adu is not None:
         product.header["SATURATE"] = float(stack_saturation.level_adu.min())
+    provenance = getattr(masters, "provenance", None)
+    if callable(provenance):
+        product.header.update(master_cards(provenance()))
+    n_reused = sum(x is not None for x in stored)
+    if n_reused:
+        product.header["NORMSTOR"] = n_reused  # frames normalised as the journal recorded
     return product
+
+
+def _stored_norm(frame: SessionFrame, plan: IntegrationPlan, config: NormalizeConfig,
+                 masters: MasterSource | None) -> FrameNorm | None:
+    """The live stack's normalisation of a frame when it applies to this integration.
+
+    It applies when it was computed onto the plan's reference (the transforms were not
+    composed onto another one), with the same method and weights, and the frame is
+    calibrated as the live stack calibrated it (its recorded masters, or none when it
+    recorded none): other masters move the frame's location and scale.
+    """
+    if frame.norm is None or plan.reference_changed:
+        return None
+    masters_of = getattr(masters, "masters_of", None)
+    used = masters_of(frame.path) if callable(masters_of) else None
+    if masters is None:
+        used = []
+    if used is None or sorted(m["sha256"] for m in used) != sorted(
+            m["sha256"] for m in frame.masters or ()):
+        return None
+    if frame.norm.get("reference_file") != plan.reference.path:
+        return None
+    try:
+        norm = FrameNorm.from_json(frame.norm)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return norm if norm.matches(config) else None
 
 
 def _signal_scale(is_reference: bool, transform: Transform, stars: StarList | None,
                   ref_stars: StarList | None) -> float | None:
-    """The live stack's photometric scale of a frame, or None (dispersion fallback).
-
-    Parameters
-    ----------
-    is_reference : bool
-        The reference frame: scale 1.0.
-    transform : Transform
-        Frame -> reference (stored, or composed onto a new reference).
-    stars, ref_stars : StarList or None
-        The frame's and the reference's stars in their own pixel coordinates; None when
-        not detected (normalisation other than additive-with-scaling).
-
-    Returns
-    -------
-    float or None
-        Reference/frame flux ratio of the matched stars
-        (:func:`~livestack.pipeline.normalize.star_flux_scale`), 1.0 for the reference,
-        None when stars were not detected or too few match.
-    """
-    if stars is None or ref_stars is None:
-        return None
-    if is_reference:
-        return 1.0
-    return star_flux_scale(transform.apply(stars.xy), stars.flux, ref_stars.xy, ref_stars.flux)
+    """The live stack's photometric scale of a frame (:func:`~livestack.pipeline.frame.
+    star_scale`), or None (dispersion fallback)."""
+    return star_scale(stars, ref_stars, transform, is_reference=is_reference)
 
 
 def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int, int],
@@ -962,7 +988,8 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
               norm_config: NormalizeConfig, keep_dir: Path | None, reference: str,
               out: NDArray[np.float32], signal_scale: float | None = None,
               measure_noise: bool = False,
-              saturation: tuple[FrameSaturation | None, Any, StackSaturation] | None = None
+              saturation: tuple[FrameSaturation | None, Any, StackSaturation] | None = None,
+              stored: FrameNorm | None = None, norm_out: list[FrameNorm] | None = None
               ) -> tuple[NDArray[np.float32], float, tuple[float, ...]]:
     """Warp one calibrated frame onto the reference and normalise it, as the live stack does.
 
@@ -996,6 +1023,10 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         ``(frame's FrameSaturation or None, SaturationConfig, the stack's
         StackSaturation)``: clamp the warp's ringing and stack saturated samples at the
         stack's white level (:mod:`livestack.pipeline.saturation`). None: neither.
+    stored : FrameNorm, optional
+        The live stack's normalisation of the frame (journal), reused instead of measuring.
+    norm_out : list, optional
+        The normalisation used is appended to it.
 
     Returns
     -------
@@ -1012,24 +1043,21 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         ``no_overlap`` when the warped frame misses the reference grid.
     """
     channels = 3 if image.ndim == 3 else 1
-    warped = warp(image, frame.transform, shape, kernel)
-    saturated = None
-    if saturation is not None:
-        warped, saturated = clamp_ringing(warped, image, frame.transform, saturation[0],
-                                          saturation[1])
+    metrics = _metrics_of(frame)
+    # Location, scale and noise are the frame's, measured before warping as the live stack
+    # does (frame.normalise_frame): interpolation smooths the noise and biases the scale.
+    fnorm = stored if stored is not None else normalise_frame(
+        image, FrameReference(ref_stats, None, ref_metrics), norm_config,
+        transform=frame.transform, metrics=metrics, signal_scale=signal_scale)
+    norm = fnorm.normalization
+    if norm_out is not None:
+        norm_out.append(fnorm)
+    warped, saturated = apply_transform(image, frame.transform, shape, kernel,
+                                        saturation[0] if saturation is not None else None,
+                                        saturation[1] if saturation is not None else None)
     if not warped.footprint.any():
         raise FrameError("no_overlap", f"{frame.path}: the aligned frame does not overlap "
                                        "the reference")
-    metrics = _metrics_of(frame)
-    stats = frame_stats(warped.image, warped.footprint)
-    norm = normalization(
-        stats, ref_stats, norm_config, signal_scale=signal_scale,
-        star_count=metrics.star_count if metrics else None,
-        fwhm_px=metrics.fwhm_px if metrics else None,
-        noise_adu=metrics.noise_adu if metrics else None,
-        reference_star_count=ref_metrics.star_count if ref_metrics else None,
-        reference_fwhm_px=ref_metrics.fwhm_px if ref_metrics else None,
-        reference_noise_adu=ref_metrics.noise_adu if ref_metrics else None)
     planes = normalized_planes(warped.image, warped.footprint, norm, out)
     if saturation is not None:
         saturation[2].apply(planes, warped.footprint, saturated, saturation[0], norm.location,
@@ -1038,12 +1066,9 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
         registered = warped.image.reshape(channels, *shape).copy()
         np.copyto(registered, np.float32(np.nan), where=~warped.footprint)
         _write_registered(keep_dir, frame, registered, frame.transform, reference)
-    # The noise a live stack continuing from this integration expects: measured on the
-    # frame before warping (interpolation smooths it), as the live pipeline does.
     if not measure_noise:
         return planes, float(norm.weight), ()
-    unwarped = frame_stats(image, None)
-    noise = np.atleast_1d(np.asarray(normalized_noise(unwarped, norm), dtype=np.float64))
+    noise = np.atleast_1d(np.asarray(fnorm.noise_adu, dtype=np.float64))
     return planes, float(norm.weight), tuple(float(v) for v in noise)
 
 
@@ -1085,7 +1110,7 @@ def _combine(store: _FrameStore, weights: NDArray[np.float64], config: Integrate
 def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: NormalizeConfig,
              pipeline: Any, facts: list[_Registered], maps: dict[str, NDArray[Any]],
              n_star_scaled: int | None = None) -> Any:
-    from livestack.pipeline.product import StackProduct
+    from livestack.pipeline.product import StackProduct, provenance_header
 
     mono = maps["image"].shape[0] == 1
 
@@ -1103,34 +1128,16 @@ def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: Normal
                                    reason="exclude" if why == "--exclude" else "select"))
 
     infos = [f.info for f in facts]
-    header: dict[str, object] = {
-        "NCOMBINE": len(facts),
-        "EXPTIME": float(sum(i.exposure_s for i in infos)),
-        "STACKID": plan.stack_id,
-        "INTEGRAT": "batch",
-        "COMBINE": config.combine,
-        "REJECT": config.reject,
-        "REJLOW": float(config.low),
-        "REJHIGH": float(config.high),
-        "WEIGHTS": config.weights,
-        "NORMALIZ": norm_config.method,
-        "WARPKERN": pipeline.warp.kernel,
-        "REFFRAME": os.path.basename(plan.reference.path),
-        "NEXCLUDE": len(plan.excluded),
-    }
+    first = infos[plan.frames.index(plan.reference)]
+    gains = [i.egain_e_per_adu for i in infos if i.egain_e_per_adu is not None]
+    header = provenance_header(
+        plan.stack_id, ((i.date_obs, i.exposure_s) for i in infos), first,
+        gains[-1] if gains else None, INTEGRAT="batch", COMBINE=config.combine,
+        REJECT=config.reject, REJLOW=float(config.low), REJHIGH=float(config.high),
+        WEIGHTS=config.weights, NORMALIZ=norm_config.method, WARPKERN=pipeline.warp.kernel,
+        REFFRAME=os.path.basename(plan.reference.path), NEXCLUDE=len(plan.excluded))
     if n_star_scaled is not None:
         header["NSTARSCL"] = n_star_scaled  # frames scaled by matched-star flux ratio
-    header.update(time_keywords((i.date_obs, i.exposure_s) for i in infos))
-    first = infos[plan.frames.index(plan.reference)]
-    header["OBJECT"] = first.object_name
-    header["FILTER"] = first.filter_name
-    header["XBINNING"] = first.binning[0]
-    header["YBINNING"] = first.binning[1]
-    if first.bayer_pattern and mono:  # a debayered (RGB) stack carries no CFA keys
-        header["CFAPAT"] = first.bayer_pattern
-    gains = [i.egain_e_per_adu for i in infos if i.egain_e_per_adu is not None]
-    if gains:
-        header["EGAIN"] = float(gains[-1])
     if plan.selection is not None:
         header["SELECT"] = plan.selection
     for k, (path, why) in enumerate(plan.excluded, start=1):
@@ -1155,7 +1162,9 @@ def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: Normal
         rejected_low=out(maps["rejected_low"]), rejected_high=out(maps["rejected_high"]),
         records=records, header=header, **({"std": out(std)} if std is not None else {}),
         frame_noise_adu=(np.array([f.noise_adu for f in facts], dtype=np.float64)
-                         if all(f.noise_adu for f in facts) else None))
+                         if all(f.noise_adu for f in facts) else None),
+        frame_norms=([f.norm for f in facts if f.norm is not None]
+                     if all(f.norm for f in facts) else None))
 
 
 def integrate_session(stack_dir: str | Path | None = None,

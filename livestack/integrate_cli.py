@@ -100,9 +100,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--std-map", action="store_true",
                    help="add a per-pixel standard deviation extension")
     p.add_argument("-c", "--config", help="YAML configuration (pipeline settings, masters)")
-    p.add_argument("--bias", metavar="P", help="master bias file, or a folder of biases")
-    p.add_argument("--darks", metavar="P", help="master dark(s) or a folder of darks")
-    p.add_argument("--flats", metavar="P", help="master flat(s) or a folder of flats")
+    p.add_argument("--bias", metavar="P",
+                   help="master bias file, or a folder of biases (instead of the session's "
+                        "recorded calibration)")
+    p.add_argument("--darks", metavar="P", help="master dark(s) or a folder of darks (idem)")
+    p.add_argument("--flats", metavar="P", help="master flat(s) or a folder of flats (idem)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="integrate without calibration frames, even when the session "
+                        "recorded its masters")
     p.add_argument("--scratch", metavar="DIR",
                    help="folder for the scratch file (default: the output's folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -114,23 +119,66 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _masters(args: argparse.Namespace, config: Any, err: TextIO) -> Any:
-    if args.bias or args.darks or args.flats:
-        from livestack.storage.masters import masters_for_cli
+def _masters(args: argparse.Namespace, config: Any, err: TextIO,
+             stack_dirs: list[str]) -> Any:
+    """The masters to calibrate with (storage.calibration.session_masters).
 
-        def opt(value: str | None) -> Path | None:
-            return Path(value) if value else None
+    The session's recorded calibration by default; ``--bias/--darks/--flats`` win (a line
+    says when they differ from the recorded ones); ``--no-calibration`` turns it off.
+    Sessions that recorded nothing (older journals) use ``masters.paths`` of the
+    configuration, as before.
 
-        return masters_for_cli(bias=opt(args.bias), darks=opt(args.darks), flats=opt(args.flats))
-    if config.masters.paths:
-        from livestack.integrate import TolerantMasters
-        from livestack.storage.masters import MasterLibrary
+    Raises
+    ------
+    MasterError
+        A recorded master is missing or changed, or a given one cannot be opened.
+    UsageError
+        ``--no-calibration`` together with master flags.
+    """
+    from livestack.storage.calibration import open_masters, session_masters
 
-        library = MasterLibrary.from_paths([Path(p) for p in config.masters.paths])
-        return TolerantMasters(library, config.masters.temp_tolerance_c)
-    err.write("livestack integrate: no masters given (--bias/--darks/--flats or masters.paths "
-              "in -c CONFIG): frames are integrated without calibration frames\n")
-    return None
+    flags = bool(args.bias or args.darks or args.flats)
+    if args.no_calibration and flags:
+        raise UsageError("integrate: --no-calibration cannot be combined with "
+                         "--bias/--darks/--flats")
+    recorded, root = _recorded(stack_dirs)
+    given = None
+    if flags:
+        given = open_masters(bias=args.bias, darks=args.darks, flats=args.flats,
+                             temp_tolerance_c=config.masters.temp_tolerance_c)
+    elif not recorded and not args.no_calibration and config.masters.paths:
+        given = open_masters(paths=config.masters.paths,
+                             temp_tolerance_c=config.masters.temp_tolerance_c)
+
+    def note(line: str) -> None:
+        err.write(f"livestack integrate: {line}\n")
+
+    masters = session_masters(recorded, root, given=given,
+                              no_calibration=args.no_calibration, note=note)
+    if masters is None and not args.no_calibration:
+        err.write("livestack integrate: no masters given and none recorded by the session "
+                  "(--bias/--darks/--flats or masters.paths in -c CONFIG): frames are "
+                  "integrated without calibration frames\n")
+    return masters
+
+
+def _recorded(stack_dirs: list[str]) -> tuple[dict[str, list[dict[str, str]]], Path | None]:
+    """The recorded masters of every frame of the sessions, and the first output root.
+
+    Raises
+    ------
+    UsageError, JournalError
+        As :func:`~livestack.integrate.load_session`.
+    """
+    from livestack.integrate import load_session
+
+    recorded: dict[str, list[dict[str, str]]] = {}
+    root = None
+    for folder in stack_dirs:
+        session = load_session(folder)
+        recorded.update(session.recorded_masters())
+        root = root or session.root
+    return recorded, root
 
 
 def _progress(stream: TextIO) -> Callable[[str, int, int], None]:
@@ -194,10 +242,17 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         from livestack.distributed import check_cluster_options, master_paths
 
         check_cluster_options(args)  # no Dask or unsupported options: before any work
-        paths = master_paths(args, settings, err)  # the workers open them
+        recorded = None
+        if not (args.bias or args.darks or args.flats or args.no_calibration):
+            from livestack.storage.calibration import RecordedMasters
+
+            by_frame, root = _recorded(stack_dirs)
+            if by_frame:  # hash-checked here, on the client
+                recorded = RecordedMasters(root or Path("."), by_frame)
+        paths = master_paths(args, settings, err, recorded)  # the workers open them
         masters = paths.open() if len(stack_dirs) > 1 else None
     elif len(stack_dirs) > 1:
-        masters = _masters(args, settings, err)
+        masters = _masters(args, settings, err, stack_dirs)
     plan, sessions, session = plan_sessions(stack_dirs, exclude=args.exclude,
                                             select=args.select, reference=args.reference,
                                             masters=masters, pipeline=pipeline)
@@ -207,7 +262,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         raise UsageError(f"-o {output}: folder {output.parent} does not exist")
     scratch = Path(args.scratch) if args.scratch else output.parent
     if not args.scheduler and len(stack_dirs) == 1:
-        masters = _masters(args, settings, err)
+        masters = _masters(args, settings, err, stack_dirs)
 
     with sigterm_interrupts():
         if args.scheduler:
@@ -220,7 +275,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 plan, config, pipeline=pipeline, normalize=args.normalize,
                 masters=masters, memory_limit_bytes=memory_limit,
                 keep_registered_dir=args.keep_registered, scratch_dir=scratch,
-                progress=None if args.no_progress else _progress(err))
+                progress=None if args.no_progress else _progress(err),
+                formats=settings.formats)
         add_provenance(product, sessions)
         from livestack.service.solving import integration_wcs
         from livestack.storage.stackfits import write_stack_fits

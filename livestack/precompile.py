@@ -165,12 +165,14 @@ def steps() -> Iterator[str]:
     yield "kappa-sigma stack"
     find_isolated_hot_pixels(frames[0], 8.0, None)
     yield "hot pixels"
-    # The default demosaic (RCD) takes about 30 s to compile: the daemon's own warm-up
-    # leaves it to the first colour frame, so compile it here, off the frame path.
-    from livestack.pipeline.debayer import DEFAULT_METHOD, debayer
+    # The default demosaic (auto: RCD or, above 8 MP, Malvar) takes about 30 s to compile:
+    # the daemon's own warm-up leaves it to the first colour frame, so compile both here,
+    # off the frame path.
+    from livestack.pipeline.debayer import debayer
 
-    debayer(frames[0], "RGGB", DEFAULT_METHOD)
-    yield f"demosaic ({DEFAULT_METHOD})"
+    for method in ("rcd", "malvar"):
+        debayer(frames[0], "RGGB", method)
+        yield f"demosaic ({method})"
     # Then the front half, in case the daemon has not reached it yet (a frame waiting
     # behind a slow FITS read, say); kernels already cached just load.
     from livestack.config import Config

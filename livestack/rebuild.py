@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from livestack.errors import FrameError, LivestackError, StorageError
-from livestack.integrate import IntegrationCancelled, TolerantMasters, sigterm_interrupts
+from livestack.integrate import IntegrationCancelled, sigterm_interrupts
 from livestack.pipeline.product import StackProduct
 
 log = logging.getLogger("livestack.rebuild")
@@ -251,22 +251,21 @@ def run_request(request: RebuildRequest) -> None:
     """
     from livestack.config import config_from_dict
     from livestack.integrate import integrate_plan, load_session, plan_integration
+    from livestack.storage.calibration import open_masters, session_masters
     from livestack.storage.journal import Journal
 
     config = config_from_dict(request.config)
     folder = Path(request.folder)
-    masters = None
-    if config.masters.paths:
-        from livestack.storage.masters import MasterLibrary
-
-        masters = TolerantMasters(
-            MasterLibrary.from_paths([Path(p) for p in config.masters.paths]),
-            config.masters.temp_tolerance_c)
     journal = Journal(request.journal)
     try:
         session = load_session(journal=journal, stack_id=request.stack_id)
     finally:
         journal.close()
+    # The frames' recorded calibration (hash-checked); the configured masters only for
+    # frames stacked before masters were recorded.
+    recorded = session.recorded_masters()
+    masters = session_masters(recorded, session.root, given=None if recorded else open_masters(
+        paths=config.masters.paths, temp_tolerance_c=config.masters.temp_tolerance_c))
     wanted = set(request.row_ids)
     # Rows taken out of the stack since the request (rerouted, excluded) are left out.
     frames = tuple(f for f in session.frames if f.row_id in wanted)
@@ -289,7 +288,8 @@ def run_request(request: RebuildRequest) -> None:
         product = integrate_plan(plan, rebuild_config(config.pipeline),
                                  pipeline=config.pipeline, masters=masters,
                                  memory_limit_bytes=request.memory_limit_bytes,
-                                 scratch_dir=folder, cancel=orphaned, frame_noise=True)
+                                 scratch_dir=folder, cancel=orphaned, frame_noise=True,
+                                 formats=config.formats)
     finally:
         orphaned.set()  # ends the watcher
     write_result(folder / RESULT_NAME, product, plan)

@@ -8,7 +8,8 @@ already folds ``XBAYROFF``/``YBAYROFF``/``ROWORDER`` into this effective pattern
 
 Colour output is ``(3, ny, nx)`` float32, planes R, G, B, co-sited with the
 input pixels (plane pixel ``[y, x]`` is the colour at CFA pixel ``[y, x]``).
-:func:`debayer` offers RCD (the default, as in Siril), bilinear and Malvar-He-Cutler;
+:func:`debayer` offers RCD (as in Siril), bilinear and Malvar-He-Cutler, and ``auto``
+(the default: RCD up to :data:`AUTO_RCD_MAX_PIXELS`, Malvar-He-Cutler above);
 ``bench/bench_demosaic_siril.py`` compares them with Siril on real frames.
 """
 
@@ -21,9 +22,14 @@ from numpy.typing import NDArray
 
 BAYER_PATTERNS: tuple[str, ...] = ("RGGB", "BGGR", "GRBG", "GBRG")
 #: Demosaic methods of :func:`debayer`.
-DEBAYER_METHODS: tuple[str, ...] = ("rcd", "bilinear", "malvar")
+DEBAYER_METHODS: tuple[str, ...] = ("auto", "rcd", "bilinear", "malvar")
 #: The method used when none is configured (chosen by ``bench/bench_demosaic_siril.py``).
-DEFAULT_METHOD = "rcd"
+DEFAULT_METHOD = "auto"
+#: Largest frame (pixels) that ``auto`` demosaics with RCD. RCD costs about 3x
+#: Malvar-He-Cutler (``bench/bench_demosaic_siril.py --timing-only``); above 8 MP it would
+#: take most of the ~250 ms per-frame budget on 2 cores, so ``auto`` switches to Malvar,
+#: whose stars are nearly as sharp.
+AUTO_RCD_MAX_PIXELS = 8_000_000
 # Must equal kernels_demosaic.BORDER (kept here so that numba loads only when needed).
 _BORDER = 5
 _CODE = {"R": 0, "G": 1, "B": 2}
@@ -36,10 +42,12 @@ class DebayerConfig:
     Attributes
     ----------
     method : str
-        ``rcd`` (Ratio Corrected Demosaicing, Siril's default; sharpest stars),
-        ``bilinear`` (3x3 mean of the nearest same-colour pixels) or ``malvar``
-        (Malvar-He-Cutler gradient-corrected bilinear). See
-        ``bench/bench_demosaic_siril.py`` for the comparison that chose the default.
+        ``auto`` (RCD for frames up to 8 MP, Malvar-He-Cutler for larger ones, which keeps
+        the per-frame time within budget at 26 MP), ``rcd`` (Ratio Corrected Demosaicing,
+        Siril's default; sharpest stars), ``bilinear`` (3x3 mean of the nearest
+        same-colour pixels; softest) or ``malvar`` (Malvar-He-Cutler gradient-corrected
+        bilinear; about a third of RCD's time). See ``bench/bench_demosaic_siril.py`` for
+        the comparison with Siril.
     """
 
     method: str = field(default=DEFAULT_METHOD, metadata={"choices": DEBAYER_METHODS})
@@ -141,6 +149,8 @@ def debayer(cfa: np.ndarray, pattern: str, method: str = DEFAULT_METHOD) -> NDAr
     * ``"rcd"``: Ratio Corrected Demosaicing (Siril's default), edge-directed and
       resolution-keeping; see :mod:`livestack.pipeline.kernels_demosaic`.
     * ``"malvar"``: Malvar-He-Cutler gradient-corrected bilinear (linear 5x5 filters).
+    * ``"auto"``: ``rcd`` up to :data:`AUTO_RCD_MAX_PIXELS` pixels, ``malvar`` above
+      (:func:`resolve_method`).
 
     ``rcd`` and ``malvar`` compute pixels at least ``kernels_demosaic.BORDER`` (5) px
     from the edges; the border keeps the bilinear values.
@@ -166,56 +176,87 @@ def debayer(cfa: np.ndarray, pattern: str, method: str = DEFAULT_METHOD) -> NDAr
         :data:`DEBAYER_METHODS`.
     """
     # Lazy: numba loads only when a frame is debayered (cold start of mono sessions).
+    from numba import get_num_threads
+
     from livestack.pipeline import kernels_demosaic as kd
 
-    if method not in DEBAYER_METHODS:
-        raise ValueError(f"unknown debayer method {method!r}; expected one of {DEBAYER_METHODS}")
     data = _as_cfa(cfa)
+    method = resolve_method(method, data.shape)
     cmap = cfa_color_map(pattern)
     out = np.empty((3, *data.shape), dtype=np.float32)
-    kd.debayer_bilinear(data, cmap, out)
     if method == "bilinear" or min(data.shape) <= 2 * _BORDER:
+        kd.debayer_bilinear(data, cmap, out)
         return out
     holes = None
     if kd.count_nonfinite(data):
         # The wide kernels would spread one NaN over up to a 19-px diamond: fill NaN/inf
         # from same-colour neighbours for them, then restore bilinear's 3x3 NaN footprint.
+        kd.debayer_bilinear(data, cmap, out)
         holes = ~np.isfinite(out)
         finite = data[np.isfinite(data)]
         filled = np.empty_like(data)
         kd.fill_nonfinite(data, float(np.median(finite)) if finite.size else 0.0, filled)
         data = filled
-        kd.debayer_bilinear(data, cmap, out)  # the kernels read bilinear values near holes
     if method == "malvar":
+        kd.debayer_bilinear(data, cmap, out)  # malvar leaves the border bilinear
         kd.malvar(data, cmap, out)
     else:
-        _rcd(data, cmap, out)
+        # One band per thread: the fewest halo rows recomputed (numba splits prange
+        # statically); rcd writes every pixel, its border bilinear.
+        band_rows = -(-data.shape[0] // max(1, get_num_threads()))
+        kd.rcd(data, cmap, rcd_eps(data), out, band_rows)
     if holes is not None:
         out[holes] = np.nan
     return out
 
 
-def _rcd(data: NDArray[np.float32], cmap: NDArray[np.int8], out: NDArray[np.float32]) -> None:
-    """Run the RCD passes over ``out`` (already bilinear; ``data`` finite) in place."""
-    from livestack.pipeline import kernels_demosaic as kd
+def resolve_method(method: str, shape: tuple[int, ...]) -> str:
+    """The demosaic that ``method`` means for a frame of ``shape``.
 
-    # The regularisers of the published algorithm (1e-5, on data scaled to [0, 1]) are
-    # scaled by the frame's level so that the result does not depend on the ADU scale.
+    ``auto`` is ``rcd`` up to :data:`AUTO_RCD_MAX_PIXELS` pixels and ``malvar`` above,
+    where RCD alone would take most of the per-frame budget; other methods are returned
+    as they are.
+
+    Parameters
+    ----------
+    method : str
+        One of :data:`DEBAYER_METHODS`.
+    shape : tuple of int
+        ``(ny, nx)`` of the CFA frame.
+
+    Returns
+    -------
+    str
+        ``"rcd"``, ``"bilinear"`` or ``"malvar"``.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is not one of :data:`DEBAYER_METHODS`.
+    """
+    if method not in DEBAYER_METHODS:
+        raise ValueError(f"unknown debayer method {method!r}; expected one of {DEBAYER_METHODS}")
+    if method != "auto":
+        return method
+    return "rcd" if int(np.prod(shape)) <= AUTO_RCD_MAX_PIXELS else "malvar"
+
+
+def rcd_eps(data: NDArray[np.float32]) -> float:
+    """RCD's regulariser for ``data``: the published 1e-5 (on data scaled to [0, 1]) times
+    the frame's level, so that the result does not depend on the ADU scale.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny, nx), float32
+        Finite mosaic (ADU).
+
+    Returns
+    -------
+    float
+        ``1e-5`` times the largest absolute value on a 1-in-7 grid (1e-5 if it is 0), ADU.
+    """
     level = float(np.max(np.abs(data[::7, ::7])))
-    level = level if level > 0 else 1.0
-    eps = 1e-5 * level
-    # Each pass reads these only where an earlier pass wrote them (see kernels_demosaic).
-    vh = np.empty(data.shape, dtype=np.float32)
-    lpf = np.empty(data.shape, dtype=np.float32)
-    kd.rcd_directions(data, cmap, eps * eps, vh, False)
-    kd.rcd_lowpass(data, cmap, lpf)
-    kd.rcd_green(data, cmap, vh, lpf, eps, out)
-    pq = lpf  # the low-pass is not needed after the green pass: reuse its 4 bytes/pixel
-    kd.rcd_directions(data, cmap, eps * eps, pq, True)
-    kd.rcd_red_blue_diagonal(cmap, pq, eps, out)
-    kd.rcd_red_blue_green_sites(cmap, vh, eps, out)
-
-
+    return 1e-5 * (level if level > 0 else 1.0)
 
 
 def superpixel(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:

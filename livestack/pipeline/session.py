@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -23,31 +23,35 @@ import numpy as np
 
 from livestack.errors import FrameError
 from livestack.pipeline.accumulate import RunningStack, StackConfig
-from livestack.pipeline.background import subtract_gradient
-from livestack.pipeline.calibrate import MasterSet, calibrate
-from livestack.pipeline.cosmetic import correct_defects, find_isolated_hot_pixels
-from livestack.pipeline.debayer import DebayerConfig, debayer, luminance
-from livestack.pipeline.detect import DetectConfig, measure
-from livestack.pipeline.fitskeys import time_keywords
+from livestack.pipeline.calibrate import MasterSet
+from livestack.pipeline.debayer import DebayerConfig
+from livestack.pipeline.detect import DetectConfig
+from livestack.pipeline.frame import (
+    CalibratedFrame,
+    CosmeticConfig,
+    FrameNorm,
+    FrameReference,
+    GradientConfig,
+    calibrate_frame,
+    check_noise,
+    detect_frame,
+    find_transform,
+    normalise_frame,
+    register,
+)
 from livestack.pipeline.normalize import (
     FrameStats,
     NormalizeConfig,
     apply_normalization,
     frame_stats,
-    normalization,
-    normalized_noise,
-    star_flux_scale,
 )
-from livestack.pipeline.product import StackProduct
+from livestack.pipeline.product import StackProduct, provenance_header
 from livestack.pipeline.quality import GateConfig, QualityGate
 from livestack.pipeline.ranges import rng
 from livestack.pipeline.register import RegisterConfig, Registrar
 from livestack.pipeline.saturation import (
-    FrameSaturation,
     SaturationConfig,
     StackSaturation,
-    clamp_ringing,
-    frame_saturation,
 )
 from livestack.pipeline.stretch import auto_stretch, encode_jpeg
 from livestack.pipeline.types import (
@@ -58,39 +62,6 @@ from livestack.pipeline.types import (
     Transform,
     Verdict,
 )
-from livestack.pipeline.warp import warp
-
-
-@dataclass(frozen=True)
-class CosmeticConfig:
-    """Hot-pixel handling for frames without a defect map from darks.
-
-    Attributes
-    ----------
-    auto_hot_pixels : bool
-        Find isolated hot pixels in each frame when no master dark supplies a map.
-    hot_sigma : float
-        Detection threshold in sigma above all same-colour neighbours.
-    """
-
-    auto_hot_pixels: bool = True
-    hot_sigma: float = field(default=8.0, metadata=rng(0.0, 1000.0, lo_open=True))
-
-
-@dataclass(frozen=True)
-class GradientConfig:
-    """Optional per-frame sky-gradient removal before normalisation.
-
-    Attributes
-    ----------
-    enabled : bool
-        Subtract a smooth per-frame sky model (light pollution, moon) before normalising.
-    mesh_px : int
-        Mesh size of the smooth sky model in pixels.
-    """
-
-    enabled: bool = False
-    mesh_px: int = field(default=256, metadata=rng(8, 65_536))
 
 
 @dataclass(frozen=True)
@@ -154,6 +125,8 @@ class FrameOutcome:
         Milliseconds per stage.
     rejected_low, rejected_high : int
         Pixels of this frame rejected as low/high outliers.
+    norm : FrameNorm or None
+        The accepted frame's normalisation (the journal keeps it for re-stacks).
     stars : StarList or None
         The frame's detected stars when it was rejected after detection (e.g. it did not
         align): the daemon plate-solves them to route the frame by its solved pointing.
@@ -169,6 +142,7 @@ class FrameOutcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
     rejected_low: int = 0
     rejected_high: int = 0
+    norm: FrameNorm | None = None
     stars: StarList | None = None
 
 
@@ -195,24 +169,6 @@ class _Reference:
     stats: FrameStats
     luminance: np.ndarray
     metrics: FrameMetrics
-
-
-def _raise_no_footprint(lum: np.ndarray, info: FrameInfo, kernel: str) -> None:
-    """The warped frame covers no pixel: say whether NaN pixels or the geometry did it.
-
-    Raises
-    ------
-    FrameError
-        ``nan_pixels`` when the frame has non-finite pixels (scattered NaN leave no output
-        pixel whose interpolation neighbours are all finite), else ``no_overlap``.
-    """
-    bad = int(np.count_nonzero(~np.isfinite(lum)))
-    if bad:
-        raise FrameError("nan_pixels", f"{info.path}: {100.0 * bad / lum.size:.1f} % of the "
-                                       f"pixels are NaN/inf; no aligned pixel has only finite "
-                                       f"neighbours for the {kernel} kernel")
-    raise FrameError("no_overlap",
-                     f"{info.path}: the aligned frame does not overlap the reference")
 
 
 class StackSession:
@@ -285,76 +241,44 @@ class StackSession:
             return outcome
 
     def _prepare(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
-                 timer: _Timer) -> tuple[np.ndarray, np.ndarray, StarList, FrameMetrics,
-                                         FrameSaturation | None]:
-        """Calibrate, correct, debayer and measure one raw frame.
+                 timer: _Timer) -> tuple[CalibratedFrame, StarList, FrameMetrics]:
+        """Calibrate, correct, debayer and measure one raw frame (:mod:`.frame`).
 
         Returns
         -------
-        image : ndarray, (ny, nx) or (3, ny, nx), float32
-            The calibrated (debayered) frame, ADU.
-        lum : ndarray, (ny, nx), float32
-            Its luminance (``image`` itself for mono).
+        frame : CalibratedFrame
+            The calibrated (debayered) frame, its luminance and saturated pixels.
         stars : StarList
         metrics : FrameMetrics
-        saturation : FrameSaturation or None
-            Saturated pixels (on the debayered grid) and the calibrated white level.
 
         Raises
         ------
         FrameError
             ``not_2d``, ``shape_mismatch``, ``all_nan`` or a calibration problem.
         """
-        cfg = self.config
         rgb = raw.ndim == 3 and raw.shape[0] == 3 and not info.bayer_pattern
-        if raw.ndim != 2 and not rgb:
-            raise FrameError("not_2d", f"{info.path}: expected a 2-D (mono or CFA) or "
-                                       f"(3, ny, nx) RGB image, got shape {raw.shape}")
         # Colour (debayered CFA or RGB) and mono frames never share a stack.
         colour = rgb or bool(info.bayer_pattern)
-        if self._reference is not None and (raw.shape[-2:] != self._reference.luminance.shape
-                                            or colour != (len(self._reference.shape) == 3)):
+        if (raw.ndim == 2 or rgb) and self._reference is not None and (
+                raw.shape[-2:] != self._reference.luminance.shape
+                or colour != (len(self._reference.shape) == 3)):
             raise FrameError(
                 "shape_mismatch",
                 f"{info.path}: shape {raw.shape} ({'colour' if colour else 'mono'}) differs "
                 f"from the stack's {self._reference.shape}",
             )
-        calibrated = calibrate(raw, masters, info.bayer_pattern)
-        saturation = frame_saturation(raw, calibrated, info, cfg.saturation)
-        if (cfg.cosmetic.auto_hot_pixels and (masters is None or masters.defects is None)):
-            hot = find_isolated_hot_pixels(calibrated, cfg.cosmetic.hot_sigma, info.bayer_pattern)
-            if hot.any():
-                calibrated = correct_defects(calibrated, hot, info.bayer_pattern, copy=False)
+        frame = calibrate_frame(raw, info, masters, self.config)
+        # calibrate_frame runs calibrate, cosmetic, debayer and gradient: one lap for all
         timer.lap("calibrate")
-
-        image: np.ndarray
-        if info.bayer_pattern:
-            image = debayer(calibrated, info.bayer_pattern, cfg.debayer.method)
-            timer.lap("debayer")
-        else:
-            image = calibrated
-        if cfg.gradient.enabled:
-            if image.ndim == 3:
-                image = np.stack([subtract_gradient(c, cfg.gradient.mesh_px) for c in image])
-            else:
-                image = subtract_gradient(image, cfg.gradient.mesh_px)
-            timer.lap("gradient")
-        lum = luminance(image) if image.ndim == 3 else image
-        if not np.isfinite(lum[:: max(1, lum.shape[0] // 64), :: max(1, lum.shape[1] // 64)]).any():
-            if not np.isfinite(lum).any():
-                raise FrameError("all_nan", f"{info.path}: no finite pixel in the frame")
-
-        detect_cfg = cfg.detect
-        if detect_cfg.pixel_scale_arcsec is None and info.pixel_scale_arcsec is not None:
-            detect_cfg = replace(detect_cfg, pixel_scale_arcsec=info.pixel_scale_arcsec)
-        stars, metrics = measure(lum, detect_cfg)
+        stars, metrics = detect_frame(frame.luminance, info, self.config.detect)
         timer.lap("detect")
-        return image, lum, stars, metrics, saturation
+        return frame, stars, metrics
 
     def _process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
                  stored_transform: Transform | None, timer: _Timer) -> FrameOutcome:
         cfg = self.config
-        image, lum, stars, metrics, saturation = self._prepare(raw, info, masters, timer)
+        frame, stars, metrics = self._prepare(raw, info, masters, timer)
+        image, lum, saturation = frame.image, frame.luminance, frame.saturation
         self._frame_stars = stars  # for the outcome of a frame rejected from here on
         verdict = self.gate.evaluate(metrics)
         if not verdict.accepted:
@@ -372,44 +296,37 @@ class StackSession:
             # Checked before the frame becomes the reference: a zero-noise reference
             # would poison every later normalisation.
             ref_stats = frame_stats(image, None)
-            _check_noise(np.asarray(ref_stats.noise_adu, dtype=np.float64), info)
+            check_noise(np.asarray(ref_stats.noise_adu, dtype=np.float64), info)
             transform = Transform.identity()
             self._set_reference(info, image, lum, stars, metrics, ref_stats)
         elif stored_transform is not None and self._stored_transforms_valid:
             transform = stored_transform
         else:
             assert self._registrar is not None
-            transform = self._registrar.register(stars, lum)
+            transform = find_transform(self._registrar, stars, lum)
         timer.lap("register")
 
         ref = self._reference
         assert ref is not None
-        # Location and scale belong to the frame, not to the grid: measured before warping,
-        # since interpolation smooths the noise and would bias the dispersion-based scale.
+        # Location and scale belong to the frame, not to the grid: measured before warping
+        # (frame.normalise_frame), since interpolation smooths the noise and would bias the
+        # dispersion-based scale.
         is_reference = transform.method == "identity" and ref.file == info.path
-        stats = ref.stats if is_reference else frame_stats(image, None)
-        signal_scale = 1.0 if is_reference else star_flux_scale(
-            transform.apply(stars.xy), stars.flux, ref.stars.xy, ref.stars.flux)
-        norm = normalization(stats, ref.stats, cfg.normalize, star_count=metrics.star_count,
-                             signal_scale=signal_scale,
-                             fwhm_px=metrics.fwhm_px, noise_adu=metrics.noise_adu,
-                             reference_star_count=ref.metrics.star_count,
-                             reference_fwhm_px=ref.metrics.fwhm_px,
-                             reference_noise_adu=ref.metrics.noise_adu)
+        reference = FrameReference(ref.stats, ref.stars, ref.metrics)
+        frame_norm = normalise_frame(image, reference, cfg.normalize, transform=transform,
+                                     stars=stars, metrics=metrics,
+                                     stats=ref.stats if is_reference else None,
+                                     is_reference=is_reference)
         timer.lap("normalize")
-        warped = warp(image, transform, ref.luminance.shape, cfg.warp.kernel)
-        warped, saturated = clamp_ringing(warped, image, transform, saturation, cfg.saturation)
+        done = register(frame, info, transform, reference, ref.luminance.shape, cfg,
+                        norm=frame_norm)
         timer.lap("warp")
-        if not warped.footprint.any():
-            _raise_no_footprint(lum, info, cfg.warp.kernel)
-        noise_norm = normalized_noise(stats, norm)
-        _check_noise(np.asarray(noise_norm, dtype=np.float64), info)
-        if not (math.isfinite(norm.weight) and norm.weight > 0):
-            raise FrameError("bad_weight",
-                             f"{info.path}: frame weight {norm.weight} is not finite and > 0")
+        norm = done.norm.normalization
+        noise_norm = done.norm.noise_adu
+        warped = done.warped
         normalised = apply_normalization(warped.image, warped.footprint, norm, out=warped.image)
-        self.saturation.apply(normalised, warped.footprint, saturated, saturation, norm.location,
-                              norm.scale, norm.reference_location)
+        self.saturation.apply(normalised, warped.footprint, done.saturated, saturation,
+                              norm.location, norm.scale, norm.reference_location)
         timer.lap("normalize")
 
         if self._stack is None:
@@ -428,7 +345,7 @@ class StackSession:
                                _accept_message(info, metrics, transform, norm.weight),
                                metrics=metrics, transform=transform, weight=norm.weight,
                                timings_ms=timer.timings_ms, rejected_low=rejected_low,
-                               rejected_high=rejected_high)
+                               rejected_high=rejected_high, norm=done.norm)
         self._record(outcome, info)
         return outcome
 
@@ -499,32 +416,19 @@ class StackSession:
 
     def _header(self) -> dict[str, object]:
         accepted = [r for r in self.records if r.verdict == "accepted"]
-        header: dict[str, object] = {
-            "NCOMBINE": len(accepted),
-            "EXPTIME": float(self.total_exposure_s),
-            "STACKID": self.stack_id,
-            "COMBINE": self.config.stack.method,
-            "KAPPALO": self.config.stack.kappa_low,
-            "KAPPAHI": self.config.stack.kappa_high,
-            "NORMALIZ": self.config.normalize.method,
-            "WEIGHTS": self.config.normalize.weights,
-            "WARPKERN": self.config.warp.kernel,
-        }
+        cfg = self.config
+        header = provenance_header(
+            self.stack_id, ((r.date_obs, r.exposure_s) for r in accepted), self.first_info,
+            self.egain_e_per_adu, COMBINE=cfg.stack.method, KAPPALO=cfg.stack.kappa_low,
+            KAPPAHI=cfg.stack.kappa_high, NORMALIZ=cfg.normalize.method,
+            WEIGHTS=cfg.normalize.weights, WARPKERN=cfg.warp.kernel)
+        # The live total counts every accepted frame's exposure as it came in.
+        header["EXPTIME"] = float(self.total_exposure_s)
         if self._reference is not None:
             header["REFFRAME"] = self._reference.file
         if self.base_header:
             header.update(self.base_header)
             header["INTEGRAT"] = "batch+live"  # a rebuild's batch result, then live frames
-        header.update(time_keywords((r.date_obs, r.exposure_s) for r in accepted))
-        if self.first_info is not None:
-            fi = self.first_info
-            header["OBJECT"] = fi.object_name
-            header["FILTER"] = fi.filter_name
-            header["XBINNING"] = fi.binning[0]
-            header["YBINNING"] = fi.binning[1]
-            # Colour frames are debayered: the stack is RGB, so no CFA keys (fitskeys).
-        if self.egain_e_per_adu is not None:
-            header["EGAIN"] = self.egain_e_per_adu
         if self.saturation.level_adu is not None:
             header["SATURATE"] = float(self.saturation.level_adu.min())
         return header
@@ -678,13 +582,14 @@ class StackSession:
             The product does not match the reference frame's grid or has no frame.
         """
         session = cls(stack_id, config)
-        image, lum, stars, metrics, _ = session._prepare(reference_raw, reference_info,
-                                                         reference_masters, _Timer())
+        frame, stars, metrics = session._prepare(reference_raw, reference_info,
+                                                 reference_masters, _Timer())
+        image, lum = frame.image, frame.luminance
         if tuple(product.image.shape) != tuple(image.shape):
             raise ValueError(f"{reference_info.path}: integration shape {product.image.shape} "
                              f"differs from the reference frame's {image.shape}")
         ref_stats = frame_stats(image, None)
-        _check_noise(np.asarray(ref_stats.noise_adu, dtype=np.float64), reference_info)
+        check_noise(np.asarray(ref_stats.noise_adu, dtype=np.float64), reference_info)
         session._set_reference(reference_info, image, lum, stars, metrics, ref_stats)
         accepted = [r for r in product.records if r.verdict == "accepted"]
         session._stack = RunningStack.from_maps(
@@ -715,19 +620,6 @@ class StackSession:
 # ---------------------------------------------------------------- helpers
 #: Header values a batch-seeded session keeps from its integration (see ``from_product``).
 _BATCH_KEYS = ("REJECT", "REJLOW", "REJHIGH", "NSTARSCL", "HISTORY")
-
-
-def _check_noise(noise_adu: np.ndarray, info: FrameInfo) -> None:
-    """Raise ``FrameError("zero_noise")`` unless every channel's noise is finite and > 0.
-
-    A noise-free or heavily quantised sky measures a background sigma of 0, which
-    the kappa-sigma accumulator cannot weight (see ``RunningStack.add``).
-    """
-    if not bool(np.all(np.isfinite(noise_adu) & (noise_adu > 0))):
-        values = ", ".join(f"{v:.3g}" for v in np.atleast_1d(noise_adu))
-        raise FrameError("zero_noise",
-                         f"{info.path}: background noise {values} ADU is not finite and > 0 "
-                         "(noise-free or heavily quantised sky)")
 
 
 def _is_identity(transform: Transform, tolerance: float = 1e-9) -> bool:

@@ -7,7 +7,10 @@ committed row survives power loss). Tables:
     One row per (path, content) seen: size, mtime, sha256, stack, status, reason,
     message, metrics (JSON), transform (6 floats JSON + model), weight, ``seq`` (processing
     order within the stack), ``active`` (0 once excluded from the stack or after a reset)
-    and timestamps. Status is one of ``pending``, ``accepted``, ``rejected``, ``failed``,
+    and timestamps; ``norm`` (the frame's normalisation onto the reference as JSON: scale,
+    offset, reference, weight, noise, method, weights) and ``masters`` (the masters that
+    calibrated it as JSON: ``[{"kind", "file", "sha256"}]``, files in ``<root>/masters/``).
+    Status is one of ``pending``, ``accepted``, ``rejected``, ``failed``,
     ``ignored`` (calibration frames, duplicates).
 ``stacks``
     Stack id, key (JSON), folder, creation time, and ``generation`` (bumped whenever the
@@ -48,6 +51,9 @@ _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _SCHEMA_VERSION = 1
 #: Frame columns filled once the stack is plate-solved (added to older journals on open).
 POINTING_COLUMNS = ("center_ra_deg", "center_dec_deg", "pa_deg")
+#: Frame columns holding each frame's normalisation and recorded masters (JSON), added to
+#: older journals on open (rows stacked before them hold NULL: re-stacks then measure).
+CALIBRATION_COLUMNS = ("norm", "masters")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -134,6 +140,8 @@ class FrameRow:
     active: bool
     created: float
     updated: float
+    norm: dict[str, Any] | None = None
+    masters: list[dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,7 @@ class CheckpointRow:
 
 
 _FRAME_COLS = ("id, path, size, mtime_ns, sha256, stack_id, status, reason, message, metrics, "
-               "transform, model, weight, seq, active, created, updated")
+               "transform, model, weight, seq, active, created, updated, norm, masters")
 
 
 def _frame_row(r: tuple) -> FrameRow:
@@ -168,7 +176,8 @@ def _frame_row(r: tuple) -> FrameRow:
         id=r[0], path=r[1], size=r[2], mtime_ns=r[3], sha256=r[4], stack_id=r[5], status=r[6],
         reason=r[7], message=r[8], metrics=json.loads(r[9]) if r[9] else None,
         transform=json.loads(r[10]) if r[10] else None, model=r[11], weight=r[12], seq=r[13],
-        active=bool(r[14]), created=r[15], updated=r[16])
+        active=bool(r[14]), created=r[15], updated=r[16],
+        norm=json.loads(r[17]) if r[17] else None, masters=json.loads(r[18]) if r[18] else None)
 
 
 #: SQLite's result code for "database or disk is full".
@@ -211,6 +220,7 @@ class Journal:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._add_pointing_columns()
+            self._add_calibration_columns()
             self._db.execute("INSERT OR IGNORE INTO state(key, value) VALUES ('schema', ?)",
                              (json.dumps(_SCHEMA_VERSION),))
         except (sqlite3.Error, OSError) as exc:
@@ -322,7 +332,8 @@ class Journal:
                metrics: dict[str, Any] | None = None, transform: list[float] | None = None,
                model: str | None = None, weight: float | None = None,
                seq: int | None = None, assign_seq: bool = False,
-               state: dict[str, Any] | None = None) -> int | None:
+               state: dict[str, Any] | None = None, norm: dict[str, Any] | None = None,
+               masters: list[dict[str, str]] | None = None) -> int | None:
         """Give a row its final status; return the ``seq`` assigned (or None).
 
         Parameters
@@ -344,6 +355,10 @@ class Journal:
             stack session has seen, in order: replay feeds them back in this order).
         state : dict or None
             Key -> JSON-able values written in the same transaction (router state).
+        norm : dict or None
+            The frame's normalisation (``FrameNorm.to_json()``).
+        masters : list of dict or None
+            The masters that calibrated it (``CalibrationRecord.select``).
 
         Raises
         ------
@@ -360,11 +375,14 @@ class Journal:
                 seq = int(top or 0) + 1
             db.execute(
                 "UPDATE frames SET status=?, reason=?, message=?, stack_id=?, metrics=?, "
-                "transform=?, model=?, weight=?, seq=?, active=1, updated=? WHERE id=?",
+                "transform=?, model=?, weight=?, seq=?, active=1, updated=?, norm=?, masters=? "
+                "WHERE id=?",
                 (status, reason, message, stack_id,
                  json.dumps(metrics) if metrics is not None else None,
                  json.dumps(transform) if transform is not None else None,
-                 model, weight, seq, now, row_id))
+                 model, weight, seq, now,
+                 json.dumps(norm) if norm is not None else None,
+                 json.dumps(masters) if masters else None, row_id))
             for key, value in (state or {}).items():
                 db.execute("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
                            (key, json.dumps(value)))
@@ -547,6 +565,28 @@ class Journal:
         for col in POINTING_COLUMNS:
             if col not in have:
                 self._db.execute(f"ALTER TABLE frames ADD COLUMN {col} REAL")
+
+    def _add_calibration_columns(self) -> None:
+        """Add the ``norm`` and ``masters`` columns to a journal made before them."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(frames)").fetchall()}
+        for col in CALIBRATION_COLUMNS:
+            if col not in have:
+                self._db.execute(f"ALTER TABLE frames ADD COLUMN {col} TEXT")
+
+    def stack_masters(self, stack_id: str) -> list[dict[str, str]]:
+        """The masters recorded for a stack's active accepted frames, each once, by first use."""
+        rows = self._query("SELECT masters FROM frames WHERE stack_id=? AND active=1 AND "
+                           "status='accepted' AND masters IS NOT NULL ORDER BY seq, id",
+                           (stack_id,))
+        out: list[dict[str, str]] = []
+        seen: set[tuple[str, str]] = set()
+        for (text,) in rows:
+            for m in json.loads(text):
+                key = (str(m.get("file", "")), str(m.get("sha256", "")))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(m)
+        return out
 
     def set_pointing(self, values: list[tuple[int, float | None, float | None, float | None]]
                      ) -> None:

@@ -12,19 +12,26 @@ import pytest
 from livestack.config import config_from_dict
 from livestack.errors import ConfigError
 from livestack.integrate import SessionFrame, _calibrated
+from livestack.pipeline import debayer as debayer_module
+from livestack.pipeline import kernels_demosaic as kd
 from livestack.pipeline.debayer import (
+    AUTO_RCD_MAX_PIXELS,
     BAYER_PATTERNS,
     DEBAYER_METHODS,
     DebayerConfig,
     cfa_channel_masks,
+    cfa_color_map,
     debayer,
     luminance,
+    rcd_eps,
+    resolve_method,
 )
 from livestack.pipeline.session import PipelineConfig, StackSession
 from livestack.pipeline.types import Transform
 from livestack.sim import SimConfig, Simulator
 from livestack.sim.fitswrite import write_fits
 from livestack.storage.headers import parse_frame_info
+from tests.oracles_demosaic import rcd_multipass
 
 SHARP = ("rcd", "malvar")
 INNER = (slice(8, -8), slice(8, -8))  # away from the bilinear border of every method
@@ -184,8 +191,49 @@ def test_small_frames_and_nan_pixels() -> None:
         debayer(big, "RGGB", "vng")
 
 
+@pytest.mark.parametrize("pattern", BAYER_PATTERNS)
+@pytest.mark.parametrize("shape", [(11, 11), (12, 13), (40, 37), (97, 130)])
+def test_fused_rcd_is_bit_identical_to_the_four_passes(pattern: str,
+                                                       shape: tuple[int, int]) -> None:
+    """The one-sweep kernel equals the four-pass RCD it replaced, bit for bit, however the
+    rows are split into bands (a band recomputes the rows around it), on noisy frames with
+    stars, negative values (calibrated sky) and a saturated plateau."""
+    rng = np.random.default_rng(sum(shape) + BAYER_PATTERNS.index(pattern))
+    cfa = rng.normal(50.0, 40.0, shape).astype(np.float32)
+    ny, nx = shape
+    for _ in range(4):
+        y, x = rng.integers(0, ny), rng.integers(0, nx)
+        cfa[max(y - 2, 0):y + 2, max(x - 1, 0):x + 3] += rng.uniform(500.0, 20000.0)
+    cfa[ny // 2:ny // 2 + 4, nx // 3:nx // 3 + 4] = 65535.0
+    expected = rcd_multipass(cfa, pattern)
+    np.testing.assert_array_equal(debayer(cfa, pattern, "rcd"), expected)
+    cmap = cfa_color_map(pattern)
+    for band_rows in (1, 3, 7, 16, ny):
+        out = np.full((3, ny, nx), np.nan, dtype=np.float32)
+        kd.rcd(cfa, cmap, rcd_eps(cfa), out, band_rows)
+        np.testing.assert_array_equal(out, expected, err_msg=f"band_rows={band_rows}")
+    # The oracle differs from bilinear (so the equality above could fail).
+    assert not np.array_equal(expected, debayer(cfa, pattern, "bilinear"))
+
+
+def test_auto_is_rcd_up_to_8_mp_and_malvar_above(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert AUTO_RCD_MAX_PIXELS == 8_000_000
+    assert resolve_method("auto", (2448, 3264)) == "rcd"  # 8.0 MP (IMX294-class)
+    assert resolve_method("auto", (4176, 6248)) == "malvar"  # 26 MP (IMX571)
+    assert resolve_method("bilinear", (4176, 6248)) == "bilinear"
+    with pytest.raises(ValueError, match="debayer method"):
+        resolve_method("vng", (10, 10))
+    cfa = np.random.default_rng(8).uniform(100, 2000, (40, 48)).astype(np.float32)
+    np.testing.assert_array_equal(debayer(cfa, "GRBG", "auto"), debayer(cfa, "GRBG", "rcd"))
+    # The same frame above the (lowered) limit takes the Malvar branch.
+    monkeypatch.setattr(debayer_module, "AUTO_RCD_MAX_PIXELS", 40 * 48 - 1)
+    np.testing.assert_array_equal(debayer(cfa, "GRBG", "auto"),
+                                  debayer(cfa, "GRBG", "malvar"))
+    assert not np.array_equal(debayer(cfa, "GRBG", "rcd"), debayer(cfa, "GRBG", "malvar"))
+
+
 def test_config_key_validated_with_its_path() -> None:
-    assert DebayerConfig().method == "rcd"
+    assert DebayerConfig().method == "auto"
     cfg = config_from_dict({"pipeline": {"debayer": {"method": "bilinear"}}})
     assert cfg.pipeline.debayer.method == "bilinear"
     with pytest.raises(ConfigError, match=r"pipeline\.debayer\.method"):
