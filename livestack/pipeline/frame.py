@@ -211,11 +211,12 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
 
     Parameters
     ----------
-    raw : ndarray, shape (ny, nx), float32
-        Pixels as read (a CFA mosaic for colour cameras), ADU.
+    raw : ndarray, shape (ny, nx) or (3, ny, nx), float32
+        Pixels as read (a CFA mosaic for colour cameras, or an RGB frame), ADU.
     info : FrameInfo
         ``bayer_pattern`` selects colour processing.
     masters : MasterSet or None
+        ``(3, ny, nx)`` masters for an RGB frame.
     config : PipelineConfig
         ``cosmetic``, ``debayer``, ``gradient`` and ``saturation`` are used.
     overwrite_raw : bool
@@ -230,8 +231,11 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
     FrameError
         ``not_2d``, ``all_nan`` or a calibration problem (``master_*``).
     """
-    if raw.ndim != 2:
-        raise FrameError("not_2d", f"{info.path}: expected a 2-D image, got shape {raw.shape}")
+    if raw.ndim != 2 and not (raw.ndim == 3 and raw.shape[0] == 3 and not info.bayer_pattern):
+        raise FrameError("not_2d", f"{info.path}: expected a 2-D (mono or CFA) or "
+                                   f"(3, ny, nx) RGB image, got shape {raw.shape}")
+    # An RGB frame (TIFF/PNG/JPEG/XISF colour file) is calibrated and corrected per channel
+    # and never debayered: it is already what debayer() makes of a CFA frame.
     # The raw half of the saturation facts first: the calibration may overwrite raw.
     raw_sat = raw_saturation(raw, info, config.saturation)
     calibrated = calibrate(raw, masters, info.bayer_pattern, overwrite_raw=overwrite_raw)

@@ -228,8 +228,9 @@ class StackSession:
 
         Parameters
         ----------
-        raw : ndarray, shape (ny, nx), float32
-            Pixels as read from FITS (a CFA mosaic for colour cameras), ADU.
+        raw : ndarray, shape (ny, nx) or (3, ny, nx), float32
+            Pixels as read (a CFA mosaic for colour cameras, or an RGB frame of a
+            TIFF/PNG/JPEG/XISF file: calibrated per channel, not debayered), ADU.
         info : FrameInfo
             Header facts; ``bayer_pattern`` selects colour processing.
         masters : MasterSet or None
@@ -277,12 +278,16 @@ class StackSession:
         FrameError
             ``not_2d``, ``shape_mismatch``, ``all_nan`` or a calibration problem.
         """
-        if raw.ndim == 2 and self._reference is not None \
-                and raw.shape != self._reference.phase.shape:
+        rgb = raw.ndim == 3 and raw.shape[0] == 3 and not info.bayer_pattern
+        # Colour (debayered CFA or RGB) and mono frames never share a stack.
+        colour = rgb or bool(info.bayer_pattern)
+        if (raw.ndim == 2 or rgb) and self._reference is not None and (
+                raw.shape[-2:] != self._reference.phase.shape
+                or colour != (len(self._reference.shape) == 3)):
             raise FrameError(
                 "shape_mismatch",
-                f"{info.path}: shape {raw.shape} differs from the stack's "
-                f"{self._reference.phase.shape}",
+                f"{info.path}: shape {raw.shape} ({'colour' if colour else 'mono'}) differs "
+                f"from the stack's {self._reference.shape}",
             )
         frame = calibrate_frame(raw, info, masters, self.config, overwrite_raw=overwrite_raw)
         # calibrate_frame runs calibrate, cosmetic, debayer and gradient: one lap for all

@@ -523,3 +523,25 @@ def test_the_warp_buffer_is_reused_and_changes_nothing() -> None:
     np.testing.assert_array_equal(reused.stacked_image(), fresh.stacked_image())
     product_a, product_b = reused.product(), fresh.product()
     np.testing.assert_array_equal(product_a.rejected_high, product_b.rejected_high)
+
+
+def test_rgb_frames_stack_in_colour_and_a_mono_frame_is_refused() -> None:
+    from dataclasses import replace as dc_replace
+
+    from livestack.sim.formatwrite import rgb_frame
+
+    config = SimConfig(width=256, height=192, bayer_pattern="RGGB",
+                       cosmic_rays_per_frame=0.0, drift_px_per_frame=(0.7, 0.4))
+    sim = Simulator(config, seed=21)
+    session = StackSession("rgb", PipelineConfig())
+    for i in range(3):
+        frame = rgb_frame(sim.light(i))
+        info = dc_replace(_info(frame.header, f"rgb_{i}.tiff", (192, 256)), channels=3)
+        outcome = session.process(frame.data.astype(np.float32), info, None)
+        assert outcome.verdict == "accepted", outcome.message
+    assert session.n_accepted == 3 and session.product().image.shape == (3, 192, 256)
+    mono = sim.light(3)
+    info = _info({k: v for k, v in mono.header.items() if k != "BAYERPAT"}, "mono.fits",
+                 (192, 256))
+    outcome = session.process(mono.data.astype(np.float32), info, None)
+    assert (outcome.verdict, outcome.reason) == ("rejected", "shape_mismatch")
