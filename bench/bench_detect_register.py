@@ -1,18 +1,24 @@
-"""Star detection and registration cost and accuracy at 26 MP.
+"""Star detection and registration cost and accuracy at 26 MP, on a dense rotating field,
+before and after issue 16, in the same run.
 
-A 6248x4176 float32 star field (``--stars`` Moffat stars, FWHM ``--fwhm`` px, beta 3.5,
-power-law fluxes, sky 1000 ADU, noise 10 ADU) is rendered twice: the reference, and a
-frame moved by a similarity transform (0.2 deg, (15.3, -8.7) px). Rows:
+A 6248x4176 float32 star field (``--stars`` Moffat stars, default 9000, FWHM ``--fwhm``
+px, beta 3.5, power-law fluxes, sky 1000 ADU, noise 10 ADU) is rendered twice: the
+reference, and a frame moved by a similarity transform (``--rotation`` degrees, default
+1.0, and (15.3, -8.7) px). Each row times the old path and the new one alternately (so
+machine load hits both alike) and prints the median ms of each and their ratio:
 
-* ``detect_stars`` with the frame binned 1x1, 2x2, 4x4 and automatic binning: median ms,
-  stars found, and the centroid RMS against the true positions for bright isolated stars;
-* ``measure`` (detection + Moffat fits): ms and the measured FWHM;
-* ``Registrar`` construction and ``register``: ms and the error against the true
-  transform (RMS over a grid covering the frame);
+* ``detect_stars`` / ``measure``: before = sep.extract on the 4x4 frame, the sky by
+  sep.Background on the 4x4 frame and the numpy refinement (``tests/oracles.py``);
+  after = the peak pass (``kernels_binning.peak_score_kernel``), the sky on an 8x8 grid
+  and the numba refinement (``kernels_detect``). Result columns: stars found, centroid
+  RMS against the truth (bright isolated stars), FWHM, elongation, sky and noise;
+* ``refine`` alone: the numpy oracle against the kernel on the same candidates;
+* ``register`` with each path's stars: ms and the error against the true transform
+  (RMS over a grid covering the frame);
 * baseline in the same run: ``astroalign.find_transform`` on the 50 brightest (x, y)
-  of each frame (the brief's 55 ms row), which recomputes the reference's invariants.
+  of each frame, which recomputes the reference's invariants.
 
-    /work/venv/bin/python bench/bench_detect_register.py [--size 6248x4176] [--repeat 3]
+    .venv/bin/python bench/bench_detect_register.py [--size 6248x4176] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +39,43 @@ from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from livestack.pipeline import detect
 from livestack.pipeline.detect import DetectConfig, detect_stars, measure
 from livestack.pipeline.register import RegisterConfig, Registrar
 from livestack.pipeline.types import StarList, Transform
+from tests.oracles import refine_numpy
 from tests.pipeline.test_detect import render_stars
+
+
+@contextmanager
+def old_refinement() -> Iterator[None]:
+    """Detection's refinement as it was before issue 16: the numpy version."""
+    saved = detect._refine
+    detect._refine = refine_numpy
+    try:
+        yield
+    finally:
+        detect._refine = saved
+
+
+def paired(old: Callable[[], Any], new: Callable[[], Any], repeat: int
+           ) -> tuple[float, float, Any, Any]:
+    """Median ms of ``old`` and ``new`` run alternately after a warm-up, and their results."""
+    with old_refinement():
+        r_old = old()
+    r_new = new()
+    t_old: list[float] = []
+    t_new: list[float] = []
+    for _ in range(repeat):
+        with old_refinement():
+            t0 = time.perf_counter()
+            r_old = old()
+            t_old.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        r_new = new()
+        t_new.append(time.perf_counter() - t0)
+    return (1000.0 * statistics.median(t_old), 1000.0 * statistics.median(t_new), r_old,
+            r_new)
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -58,9 +98,10 @@ def centroid_rms(stars: StarList, truth_xy: NDArray[np.float64], bright: NDArray
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="6248x4176", help="WIDTHxHEIGHT")
-    ap.add_argument("--stars", type=int, default=3000)
+    ap.add_argument("--stars", type=int, default=9000)
     ap.add_argument("--fwhm", type=float, default=3.0)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rotation", type=float, default=1.0, help="degrees")
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     nx, ny = (int(v) for v in args.size.lower().split("x"))
@@ -73,7 +114,7 @@ def main() -> None:
                               rng.uniform(-50, ny + 50, args.stars)])
     flux = 800.0 * (1.0 + rng.pareto(1.3, args.stars))
     centre = np.array([nx / 2.0, ny / 2.0])
-    th = math.radians(0.2)
+    th = math.radians(args.rotation)
     rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
     shift = np.array([15.3, -8.7])
     t_true = Transform(np.hstack([rot, (centre + shift - rot @ centre)[:, None]]))
@@ -93,44 +134,77 @@ def main() -> None:
     nn, _ = cKDTree(xy_frm).query(xy_frm, k=2)
     isolated = nn[:, 1] > 4 * args.fwhm
     bright = flux > 20000  # SNR > ~150 per star
-    print(f"\n{nx}x{ny}, FWHM {args.fwhm} px, {args.threads} numba threads, "
-          f"median of {args.repeat} after warm-up")
-    print(f"{'step':34s} {'ms':>8s}  result")
-    for factor in (1, 2, 4, None):
-        cfg = DetectConfig(bin_factor=factor)
+    cfg = DetectConfig()
+    print(f"\n{nx}x{ny}, {args.stars} stars, FWHM {args.fwhm} px, rotation "
+          f"{args.rotation} deg, {args.threads} numba threads, median of {args.repeat} "
+          "after warm-up, old and new alternately")
+    print(f"{'step':26s} {'old ms':>8s} {'new ms':>8s} {'speed-up':>9s}  result (old | new)")
 
-        def run(cfg: DetectConfig = cfg) -> tuple[StarList, float, float]:
-            return detect_stars(frm, cfg)
+    def row(name: str, ms_old: float, ms_new: float, result: str) -> None:
+        print(f"{name:26s} {ms_old:8.1f} {ms_new:8.1f} {ms_old / ms_new:8.2f}x  {result}")
 
-        ms, (stars, _bkg, _noise) = timed(run, args.repeat)
-        label = f"detect_stars bin {factor}x{factor}" if factor else "detect_stars auto"
-        print(f"{label:34s} {ms:8.1f}  {len(stars)} stars, centroid RMS (bright, isolated) "
-              f"{centroid_rms(stars, xy_frm, bright, isolated):.4f} px")
-    ms_measure, (stars, metrics) = timed(lambda: measure(frm), args.repeat)
-    print(f"{'measure (auto bin + Moffat fits)':34s} {ms_measure:8.1f}  FWHM "
-          f"{metrics.fwhm_px:.3f} px (true {args.fwhm}), elongation {metrics.elongation:.3f}")
+    ms_old, ms_new, (s_old, *_), (s_new, *_) = paired(
+        lambda: detect_stars_legacy(frm, cfg), lambda: detect_stars(frm, cfg), args.repeat)
+    row("detect_stars (auto bin)", ms_old, ms_new,
+        f"{len(s_old)} | {len(s_new)} stars, centroid RMS "
+        f"{centroid_rms(s_old, xy_frm, bright, isolated):.4f} | "
+        f"{centroid_rms(s_new, xy_frm, bright, isolated):.4f} px")
+    ms_old, ms_new, (st_old, m_old), (st_new, m_new) = paired(
+        lambda: detect._measure(frm, cfg, legacy=True), lambda: measure(frm, cfg), args.repeat)
+    row("measure (+ Moffat fits)", ms_old, ms_new,
+        f"FWHM {m_old.fwhm_px:.4f} | {m_new.fwhm_px:.4f} px (true {args.fwhm}), "
+        f"elongation {m_old.elongation:.4f} | {m_new.elongation:.4f}")
+    print(f"{'':26s} {'':8s} {'':8s} {'':9s}  sky {m_old.background_adu:.2f} | "
+          f"{m_new.background_adu:.2f} ADU (true 1000), noise {m_old.noise_adu:.3f} | "
+          f"{m_new.noise_adu:.3f} ADU (true 10), SNR {m_old.snr:.1f} | {m_new.snr:.1f}")
+
+    # The refinement alone, on the candidates of the new path.
+    det = detect._detect(frm, cfg)
+    xy0 = det.stars.xy + rng.uniform(-1.5, 1.5, det.stars.xy.shape)
+    sky = np.full(len(xy0), 1000.0)
+
+    def refine() -> Any:  # detect._refine is looked up per call: paired swaps it
+        return detect._refine(frm, xy0[:, 0], xy0[:, 1], sky, 1.3, 4, None)
+
+    ms_old, ms_new, r_old, r_new = paired(refine, refine, args.repeat)
+    same = bool(np.array_equal(r_old["keep"], r_new["keep"]))
+    row(f"refine ({len(xy0)} stars)", ms_old, ms_new,
+        f"same cuts: {same}, max |dxy| "
+        f"{float(np.max(np.abs(r_old['xy'][r_new['keep']] - r_new['xy'][r_new['keep']]))):.1e}"
+        " px")
+
     ref_stars, _ = measure(ref)
-    cfg_reg = RegisterConfig()
-    ms_init, registrar = timed(lambda: Registrar(ref_stars, ref, cfg_reg), args.repeat)
-    print(f"{'Registrar(...) (once per stack)':34s} {ms_init:8.1f}  incl. phase-corr spectrum")
-    ms_reg, est = timed(lambda: registrar.register(stars), args.repeat)
+    registrar = Registrar(ref_stars, ref, RegisterConfig())
     ys, xs = np.mgrid[0:ny:100, 0:nx:100]
     grid = np.column_stack([xs.ravel(), ys.ravel()]).astype(np.float64)
-    err = float(np.sqrt(np.mean(np.sum((est.apply(grid) - t_true.apply(grid)) ** 2, axis=1))))
-    print(f"{'register (triangles + refit)':34s} {ms_reg:8.1f}  {est.n_matches} pairs, "
-          f"grid RMS error {err:.4f} px")
-    print(f"{'measure + register':34s} {ms_measure + ms_reg:8.1f}")
+    ms_old, ms_new, est_old, est_new = paired(lambda: registrar.register(st_old),
+                                              lambda: registrar.register(st_new), args.repeat)
+
+    def grid_err(est: Transform) -> float:
+        return float(np.sqrt(np.mean(np.sum((est.apply(grid) - t_true.apply(grid)) ** 2,
+                                            axis=1))))
+
+    row("register (each path's)", ms_old, ms_new,
+        f"grid RMS error {grid_err(est_old):.4f} | {grid_err(est_new):.4f} px, "
+        f"{est_old.n_matches} | {est_new.n_matches} pairs")
     try:
         import astroalign
 
         def baseline() -> Any:
-            return astroalign.find_transform(stars.xy[:50], ref_stars.xy[:50])
+            return astroalign.find_transform(st_new.xy[:50], ref_stars.xy[:50])
 
         ms_aa, _ = timed(baseline, args.repeat)
-        print(f"{'baseline astroalign.find_transform':34s} {ms_aa:8.1f}  "
-              f"register is {ms_aa / ms_reg:.1f}x faster")
+        print(f"{'astroalign.find_transform':26s} {ms_aa:8.1f}  (baseline for register: "
+              f"{ms_aa / ms_new:.1f}x slower)")
     except ImportError:
         print("(astroalign not installed: no baseline row)")
+
+
+def detect_stars_legacy(image: NDArray[np.float32], config: DetectConfig
+                        ) -> tuple[StarList, float, float]:
+    """:func:`detect_stars` on the path before issue 16."""
+    det = detect._detect(image, config, legacy=True)
+    return det.stars, det.background_adu, det.noise_adu
 
 
 if __name__ == "__main__":

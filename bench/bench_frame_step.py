@@ -49,8 +49,8 @@ def main() -> None:
 
     from astropy.io import fits
 
-    from livestack.config import load_config
     from livestack.batch import stack_files
+    from livestack.config import load_config
     from livestack.integrate import integrate_session, load_session
     from livestack.pipeline.integrate import IntegrateConfig
     from livestack.sim import SimConfig, Simulator, write_calibration_set, write_sequence

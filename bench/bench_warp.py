@@ -1,9 +1,11 @@
 """Warp cost and quality: livestack's numba kernels vs OpenCV's warpAffine, at 26 MP.
 
-Speed: a 6248x4176 float32 frame (noise + stars) warped onto the same grid with a
-similarity transform (0.3 deg rotation + sub-pixel shift: the general path) and with a
-pure translation (the separable fast path); median of ``--repeat`` runs after a warm-up,
-numba and OpenCV both on ``--threads`` threads. The JIT compile time (first call, fresh
+Speed: a 6248x4176 float32 frame (noise + ``--stars`` point stars, default 6000) warped
+onto the same grid with a similarity transform (``--rotation`` degrees, default 1.0, +
+sub-pixel shift: the general path) and with a pure translation (the separable fast path);
+median of ``--repeat`` runs after a warm-up, numba and OpenCV both on ``--threads``
+threads. ``cpu rot`` is the process CPU time of the rotated warp (all threads, page
+faults included). The JIT compile time (first call, fresh
 cache or not) is printed on its own line. The ratio column is against OpenCV linear of the
 same run.
 
@@ -20,6 +22,11 @@ The row ``livestack lanczos3+clamp`` is lanczos3 with the saturation handling of
 (``livestack.pipeline.saturation``: finding the level and mask, the warp, then the clamp
 near steep and saturated pixels); the frame then carries 300 saturated 3x3 cores. Its
 ratio against ``livestack lanczos3`` in the same run is the per-frame cost of the fix.
+
+The row ``livestack lanczos3 out=`` passes the previous call's result back as ``out=``
+(what ``StackSession`` does from frame to frame, issue 16) instead of allocating a new
+100 MB output per frame; its ratios against ``livestack lanczos3`` (wall and CPU) are
+printed last.
 
     /work/venv/bin/python bench/bench_warp.py [--size 6248x4176] [--repeat 5] [--threads 2]
 """
@@ -72,6 +79,22 @@ def ours_clamped() -> Warper:
         sat = frame_saturation(img, img, info, config)
         warped = warp(img, t, shape, "lanczos3")
         return clamp_ringing(warped, img, t, sat, config)[0].image
+    return run
+
+
+def ours_reused() -> Warper:
+    """lanczos3 writing into the previous call's arrays (``out=``), as the live stack does."""
+    from livestack.pipeline.types import Warped
+
+    buffers: dict[tuple[int, ...], Warped] = {}
+
+    def run(img: NDArray[np.float32], t: Transform, shape: tuple[int, int]
+            ) -> NDArray[np.float32]:
+        key = (*img.shape[:-2], *shape)
+        result = warp(img, t, shape, "lanczos3", out=buffers.get(key))
+        buffers[key] = result
+        # No copy: quality() uses each result before its next call, timed() never.
+        return result.image
     return run
 
 
@@ -136,14 +159,19 @@ def quality(fn: Warper, seed: int = 3) -> tuple[float, float, float]:
     return float(np.mean(peaks)), float(np.percentile(errs, 95)), worst
 
 
-def timed(fn: Warper, img: NDArray[np.float32], t: Transform, repeat: int) -> float:
+def timed(fn: Warper, img: NDArray[np.float32], t: Transform, repeat: int
+          ) -> tuple[float, float]:
+    """Median wall and process-CPU milliseconds of ``fn`` after a warm-up."""
     fn(img, t, img.shape)  # warm-up
     times = []
+    cpu = []
     for _ in range(repeat):
         t0 = time.perf_counter()
+        c0 = time.process_time()
         fn(img, t, img.shape)
+        cpu.append(time.process_time() - c0)
         times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+    return 1000.0 * statistics.median(times), 1000.0 * statistics.median(cpu)
 
 
 def main() -> None:
@@ -151,6 +179,8 @@ def main() -> None:
     ap.add_argument("--size", default="6248x4176", help="WIDTHxHEIGHT")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stars", type=int, default=6000)
+    ap.add_argument("--rotation", type=float, default=1.0, help="degrees")
     args = ap.parse_args()
     nx, ny = (int(v) for v in args.size.lower().split("x"))
 
@@ -166,14 +196,15 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     img = rng.normal(1000.0, 10.0, (ny, nx)).astype(np.float32)
-    ys, xs = rng.integers(10, ny - 10, 4000), rng.integers(10, nx - 10, 4000)
-    img[ys, xs] += rng.uniform(100, 20000, 4000).astype(np.float32)
+    ys, xs = rng.integers(10, ny - 10, args.stars), rng.integers(10, nx - 10, args.stars)
+    img[ys, xs] += rng.uniform(100, 20000, args.stars).astype(np.float32)
     for y, x in zip(rng.integers(10, ny - 10, 300), rng.integers(10, nx - 10, 300), strict=True):
         img[y - 1:y + 2, x - 1:x + 2] = 65535.0  # saturated cores for the clamp row
-    rot = Transform.from_params(3.37, -2.81, 0.3)
+    rot = Transform.from_params(3.37, -2.81, args.rotation)
     shift = Transform.from_params(3.37, -2.81)
 
     rows: list[tuple[str, Warper]] = [(f"livestack {k}", ours(k)) for k in KERNELS]
+    rows.append(("livestack lanczos3 out=", ours_reused()))
     rows.append(("livestack lanczos3+clamp", ours_clamped()))
     try:
         import cv2
@@ -189,22 +220,64 @@ def main() -> None:
 
     results = []
     for name, fn in rows:
-        ms_rot = timed(fn, img, rot, args.repeat)
-        ms_shift = timed(fn, img, shift, args.repeat)
+        ms_rot, cpu_rot = timed(fn, img, rot, args.repeat)
+        ms_shift, _cpu = timed(fn, img, shift, args.repeat)
         peak, cen, mom = quality(fn)
-        results.append((name, ms_rot, ms_shift, peak, cen, mom))
+        results.append((name, ms_rot, ms_shift, peak, cen, mom, cpu_rot))
     base = next(r[1] for r in results if r[0] == base_name)
-    print(f"\n{nx}x{ny} float32, {args.threads} threads, median of {args.repeat} "
-          "after warm-up; quality at FWHM 2.5 px")
-    print(f"{'method':24s} {'ms rot':>8s} {'ms shift':>9s} {'x ' + base_name[-12:]:>16s} "
-          f"{'peak':>6s} {'cen p95':>8s} {'mom max':>8s}")
-    for name, ms_rot, ms_shift, peak, cen, mom in results:
-        print(f"{name:24s} {ms_rot:8.1f} {ms_shift:9.1f} {ms_rot / base:16.2f} "
+    print(f"\n{nx}x{ny} float32, {args.stars} stars, rotation {args.rotation} deg, "
+          f"{args.threads} threads, median of {args.repeat} after warm-up; quality at "
+          "FWHM 2.5 px")
+    print(f"{'method':24s} {'ms rot':>8s} {'cpu rot':>8s} {'ms shift':>9s} "
+          f"{'x ' + base_name[-12:]:>16s} {'peak':>6s} {'cen p95':>8s} {'mom max':>8s}")
+    for name, ms_rot, ms_shift, peak, cen, mom, cpu_rot in results:
+        print(f"{name:24s} {ms_rot:8.1f} {cpu_rot:8.1f} {ms_shift:9.1f} {ms_rot / base:16.2f} "
               f"{peak:6.3f} {cen:8.4f} {mom:8.4f}")
     plain = next(r for r in results if r[0] == "livestack lanczos3")
     fixed = next(r for r in results if r[0] == "livestack lanczos3+clamp")
     print(f"saturation clamp cost: x{fixed[1] / plain[1]:.2f} (rotation), "
           f"x{fixed[2] / plain[2]:.2f} (shift) of lanczos3 alone, same run")
+    paired_out_buffer(img, rot, shift, max(args.repeat, 7))
+
+
+def paired_out_buffer(img: NDArray[np.float32], rot: Transform, shift: Transform,
+                      repeat: int) -> None:
+    """lanczos3 with a fresh output against ``out=`` the previous result, alternately.
+
+    Prints the median wall and CPU ms of each and the minor page faults per call (the
+    kernel's zero-filling of a fresh 100 MB output, which ``out=`` skips).
+    """
+    import resource
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    print(f"\nout= buffer, lanczos3, fresh and reused alternately, median of {repeat}")
+    print(f"{'transform':10s} {'fresh ms':>9s} {'out= ms':>8s} {'ratio':>6s} {'fresh cpu':>10s} "
+          f"{'out= cpu':>9s} {'ratio':>6s} {'fresh faults':>13s} {'out= faults':>12s}")
+    for name, t in (("rotation", rot), ("shift", shift)):
+        buffer = warp(img, t, img.shape, "lanczos3")
+        stats: dict[str, list[tuple[float, float, int]]] = {"fresh": [], "out": []}
+        for _ in range(repeat):
+            for kind in ("fresh", "out"):
+                f0 = faults()
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                if kind == "fresh":
+                    result = warp(img, t, img.shape, "lanczos3")
+                else:
+                    buffer = warp(img, t, img.shape, "lanczos3", out=buffer)
+                wall = time.perf_counter() - t0
+                cpu = time.process_time() - c0
+                stats[kind].append((wall, cpu, faults() - f0))
+                if kind == "fresh":
+                    del result  # freed as the live stack frees each frame's output
+        med = {k: [statistics.median(x[i] for x in v) for i in range(3)]
+               for k, v in stats.items()}
+        fw, fc, ff = med["fresh"]
+        ow, oc, of = med["out"]
+        print(f"{name:10s} {1e3 * fw:9.1f} {1e3 * ow:8.1f} {ow / fw:6.2f} {1e3 * fc:10.1f} "
+              f"{1e3 * oc:9.1f} {oc / fc:6.2f} {ff:13.0f} {of:12.0f}")
 
 
 if __name__ == "__main__":

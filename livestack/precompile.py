@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 #: The kernel modules whose numba cache the helper fills (relative to the package).
 KERNEL_MODULES = ("pipeline/kernels_accumulate.py", "pipeline/kernels_warp.py",
+                  "pipeline/kernels_detect.py",
                   "pipeline/kernels_binning.py", "pipeline/kernels_normalize.py",
                   "pipeline/kernels_cosmetic.py", "pipeline/kernels_calibrate.py",
                   "pipeline/kernels_demosaic.py")
@@ -165,6 +166,16 @@ def steps() -> Iterator[str]:
     yield "kappa-sigma stack"
     find_isolated_hot_pixels(frames[0], 8.0, None)
     yield "hot pixels"
+    # Large frames (>= 8 MP) take detection's peak pass, which the daemon's small warm-up
+    # frames never reach: run the large-frame path on a small frame.
+    from livestack.pipeline.detect import DetectConfig, measure
+
+    field = frames[2].copy()
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    for x, y in rng.uniform(16, min(ny, nx) - 16, size=(12, 2)):
+        field += (3000.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)).astype(np.float32)
+    measure(field, DetectConfig(auto_bin_min_mpix=0.0))
+    yield "detection peak pass"
     # The default demosaic (auto: RCD or, above 8 MP, Malvar) takes about 30 s to compile:
     # the daemon's own warm-up leaves it to the first colour frame, so compile both here,
     # off the frame path.

@@ -122,11 +122,14 @@ class FrameReader:
             return None
         entries = getattr(self.masters, "entries", None)
         if entries and not any(e.info.shape == info.shape and e.info.binning == info.binning
-                               for e in entries):
-            have = sorted({f"{e.info.shape[1]}x{e.info.shape[0]}" for e in entries})
+                               and e.info.channels == info.channels for e in entries):
+            rgb = {1: "", 3: " RGB"}  # RGB frames need RGB masters, mono/CFA ones 2-D masters
+            have = sorted({f"{e.info.shape[1]}x{e.info.shape[0]}{rgb.get(e.info.channels, '')}"
+                           for e in entries})
             raise CalibrationError(
                 Reason.MASTER_SHAPE_MISMATCH,
-                f"{info.path}: frame is {info.shape[1]}x{info.shape[0]} bin "
+                f"{info.path}: frame is {info.shape[1]}x{info.shape[0]}"
+                f"{rgb.get(info.channels, '')} bin "
                 f"{info.binning[0]}x{info.binning[1]} but the masters are {', '.join(have)}",
                 info.path)
         try:

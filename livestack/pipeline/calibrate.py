@@ -35,6 +35,9 @@ class MasterSet:
         float32 ``(ny, nx)``: normalised flat (median 1; per CFA colour for Bayer).
     defects : ndarray or None
         bool ``(ny, nx)``: hot/cold pixel map.
+
+    Masters of RGB frames have the frames' ``(3, ny, nx)`` shape (flat: median 1 per
+    channel); :meth:`channel` gives the 2-D set of one channel.
     description : tuple of str
         What was applied, human-readable (``"dark 60s -10.0C x20"``), or why
         nothing fitted.
@@ -56,12 +59,33 @@ class MasterSet:
     _defect_cols: NDArray[np.int64] | None = field(default=None, init=False, repr=False,
                                                    compare=False)
 
+    # RGB masters: the 2-D set of each channel, built once (defects indexed per channel).
+    _channels: tuple[MasterSet, ...] = field(default=(), init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         if self.defects is not None and self.defects.ndim == 2:
             ys, xs = np.nonzero(self.defects)
             ptr = np.searchsorted(ys, np.arange(self.defects.shape[0] + 1)).astype(np.int64)
             object.__setattr__(self, "_defect_ptr", ptr)
             object.__setattr__(self, "_defect_cols", xs.astype(np.int64))
+        arrays = [a for a in (self.subtract, self.flat, self.defects) if a is not None]
+        if arrays and all(a.ndim == 3 for a in arrays) and len({a.shape[0] for a in arrays}) == 1:
+            object.__setattr__(self, "_channels", tuple(
+                MasterSet(None if self.subtract is None else self.subtract[c],
+                          None if self.flat is None else self.flat[c],
+                          None if self.defects is None else self.defects[c],
+                          self.description)
+                for c in range(arrays[0].shape[0])))
+
+    def channel(self, index: int) -> MasterSet:
+        """The 2-D masters of channel ``index`` of an RGB set.
+
+        Raises
+        ------
+        IndexError
+            The set is not one of ``(channels, ny, nx)`` masters, or has no such channel.
+        """
+        return self._channels[index]
 
     def is_empty(self) -> bool:
         """True when the set would leave a frame unchanged."""
@@ -81,11 +105,26 @@ def _check_shapes(raw_shape: tuple[int, ...], masters: MasterSet, frame_name: st
 
 
 def _as_frame(raw: np.ndarray, frame_name: str | None) -> NDArray[np.float32]:
-    if raw.ndim != 2:
+    if raw.ndim != 2 and not (raw.ndim == 3 and raw.shape[0] == 3):
         where = f"{frame_name}: " if frame_name else ""
-        raise CalibrationError(Reason.NOT_2D, f"{where}expected a 2-D frame, got shape {raw.shape}",
-                               frame_name)
+        raise CalibrationError("not_2d", f"{where}expected a 2-D or (3, ny, nx) RGB frame, "
+                                         f"got shape {raw.shape}")
     return np.ascontiguousarray(raw, dtype=np.float32)
+
+
+def _calibrate_rgb(data: NDArray[np.float32], masters: MasterSet | None,
+                   frame_name: str | None, out: NDArray[np.float32] | None
+                   ) -> NDArray[np.float32]:
+    """Calibrate a ``(3, ny, nx)`` RGB frame channel by channel (no CFA: 1-px rings)."""
+    if out is None:
+        out = np.empty_like(data)
+    if masters is not None and not masters.is_empty():
+        _check_shapes(data.shape, masters, frame_name)
+    for c in range(data.shape[0]):
+        plane = masters.channel(c) if masters is not None and not masters.is_empty() else None
+        # data may be raw's own memory (float32 input): calibrate() only reads it.
+        calibrate(data[c], plane, None, frame_name=frame_name, out=out[c])
+    return out
 
 
 def calibrate(raw: np.ndarray, masters: MasterSet | None, bayer_pattern: str | None = None,
@@ -96,8 +135,9 @@ def calibrate(raw: np.ndarray, masters: MasterSet | None, bayer_pattern: str | N
 
     Parameters
     ----------
-    raw : ndarray, shape (ny, nx)
-        The frame in ADU (any real dtype); never modified unless ``overwrite_raw``.
+    raw : ndarray, shape (ny, nx) or (3, ny, nx)
+        The frame in ADU (any real dtype); never modified unless ``overwrite_raw``. An RGB
+        frame is calibrated per channel with masters of its own ``(3, ny, nx)`` shape.
     masters : MasterSet or None
         None or an empty set returns a float32 copy.
     bayer_pattern : str or None
@@ -115,7 +155,7 @@ def calibrate(raw: np.ndarray, masters: MasterSet | None, bayer_pattern: str | N
 
     Returns
     -------
-    ndarray, shape (ny, nx), float32
+    ndarray, shape of ``raw``, float32
         New array (or ``out``). Pixels whose flat is <= 1e-3 (or NaN) are not divided; the
         defect map is expected to cover them (:func:`find_defects` does).
 
@@ -132,6 +172,8 @@ def calibrate(raw: np.ndarray, masters: MasterSet | None, bayer_pattern: str | N
             raise ValueError(f"out must be C-contiguous float32 of shape {data.shape}")
         if np.shares_memory(out, raw):
             raise ValueError("out must not share memory with raw")
+    if data.ndim == 3:
+        return _calibrate_rgb(data, masters, frame_name, out)
     in_place = overwrite_raw and out is None and data is raw
     if masters is None or masters.is_empty():
         if in_place:

@@ -70,9 +70,9 @@ def correct_defects(image: np.ndarray, mask: np.ndarray,
 
     Parameters
     ----------
-    image : ndarray, shape (ny, nx)
-        Calibrated frame (mono or CFA mosaic); not modified.
-    mask : ndarray, shape (ny, nx), bool
+    image : ndarray, shape (ny, nx) or (3, ny, nx)
+        Calibrated frame (mono, CFA mosaic or RGB, corrected per channel); not modified.
+    mask : ndarray, shape of ``image``, bool
         True at defect pixels.
     bayer_pattern : str or None
         CFA pattern; any valid pattern selects 2-px neighbours.
@@ -82,7 +82,7 @@ def correct_defects(image: np.ndarray, mask: np.ndarray,
 
     Returns
     -------
-    ndarray, shape (ny, nx), float32
+    ndarray, shape of ``image``, float32
         A corrected copy (or ``image`` itself when ``copy=False`` and it is float32).
         A defect whose whole ring is masked or non-finite takes the median of the ring
         twice as far; failing that, the median of the finite pixels of its colour.
@@ -90,14 +90,18 @@ def correct_defects(image: np.ndarray, mask: np.ndarray,
     Raises
     ------
     ValueError
-        If ``mask`` and ``image`` shapes differ or ``image`` is not 2-D.
+        If ``mask`` and ``image`` shapes differ or ``image`` is neither 2-D nor RGB.
     """
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    if image.ndim != 2 and not (image.ndim == 3 and image.shape[0] == 3):
+        raise ValueError(f"image must be 2-D or (3, ny, nx), got shape {image.shape}")
     if mask.shape != image.shape:
         raise ValueError(f"mask shape {mask.shape} differs from image shape {image.shape}")
     out = np.array(image, dtype=np.float32, copy=True) if copy else \
         np.ascontiguousarray(image, dtype=np.float32)
+    if out.ndim == 3:  # RGB: each channel on its own, 1-px rings (no CFA)
+        for c in range(out.shape[0]):
+            correct_defects(out[c], mask[c], None, copy=False)
+        return out
     bad = np.asarray(mask, dtype=bool)
     ys, xs = sparse_nonzero(bad)
     if ys.size == 0:
@@ -160,8 +164,8 @@ def find_isolated_hot_pixels(image: np.ndarray, sigma: float = 8.0,
 
     Parameters
     ----------
-    image : ndarray, shape (ny, nx)
-        Calibrated frame (mono or CFA mosaic).
+    image : ndarray, shape (ny, nx) or (3, ny, nx)
+        Calibrated frame (mono, CFA mosaic, or RGB: searched per channel).
     sigma : float
         Detection threshold in noise sigma.
     bayer_pattern : str or None
@@ -172,15 +176,18 @@ def find_isolated_hot_pixels(image: np.ndarray, sigma: float = 8.0,
 
     Returns
     -------
-    ndarray, shape (ny, nx), bool
+    ndarray, shape of ``image``, bool
 
     Raises
     ------
     ValueError
-        If ``image`` is not 2-D.
+        If ``image`` is neither 2-D nor ``(3, ny, nx)``.
     """
+    if image.ndim == 3 and image.shape[0] == 3:
+        return np.stack([find_isolated_hot_pixels(plane, sigma, None, neighbour_ratio)
+                         for plane in image])
     if image.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+        raise ValueError(f"image must be 2-D or (3, ny, nx), got shape {image.shape}")
 
     step = neighbour_step(bayer_pattern)
     if neighbour_ratio is None:

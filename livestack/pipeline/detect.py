@@ -1,11 +1,15 @@
 """Star detection and frame quality metrics.
 
-Detection runs sep on a (usually) binned copy of the frame, which is where the time goes
-at 26 MP (sep at full resolution 386 ms, 2x2 104 ms, 4x4 31 ms). On large frames the sky
-(sep.Background) is always measured on the 4x4-binned copy and resampled, and the
-automatic binning probes the star size on the 30 brightest 4x4 detections before choosing
-4x4, 2x2 or none. Everything that needs precision then happens on small full-resolution
-stamps around the candidates:
+Small frames are detected by sep on a (usually) binned copy. Large frames (>=
+``auto_bin_min_mpix``) are detected on a 4x4-binned copy by a peak pass
+(``kernels_binning.peak_score_kernel``: local maxima above the threshold, scored by their
+3x3 flux), which keeps only the brightest few hundred candidates, all that registration
+and the metrics refine; sep.extract labels and deblends every object instead, ~1 s on a
+26 MP field of 8000 stars (issue 16, ``bench/bench_detect_register.py``). Their sky
+(sep.Background) is measured on an 8x8 grid subsampled from the 4x4 copy and resampled,
+and the automatic binning probes the star size on the 30 brightest 4x4 detections before
+choosing 4x4, 2x2 or none. Everything that needs precision then happens on small
+full-resolution stamps around the candidates (``kernels_detect``, parallel over stars):
 
 * a Gaussian-windowed centroid (the same fixed point as sep.winpos / SExtractor XWIN)
   after subtracting the local sky from sep's background map, so registration reaches a
@@ -62,7 +66,8 @@ class DetectConfig:
     max_fit_stars : int
         Number of bright isolated stars fitted with a Moffat profile in :func:`measure`.
     auto_bin_min_mpix : float
-        Frames with fewer megapixels are never binned automatically.
+        Frames with fewer megapixels are never binned automatically and are detected by
+        sep.extract; larger ones by the peak pass, with their sky on an 8x8 grid.
     min_binned_fwhm_px : float
         Smallest FWHM (binned pixels) the automatic binning accepts.
     """
@@ -157,8 +162,14 @@ def measure(image: NDArray[np.float32],
     ValueError
         If ``image`` is not 2-D.
     """
+    return _measure(image, config)
+
+
+def _measure(image: NDArray[np.float32], config: DetectConfig,
+             legacy: bool = False) -> tuple[StarList, FrameMetrics]:
+    """:func:`measure`; ``legacy`` runs the detection of :func:`_detect`'s old path."""
     arr = _as_image(image)
-    det = _detect(arr, config)
+    det = _detect(arr, config, legacy)
     stars = det.stars
     fwhm = float("nan")
     elong = float("nan")
@@ -229,13 +240,24 @@ class _Sky:
     noise_full: float  # sky sigma per full-resolution pixel (ADU)
 
 
-#: The sky is measured on a grid binned at least this much (sep.Background costs ~60 ms
-#: on a 2x2-binned 26 MP frame, ~15 ms on a 4x4 one), once the frame is large.
-_SKY_FACTOR = 4
+#: Large frames are detected on this binning first (the probe of :func:`_detect`).
+_DETECT_FACTOR = 4
+#: The sky of a large frame is measured on a grid binned this much (sep.Background costs
+#: ~60 ms on a 2x2-binned 26 MP frame, ~25 ms on a 4x4 one, ~6 ms on an 8x8 one; the
+#: mesh stays 256 full-resolution pixels wide, so the sky map is the same surface).
+_SKY_FACTOR = 8
+#: Mesh size of the sky map in full-resolution pixels on large frames.
+_SKY_MESH_PX = 256
 
 
-def _measure_sky(binned: NDArray[np.float32], factor: int) -> _Sky | None:
-    """sep.Background on a binned frame (NaN-safe); None if nothing is finite."""
+def _measure_sky(binned: NDArray[np.float32], factor: int, mesh_px: int | None = None,
+                 noise_factor: int | None = None) -> _Sky | None:
+    """sep.Background on a binned frame (NaN-safe); None if nothing is finite.
+
+    ``mesh_px`` fixes the mesh in full-resolution pixels; None = a quarter of the
+    shorter side, between 16 and 64 binned pixels. ``noise_factor`` is the binning of
+    each of ``binned``'s pixels when that is not ``factor`` (a subsampled grid).
+    """
     import sep
 
     finite = np.isfinite(binned)
@@ -249,55 +271,91 @@ def _measure_sky(binned: NDArray[np.float32], factor: int) -> _Sky | None:
         # sep must never see NaN, even masked.
         data = np.where(finite, binned, np.float32(np.median(binned[finite])))
     data = np.ascontiguousarray(data, dtype=np.float32)
-    box = int(max(16, min(64, min(data.shape) // 4)))
+    if mesh_px is None:
+        box = int(max(16, min(64, min(data.shape) // 4)))
+    else:
+        box = int(max(8, min(mesh_px // factor, min(data.shape) // 4)))
     try:
         bkg = sep.Background(data, mask=mask, bw=box, bh=box, fw=3, fh=3)
     except ValueError as exc:  # e.g. frame smaller than one mesh
         raise ValueError(f"detect: sep.Background failed: {exc}") from exc
-    # The mean of factor^2 pixels has sigma / factor.
-    return _Sky(factor, bkg.back(), float(bkg.globalback), float(bkg.globalrms) * factor)
+    # The mean of n^2 pixels has sigma / n.
+    n = factor if noise_factor is None else noise_factor
+    return _Sky(factor, bkg.back(), float(bkg.globalback), float(bkg.globalrms) * n)
 
 
-def _detect(image: NDArray[np.float32], config: DetectConfig) -> _Detection:
+def _large_frame_sky(img: NDArray[np.float32]) -> tuple[NDArray[np.float32], _Sky | None]:
+    """The 4x4-binned frame (what a large frame is detected on) and its sky, measured on
+    every other pixel of it: an 8x8 grid, 1/4 of sep.Background's work.
+
+    The grid is subsampled, not binned 8x8: each of its pixels is still a 4x4 mean, so the
+    noise (and the faint stars' share of each pixel, which on a dense field raises any
+    clipped sigma) is that of the 4x4 frame, and so is the frame's noise figure; an 8x8
+    binning would read 50 % more noise on a field of 8000 stars. The grid's pixel ``j``
+    sits 2 full-resolution pixels off the 8x8 centre convention, negligible on a sky
+    map meshed at 256 px.
+    """
+    coarse = _bin_image(img, _DETECT_FACTOR)
+    step = _SKY_FACTOR // _DETECT_FACTOR
+    grid = np.ascontiguousarray(coarse[::step, ::step])
+    return coarse, _measure_sky(grid, _SKY_FACTOR, _SKY_MESH_PX, _DETECT_FACTOR)
+
+
+def _detect(image: NDArray[np.float32], config: DetectConfig,
+            legacy: bool = False) -> _Detection:
+    """Detection; ``legacy`` keeps the path before issue 16 on large frames (the sky on
+    the 4x4 grid and sep.extract), which the benches time as their baseline."""
     img = _as_image(image)
     ny, nx = img.shape
     nan = float("nan")
     if ny < 16 or nx < 16:
         return _Detection(_empty_stars(), nan, nan, np.zeros(0), np.zeros(0, bool), 1)
-    large = ny * nx >= config.auto_bin_min_mpix * 1e6
-    coarse = _bin_image(img, _SKY_FACTOR) if large else None
-    sky = _measure_sky(coarse, _SKY_FACTOR) if coarse is not None else None
+    large = _is_large(img, config)
+    coarse: NDArray[np.float32] | None = None
+    sky: _Sky | None = None
+    if large and legacy:
+        coarse = _bin_image(img, _DETECT_FACTOR)
+        sky = _measure_sky(coarse, _DETECT_FACTOR)
+    elif large:
+        coarse, sky = _large_frame_sky(img)
+    peaks = large and not legacy
     if config.bin_factor is not None:
         factor = int(config.bin_factor)
-        if factor == _SKY_FACTOR:
-            return _detect_at(img, config, factor, coarse, sky)
-        return _detect_at(img, config, factor, None, sky if large else None)
+        if factor == _DETECT_FACTOR:
+            return _detect_at(img, config, factor, coarse, sky, peaks=peaks)
+        return _detect_at(img, config, factor, None, sky, peaks=peaks)
     if not large:
         return _detect_at(img, config, 1)
     # Large frame: probe the star size on the 4x4 detection's brightest stars, then finish
     # at 4x4 or redo finer if the stars are too small for it (binned FWHM < ~1.2 px).
-    cands = _candidates(img, config, _SKY_FACTOR, coarse, sky)
+    cands = _candidates(img, config, _DETECT_FACTOR, coarse, sky, peaks)
     if isinstance(cands, _Detection):
         return cands
-    probe = _refine_candidates(img, config, _SKY_FACTOR, cands[0], cands[1], limit=30)
+    probe = _refine_candidates(img, config, _DETECT_FACTOR, cands[0], cands[1], limit=30)
     if len(probe.stars) == 0:
         return probe
     fwhm = float(np.median(probe.stars.fwhm_px))
-    if fwhm / _SKY_FACTOR >= config.min_binned_fwhm_px:
-        return _refine_candidates(img, config, _SKY_FACTOR, cands[0], cands[1], None)
+    if fwhm / _DETECT_FACTOR >= config.min_binned_fwhm_px:
+        return _refine_candidates(img, config, _DETECT_FACTOR, cands[0], cands[1], None)
     finer = 2 if fwhm / 2 >= config.min_binned_fwhm_px else 1
-    return _detect_at(img, config, finer, None, sky)
+    return _detect_at(img, config, finer, None, sky, peaks=peaks)
+
+
+def _is_large(img: NDArray[np.float32], config: DetectConfig) -> bool:
+    """Frames this large take the binned sky and the peak pass instead of sep.extract."""
+    return bool(img.shape[0] * img.shape[1] >= config.auto_bin_min_mpix * 1e6)
 
 
 def _detect_at(img: NDArray[np.float32], config: DetectConfig, factor: int,
                binned: NDArray[np.float32] | None = None, sky: _Sky | None = None,
-               limit: int | None = None) -> _Detection:
+               limit: int | None = None, peaks: bool = False) -> _Detection:
     """Detect on the frame binned by ``factor`` and refine at full resolution.
 
     ``binned``/``sky`` may be passed when already computed (``sky`` may live on a coarser
-    grid); ``limit`` refines only that many of the brightest candidates (a quick probe).
+    grid); ``limit`` refines only that many of the brightest candidates (a quick probe);
+    ``peaks`` takes the peak pass instead of sep.extract.
     """
-    cands = _candidates(img, config, factor, binned, sky)
+    cands = _candidates(img, config, factor, binned, sky, peaks)
     if isinstance(cands, _Detection):
         return cands
     return _refine_candidates(img, config, factor, cands[0], cands[1], limit)
@@ -305,9 +363,10 @@ def _detect_at(img: NDArray[np.float32], config: DetectConfig, factor: int,
 
 def _candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,
                 binned: NDArray[np.float32] | None,
-                sky: _Sky | None) -> _Detection | tuple[Any, _Sky]:
+                sky: _Sky | None, peaks: bool = False) -> _Detection | tuple[Any, _Sky]:
     """sep's catalogue on the binned frame (junk-cut, brightest first) and the sky, or an
-    empty detection when there is nothing to refine."""
+    empty detection when there is nothing to refine. ``peaks`` takes the peak pass
+    (:func:`_peak_candidates`) instead of sep.extract."""
     import sep
 
     from livestack.pipeline import kernels_binning as kb
@@ -323,6 +382,8 @@ def _candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,
     if not (math.isfinite(rms) and rms > 0):
         return _Detection(_empty_stars(), sky.global_back, max(sky.noise_full, 0.0),
                           np.zeros(0), np.zeros(0, bool), factor)
+    if peaks:
+        return _peak_candidates(binned, config, factor, sky, rms)
     data = np.empty(binned.shape, dtype=np.float32)
     kb.subtract_sky_kernel(binned, sky.back, factor, sky.factor, data)
     finite = np.isfinite(data)
@@ -345,6 +406,91 @@ def _candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,
         return none
     order = np.argsort(-objects["flux"], kind="stable")
     return objects[order[: config.max_stars + max(config.max_stars // 4, 25)]], sky
+
+
+#: The peak pass keeps this many times the candidates it needs before the shape cut, so
+#: that streak fragments (many peaks along a satellite trail) cannot crowd out the stars.
+_PEAK_OVERSELECT = 3
+#: Half-size (binned px) of the stamps the peak pass measures shapes on.
+_PEAK_STAMP_R = 2
+
+
+def _peak_candidates(binned: NDArray[np.float32], config: DetectConfig, factor: int,
+                     sky: _Sky, rms: float) -> _Detection | tuple[Any, _Sky]:
+    """The dense threshold pass for large frames: local maxima of the binned frame.
+
+    Where :func:`_candidates` runs sep.extract (connected components and deblending of
+    every object above the threshold: ~120 ms for 5000 stars at 26 MP binned 4x4), this
+    marks peaks in one streaming kernel pass and keeps only the brightest few hundred,
+    which is all that registration and the metrics refine. Returns the same catalogue
+    fields sep gives (``x``, ``y``, ``flux``, ``a``, ``b`` in binned pixels), brightest
+    first, after the same streak cut (``a / b`` against the field's median).
+    """
+    from livestack.pipeline import kernels_binning as kb  # numba only when detecting
+
+    none = _Detection(_empty_stars(), sky.global_back, sky.noise_full, np.zeros(0),
+                      np.zeros(0, bool), factor)
+    src = np.ascontiguousarray(binned, dtype=np.float32)
+    score = np.empty(src.shape, dtype=np.float32)
+    kb.peak_score_kernel(src, np.ascontiguousarray(sky.back, dtype=np.float32), factor,
+                         sky.factor, float(config.threshold_sigma) * rms,
+                         min(int(config.min_area_px), 9), score)
+    flat = score.ravel()
+    idx = np.flatnonzero(flat)
+    if idx.size == 0:
+        return none
+    need = config.max_stars + max(config.max_stars // 4, 25)
+    take = min(idx.size, _PEAK_OVERSELECT * need)
+    if take < idx.size:
+        idx = idx[np.argpartition(-flat[idx], take - 1)[:take]]
+    idx = idx[np.argsort(-flat[idx], kind="stable")]
+    nyb, nxb = src.shape
+    py, px = np.divmod(idx, nxb)
+    r = _PEAK_STAMP_R
+    off = np.arange(-r, r + 1)
+    gy = np.clip(py[:, None, None] + off[None, :, None], 0, nyb - 1)
+    gx = np.clip(px[:, None, None] + off[None, None, :], 0, nxb - 1)
+    # Local sky from the (smooth) sky map at the nearest node; shapes need no more.
+    c = sky.factor
+    nys, nxs = sky.back.shape
+    sy = np.clip(np.rint((py * factor + (factor - 1) / 2.0 - (c - 1) / 2.0) / c).astype(np.intp),
+                 0, nys - 1)
+    sx = np.clip(np.rint((px * factor + (factor - 1) / 2.0 - (c - 1) / 2.0) / c).astype(np.intp),
+                 0, nxs - 1)
+    st = src[gy, gx].astype(np.float64) - sky.back[sy, sx].astype(np.float64)[:, None, None]
+    st = np.where(np.isfinite(st), np.maximum(st, 0.0), 0.0)
+    # Barycentre in the 3x3 core (the peak pass's position), moments over the 5x5 stamp.
+    core = st[:, r - 1:r + 2, r - 1:r + 2]
+    s0 = np.maximum(core.sum(axis=(1, 2)), 1e-12)
+    cx = px + (core.sum(axis=1) @ np.array([-1.0, 0.0, 1.0])) / s0
+    cy = py + (core.sum(axis=2) @ np.array([-1.0, 0.0, 1.0])) / s0
+    dx = (gx - cx[:, None, None])
+    dy = (gy - cy[:, None, None])
+    m0 = np.maximum(st.sum(axis=(1, 2)), 1e-12)
+    # The pixel box (1/12 per axis) keeps an undersampled star from looking like a line.
+    mxx = (st * dx * dx).sum(axis=(1, 2)) / m0 + 1.0 / 12.0
+    myy = (st * dy * dy).sum(axis=(1, 2)) / m0 + 1.0 / 12.0
+    mxy = (st * dx * dy).sum(axis=(1, 2)) / m0
+    half_tr = 0.5 * (mxx + myy)
+    disc = np.sqrt(np.maximum(0.25 * (mxx - myy) ** 2 + mxy**2, 0.0))
+    a = np.sqrt(np.maximum(half_tr + disc, 1e-12))
+    b = np.sqrt(np.maximum(half_tr - disc, 1e-12))
+    ab = a / b
+    ok = ab < max(3.0, 2.0 * float(np.median(ab)))
+    # sep's a, b (the size guess of _refine_candidates) carry no pixel box.
+    a = np.sqrt(np.maximum(half_tr + disc - 1.0 / 12.0, 1e-6))
+    b = np.sqrt(np.maximum(half_tr - disc - 1.0 / 12.0, 1e-6))
+    objects = np.zeros(int(np.count_nonzero(ok)),
+                       dtype=[("x", "f8"), ("y", "f8"), ("flux", "f8"), ("a", "f8"),
+                              ("b", "f8")])
+    if len(objects) == 0:
+        return none
+    objects["x"] = cx[ok]
+    objects["y"] = cy[ok]
+    objects["flux"] = flat[idx[ok]]
+    objects["a"] = a[ok]
+    objects["b"] = b[ok]
+    return objects[:need], sky
 
 
 def _refine_candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,
@@ -436,75 +582,57 @@ def _stamps(img: NDArray[np.float32], cx: NDArray[np.intp], cy: NDArray[np.intp]
 def _refine(img: NDArray[np.float32], x0: NDArray[np.float64], y0: NDArray[np.float64],
             sky: NDArray[np.float64], sigma_guess: float, factor: int,
             saturation_adu: float | None) -> dict[str, NDArray]:
-    """Windowed centroids, per-star shapes, flux and junk cuts on full-res stamps."""
+    """Windowed centroids, per-star shapes, flux and junk cuts on full-res stamps.
+
+    The per-star work is :func:`kernels_detect.refine_stars_kernel` (numba, parallel over
+    stars); the window is then matched to the stars' median size and the stars refined
+    again from where they are, as the numpy oracle in ``tests/oracles.py`` does.
+    """
+    from livestack.pipeline import kernels_detect as kd  # numba only when detecting
+
     n = x0.size
     sig_w = max(sigma_guess, 0.7)
     radius = math.ceil(max(4.0 * sig_w + 0.5 * factor, 4.0))
     cx = np.rint(x0).astype(np.intp)
     cy = np.rint(y0).astype(np.intp)
-    st, valid, gx, gy = _stamps(img, cx, cy, radius)
-    raw = st.copy()
-    st = np.where(valid, st - sky[:, None, None], 0.0)
+    sat = float("nan") if saturation_adu is None else float(saturation_adu)
+    sky64 = np.ascontiguousarray(sky, dtype=np.float64)
+    out = {name: np.empty(n, dtype=np.float64) for name in ("x", "y", "fwhm", "elong", "flux")}
+    flags = {name: np.empty(n, dtype=np.bool_) for name in ("conv", "hot", "sat", "centre")}
 
-    # Separable Gaussian windows: every windowed sum is a batched mat-vec product.
-    xs = gx[:, 0, :]
-    ys = gy[:, :, 0]
+    def run(radius: int, x_start: NDArray[np.float64], y_start: NDArray[np.float64],
+            sigma: float, recentre: int) -> None:
+        kd.refine_stars_kernel(img, cx, cy, sky64, radius,
+                               np.ascontiguousarray(x_start, dtype=np.float64),
+                               np.ascontiguousarray(y_start, dtype=np.float64), sigma,
+                               recentre, sat, out["x"], out["y"], flags["conv"], out["fwhm"],
+                               out["elong"], out["flux"], flags["hot"], flags["sat"],
+                               flags["centre"])
+
     # Re-centre on the light near the guess with a wide window (binning leaves up to
     # factor/2 px of error), then iterate the windowed centroid.
-    xc = x0.astype(np.float64).copy()
-    yc = y0.astype(np.float64).copy()
-    for _ in range(3):
-        s0, sx, sy = _window_sums(st, xs, ys, xc, yc, 1.5 * sig_w)[:3]
-        good = s0 > 0
-        xc = np.where(good, xc + sx / np.where(good, s0, 1.0), xc)
-        yc = np.where(good, yc + sy / np.where(good, s0, 1.0), yc)
-    xc, yc, conv = _windowed_centroid(st, xs, ys, xc, yc, sig_w)
-    fwhm, elong = _deconvolved_shape(st, xs, ys, xc, yc, sig_w)
+    run(radius, x0, y0, sig_w, 3)
     # Match the window to the stars (sep's size guess from a binned frame is rough): a
     # window near the star's own sigma is the least noisy and the deconvolution is most
     # accurate for non-Gaussian (Moffat) profiles.
-    typical = fwhm[conv & np.isfinite(fwhm)]
+    typical = out["fwhm"][flags["conv"] & np.isfinite(out["fwhm"])]
     if typical.size >= 3:
         sig_star = float(np.clip(np.median(typical) / _FWHM_PER_SIGMA, 0.7, 8.0))
         if not 0.8 < sig_star / sig_w < 1.25:
             if sig_star > sig_w:  # the stamps must hold the wider window
                 radius = math.ceil(max(4.0 * sig_star + 0.5 * factor, 4.0))
-                st, valid, gx, gy = _stamps(img, cx, cy, radius)
-                raw = st.copy()
-                st = np.where(valid, st - sky[:, None, None], 0.0)
-                xs = gx[:, 0, :]
-                ys = gy[:, :, 0]
             sig_w = sig_star
-            xc, yc, conv = _windowed_centroid(st, xs, ys, xc, yc, sig_w)
-            fwhm, elong = _deconvolved_shape(st, xs, ys, xc, yc, sig_w)
-
-    # Aperture flux (radius 2 sigma_guess * 1.5 ~ 1.5 FWHM), background subtracted.
-    r2 = (gx - xc[:, None, None]) ** 2 + (gy - yc[:, None, None]) ** 2
-    ap = (r2 <= (3.0 * sig_w) ** 2) & valid
-    flux = (st * ap).sum(axis=(1, 2))
+            run(radius, out["x"].copy(), out["y"].copy(), sig_w, 0)
+    xc, yc, conv = out["x"], out["y"], flags["conv"]
+    fwhm, elong, flux = out["fwhm"], out["elong"], out["flux"]
 
     # Junk cuts.
-    ix = np.clip(np.rint(xc).astype(np.intp) - cx + radius, 1, 2 * radius - 1)
-    iy = np.clip(np.rint(yc).astype(np.intp) - cy + radius, 1, 2 * radius - 1)
-    rows = np.arange(n)
-    core = np.zeros(n)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            core += st[rows, iy + dy, ix + dx]
-    peak = st.max(axis=(1, 2))
-    hot = peak > 0.7 * np.maximum(core, 1e-12)  # one pixel holds most of the 3x3 core
-    raw_peak = np.where(valid, raw, -np.inf).max(axis=(1, 2))
-    if saturation_adu is not None:
-        saturated = raw_peak >= saturation_adu
-    else:
-        near_top = (raw >= raw_peak[:, None, None] - 0.01 * np.abs(peak)[:, None, None]) & valid
-        saturated = near_top.sum(axis=(1, 2)) >= 5
     edge = 3.0 * sig_w
     ny, nx = img.shape
     inside = (xc >= edge) & (yc >= edge) & (xc <= nx - 1 - edge) & (yc <= ny - 1 - edge)
     moved = np.hypot(xc - x0, yc - y0) <= 0.5 * factor + 2.0 * sig_w
-    keep = (conv & ~hot & ~saturated & inside & moved & (flux > 0) & np.isfinite(xc)
-            & np.isfinite(yc) & valid[:, radius, radius])
+    keep = (conv & ~flags["hot"] & ~flags["sat"] & inside & moved & (flux > 0)
+            & np.isfinite(xc) & np.isfinite(yc) & flags["centre"])
     # Unresolved pairs (merged at the binned scale) look much more elongated than the
     # field's typical star; relative, so a uniformly trailed frame keeps its stars.
     if np.count_nonzero(keep) >= 5:
@@ -512,94 +640,6 @@ def _refine(img: NDArray[np.float32], x0: NDArray[np.float64], y0: NDArray[np.fl
         keep &= elong <= max(1.3 * typical_el, typical_el + 0.25)
     return {"xy": np.column_stack([xc, yc]), "flux": flux, "fwhm": fwhm, "elong": elong,
             "keep": keep, "radius": np.float64(radius)}
-
-
-def _window_sums(st: NDArray[np.float64], xs: NDArray[np.float64], ys: NDArray[np.float64],
-                 xc: NDArray[np.float64], yc: NDArray[np.float64], sigma: float,
-                 second: bool = False) -> tuple[NDArray[np.float64], ...]:
-    """Sums of ``w I``, ``w I dx``, ``w I dy`` (and ``dx^2``, ``dy^2``, ``dx dy`` terms).
-
-    ``st`` (n, m, m) stamps indexed [star, y, x] (0 where invalid); ``xs``, ``ys`` (n, m)
-    pixel coordinates of the stamp columns/rows; ``w`` a circular Gaussian of ``sigma``
-    around (xc, yc), separable so each sum is a batched mat-vec product.
-    """
-    dx = xs - xc[:, None]
-    dy = ys - yc[:, None]
-    wx = np.exp(-0.5 * dx * dx / sigma**2)
-    wy = np.exp(-0.5 * dy * dy / sigma**2)
-    row0 = np.einsum("nyx,nx->ny", st, wx)  # sum over x of I wx, per row
-    row1 = np.einsum("nyx,nx->ny", st, wx * dx)
-    s0 = np.einsum("ny,ny->n", wy, row0)
-    sx = np.einsum("ny,ny->n", wy, row1)
-    sy = np.einsum("ny,ny->n", wy * dy, row0)
-    if not second:
-        return s0, sx, sy
-    row2 = np.einsum("nyx,nx->ny", st, wx * dx * dx)
-    sxx = np.einsum("ny,ny->n", wy, row2)
-    syy = np.einsum("ny,ny->n", wy * dy * dy, row0)
-    sxy = np.einsum("ny,ny->n", wy * dy, row1)
-    return s0, sx, sy, sxx, syy, sxy
-
-
-def _deconvolved_shape(st: NDArray[np.float64], xs: NDArray[np.float64],
-                       ys: NDArray[np.float64], xc: NDArray[np.float64],
-                       yc: NDArray[np.float64],
-                       sigma: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Per-star FWHM (px) and elongation from windowed second moments.
-
-    For a Gaussian star of covariance C the moments under a circular Gaussian window of
-    variance s^2 are (C^-1 + I/s^2)^-1, so C follows in closed form; the pixel box
-    (1/12 px^2 per axis) is removed before converting to FWHM.
-    """
-    s0, _sx, _sy, sxx, syy, sxy = _window_sums(st, xs, ys, xc, yc, sigma, second=True)
-    safe = np.where(s0 > 0, s0, 1.0)
-    mxx, myy, mxy = sxx / safe, syy / safe, sxy / safe
-    det_m = np.maximum(mxx * myy - mxy**2, 1e-12)
-    pxx = myy / det_m - 1.0 / sigma**2
-    pyy = mxx / det_m - 1.0 / sigma**2
-    pxy = -mxy / det_m
-    det_p = pxx * pyy - pxy**2
-    ok_p = (det_p > 1e-9) & (pxx > 0) & (pyy > 0)
-    safe_p = np.where(ok_p, det_p, 1.0)
-    cxx = np.maximum(np.where(ok_p, pyy / safe_p, mxx) - 1.0 / 12.0, 1e-4)
-    cyy = np.maximum(np.where(ok_p, pxx / safe_p, myy) - 1.0 / 12.0, 1e-4)
-    cxy = np.where(ok_p, -pxy / safe_p, mxy)
-    tr = cxx + cyy
-    disc = np.sqrt(np.maximum((cxx - cyy) ** 2 / 4.0 + cxy**2, 0.0))
-    lam1 = np.maximum(tr / 2.0 + disc, 1e-6)
-    lam2 = np.maximum(tr / 2.0 - disc, 1e-6)
-    return _FWHM_PER_SIGMA * (lam1 * lam2) ** 0.25, np.sqrt(lam1 / lam2)
-
-
-def _windowed_centroid(st: NDArray[np.float64], xs: NDArray[np.float64],
-                       ys: NDArray[np.float64], xc: NDArray[np.float64],
-                       yc: NDArray[np.float64], sigma: float,
-                       n_iter: int = 16) -> tuple[NDArray[np.float64], NDArray[np.float64],
-                                                  NDArray[np.bool_]]:
-    """Gaussian-windowed centroid (SExtractor XWIN fixed point), vectorised over stars.
-
-    Update ``x <- x + 2 sum(w I (x_i - x)) / sum(w I)`` (the factor 2 makes it converge in a
-    few steps for Gaussian-like stars); converged stars drop out of the active set.
-    Returns x, y and a "converged" flag (last step < 0.01 px).
-    """
-    x = xc.copy()
-    y = yc.copy()
-    step = np.full(x.shape, np.inf)
-    active = np.arange(x.size)
-    for _ in range(n_iter):
-        if active.size == 0:
-            break
-        s0, sx, sy = _window_sums(st[active], xs[active], ys[active], x[active], y[active],
-                                  sigma)
-        good = s0 > 0
-        safe = np.where(good, s0, 1.0)
-        dx = np.where(good, np.clip(2.0 * sx / safe, -1.0, 1.0), 0.0)
-        dy = np.where(good, np.clip(2.0 * sy / safe, -1.0, 1.0), 0.0)
-        x[active] += dx
-        y[active] += dy
-        step[active] = np.where(good, np.hypot(dx, dy), np.inf)
-        active = active[step[active] >= 1e-4]
-    return x, y, step < 0.01
 
 
 # --------------------------------------------------------------------------- Moffat fit

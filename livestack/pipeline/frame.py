@@ -211,11 +211,12 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
 
     Parameters
     ----------
-    raw : ndarray, shape (ny, nx), float32
-        Pixels as read (a CFA mosaic for colour cameras), ADU.
+    raw : ndarray, shape (ny, nx) or (3, ny, nx), float32
+        Pixels as read (a CFA mosaic for colour cameras, or an RGB frame), ADU.
     info : FrameInfo
         ``bayer_pattern`` selects colour processing.
     masters : MasterSet or None
+        ``(3, ny, nx)`` masters for an RGB frame.
     config : PipelineConfig
         ``cosmetic``, ``debayer``, ``gradient`` and ``saturation`` are used.
     overwrite_raw : bool
@@ -230,8 +231,11 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
     FrameError
         ``not_2d``, ``all_nan`` or a calibration problem (``master_*``).
     """
-    if raw.ndim != 2:
-        raise FrameError("not_2d", f"{info.path}: expected a 2-D image, got shape {raw.shape}")
+    if raw.ndim != 2 and not (raw.ndim == 3 and raw.shape[0] == 3 and not info.bayer_pattern):
+        raise FrameError("not_2d", f"{info.path}: expected a 2-D (mono or CFA) or "
+                                   f"(3, ny, nx) RGB image, got shape {raw.shape}")
+    # An RGB frame (TIFF/PNG/JPEG/XISF colour file) is calibrated and corrected per channel
+    # and never debayered: it is already what debayer() makes of a CFA frame.
     # The raw half of the saturation facts first: the calibration may overwrite raw.
     raw_sat = raw_saturation(raw, info, config.saturation)
     calibrated = calibrate(raw, masters, info.bayer_pattern, overwrite_raw=overwrite_raw)
@@ -369,8 +373,8 @@ def normalise_frame(image: NDArray[np.float32], reference: FrameReference,
 
 def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tuple[int, int],
                     kernel: str, saturation: FrameSaturation | None = None,
-                    saturation_config: SaturationConfig | None = None
-                    ) -> tuple[Warped, NDArray[np.bool_] | None]:
+                    saturation_config: SaturationConfig | None = None, *,
+                    out: Warped | None = None) -> tuple[Warped, NDArray[np.bool_] | None]:
     """Warp a calibrated frame onto the reference grid, clamping the kernel's ringing.
 
     Parameters
@@ -385,6 +389,8 @@ def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tup
     saturation : FrameSaturation, optional
     saturation_config : SaturationConfig, optional
         Without it, no clamping.
+    out : Warped, optional
+        A previous result to warp into (see :func:`livestack.pipeline.warp.warp`).
 
     Returns
     -------
@@ -392,7 +398,7 @@ def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tup
     saturated : ndarray (ny, nx) bool or None
         Saturated pixels on the reference grid.
     """
-    warped = warp(image, transform, shape, kernel)
+    warped = warp(image, transform, shape, kernel, out=out)
     if saturation_config is None:
         return warped, None
     return clamp_ringing(warped, image, transform, saturation, saturation_config)
@@ -447,8 +453,8 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
              reference: FrameReference, shape: tuple[int, int], config: PipelineConfig, *,
              stars: StarList | None = None, metrics: FrameMetrics | None = None,
              stats: FrameStats | None = None, is_reference: bool = False,
-             norm: FrameNorm | None = None, normalize: NormalizeConfig | None = None
-             ) -> RegisteredFrame:
+             norm: FrameNorm | None = None, normalize: NormalizeConfig | None = None,
+             out: Warped | None = None) -> RegisteredFrame:
     """Normalise (measured unwarped) and warp one calibrated frame onto the reference.
 
     Parameters
@@ -467,6 +473,9 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
         A stored normalisation to reuse instead of measuring.
     normalize : NormalizeConfig, optional
         Overrides ``config.normalize``.
+    out : Warped, optional
+        A previous frame's warp to overwrite (the live stack's reusable buffer); the
+        result then holds its arrays.
 
     Returns
     -------
@@ -483,7 +492,7 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
                                transform=transform, stars=stars, metrics=metrics, stats=stats,
                                is_reference=is_reference)
     warped, saturated = apply_transform(frame.image, transform, shape, config.warp.kernel,
-                                        frame.saturation, config.saturation)
+                                        frame.saturation, config.saturation, out=out)
     if not warped.footprint.any():
         raise_no_footprint(frame.luminance, info, config.warp.kernel)
     check_norm(norm, info)

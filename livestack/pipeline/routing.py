@@ -7,7 +7,7 @@ current run of alignment failures) and is persisted with :meth:`Router.to_dict` 
 Rules
 -----
 * Frames whose :class:`StackKey` (object, filter, exposure, binning, shape, Bayer pattern,
-  gain) and night agree go to the same stack, even when two targets or filters are
+  gain, RGB or not) and night agree go to the same stack, even when two targets or filters are
   interleaved.
 * A pointing jump (RA/DEC of the frame more than ``slew_threshold_deg`` from the stack's last
   frame) starts a new stack ``<night>/<slug>-2`` (then ``-3`` ...), unless an earlier stack of the
@@ -65,6 +65,9 @@ class StackKey:
         CFA pattern of the array as read, None for mono.
     gain : float or None
         Camera gain setting, rounded to 1e-3.
+    channels : int
+        1 for mono and CFA frames, 3 for RGB frames (a colour file never joins a mono
+        stack of the same size).
     """
 
     object_name: str
@@ -74,6 +77,7 @@ class StackKey:
     shape: tuple[int, int]
     bayer_pattern: str | None = None
     gain: float | None = None
+    channels: int = 1
 
     @classmethod
     def from_info(cls, info: FrameInfo) -> StackKey:
@@ -83,7 +87,8 @@ class StackKey:
         return cls(" ".join(info.object_name.split()), " ".join(info.filter_name.split()),
                    round(exposure_s, 3) if math.isfinite(exposure_s) else 0.0,
                    (int(info.binning[0]), int(info.binning[1])),
-                   (int(info.shape[0]), int(info.shape[1])), info.bayer_pattern, gain)
+                   (int(info.shape[0]), int(info.shape[1])), info.bayer_pattern, gain,
+                   int(info.channels))
 
     def slug(self) -> str:
         """File-system-safe name, e.g. ``"M_42-L-60s"`` or ``"unknown-0.5s-bin2x2"``.
@@ -116,7 +121,8 @@ class StackKey:
         return cls(str(data["object_name"]), str(data["filter_name"]), float(data["exposure_s"]),
                    (int(data["binning"][0]), int(data["binning"][1])),
                    (int(data["shape"][0]), int(data["shape"][1])),
-                   data["bayer_pattern"], None if data["gain"] is None else float(data["gain"]))
+                   data["bayer_pattern"], None if data["gain"] is None else float(data["gain"]),
+                   int(data.get("channels", 1)))  # keys journaled before RGB frames: mono
 
 
 def night_of(info: FrameInfo, fallback_utc: datetime | None = None) -> str:

@@ -119,8 +119,8 @@ def resolve_level(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
 
     Parameters
     ----------
-    raw : ndarray, shape (ny, nx)
-        Raw pixels as read (ADU; NaN allowed).
+    raw : ndarray, shape (ny, nx) or (3, ny, nx)
+        Raw pixels as read (ADU; NaN allowed); an RGB frame's channels share one level.
     info : FrameInfo
         ``saturation_adu``/``saturation_source`` from the header.
     config : SaturationConfig
@@ -140,6 +140,8 @@ def resolve_level(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
         return float(level)
 
     frame = np.ascontiguousarray(raw, dtype=np.float32)
+    if frame.ndim == 3:  # RGB: the channels' planes end to end (max and count only)
+        frame = frame.reshape(-1, frame.shape[-1])
     data_max, n_at_max = ks.max_and_count(frame)
     if not np.isfinite(data_max):
         return level
@@ -238,10 +240,14 @@ def raw_saturation(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
     level = resolve_level(raw, info, config)
     if level is None:
         return None
-    mask = raw_mask(raw, level)
+    if raw.ndim == 3:  # an RGB frame: a pixel saturated in any channel is saturated
+        masks = [m for m in (raw_mask(plane, level) for plane in raw) if m is not None]
+        mask = np.logical_or.reduce(masks) if masks else None
+    else:
+        mask = raw_mask(raw, level)
     if info.bayer_pattern:
         mask = debayered_mask(mask)
-    sample = np.array(raw[::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
+    sample = np.array(raw[..., ::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
     return RawSaturation(level, mask, sample)
 
 
@@ -251,7 +257,7 @@ def calibrated_saturation(raw: RawSaturation | None, calibrated: NDArray[Any]
     if raw is None:
         return None
     sub_raw = raw.raw_sample
-    sub_cal = np.asarray(calibrated[::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
+    sub_cal = np.asarray(calibrated[..., ::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
     finite = np.isfinite(sub_raw) & np.isfinite(sub_cal)
     if not finite.any():
         return None
@@ -267,9 +273,10 @@ def frame_saturation(raw: NDArray[Any], calibrated: NDArray[Any], info: FrameInf
 
     Parameters
     ----------
-    raw : ndarray, shape (ny, nx)
-        Raw pixels (ADU), CFA for colour.
-    calibrated : ndarray, shape (ny, nx), float32
+    raw : ndarray, shape (ny, nx) or (3, ny, nx)
+        Raw pixels (ADU): CFA for a colour camera, or an RGB frame (a pixel is then
+        saturated when any of its channels is: the mask is 2-D, as for a debayered frame).
+    calibrated : ndarray, shape of ``raw``, float32
         The same frame after bias/dark/flat (still CFA for colour).
     info : FrameInfo
     config : SaturationConfig

@@ -59,15 +59,28 @@ from livestack.pipeline.types import (
     StarList,
     Transform,
     Verdict,
+    Warped,
 )
-from livestack.reasons import CALIBRATION_FAILURES, Reason
+from livestack.reasons import CALIBRATION_FAILURES
 
 
 @dataclass(frozen=True)
 class WarpConfig:
-    """Resampling kernel: ``nearest``, ``bilinear``, ``bicubic`` or ``lanczos3``."""
+    """Resampling onto the reference grid.
+
+    Attributes
+    ----------
+    kernel : str
+        Resampling kernel: ``nearest``, ``bilinear``, ``bicubic`` or ``lanczos3``.
+    reuse_buffer : bool
+        Warp each frame into the previous frame's arrays: saves the CPU of a fresh
+        output per frame (31-48 % of a rotated Lanczos3 warp's CPU at 26 MP,
+        bench/bench_warp.py) but keeps those arrays (5 bytes per pixel) between frames,
+        which raised the peak RSS of a 26 MP mono run by ~110 MB (bench/bench_pipeline.py).
+    """
 
     kernel: str = "lanczos3"
+    reuse_buffer: bool = True
 
 
 @dataclass(frozen=True)
@@ -201,6 +214,8 @@ class StackSession:
         self.base_header: dict[str, object] = {}
         #: The stack's saturation level (pipeline.saturation).
         self.saturation = StackSaturation()
+        #: The last frame's warp, whose arrays the next frame's warp overwrites (``out=``).
+        self._warp_buffer: Warped | None = None
         #: Stars of the frame in progress (handed to a rejected frame's outcome).
         self._frame_stars: StarList | None = None
 
@@ -212,8 +227,9 @@ class StackSession:
 
         Parameters
         ----------
-        raw : ndarray, shape (ny, nx), float32
-            Pixels as read from FITS (a CFA mosaic for colour cameras), ADU.
+        raw : ndarray, shape (ny, nx) or (3, ny, nx), float32
+            Pixels as read (a CFA mosaic for colour cameras, or an RGB frame of a
+            TIFF/PNG/JPEG/XISF file: calibrated per channel, not debayered), ADU.
         info : FrameInfo
             Header facts; ``bayer_pattern`` selects colour processing.
         masters : MasterSet or None
@@ -262,12 +278,16 @@ class StackSession:
         FrameError
             ``not_2d``, ``shape_mismatch``, ``all_nan`` or a calibration problem.
         """
-        if raw.ndim == 2 and self._reference is not None \
-                and raw.shape != self._reference.phase.shape:
+        rgb = raw.ndim == 3 and raw.shape[0] == 3 and not info.bayer_pattern
+        # Colour (debayered CFA or RGB) and mono frames never share a stack.
+        colour = rgb or bool(info.bayer_pattern)
+        if (raw.ndim == 2 or rgb) and self._reference is not None and (
+                raw.shape[-2:] != self._reference.phase.shape
+                or colour != (len(self._reference.shape) == 3)):
             raise FrameError(
-                Reason.SHAPE_MISMATCH,
-                f"{info.path}: shape {raw.shape} differs from the stack's "
-                f"{self._reference.phase.shape}", info.path,
+                "shape_mismatch",
+                f"{info.path}: shape {raw.shape} ({'colour' if colour else 'mono'}) differs "
+                f"from the stack's {self._reference.shape}",
             )
         frame = calibrate_frame(raw, info, masters, self.config, overwrite_raw=overwrite_raw)
         # calibrate_frame runs calibrate, cosmetic, debayer and gradient: one lap for all
@@ -321,8 +341,14 @@ class StackSession:
                                      stats=ref.stats if is_reference else None,
                                      is_reference=is_reference)
         timer.lap("normalize")
+        buffer = self._warp_buffer
+        if buffer is not None and buffer.image.shape != image.shape[:-2] + ref.phase.shape:
+            buffer = None
+        # Reusing the buffer is safe: what follows normalises it in place and the stack
+        # copies it (accumulates or holds it); nothing keeps it past this frame.
         done = register(frame, info, transform, reference, ref.phase.shape, cfg,
-                        norm=frame_norm)
+                        norm=frame_norm, out=buffer)
+        self._warp_buffer = done.warped if cfg.warp.reuse_buffer else None
         timer.lap("warp")
         norm = done.norm.normalization
         noise_norm = done.norm.noise_adu

@@ -68,6 +68,10 @@ class FrameInfo:
         The keyword ``saturation_adu`` came from (``"SATURATE"``, ``"DATAMAX"``,
         ``"BITPIX"``), ``""`` when None. A BITPIX level is the container's and may be
         narrowed from the data (``pipeline.saturation.resolve_level``).
+    channels : int
+        1 for a mono or CFA frame (``(ny, nx)``), 3 for an RGB frame read channels first
+        as ``(3, ny, nx)`` (TIFF/PNG/JPEG/XISF colour images; stacked in colour, never
+        debayered). ``shape`` is ``(ny, nx)`` either way.
     """
 
     path: str
@@ -89,6 +93,7 @@ class FrameInfo:
     pixel_scale_arcsec: float | None = None
     saturation_adu: float | None = None
     saturation_source: str = ""
+    channels: int = 1
 
 
 @dataclass(frozen=True)

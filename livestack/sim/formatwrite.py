@@ -12,17 +12,24 @@ the metadata each format can carry. The writers import their optional packages
 * PNG and JPEG: pixels only (no metadata); the file's mtime is set to the end of the
   exposure so the reader's mtime fall-back gives the right start. JPEG is 8-bit.
 * XISF: 16-bit with the FITS cards as FITSKeywords.
+
+A frame whose data are ``(3, ny, nx)`` (see :func:`rgb_frame`, which debayers a CFA frame
+as a camera's software would) is written as an RGB image: chunky (or ``planar=True``)
+16-bit TIFF, 16-bit RGB PNG (through ``imagecodecs``: Pillow writes no 48-bit PNG),
+8-bit RGB JPEG, and a three-channel XISF.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from livestack.pipeline.debayer import DEFAULT_METHOD, debayer
 from livestack.sim.camera import SimFrame
 
 #: Formats :func:`write_frame` knows, with their file suffix.
@@ -37,6 +44,48 @@ def _start_utc(frame: SimFrame) -> datetime:
 
 def _exposure_s(frame: SimFrame) -> float:
     return float(str(frame.header["EXPTIME"]))
+
+
+def rgb_frame(frame: SimFrame, method: str = DEFAULT_METHOD) -> SimFrame:
+    """The colour frame a camera's software would save from a CFA frame: debayered RGB.
+
+    Parameters
+    ----------
+    frame : SimFrame
+        A CFA frame (its header has BAYERPAT).
+    method : str
+        Demosaic method (:func:`livestack.pipeline.debayer.debayer`); the default is the
+        pipeline's, so an RGB night matches its FITS CFA original but for rounding.
+
+    Returns
+    -------
+    SimFrame
+        ``data`` uint16 ``(3, ny, nx)`` (rounded, clipped to 0..65535), the header without
+        the CFA keywords, the same truth.
+
+    Raises
+    ------
+    ValueError
+        ``frame`` has no Bayer pattern.
+    """
+    pattern = frame.header.get("BAYERPAT")
+    if not pattern:
+        raise ValueError("rgb_frame needs a CFA frame (BAYERPAT)")
+    rgb = debayer(np.asarray(frame.data, dtype=np.float32), str(pattern), method)
+    data = np.clip(np.rint(rgb), 0, 65535).astype(np.uint16)
+    header = {k: v for k, v in frame.header.items()
+              if k not in ("BAYERPAT", "XBAYROFF", "YBAYROFF", "ROWORDER")}
+    return SimFrame(data=data, header=header, truth=frame.truth)
+
+
+def _is_rgb(frame: SimFrame) -> bool:
+    return frame.data.ndim == 3
+
+
+def _chunky(frame: SimFrame) -> np.ndarray:
+    """``(ny, nx, 3)`` uint16 of an RGB frame, ``(ny, nx)`` of a mono one."""
+    data = np.asarray(frame.data, dtype=np.uint16)
+    return np.ascontiguousarray(np.moveaxis(data, 0, -1)) if data.ndim == 3 else data
 
 
 def _offset_text(offset: timedelta) -> str:
@@ -108,8 +157,12 @@ def write_dng(path: Path, frame: SimFrame, *, black_adu: int = 0, white_adu: int
     writer.convert(data, filename=path.stem)  # pidng appends ".dng"
 
 
-def write_tiff(path: Path, frame: SimFrame) -> None:
-    """Write ``frame`` as 16-bit mono TIFF with EXIF-style exposure, ISO, model and time."""
+def write_tiff(path: Path, frame: SimFrame, planar: bool = False) -> None:
+    """Write ``frame`` as 16-bit TIFF with EXIF-style exposure, ISO, model and time.
+
+    Mono frames are ``minisblack``; RGB frames ``rgb``, chunky or, with ``planar``,
+    one plane per channel (PlanarConfiguration 2).
+    """
     import tifffile
 
     start = _start_utc(frame)
@@ -122,8 +175,15 @@ def write_tiff(path: Path, frame: SimFrame) -> None:
         (37521, "s", 0, f"{start.microsecond // 1000:03d}", True),     # SubsecTimeOriginal
         (36881, "s", 0, "+00:00", True),                               # OffsetTimeOriginal
     ]
-    tifffile.imwrite(path, np.asarray(frame.data, dtype=np.uint16), photometric="minisblack",
-                     extratags=extratags)
+    if not _is_rgb(frame):
+        tifffile.imwrite(path, np.asarray(frame.data, dtype=np.uint16),
+                         photometric="minisblack", extratags=extratags)
+    elif planar:
+        tifffile.imwrite(path, np.asarray(frame.data, dtype=np.uint16), photometric="rgb",
+                         planarconfig="separate", extratags=extratags)
+    else:
+        tifffile.imwrite(path, _chunky(frame), photometric="rgb", planarconfig="contig",
+                         extratags=extratags)
 
 
 def _set_mtime_to_end(path: Path, frame: SimFrame) -> None:
@@ -133,16 +193,22 @@ def _set_mtime_to_end(path: Path, frame: SimFrame) -> None:
 
 
 def write_png(path: Path, frame: SimFrame) -> None:
-    """Write ``frame`` as 16-bit grey PNG without metadata; mtime = end of the exposure."""
+    """Write ``frame`` as 16-bit grey or RGB PNG without metadata; mtime = end of exposure."""
 
-    Image.fromarray(np.asarray(frame.data, dtype=np.uint16)).save(path, format="PNG")
+    if _is_rgb(frame):
+        # Lazy: imagecodecs is optional (formats/test extras); Pillow writes no 16-bit RGB.
+        import imagecodecs
+
+        Path(path).write_bytes(imagecodecs.png_encode(_chunky(frame)))
+    else:
+        Image.fromarray(np.asarray(frame.data, dtype=np.uint16)).save(path, format="PNG")
     _set_mtime_to_end(path, frame)
 
 
 def write_jpeg(path: Path, frame: SimFrame, quality: int = 95) -> None:
-    """Write ``frame`` as 8-bit grey JPEG (top 8 bits); mtime = end of the exposure."""
+    """Write ``frame`` as 8-bit grey or RGB JPEG (top 8 bits); mtime = end of the exposure."""
 
-    data8 = (np.asarray(frame.data, dtype=np.uint16) >> 8).astype(np.uint8)
+    data8 = (_chunky(frame) >> 8).astype(np.uint8)
     Image.fromarray(data8).save(path, format="JPEG", quality=quality)
     _set_mtime_to_end(path, frame)
 
@@ -162,14 +228,16 @@ def write_xisf(path: Path, frame: SimFrame) -> None:
         else:
             text = str(value)
         keywords[key] = [{"value": text, "comment": ""}]
-    data = np.asarray(frame.data, dtype=np.uint16)[:, :, None]
+    data = _chunky(frame)
+    data = data if data.ndim == 3 else data[:, :, None]
     XISF.write(str(path), data, creator_app="livestack.sim",
                image_metadata={"FITSKeywords": keywords})
 
 
 def write_frame(path: Path, frame: SimFrame, fmt: str) -> Path:
     """Write ``frame`` in format ``fmt`` (a key of :data:`SUFFIXES`); returns the path."""
-    writers = {"dng": write_dng, "tiff": write_tiff, "png": write_png, "jpeg": write_jpeg,
-               "xisf": write_xisf}
+    writers: dict[str, Callable[[Path, SimFrame], None]] = {
+        "dng": write_dng, "tiff": write_tiff, "png": write_png, "jpeg": write_jpeg,
+        "xisf": write_xisf}
     writers[fmt](Path(path), frame)
     return Path(path)

@@ -22,7 +22,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,7 @@ from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
 from livestack.errors import FrameReadError, MasterError
-from livestack.pipeline.calibrate import MasterSet, find_cold_pixels, find_defects
-from livestack.pipeline.debayer import cfa_channel_masks
+from livestack.pipeline.calibrate import MasterSet
 from livestack.pipeline.types import FrameInfo
 from livestack.storage.fitsio import (
     FrameLayout,
@@ -43,6 +42,16 @@ from livestack.storage.formats import FRAME_SUFFIXES, ReadOptions, is_fits
 from livestack.storage.formats import read_frame as read_any_frame
 from livestack.storage.formats import read_header as read_any_header
 from livestack.storage.headers import parse_frame_info
+from livestack.storage.masters_rgb import (
+    cold_map,
+    defect_map,
+    fmt_shape,
+    geometry_of,
+    normalize_flat,
+    read_master_header,
+    read_rgb_master,
+    rows_shape,
+)
 
 MASTER_KINDS: tuple[str, ...] = ("bias", "dark", "flat", "darkflat")
 _IMAGETYP = {"bias": "Master Bias", "dark": "Master Dark", "flat": "Master Flat",
@@ -75,10 +84,6 @@ def same_exposure(a_s: float, b_s: float) -> bool:
 
 def _fmt_temp(temp_c: float | None) -> str:
     return f"{temp_c:.1f} C" if temp_c is not None else "unknown temperature"
-
-
-def _fmt_shape(shape: tuple[int, int]) -> str:
-    return f"{shape[1]}x{shape[0]}"
 
 
 # --------------------------------------------------------------------------- reading inputs
@@ -117,7 +122,7 @@ def _inspect_other(path: Path) -> _Input:
         header, info = read_any_header(path, _CALIBRATION_READ)
     except FrameReadError as exc:
         raise MasterError(f"{path}: cannot use as calibration frame: {exc.message}") from exc
-    ny, nx = info.shape
+    ny, nx = rows_shape(info)
     # compressed=True sends _RowSource to the decode-and-spill path.
     layout = FrameLayout(0, 0, 0, 0, -32, (nx, ny), True, b"")
     return _Input(Path(path), layout, header, info)
@@ -152,7 +157,9 @@ class _RowSource:
             except FrameReadError as exc:
                 raise MasterError(f"{item.path}: {exc.message}") from exc
             spill = spill_dir / f"{id(self)}.npy"
-            np.save(spill, np.ascontiguousarray(data, dtype=np.float32))
+            # RGB: the planes end to end in rows (see masters_rgb.rows_shape).
+            np.save(spill, np.ascontiguousarray(data.reshape(-1, data.shape[-1]),
+                                                dtype=np.float32))
             del data
             mapped = np.load(spill, mmap_mode="r")  # only to learn where the data starts
             self._path, self._offset, self._dtype = spill, int(mapped.offset), mapped.dtype
@@ -218,10 +225,10 @@ def _validate(kind: str, items: Sequence[_Input]) -> None:
         return MasterError(f"{odd.path}: {what} {value} differs from the other {plural}' "
                            f"{common}; refusing to mix them")
 
-    odd = _odd_one(items, lambda i: i.info.shape)
+    odd = _odd_one(items, lambda i: geometry_of(i.info))
     if odd is not None:
-        common = Counter(i.info.shape for i in items).most_common(1)[0][0]
-        raise refuse(odd, "shape", _fmt_shape(odd.info.shape), _fmt_shape(common))
+        common = Counter(geometry_of(i.info) for i in items).most_common(1)[0][0]
+        raise refuse(odd, "shape", fmt_shape(geometry_of(odd.info)), fmt_shape(common))
     odd = _odd_one(items, lambda i: i.info.binning)
     if odd is not None:
         common_bin = Counter(i.info.binning for i in items).most_common(1)[0][0]
@@ -295,31 +302,6 @@ def _frame_median(src: _RowSource, shape: tuple[int, int], pre: np.ndarray | Non
     return float(np.median(values)) if values.size else float("nan")
 
 
-def normalize_flat(flat: np.ndarray, bayer_pattern: str | None) -> np.ndarray:
-    """Divide a flat by its median, per CFA colour (R, G, B) when ``bayer_pattern`` is set.
-
-    Raises
-    ------
-    MasterError
-        If a median is not positive.
-    """
-    out = np.array(flat, dtype=np.float32, copy=True)
-    if bayer_pattern is None:
-        groups = [np.ones(out.shape, dtype=bool)]
-    else:
-        codes = cfa_channel_masks(bayer_pattern, out.shape)
-        groups = [codes == k for k in range(3)]
-    for mask in groups:
-        vals = out[mask]
-        vals = vals[np.isfinite(vals)]
-        med = float(np.median(vals)) if vals.size else float("nan")
-        if not med > 0:
-            raise MasterError(f"master flat has a non-positive median ({med}); "
-                              "check the flat frames and their bias/dark subtraction")
-        out[mask] /= np.float32(med)
-    return out
-
-
 def build_master(kind: str, paths: Sequence[Path], *, bias: np.ndarray | None = None,
                  dark_flat: np.ndarray | None = None,
                  kappa: float = 3.0) -> tuple[np.ndarray, fits.Header]:
@@ -367,20 +349,22 @@ def build_master(kind: str, paths: Sequence[Path], *, bias: np.ndarray | None = 
         raise MasterError(f"kappa must be > 0, got {kappa}")
     items = [_inspect(Path(p)) for p in paths]
     _validate(kind, items)
-    shape = items[0].info.shape
+    geometry = geometry_of(items[0].info)
+    # RGB frames are combined as one 2-D image of their planes end to end (per pixel work).
+    shape = rows_shape(items[0].info)
     for label, arr in (("bias", bias), ("dark flat", dark_flat)):
-        if arr is not None and arr.shape != shape:
-            raise MasterError(f"master {label} shape {_fmt_shape(arr.shape)} does not match the "
-                              f"{kind} frames' {_fmt_shape(shape)}")
+        if arr is not None and arr.shape != geometry:
+            raise MasterError(f"master {label} shape {fmt_shape(arr.shape)} does not match the "
+                              f"{kind} frames' {fmt_shape(geometry)}")
     pre: np.ndarray | None = None
     pre_label = "none"
     if kind == "flat":
         if dark_flat is not None:
-            pre, pre_label = np.asarray(dark_flat, dtype=np.float32), "dark flat"
+            pre, pre_label = np.asarray(dark_flat, dtype=np.float32).reshape(shape), "dark flat"
         elif bias is not None:
-            pre, pre_label = np.asarray(bias, dtype=np.float32), "bias"
+            pre, pre_label = np.asarray(bias, dtype=np.float32).reshape(shape), "bias"
     elif kind == "dark" and bias is not None:
-        pre, pre_label = np.asarray(bias, dtype=np.float32), "bias"
+        pre, pre_label = np.asarray(bias, dtype=np.float32).reshape(shape), "bias"
 
     with tempfile.TemporaryDirectory(prefix="livestack-master-") as spill:
         sources = [_RowSource(item, Path(spill)) for item in items]
@@ -395,6 +379,7 @@ def build_master(kind: str, paths: Sequence[Path], *, bias: np.ndarray | None = 
                 scales.append(med)
         master, n_rejected = _combine(sources, shape, kappa, pre, scales)
         del sources
+    master = master.reshape(geometry)
     pattern = items[0].info.bayer_pattern
     if kind == "flat":
         master = normalize_flat(master, pattern)
@@ -440,7 +425,8 @@ def _master_header(kind: str, items: Sequence[_Input], kappa: float, n_rejected:
                            "UTC start of the first input")
     hdr["LSMETHOD"] = ("sigma-clipped mean", "combine method")
     hdr["LSKAPPA"] = (kappa, "rejection threshold in sigma")
-    hdr["LSREJECT"] = (n_rejected / float(n * ny * nx), "fraction of input values rejected")
+    hdr["LSREJECT"] = (n_rejected / float(n * ny * nx * infos[0].channels),
+                       "fraction of input values rejected")
     hdr["LSBIASSB"] = (kind == "dark" and pre_label == "bias", "bias already subtracted")
     if kind == "flat":
         hdr["LSFLATPR"] = (pre_label, "subtracted from each flat before normalising")
@@ -450,7 +436,8 @@ def _master_header(kind: str, items: Sequence[_Input], kappa: float, n_rejected:
                     f"max {CLIP_MAX_ITER} passes")
     if kind == "flat":
         hdr.add_history(f"each flat minus {pre_label}, divided by its median; result normalised "
-                        "to median 1" + (" per CFA colour" if pattern else ""))
+                        "to median 1" + (" per CFA colour" if pattern else "")
+                        + (" per channel" if infos[0].channels > 1 else ""))
     return hdr
 
 
@@ -458,7 +445,7 @@ def _master_header(kind: str, items: Sequence[_Input], kappa: float, n_rejected:
 
 
 def _group_key(kind: str, info: FrameInfo) -> tuple[object, ...]:
-    key: tuple[object, ...] = (info.shape, info.binning, info.gain, info.offset,
+    key: tuple[object, ...] = (geometry_of(info), info.binning, info.gain, info.offset,
                                info.bayer_pattern)
     if kind in ("dark", "darkflat"):
         key += (round(info.exposure_s, 3),)
@@ -507,7 +494,8 @@ def _raw_dir_files(directory: Path, kind: str) -> list[Path]:
 
 
 def _matching(candidates: Iterable[MasterEntry], info: FrameInfo) -> list[MasterEntry]:
-    return [c for c in candidates if c.info.shape == info.shape and c.info.binning == info.binning
+    return [c for c in candidates if geometry_of(c.info) == geometry_of(info)
+            and c.info.binning == info.binning
             and _same_setting(c.info.gain, info.gain) and _same_setting(c.info.offset, info.offset)]
 
 
@@ -653,7 +641,9 @@ class MasterEntry:
         """Entry for a master already in memory (e.g. fresh from :func:`build_master`)."""
         arr = np.ascontiguousarray(data, dtype=np.float32)
         info = parse_frame_info(header, str(path) if path else f"<{kind}>",
-                                (arr.shape[0], arr.shape[1]))
+                                (arr.shape[-2], arr.shape[-1]))
+        if arr.ndim == 3:
+            info = replace(info, channels=int(arr.shape[0]))
         return cls(kind, info, header, path, int(header.get("NCOMBINE", 1) or 1),
                    bool(header.get("LSBIASSB", False)), arr)
 
@@ -666,18 +656,13 @@ class MasterEntry:
         MasterError
             Unreadable file, or IMAGETYP not a bias/dark/flat/dark flat.
         """
-        from livestack.storage.fitsio import read_header
-
-        try:
-            header, info = read_header(path)
-        except FrameReadError as exc:
-            raise MasterError(f"{path}: cannot read master: {exc.message}") from exc
+        header, info, data = read_master_header(path)
         kind = str(header.get("LSKIND", "")).strip() or info.image_type
         if kind not in MASTER_KINDS:
             raise MasterError(f"{path}: IMAGETYP {header.get('IMAGETYP')!r} is not a bias, dark, "
                               "flat or dark flat master")
         return cls(kind, info, header, Path(path), int(header.get("NCOMBINE", 1) or 1),
-                   bool(header.get("LSBIASSB", False)))
+                   bool(header.get("LSBIASSB", False)), data)
 
     def data(self) -> np.ndarray:
         """The master's pixels (float32), read on first use.
@@ -689,6 +674,9 @@ class MasterEntry:
         """
         if self._data is None:
             assert self.path is not None  # entries without data always have a path
+            if self.info.channels > 1:
+                self._data, _, _ = read_rgb_master(self.path)
+                return self._data
             try:
                 self._data, _, _ = read_any_frame(self.path)
             except FrameReadError as exc:
@@ -760,9 +748,10 @@ class MasterLibrary:
                   check_gain: bool = True) -> list[MasterEntry]:
         cands = self._of_kind(kind)
         name = {"darkflat": "dark flat"}.get(kind, kind)
-        cands = self._narrow(cands, lambda c: c.info.shape == info.shape, notes, lambda cs: (
-            f"no {name} of shape {_fmt_shape(info.shape)} (have "
-            f"{', '.join(sorted({_fmt_shape(c.info.shape) for c in cs}))})"))
+        cands = self._narrow(
+            cands, lambda c: geometry_of(c.info) == geometry_of(info), notes, lambda cs: (
+                f"no {name} of shape {fmt_shape(geometry_of(info))} (have "
+                f"{', '.join(sorted({fmt_shape(geometry_of(c.info)) for c in cs}))})"))
         cands = self._narrow(cands, lambda c: c.info.binning == info.binning, notes, lambda cs: (
             f"no {name} with binning {info.binning[0]}x{info.binning[1]} (have "
             f"{', '.join(sorted({'{}x{}'.format(*c.info.binning) for c in cs}))})"))
@@ -909,8 +898,8 @@ class MasterLibrary:
                 text += (f" scaled x{choice.dark_scale:.3g} to "
                          f"{d.info.exposure_s * choice.dark_scale:g}s")
             applied.append(text)
-            defects = find_defects(thermal if thermal is not None else dark, d.info.exposure_s,
-                                   master_flat=choice.flat.data() if choice.flat else None)
+            defects = defect_map(thermal if thermal is not None else dark, d.info.exposure_s,
+                                 choice.flat.data() if choice.flat else None)
         elif bias is not None:
             subtract = bias
         flat = choice.flat.data() if choice.flat is not None else None
@@ -918,7 +907,7 @@ class MasterLibrary:
             f = choice.flat
             applied.append(f"flat {f.info.filter_name!r} x{f.ncombine} ({f.label})")
             if defects is None:
-                defects = find_cold_pixels(f.data())
+                defects = cold_map(f.data())
         if defects is not None:
             applied.append(f"defect map: {int(defects.sum())} pixels")
         return MasterSet(
@@ -934,11 +923,9 @@ class MasterLibrary:
 
 
 def _is_master_file(path: Path) -> bool:
-    from livestack.storage.fitsio import read_header
-
     try:
-        header, _ = read_header(path)
-    except FrameReadError:
+        header, _, _ = read_master_header(path)
+    except MasterError:
         return False
     imagetyp = str(header.get("IMAGETYP", "")).strip().lower()
     return bool(header.get("LSMASTER", False)) or imagetyp.startswith("master") or int(

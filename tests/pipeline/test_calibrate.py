@@ -262,3 +262,35 @@ def test_oscaar_light_hot_pixels_removed(oscaar_dir: Path) -> None:
     plain_excess = (plain - ndimage.median_filter(plain, footprint=footprint,
                                                   mode="nearest"))[on_sky] / noise
     assert (plain_excess > 5.0).sum() > 5
+
+
+def test_an_rgb_frame_is_calibrated_per_channel_with_rgb_masters() -> None:
+    from livestack.pipeline.cosmetic import correct_defects, find_isolated_hot_pixels
+
+    rng = np.random.default_rng(5)
+    raw = rng.normal(1000.0, 20.0, (3, 40, 50)).astype(np.float32)
+    dark = rng.normal(100.0, 5.0, (3, 40, 50)).astype(np.float32)
+    flat = rng.uniform(0.8, 1.2, (3, 40, 50)).astype(np.float32)
+    defects = np.zeros((3, 40, 50), dtype=bool)
+    defects[1, 10, 20] = defects[2, 30, 5] = True
+    masters = MasterSet(subtract=dark, flat=flat, defects=defects)
+    out = calibrate(raw, masters)
+    assert out.shape == (3, 40, 50) and out.dtype == np.float32
+    for c in range(3):  # each channel exactly as a mono frame with that channel's masters
+        plane = calibrate(raw[c], MasterSet(subtract=dark[c], flat=flat[c], defects=defects[c]))
+        np.testing.assert_array_equal(out[c], plane)
+    np.testing.assert_array_equal(calibrate(raw, None), raw)
+    with pytest.raises(CalibrationError) as caught:  # 2-D masters do not fit an RGB frame
+        calibrate(raw, MasterSet(subtract=dark[0]))
+    assert caught.value.reason == "master_shape_mismatch"
+    with pytest.raises(CalibrationError) as caught:
+        calibrate(np.zeros((4, 40, 50), np.float32), None)
+    assert caught.value.reason == "not_2d"
+    # Cosmetic correction finds and fixes a hot pixel in its own channel only.
+    sky = rng.normal(1000.0, 10.0, (3, 40, 50)).astype(np.float32)
+    sky[2, 20, 25] += 5000.0
+    hot = find_isolated_hot_pixels(sky, 8.0)
+    assert hot.shape == (3, 40, 50) and np.argwhere(hot).tolist() == [[2, 20, 25]]
+    fixed = correct_defects(sky, hot)
+    assert abs(float(fixed[2, 20, 25]) - 1000.0) < 50.0
+    np.testing.assert_array_equal(fixed[:2], sky[:2])

@@ -270,3 +270,79 @@ def test_rejects_3d_input_and_bad_config() -> None:
         DetectConfig(bin_factor=0)
     with pytest.raises(ValueError, match="threshold_sigma"):
         DetectConfig(threshold_sigma=-1.0)
+
+
+@pytest.mark.parametrize("sigma_guess", [1.1, 2.4])  # 2.4: the window is refitted
+@pytest.mark.parametrize("saturation_adu", [None, 50000.0])
+def test_refine_kernel_matches_the_numpy_oracle(sigma_guess: float,
+                                                saturation_adu: float | None) -> None:
+    """The numba refinement gives the numpy version's centroids, shapes, flux and cuts."""
+    from livestack.pipeline.detect import _refine
+    from tests.oracles import refine_numpy
+
+    rng = np.random.default_rng(11)
+    shape = (300, 360)
+    xy, flux = star_field(rng, shape, 70, margin=2, flux_min=1500)
+    img = noisy(rng, render_stars(shape, xy, flux))
+    img[rng.integers(5, 295, 10), rng.integers(5, 355, 10)] += 4000.0  # hot pixels
+    img += render_stars(shape, np.array([[180.2, 150.7]]), np.array([4e6]))
+    img = np.minimum(img, 60000.0).astype(np.float32)  # one saturated star
+    img[40:60, 200:230] = np.nan
+    guess = np.vstack([xy, [[180.2, 150.7]], rng.uniform(0, 360, (10, 2))])
+    guess += rng.uniform(-1.5, 1.5, guess.shape)  # binning leaves the guesses off
+    sky = np.full(len(guess), 1000.0)
+    got = _refine(img, guess[:, 0], guess[:, 1], sky, sigma_guess, 2, saturation_adu)
+    want = refine_numpy(img, guess[:, 0], guess[:, 1], sky, sigma_guess, 2, saturation_adu)
+    assert float(got["radius"]) == float(want["radius"])
+    np.testing.assert_array_equal(got["keep"], want["keep"])
+    assert 40 < np.count_nonzero(got["keep"]) < len(guess)  # the cuts do cut
+    keep = got["keep"]
+    np.testing.assert_allclose(got["xy"][keep], want["xy"][keep], rtol=0, atol=1e-9)
+    for key in ("flux", "fwhm", "elong"):
+        np.testing.assert_allclose(got[key][keep], want[key][keep], rtol=1e-9)
+
+
+def test_peak_pass_on_large_frames_matches_the_sep_path() -> None:
+    """Large frames take the peak pass and the 8x8 sky: the same stars, centroids, sky and
+    noise as sep.extract on the 4x4 sky (the path before issue 16), and neither a
+    satellite trail nor hot pixels crowd the brightest stars out."""
+    rng = np.random.default_rng(16)
+    shape = (2900, 2900)  # 8.4 MP: just past auto_bin_min_mpix
+    xy, flux = star_field(rng, shape, 700, margin=30, flux_min=4000)
+    img = noisy(rng, render_stars(shape, xy, flux, fwhm_px=4.0, radius_px=16))
+    # A satellite trail brighter than most stars, across the whole frame.
+    cols = np.arange(shape[1])
+    rows = np.rint(0.37 * cols + 600).astype(int)
+    for dy, gain in ((-1, 0.4), (0, 1.0), (1, 0.4)):
+        img[rows + dy, cols] += 400.0 * gain
+    hot = np.column_stack([rng.integers(20, 2880, 300), rng.integers(20, 2880, 300)])
+    img[hot[:, 1], hot[:, 0]] += 5000.0
+    config = DetectConfig(max_stars=300)
+    new = _detect(img, config)
+    old = _detect(img, config, legacy=True)
+    assert new.bin_factor == old.bin_factor == 4
+    assert len(new.stars) == len(old.stars) == 300
+    on_trail = np.abs(new.stars.xy[:, 1] - (0.37 * new.stars.xy[:, 0] + 600)) < 8.0
+    d_true, _ = cKDTree(xy).query(new.stars.xy[on_trail])
+    assert np.all(d_true < 0.5), "a trail fragment was kept as a star"
+    d_hot, _ = cKDTree(hot.astype(float)).query(new.stars.xy)
+    assert np.all(d_hot > 1.5), "a hot pixel was kept as a star"
+    # Every star is a true one, and at least as many of the 300 brightest true stars are
+    # found as sep finds (sep drops blended pairs that the refinement keeps).
+    truth_idx, err = match(new.stars.xy, xy, radius=0.5)
+    assert len(truth_idx) == len(new.stars)
+    nn, _ = cKDTree(xy).query(xy, k=2)
+    isolated = nn[truth_idx, 1] > 12.0  # blended pairs bias any centroid
+    assert float(np.sqrt(np.mean(err[isolated] ** 2))) < 0.03
+    old_idx, _ = match(old.stars.xy, xy, radius=0.5)
+    assert np.count_nonzero(truth_idx < 300) >= np.count_nonzero(old_idx < 300) >= 250
+    # Stars both paths found have the same centroids, up to the local sky (the sky maps
+    # differ by the grid they are measured on).
+    dist, _ = cKDTree(old.stars.xy).query(new.stars.xy)
+    same = dist < 0.05
+    assert np.count_nonzero(same) >= 0.8 * len(new.stars)
+    assert float(np.median(dist[same])) < 0.002
+    assert float(np.percentile(dist[same], 95)) < 0.01
+    assert new.background_adu == pytest.approx(old.background_adu, rel=1e-3)
+    assert new.noise_adu == pytest.approx(old.noise_adu, rel=0.02)
+    assert new.noise_adu == pytest.approx(5.0, rel=0.05)

@@ -174,3 +174,14 @@ def test_bad_arguments_and_state() -> None:
         Router.from_dict({"version": 1, "slew_threshold_deg": 0.5})
     with pytest.raises(KeyError):
         Router().report_alignment_success("nope")
+
+
+def test_an_rgb_frame_gets_its_own_stack_and_old_keys_read_as_mono() -> None:
+    router = Router()
+    base = router.route(frame(0))
+    rgb = router.route(replace(frame(1), channels=3))
+    assert rgb == base + "-2" and router.route(replace(frame(2), channels=3)) == rgb
+    key = router.key_of(rgb)
+    assert key.channels == 3 and StackKey.from_dict(key.to_dict()) == key
+    old = {k: v for k, v in router.key_of(base).to_dict().items() if k != "channels"}
+    assert StackKey.from_dict(old).channels == 1

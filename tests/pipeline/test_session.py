@@ -11,7 +11,7 @@ from astropy.stats import sigma_clip
 from scipy import ndimage
 
 from livestack.pipeline.calibrate import MasterSet, find_defects
-from livestack.pipeline.session import FrameOutcome, PipelineConfig, StackSession
+from livestack.pipeline.session import FrameOutcome, PipelineConfig, StackSession, WarpConfig
 from livestack.pipeline.types import FrameInfo, Transform
 from livestack.sim import SimConfig, Simulator
 from livestack.storage.fitsio import read_frame
@@ -496,3 +496,52 @@ def test_a_session_continues_from_a_batch_product() -> None:
     assert a.verdict == b.verdict == "accepted" and a.transform is not None
     assert b.transform is not None
     assert np.abs(a.transform.apply(points) - b.transform.apply(points)).max() < 0.02
+
+
+
+
+def test_the_warp_buffer_is_reused_and_changes_nothing() -> None:
+    """Each frame's warp overwrites the previous frame's arrays, and the stack is the one a
+    fresh buffer per frame gives: nothing (held warm-up frames included) keeps the warped
+    frame by reference."""
+    config = SimConfig(width=320, height=240, n_stars=150, flux_powerlaw_index=1.0,
+                       drift_px_per_frame=(1.3, -0.7), rotation_deg_per_frame=0.3,
+                       satellite_frames=(5,))
+    sim = Simulator(config, seed=5)
+    reused = StackSession("reused", PipelineConfig())
+    fresh = StackSession("fresh", PipelineConfig(warp=WarpConfig(reuse_buffer=False)))
+    buffers = set()
+    for i in range(9):  # past the 4 held warm-up frames
+        frame = sim.light(i)
+        info = _info(frame.header, f"frame_{i:03d}.fits", frame.data.shape)
+        a = reused.process(frame.data.astype(np.float32), info, None)
+        b = fresh.process(frame.data.astype(np.float32), info, None)
+        assert a.verdict == b.verdict == "accepted", (a.message, b.message)
+        assert reused._warp_buffer is not None and fresh._warp_buffer is None
+        buffers.add(reused._warp_buffer.image.ctypes.data)
+    assert len(buffers) == 1
+    np.testing.assert_array_equal(reused.stacked_image(), fresh.stacked_image())
+    product_a, product_b = reused.product(), fresh.product()
+    np.testing.assert_array_equal(product_a.rejected_high, product_b.rejected_high)
+
+
+def test_rgb_frames_stack_in_colour_and_a_mono_frame_is_refused() -> None:
+    from dataclasses import replace as dc_replace
+
+    from livestack.sim.formatwrite import rgb_frame
+
+    config = SimConfig(width=256, height=192, bayer_pattern="RGGB",
+                       cosmic_rays_per_frame=0.0, drift_px_per_frame=(0.7, 0.4))
+    sim = Simulator(config, seed=21)
+    session = StackSession("rgb", PipelineConfig())
+    for i in range(3):
+        frame = rgb_frame(sim.light(i))
+        info = dc_replace(_info(frame.header, f"rgb_{i}.tiff", (192, 256)), channels=3)
+        outcome = session.process(frame.data.astype(np.float32), info, None)
+        assert outcome.verdict == "accepted", outcome.message
+    assert session.n_accepted == 3 and session.product().image.shape == (3, 192, 256)
+    mono = sim.light(3)
+    info = _info({k: v for k, v in mono.header.items() if k != "BAYERPAT"}, "mono.fits",
+                 (192, 256))
+    outcome = session.process(mono.data.astype(np.float32), info, None)
+    assert (outcome.verdict, outcome.reason) == ("rejected", "shape_mismatch")

@@ -9,7 +9,7 @@ import pytest
 from numpy.typing import NDArray
 
 from livestack.pipeline import kernels_warp as kw
-from livestack.pipeline.types import Transform
+from livestack.pipeline.types import Transform, Warped
 from livestack.pipeline.warp import KERNELS, warp
 from tests.pipeline.test_detect import render_stars
 
@@ -289,3 +289,41 @@ def test_general_path_matches_a_plain_reference(rot: float, scale: float) -> Non
             frac = np.abs((src + 0.5) - np.rint(src + 0.5)).min(axis=1).reshape(40, 50)
             both &= frac > 1e-6
         np.testing.assert_allclose(got.image[both], out[both], atol=1e-3, err_msg=name)
+
+
+def test_out_buffer_is_overwritten_and_reused() -> None:
+    """``out=`` writes the same result into the given arrays, whatever they held before."""
+    rng = np.random.default_rng(21)
+    mono = rng.normal(100.0, 5.0, (70, 90)).astype(np.float32)
+    mono[10:14, 20:25] = np.nan
+    colour = rng.normal(100.0, 5.0, (3, 70, 90)).astype(np.float32)
+    transforms = (Transform.identity(), Transform.from_params(2.3, -1.6),
+                  Transform.from_params(2.3, -1.6, 1.2))
+    for image in (mono, colour):
+        for transform in transforms:
+            for kernel in ("bilinear", "lanczos3"):
+                fresh = warp(image, transform, (64, 80), kernel)
+                stale = Warped(np.full(fresh.image.shape, np.nan, np.float32),
+                               np.ones((64, 80), dtype=np.bool_))
+                again = warp(image, transform, (64, 80), kernel, out=stale)
+                assert np.shares_memory(again.image, stale.image)
+                assert again.footprint is stale.footprint
+                np.testing.assert_array_equal(again.image, fresh.image)
+                np.testing.assert_array_equal(again.footprint, fresh.footprint)
+
+
+def test_out_buffer_that_does_not_fit_is_refused() -> None:
+    image = np.zeros((40, 50), dtype=np.float32)
+    t = Transform.from_params(1.5, 0.5, 0.3)
+    good_foot = np.zeros((40, 50), dtype=np.bool_)
+    bad = [
+        Warped(np.zeros((40, 51), np.float32), good_foot),  # shape
+        Warped(np.zeros((40, 50), np.float64), good_foot),  # dtype
+        Warped(np.zeros((50, 40), np.float32).T, good_foot),  # layout
+        Warped(np.zeros((3, 40, 50), np.float32), good_foot),  # channels
+        Warped(np.zeros((40, 50), np.float32), np.zeros((40, 50), np.uint8)),
+        Warped(image, good_foot),  # the input itself
+    ]
+    for out in bad:
+        with pytest.raises(ValueError, match="out"):
+            warp(image, t, (40, 50), out=out)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from livestack.errors import FrameReadError
 from livestack.sim import SimConfig, SimFrame, Simulator, write_fits
-from livestack.sim.formatwrite import write_dng, write_frame
+from livestack.sim.formatwrite import rgb_frame, write_dng, write_frame, write_tiff
 from livestack.storage import fitsio
 from livestack.storage.formats import (
     FRAME_SUFFIXES,
@@ -135,22 +135,88 @@ def test_png_without_metadata_uses_config_exposure_and_mtime_and_says_so(
     assert "file modification time minus the exposure" in caplog.text
 
 
-def test_rgb_is_stacked_as_luminance_and_jpeg_warns(tmp_path: Path,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(("fmt", "variant"), [
+    ("tiff", "chunky"), ("tiff", "planar"), ("png", "16"), ("png", "8"), ("xisf", "16")])
+def test_rgb_files_read_as_three_channels_first_with_their_pixels(
+        tmp_path: Path, fmt: str, variant: str) -> None:
+    rgb = rgb_frame(_frame("RGGB"))
+    assert rgb.data.shape == (3, 64, 96) and "BAYERPAT" not in rgb.header
+    path = tmp_path / f"c.{fmt}"
+    if variant == "planar":
+        write_tiff(path, rgb, planar=True)
+    elif variant == "8":  # an 8-bit RGB PNG goes through Pillow, not imagecodecs
+        Image.fromarray((np.moveaxis(rgb.data, 0, -1) >> 8).astype(np.uint8)).save(path)
+    else:
+        write_frame(path, rgb, fmt)
+    image, info, header = read_frame(path, ReadOptions(exposure_s=30.0))
+    expected = rgb.data >> 8 if variant == "8" else rgb.data
+    assert image.dtype == np.float32 and image.flags.c_contiguous
+    np.testing.assert_array_equal(image, expected.astype(np.float32))
+    assert info.shape == (64, 96) and info.channels == 3 and info.bayer_pattern is None
+    assert header["BITPIX"] == (8 if variant == "8" else 16)
+    if fmt != "png":
+        assert info.date_obs == START
+
+
+def test_a_16bit_rgb_png_takes_its_metadata_from_the_exif_chunk(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    rgb = rgb_frame(_frame("RGGB"))
+    path = write_frame(tmp_path / "c.png", rgb, "png")
+    exif = Image.Exif()
+    exif[0x0110] = "Sim RGB"  # Model
+    exif.get_ifd(0x8769).update({0x829A: 30.0, 0x8827: 400,  # ExposureTime, ISO
+                                 0x9003: "2026:01:15 22:00:00", 0x9011: "+01:00"})
+    body = exif.tobytes()
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(
+        ">I", zlib.crc32(b"eXIf" + body))
+    blob = path.read_bytes()
+    path.write_bytes(blob[:33] + chunk + blob[33:])  # after the signature and IHDR
+    image, info, header = read_frame(path)
+    np.testing.assert_array_equal(image, rgb.data.astype(np.float32))
+    assert info.exposure_s == 30.0 and info.gain == 400 and info.date_obs == START
+    assert header["INSTRUME"] == "Sim RGB"
+
+
+def test_rgba_drops_alpha_grey_alpha_stays_mono_and_jpeg_warns(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from livestack.storage.formats import common
 
     common._noted.clear()
-    rgb = np.zeros((20, 30, 3), dtype=np.uint8)
-    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 30, 60, 90
-    Image.fromarray(rgb).save(tmp_path / "c.png")
-    write_frame(tmp_path / "d.jpg", _frame(), "jpeg")
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 30, 60, 90, 255
+    Image.fromarray(rgba).save(tmp_path / "c.png")
+    Image.fromarray(rgba[..., [1, 3]].copy(), mode="LA").save(tmp_path / "la.png")
+    write_frame(tmp_path / "d.jpg", rgb_frame(_frame("RGGB")), "jpeg")
     with caplog.at_level(logging.INFO, logger="livestack.formats"):
-        image, _, header = read_frame(tmp_path / "c.png")
-        np.testing.assert_allclose(image, 60.0)
+        image, info, header = read_frame(tmp_path / "c.png")
+        assert image.shape == (3, 20, 30) and info.channels == 3
+        np.testing.assert_array_equal(image[:, 0, 0], [30.0, 60.0, 90.0])
         assert header["BITPIX"] == 8 and "SATURATE" not in header
-        image, _, _ = read_frame(tmp_path / "d.jpg")
-    assert image.shape == (64, 96)
-    assert "8-bit lossy" in caplog.text and "RGB: stacked as luminance" in caplog.text
+        image, info, _ = read_frame(tmp_path / "la.png")
+        assert image.shape == (20, 30) and info.channels == 1
+        np.testing.assert_array_equal(image, 60.0)
+        image, info, _ = read_frame(tmp_path / "d.jpg")
+    assert image.shape == (3, 64, 96) and info.channels == 3
+    assert "8-bit lossy" in caplog.text and "RGB: stacked in colour" in caplog.text
+    assert "alpha channel: it is ignored" in caplog.text
+
+
+def test_grey_plus_extra_sample_is_mono_and_five_samples_are_refused(tmp_path: Path) -> None:
+    import tifffile
+
+    path = tmp_path / "two.tiff"
+    tifffile.imwrite(path, np.ones((20, 30, 2), dtype=np.uint16), photometric="minisblack",
+                     planarconfig="contig", extrasamples=[0])
+    image, info, _ = read_frame(path)  # grey + an extra sample: the grey plane
+    assert image.shape == (20, 30) and info.channels == 1
+    tifffile.imwrite(path, np.ones((20, 30, 5), dtype=np.uint16), photometric="minisblack",
+                     planarconfig="contig", extrasamples=[0, 0, 0, 0])
+    with pytest.raises(FrameReadError) as caught:  # five samples a pixel: neither mono nor RGB
+        read_frame(path)
+    assert caught.value.reason == "not_2d" and "(20, 30, 5)" in caught.value.message
+    _one_line(caught.value, path)
 
 
 def test_gzipped_fits_reads_like_the_plain_file(tmp_path: Path) -> None:
@@ -203,6 +269,35 @@ def test_a_bad_file_of_each_format_is_one_named_read_error(tmp_path: Path, name:
     with pytest.raises(FrameReadError) as caught:
         read_frame(path)
     assert caught.value.reason == reason, caught.value.message
+    _one_line(caught.value, path)
+
+
+@pytest.mark.parametrize(("name", "fmt", "keep", "reason"), [
+    ("trunc_rgb.tiff", "tiff", 0.6, "truncated"),
+    ("trunc_rgb.png", "png", 0.6, "truncated"),     # 16-bit RGB: the imagecodecs path
+    ("head_rgb.png", "png", 0.02, "truncated"),     # IHDR only, no image data
+    ("trunc_rgb.jpg", "jpeg", 0.6, "truncated"),
+    ("trunc_rgb.xisf", "xisf", 0.6, "truncated"),
+])
+def test_a_bad_rgb_file_of_each_format_is_one_named_read_error(
+        tmp_path: Path, name: str, fmt: str, keep: float, reason: str) -> None:
+    path = tmp_path / name
+    write_frame(path, rgb_frame(_frame("RGGB")), fmt)
+    _truncate(path, keep)
+    with pytest.raises(FrameReadError) as caught:
+        read_frame(path)
+    assert caught.value.reason == reason, caught.value.message
+    _one_line(caught.value, path)
+
+
+def test_a_16bit_rgb_png_without_imagecodecs_names_the_extra(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_frame(tmp_path / "a.png", rgb_frame(_frame("RGGB")), "png")
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # import raises ImportError
+    with pytest.raises(FrameReadError) as caught:
+        read_frame(path)
+    assert caught.value.reason == "missing_extra" and "livestack[formats]" in (
+        caught.value.message)
     _one_line(caught.value, path)
 
 

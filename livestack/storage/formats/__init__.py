@@ -23,6 +23,7 @@ is parsed by :func:`livestack.storage.headers.parse_frame_info` like any FITS fr
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,8 @@ def read_frame(path: Path | str, options: ReadOptions | None = None
 
     Returns
     -------
-    image : ndarray, shape (ny, nx), float32
+    image : ndarray, shape (ny, nx) or (3, ny, nx), float32
+        ``(3, ny, nx)`` for RGB raster and XISF frames (``info.channels == 3``).
     info : FrameInfo
     header : astropy.io.fits.Header
         The FITS header, or the one synthesised from the file's metadata.
@@ -123,8 +125,12 @@ def read_frame(path: Path | str, options: ReadOptions | None = None
     if fmt in ("fits", "fits.fz"):
         return fitsio.read_frame(path)
     image, header = _decode(path, fmt, options or _DEFAULT)
-    shape = (int(image.shape[0]), int(image.shape[1]))
-    return image, parse_frame_info(header, str(path), shape), header
+    shape = (int(image.shape[-2]), int(image.shape[-1]))
+    info = parse_frame_info(header, str(path), shape)
+    if image.ndim == 3:
+        # Already debayered: a BAYERPAT kept in its header (PixInsight does) no longer holds.
+        info = replace(info, channels=int(image.shape[0]), bayer_pattern=None)
+    return image, info, header
 
 
 def read_header(path: Path | str, options: ReadOptions | None = None

@@ -199,31 +199,42 @@ def ascii_text(text: str) -> str:
     return "".join(c for c in text if " " <= c <= "~").strip()
 
 
-def to_mono_float32(arr: np.ndarray, path: Path, fmt: str) -> np.ndarray:
-    """A ``(ny, nx)`` or ``(ny, nx, channels)`` array as native float32 2-D.
+def to_image_float32(arr: np.ndarray, path: Path, fmt: str) -> np.ndarray:
+    """A ``(ny, nx)`` or ``(ny, nx, channels)`` array as native float32, channels first.
 
-    Colour images are stacked as luminance (mean of the channels): the pipeline's
-    colour path is the CFA one, and a debayered RGB file has no CFA left.
+    Mono stays 2-D (a CFA mosaic stays one). RGB becomes ``(3, ny, nx)``, the layout of a
+    debayered frame, so the pipeline stacks it in colour (calibrated per channel, never
+    debayered); an alpha channel is dropped, and a grey image with alpha keeps its grey.
 
     Raises
     ------
     FrameReadError
-        ``"not_2d"`` for any other shape; ``"all_nan"`` when no pixel is finite.
+        ``"not_2d"`` for any other shape (2 channels, more than 4, 1-D, 4-D);
+        ``"all_nan"`` when no pixel is finite.
     """
-    if arr.ndim == 3 and arr.shape[2] == 1:
+    if arr.ndim == 3 and arr.shape[2] in (1, 2):
+        if arr.shape[2] == 2:
+            note_once(f"alpha-{fmt}", "%s frames have an alpha channel: it is ignored",
+                      fmt.upper())
         arr = arr[:, :, 0]
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        note_once(f"rgb-{fmt}", "%s frames are RGB: stacked as luminance (mean of R, G, B)",
+        if arr.shape[2] == 4:
+            note_once(f"alpha-{fmt}", "%s frames have an alpha channel: it is ignored",
+                      fmt.upper())
+        note_once(f"rgb-{fmt}", "%s frames are RGB: stacked in colour (per channel)",
                   fmt.upper())
-        out = np.mean(arr[:, :, :3], axis=2, dtype=np.float32)
+        out = np.empty((3, arr.shape[0], arr.shape[1]), dtype=np.float32)
+        for channel in range(3):  # one strided pass per plane: no float copy of all four
+            out[channel] = arr[:, :, channel]
     elif arr.ndim == 2:
         out = np.asarray(arr, dtype=np.float32)
     else:
-        raise err(Reason.NOT_2D, path, f"expected a 2-D image, got shape {arr.shape}")
+        raise err(Reason.NOT_2D, path, f"expected a mono or RGB image, got shape {arr.shape}")
     out = np.ascontiguousarray(out)
     if out.dtype.byteorder not in ("=", "|"):
         out = out.astype(out.dtype.newbyteorder("="))
-    if out.dtype.kind == "f" and not np.isfinite(out).any():
+    # Integer samples are always finite; float ones may be all NaN.
+    if arr.dtype.kind == "f" and not np.isfinite(out).any():
         raise err(Reason.ALL_NAN, path, "no finite pixel in the image")
     return out
 

@@ -16,7 +16,7 @@ from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 
 from livestack.reasons import Reason
-from livestack.storage.formats.common import err, to_mono_float32
+from livestack.storage.formats.common import err, to_image_float32
 
 GZ_SUFFIXES: dict[str, str] = {".fits.gz": "fits.gz", ".fit.gz": "fits.gz",
                                ".fts.gz": "fits.gz"}
@@ -58,4 +58,4 @@ def read_gzfits(path: Path) -> tuple[np.ndarray, fits.Header]:
         data = data[0]
     if data.ndim != 2:
         raise err(Reason.NOT_2D, path, f"expected a 2-D image, got shape {data.shape}")
-    return to_mono_float32(data.astype(np.float32), path, "fits.gz"), header
+    return to_image_float32(data.astype(np.float32), path, "fits.gz"), header

@@ -26,7 +26,7 @@ from livestack.storage.formats.common import (
     ReadOptions,
     add_container_cards,
     err,
-    to_mono_float32,
+    to_image_float32,
 )
 
 XISF_SUFFIXES: dict[str, str] = {".xisf": "xisf"}
@@ -77,8 +77,8 @@ def read_xisf(path: Path, options: ReadOptions) -> tuple[np.ndarray, fits.Header
 
     Returns
     -------
-    image : ndarray, shape (ny, nx), float32
-        Sample values as stored (RGB: mean of the channels).
+    image : ndarray, shape (ny, nx) or (3, ny, nx), float32
+        Sample values as stored; RGB channels first (stacked in colour).
     header : astropy.io.fits.Header
         The image's FITSKeywords, FRAMEFMT, and BITPIX/BZERO of integer samples.
 
@@ -107,5 +107,5 @@ def read_xisf(path: Path, options: ReadOptions) -> tuple[np.ndarray, fits.Header
     except (ValueError, KeyError, TypeError, RuntimeError, NotImplementedError,
             zlib.error, struct.error) as exc:
         raise err(Reason.TRUNCATED, path, f"XISF image data cannot be decoded: {exc}") from exc
-    image = to_mono_float32(np.asarray(arr), path, "xisf")
+    image = to_image_float32(np.asarray(arr), path, "xisf")
     return image, _header(meta, np.asarray(arr).dtype)
