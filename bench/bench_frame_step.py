@@ -49,10 +49,10 @@ def main() -> None:
 
     from astropy.io import fits
 
-    from livestack.config import load_config
     from livestack.batch import stack_files
+    from livestack.config import load_config
     from livestack.integrate import integrate_session, load_session
-    from livestack.pipeline.integrate import IntegrateConfig
+    from livestack.pipeline.combine import IntegrateConfig
     from livestack.sim import SimConfig, Simulator, write_calibration_set, write_sequence
     from livestack.storage.calibration import RecordedMasters, open_masters
     from livestack.storage.journal import Journal

@@ -21,7 +21,7 @@ and run it again when a worker is lost (the result is the same):
   soon as the frame is registered, where it was registered; the whole frame is then
   dropped, and each piece is kept (or spilled) on its own;
 * **combine** (one per tile): one band of every frame and the weights -> the tile's maps
-  (:func:`~livestack.pipeline.integrate.combine_masked_tile`). Tiles are sized so that
+  (:func:`~livestack.pipeline.combine.combine_masked_tile`). Tiles are sized so that
   one combine task uses at most :data:`TILE_SHARE` of ``--memory-limit``
   (:func:`tile_rows`).
 
@@ -67,7 +67,7 @@ from livestack.integrate import (
     plan_memory,
     resolve_settings,
 )
-from livestack.pipeline.integrate import IntegrateConfig, combine_masked_tile
+from livestack.pipeline.combine import IntegrateConfig, combine_masked_tile
 from livestack.pipeline.normalize import FrameStats, NormalizeConfig, frame_stats
 from livestack.pipeline.saturation import StackSaturation
 from livestack.pipeline.types import FrameMetrics, StarList

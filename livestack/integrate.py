@@ -23,7 +23,7 @@
    file's pages never count towards the process's resident memory.
 4. **Combine** (second pass): the reference grid is cut into bands of rows sized from
    the memory limit, and each band goes through the pure
-   :func:`livestack.pipeline.integrate.combine_masked_tile`. The kernel is per pixel,
+   :func:`livestack.pipeline.combine.combine_masked_tile`. The kernel is per pixel,
    so the result does not depend on the band height, i.e. on ``--memory-limit``.
 
 The scratch folder is removed in a ``finally`` block, so also on Ctrl-C
@@ -62,6 +62,12 @@ from numpy.typing import NDArray
 
 from livestack.errors import FrameError, FrameReadError, LivestackError, StorageError, UsageError
 from livestack.pipeline.calibrate import MasterSet
+from livestack.pipeline.combine import (
+    KEY_CHUNK_BYTES,
+    IntegrateConfig,
+    combine_masked_tile,
+    normalized_planes,
+)
 from livestack.pipeline.detect import detect_stars
 from livestack.pipeline.frame import (
     FrameNorm,
@@ -70,12 +76,6 @@ from livestack.pipeline.frame import (
     calibrate_frame,
     normalise_frame,
     star_scale,
-)
-from livestack.pipeline.integrate import (
-    KEY_CHUNK_BYTES,
-    IntegrateConfig,
-    combine_masked_tile,
-    normalized_planes,
 )
 from livestack.pipeline.normalize import (
     FrameStats,

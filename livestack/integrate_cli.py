@@ -214,7 +214,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     err = sys.stderr if err is None else err
     memory_limit = parse_size(args.memory_limit)
     low_default, high_default = DEFAULT_LIMITS[args.reject]
-    from livestack.pipeline.integrate import IntegrateConfig
+    from livestack.pipeline.combine import IntegrateConfig
 
     try:
         config = IntegrateConfig(

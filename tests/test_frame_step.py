@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 
 from livestack.errors import MasterError, UsageError
 from livestack.integrate import integrate_session, load_session
-from livestack.pipeline.integrate import IntegrateConfig
+from livestack.pipeline.combine import IntegrateConfig
 from livestack.sim import SimConfig, Simulator, write_calibration_set, write_sequence
 from livestack.storage.calibration import MASTERS_DIR, RecordedMasters, master_cards
 from livestack.storage.journal import Journal, sha256_file
@@ -49,8 +49,8 @@ def _sim_config() -> SimConfig:
 @pytest.fixture(scope="module")
 def night(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The night stacked live from raw calibration folders (masters built in memory)."""
-    from livestack.config import load_config
     from livestack.batch import stack_files
+    from livestack.config import load_config
     from livestack.storage.calibration import open_masters
 
     base = tmp_path_factory.mktemp("night")
@@ -288,8 +288,8 @@ def test_cluster_workers_get_the_recorded_masters_as_paths(night: dict[str, Any]
 
 def test_the_live_rebuild_calibrates_with_the_recorded_masters(night: dict[str, Any],
                                                                tmp_path: Path) -> None:
-    from livestack.engine import rebuild as rb
     from livestack.config import Config, config_to_dict
+    from livestack.engine import rebuild as rb
 
     rows = _rows(night)
     config = Config()  # no masters.paths: only the recorded masters can calibrate

@@ -26,7 +26,7 @@ from livestack.integrate import (
     plan_integration,
     plan_memory,
 )
-from livestack.pipeline.integrate import IntegrateConfig
+from livestack.pipeline.combine import IntegrateConfig
 from livestack.sim import SimConfig, Simulator, write_calibration_set, write_sequence
 from livestack.storage.journal import Journal, sha256_file
 

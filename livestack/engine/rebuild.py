@@ -186,7 +186,7 @@ def rebuild_config(pipeline: Any) -> Any:
     -------
     IntegrateConfig
     """
-    from livestack.pipeline.integrate import IntegrateConfig
+    from livestack.pipeline.combine import IntegrateConfig
 
     method = pipeline.stack.method
     return IntegrateConfig(
