@@ -94,7 +94,7 @@ def child(stack_dir: str, darks: str, memory_limit: int, scratch: str) -> None:
         if done == total:
             marks[f"{stage}_end"] = time.perf_counter()
 
-    from livestack.restack import load_session
+    from livestack.sessionplan import load_session
     from livestack.storage.fitsio import read_header
 
     masters = masters_for_cli(darks=Path(darks))

@@ -58,19 +58,21 @@ from livestack.pipeline.types import FrameMetrics, StarList
 from livestack.reasons import Reason
 from livestack.restack import (
     DEFAULT_MEMORY_LIMIT_BYTES,
-    IntegrationPlan,
-    MasterSource,
     ProgressCallback,
-    SessionFrame,
     _calibrated,
-    _metrics_of,
     _product,
     _register,
     _Registered,
     _signal_scale,
-    check_frame_file,
     plan_memory,
     resolve_settings,
+)
+from livestack.sessionplan import (
+    IntegrationPlan,
+    MasterSource,
+    SessionFrame,
+    _metrics_of,
+    check_frame_file,
 )
 from livestack.storage.calibration import RecordedMasters, open_masters
 
@@ -108,7 +110,7 @@ class MasterPaths:
         return not (self.bias or self.darks or self.flats or self.library)
 
     def open(self) -> MasterSource | None:
-        """The masters as a :class:`~livestack.restack.MasterSource` (cached per process).
+        """The masters as a :class:`~livestack.sessionplan.MasterSource` (cached per process).
 
         Raises
         ------

@@ -168,9 +168,9 @@ def _recorded(stack_dirs: list[str]) -> tuple[dict[str, list[dict[str, str]]], P
     Raises
     ------
     UsageError, JournalError
-        As :func:`~livestack.restack.load_session`.
+        As :func:`~livestack.sessionplan.load_session`.
     """
-    from livestack.restack import load_session
+    from livestack.sessionplan import load_session
 
     recorded: dict[str, list[dict[str, str]]] = {}
     root = None

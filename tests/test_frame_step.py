@@ -31,7 +31,8 @@ from numpy.typing import NDArray
 
 from livestack.errors import MasterError, UsageError
 from livestack.pipeline.combine import IntegrateConfig
-from livestack.restack import integrate_session, load_session
+from livestack.restack import integrate_session
+from livestack.sessionplan import load_session
 from livestack.sim import SimConfig, Simulator, write_calibration_set, write_sequence
 from livestack.storage.calibration import MASTERS_DIR, RecordedMasters, master_cards
 from livestack.storage.journal import Journal, sha256_file

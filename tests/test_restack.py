@@ -19,14 +19,8 @@ from numpy.typing import NDArray
 
 from livestack.errors import FrameError, FrameReadError, UsageError
 from livestack.pipeline.combine import IntegrateConfig
-from livestack.restack import (
-    IntegrationCancelled,
-    integrate_plan,
-    integrate_session,
-    load_session,
-    plan_integration,
-    plan_memory,
-)
+from livestack.restack import IntegrationCancelled, integrate_plan, integrate_session, plan_memory
+from livestack.sessionplan import load_session, plan_integration
 from livestack.sim import SimConfig, Simulator, write_calibration_set, write_sequence
 from livestack.storage.journal import Journal, sha256_file
 

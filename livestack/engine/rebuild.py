@@ -50,13 +50,9 @@ from livestack.pipeline.product import StackProduct
 from livestack.pipeline.session import StackSession
 from livestack.pipeline.types import Transform
 from livestack.reasons import Reason
-from livestack.restack import (
-    IntegrationCancelled,
-    check_frame_file,
-    load_session,
-    sigterm_interrupts,
-)
+from livestack.restack import IntegrationCancelled, sigterm_interrupts
 from livestack.service.events import AlertEvent
+from livestack.sessionplan import check_frame_file, load_session
 
 if TYPE_CHECKING:
     from livestack.engine.core import Engine
@@ -283,7 +279,8 @@ def run_request(request: RebuildRequest) -> None:
         From the journal, the plan, a frame, the masters or the result file.
     """
     from livestack.config import config_from_dict
-    from livestack.restack import integrate_plan, load_session, plan_integration
+    from livestack.restack import integrate_plan
+    from livestack.sessionplan import load_session, plan_integration
     from livestack.storage.calibration import open_masters, session_masters
     from livestack.storage.journal import Journal
 

@@ -27,7 +27,8 @@ from livestack.pipeline.debayer import (
 )
 from livestack.pipeline.session import PipelineConfig, StackSession
 from livestack.pipeline.types import Transform
-from livestack.restack import SessionFrame, _calibrated
+from livestack.restack import _calibrated
+from livestack.sessionplan import SessionFrame
 from livestack.sim import SimConfig, Simulator
 from livestack.sim.fitswrite import write_fits
 from livestack.storage.headers import parse_frame_info
