@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -98,6 +97,7 @@ from livestack.sessionplan import (
     plan_integration,
 )
 from livestack.storage.calibration import OpenedMasters, master_cards
+from livestack.storage.framestore import FrameStore, write_registered
 from livestack.storage.lights import read_light
 
 DEFAULT_MEMORY_LIMIT_BYTES = 2 * 1024**3
@@ -107,7 +107,6 @@ RUNTIME_ALLOWANCE_BYTES = 384 * 1024**2
 BAND_BYTES_PER_SAMPLE = 4
 #: Bytes per pixel of the output maps: image, weight (float32), count, low, high (uint16).
 OUTPUT_BYTES_PER_PIXEL = 14
-SCRATCH_NAME = "registered.f32"
 
 #: ``progress(stage, done, total)`` with stage ``"register"`` or ``"combine"``.
 ProgressCallback = Callable[[str, int, int], None]
@@ -145,97 +144,6 @@ class _Registered:
     noise_adu: tuple[float, ...] = ()
     #: The frame's normalisation (``FrameNorm.to_json()``).
     norm: dict[str, Any] | None = None
-
-
-# -------------------------------------------------------------------------- frame store
-class _FrameStore:
-    """Registered frames, ``(n, n_channels, ny, nx)`` float32, NaN outside footprints."""
-
-    def __init__(self, n: int, channels: int, shape: tuple[int, int], scratch_dir: Path | None
-                 ) -> None:
-        self.n, self.channels, self.shape = n, channels, shape
-        self.plane_bytes = shape[0] * shape[1] * 4
-        self.folder: Path | None = None
-        self._fd: int | None = None
-        self._ram: NDArray[np.float32] | None = None
-        if scratch_dir is None:
-            self._ram = np.empty((n, channels, *shape), dtype=np.float32)
-            return
-        need = n * channels * self.plane_bytes
-        scratch_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            free = shutil.disk_usage(scratch_dir).free
-        except OSError as exc:
-            raise StorageError(f"{scratch_dir}: cannot use for scratch: "
-                               f"{exc.strerror or exc}") from exc
-        if free < need + 64 * 2**20:
-            raise StorageError(f"{scratch_dir}: {free / 2**30:.1f} GiB free, the registered "
-                               f"frames need {need / 2**30:.1f} GiB of scratch space "
-                               "(raise --memory-limit or free disk space)")
-        try:
-            self.folder = Path(tempfile.mkdtemp(prefix=".livestack-integrate-",
-                                                dir=scratch_dir))
-            self._fd = os.open(self.folder / SCRATCH_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            self.close()
-            raise StorageError(f"{scratch_dir}: cannot create scratch file: "
-                               f"{exc.strerror or exc}") from exc
-
-    @property
-    def in_ram(self) -> bool:
-        return self._ram is not None
-
-    def put(self, index: int, planes: NDArray[np.float32]) -> None:
-        """Store frame ``index`` (``(channels, ny, nx)`` float32)."""
-        if self._ram is not None:
-            self._ram[index] = planes
-            return
-        assert self._fd is not None
-        data = np.ascontiguousarray(planes, dtype=np.float32).data.cast("B")
-        offset = index * self.channels * self.plane_bytes
-        done = 0
-        try:
-            while done < len(data):
-                done += os.pwrite(self._fd, data[done:], offset + done)
-        except OSError as exc:
-            raise StorageError(f"{self.folder}: scratch write failed: "
-                               f"{exc.strerror or exc}") from exc
-
-    def band(self, channel: int, y0: int, y1: int, out: NDArray[np.float32]
-             ) -> NDArray[np.float32]:
-        """Rows ``y0:y1`` of one channel of every frame, as a C-contiguous
-        ``(n, y1 - y0, nx)`` view of the start of the flat buffer ``out``."""
-        rows = y1 - y0
-        view = out[: self.n * rows * self.shape[1]].reshape(self.n, rows, self.shape[1])
-        if self._ram is not None:
-            np.copyto(view, self._ram[:, channel, y0:y1])
-            return view
-        assert self._fd is not None
-        nx = self.shape[1]
-        for i in range(self.n):
-            target = view[i].data.cast("B")
-            offset = ((i * self.channels + channel) * self.shape[0] + y0) * nx * 4
-            done = 0
-            try:
-                while done < len(target):
-                    got = os.preadv(self._fd, [target[done:]], offset + done)
-                    if got <= 0:
-                        raise StorageError(f"{self.folder}: scratch file is short")
-                    done += got
-            except OSError as exc:
-                raise StorageError(f"{self.folder}: scratch read failed: "
-                                   f"{exc.strerror or exc}") from exc
-        return view
-
-    def close(self) -> None:
-        """Release the RAM copy or remove the scratch folder (idempotent)."""
-        self._ram = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
 
 
 # ------------------------------------------------------------------------------ memory
@@ -355,29 +263,6 @@ def _calibrated(frame: SessionFrame, masters: MasterSource | None, pipeline: Any
         stars, _, _ = detect_stars(calibrated.luminance, pipeline.detect)
     return (image, info, chosen.description if chosen is not None else (), stars,
             calibrated.saturation)
-
-
-def _write_registered(folder: Path, frame: SessionFrame, planes: NDArray[np.float32],
-                      transform: Transform, reference: str) -> None:
-    """Write one calibrated, registered frame as ``r_<name>.fits`` (raw header kept)."""
-    from astropy.io import fits
-
-    from livestack.storage.fitsio import write_fits_float32
-    from livestack.storage.formats import FRAME_SUFFIXES, read_header
-
-    header, _ = read_header(Path(frame.path))
-    header = header.copy()
-    header["HISTORY"] = "livestack integrate: calibrated and registered"
-    header["HISTORY"] = f"reference: {os.path.basename(reference)}"
-    for k, value in enumerate(transform.to_list(), start=1):
-        header[f"LSTRANS{k}"] = (value, f"frame->reference affine [{(k - 1) // 3},{(k - 1) % 3}]")
-    data = planes[0] if planes.shape[0] == 1 else planes
-    stem = Path(frame.path).name
-    for suffix in (".fits.fz", ".fit.fz", *FRAME_SUFFIXES):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    write_fits_float32(folder / f"r_{stem}.fits", data, fits.Header(header))
 
 
 #: A ``MasterLibrary`` with the temperature tolerance bound in (storage.calibration).
@@ -533,7 +418,7 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
     ref_stats = frame_stats(ref_image, None)
     ref_metrics = _metrics_of(plan.reference)
 
-    store = _FrameStore(n, channels, shape, None if mem.in_ram else
+    store = FrameStore(n, channels, shape, None if mem.in_ram else
                         Path(scratch_dir) if scratch_dir is not None
                         else Path(tempfile.gettempdir()))
     ndim = ref_image.ndim
@@ -693,7 +578,7 @@ def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int,
     if keep_dir is not None:
         registered = warped.image.reshape(channels, *shape).copy()
         np.copyto(registered, np.float32(np.nan), where=~warped.footprint)
-        _write_registered(keep_dir, frame, registered, frame.transform, reference)
+        write_registered(keep_dir, frame.path, registered, frame.transform, reference)
     if not measure_noise:
         return planes, float(norm.weight), ()
     noise = np.atleast_1d(np.asarray(fnorm.noise_adu, dtype=np.float64))
@@ -706,7 +591,7 @@ def _luminance(image: NDArray[np.float32]) -> NDArray[np.float32]:
     return luminance(image)
 
 
-def _combine(store: _FrameStore, weights: NDArray[np.float64], config: IntegrateConfig,
+def _combine(store: FrameStore, weights: NDArray[np.float64], config: IntegrateConfig,
              band_rows: int, progress: ProgressCallback | None,
              check_cancel: Callable[[], None]) -> dict[str, NDArray[Any]]:
     """Second pass: combine band after band into full-size maps."""
