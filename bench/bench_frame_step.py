@@ -51,8 +51,9 @@ def main() -> None:
 
     from livestack.batch import stack_files
     from livestack.config import load_config
-    from livestack.integrate import integrate_session, load_session
-    from livestack.pipeline.integrate import IntegrateConfig
+    from livestack.pipeline.combine import IntegrateConfig
+    from livestack.restack import integrate_session
+    from livestack.sessionplan import load_session
     from livestack.sim import SimConfig, Simulator, write_calibration_set, write_sequence
     from livestack.storage.calibration import RecordedMasters, open_masters
     from livestack.storage.journal import Journal

@@ -83,8 +83,8 @@ def write_journal(out: Path, lights: list[Path], transforms: list[list[float]]) 
 
 def child(stack_dir: str, darks: str, memory_limit: int, scratch: str) -> None:
     """Run the engine once; print a JSON line with timings and the peak RSS."""
-    from livestack.integrate import integrate_session
-    from livestack.pipeline.integrate import IntegrateConfig
+    from livestack.pipeline.combine import IntegrateConfig
+    from livestack.restack import integrate_session
     from livestack.storage.masters import masters_for_cli
 
     marks: dict[str, float] = {}
@@ -94,7 +94,7 @@ def child(stack_dir: str, darks: str, memory_limit: int, scratch: str) -> None:
         if done == total:
             marks[f"{stage}_end"] = time.perf_counter()
 
-    from livestack.integrate import load_session
+    from livestack.sessionplan import load_session
     from livestack.storage.fitsio import read_header
 
     masters = masters_for_cli(darks=Path(darks))
@@ -125,7 +125,7 @@ def baseline(lights: list[Path], rows: int = 128) -> tuple[float, float, float]:
     """Combine one band: astropy sigma_clip + weighted mean vs combine_masked_tile (sigma)."""
     from astropy.stats import sigma_clip
 
-    from livestack.pipeline.integrate import IntegrateConfig, combine_masked_tile
+    from livestack.pipeline.combine import IntegrateConfig, combine_masked_tile
     from livestack.storage.fitsio import read_frame
 
     band = np.stack([read_frame(p)[0][1000:1000 + rows] for p in lights]).astype(np.float32)

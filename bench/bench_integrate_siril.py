@@ -434,7 +434,8 @@ def siril_interpolation(process: Path, index: int = 10) -> dict[str, float]:
 
 def register_only(stack_dir: Path, darks: Path, names: tuple[str, ...], out: Path) -> None:
     """Write the calibrated, registered frames ``names`` (on the stack's reference grid)."""
-    from livestack.integrate import integrate_plan, load_session, plan_integration
+    from livestack.restack import integrate_plan
+    from livestack.sessionplan import load_session, plan_integration
     from livestack.storage.masters import masters_for_cli
 
     session = load_session(stack_dir)
@@ -476,7 +477,7 @@ def main() -> int:
                                 "-o", str(ours / "out"), "--no-progress"])
     from astropy.io import fits
 
-    from livestack.integrate import load_session
+    from livestack.sessionplan import load_session
 
     stack_dir = load_session(ours / "out").folder
     assert stack_dir is not None

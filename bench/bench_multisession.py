@@ -5,7 +5,7 @@ different drift, noise and dates; ``livestack.sim.nights``) once into ``--dir`` 
 later runs), then runs, each in a fresh child process so that ``ru_maxrss`` is the run's
 own peak:
 
-* ``local``: :func:`livestack.integrate.integrate_plan` (the default engine, the baseline);
+* ``local``: :func:`livestack.restack.integrate_plan` (the default engine, the baseline);
 * ``dask``: :func:`livestack.distributed.integrate_plan_dask` on a
   ``distributed.LocalCluster`` of ``--workers`` single-threaded worker processes on
   127.0.0.1, each with ``memory_limit = --memory-limit``.
@@ -70,8 +70,8 @@ def generate(folder: Path, sessions: int, frames: int, width: int, height: int
 
 def child(mode: str, limit_bytes: int, workers: int, out: Path, dirs: list[str]) -> None:
     """Run one engine; print a JSON line with timings and peaks; save the image."""
-    from livestack.integrate import integrate_plan
     from livestack.multisession import plan_sessions
+    from livestack.restack import integrate_plan
 
     t0 = time.perf_counter()
     plan = plan_sessions(dirs)[0]

@@ -1,6 +1,6 @@
 """Run an integration's work on a Dask distributed cluster (``integrate --scheduler``).
 
-The default engine stays :func:`livestack.integrate.integrate_plan` on the local machine;
+The default engine stays :func:`livestack.restack.integrate_plan` on the local machine;
 this module is used only when ``--scheduler tcp://HOST:PORT`` is given. ``dask`` and
 ``distributed`` come with the optional extra ``livestack[distributed]`` and are imported
 lazily (inside :func:`connect`), so that the core imports and runs without them.
@@ -21,7 +21,7 @@ and run it again when a worker is lost (the result is the same):
   soon as the frame is registered, where it was registered; the whole frame is then
   dropped, and each piece is kept (or spilled) on its own;
 * **combine** (one per tile): one band of every frame and the weights -> the tile's maps
-  (:func:`~livestack.pipeline.integrate.combine_masked_tile`). Tiles are sized so that
+  (:func:`~livestack.pipeline.combine.combine_masked_tile`). Tiles are sized so that
   one combine task uses at most :data:`TILE_SHARE` of ``--memory-limit``
   (:func:`tile_rows`).
 
@@ -51,27 +51,29 @@ import numpy as np
 from numpy.typing import NDArray
 
 from livestack.errors import FrameError, UsageError
-from livestack.integrate import (
-    DEFAULT_MEMORY_LIMIT_BYTES,
-    IntegrationPlan,
-    MasterSource,
-    ProgressCallback,
-    SessionFrame,
-    _calibrated,
-    _metrics_of,
-    _product,
-    _register,
-    _Registered,
-    _signal_scale,
-    check_frame_file,
-    plan_memory,
-    resolve_settings,
-)
-from livestack.pipeline.integrate import IntegrateConfig, combine_masked_tile
+from livestack.pipeline.combine import IntegrateConfig, combine_masked_tile
 from livestack.pipeline.normalize import FrameStats, NormalizeConfig, frame_stats
 from livestack.pipeline.saturation import StackSaturation
 from livestack.pipeline.types import FrameMetrics, StarList
 from livestack.reasons import Reason
+from livestack.restack import (
+    DEFAULT_MEMORY_LIMIT_BYTES,
+    ProgressCallback,
+    _calibrated,
+    _product,
+    _register,
+    _Registered,
+    _signal_scale,
+    plan_memory,
+    resolve_settings,
+)
+from livestack.sessionplan import (
+    IntegrationPlan,
+    MasterSource,
+    SessionFrame,
+    _metrics_of,
+    check_frame_file,
+)
 from livestack.storage.calibration import RecordedMasters, open_masters
 
 EXTRA_HINT = "pip install 'livestack[distributed]'"
@@ -108,7 +110,7 @@ class MasterPaths:
         return not (self.bias or self.darks or self.flats or self.library)
 
     def open(self) -> MasterSource | None:
-        """The masters as a :class:`~livestack.integrate.MasterSource` (cached per process).
+        """The masters as a :class:`~livestack.sessionplan.MasterSource` (cached per process).
 
         Raises
         ------
@@ -302,7 +304,7 @@ def integrate_plan_dask(plan: IntegrationPlan, config: IntegrateConfig | None = 
                         masters: MasterPaths | None = None,
                         memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
                         progress: ProgressCallback | None = None) -> Any:
-    """:func:`~livestack.integrate.integrate_plan` with the work on a Dask cluster.
+    """:func:`~livestack.restack.integrate_plan` with the work on a Dask cluster.
 
     Parameters
     ----------

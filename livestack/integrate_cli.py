@@ -168,9 +168,9 @@ def _recorded(stack_dirs: list[str]) -> tuple[dict[str, list[dict[str, str]]], P
     Raises
     ------
     UsageError, JournalError
-        As :func:`~livestack.integrate.load_session`.
+        As :func:`~livestack.sessionplan.load_session`.
     """
-    from livestack.integrate import load_session
+    from livestack.sessionplan import load_session
 
     recorded: dict[str, list[dict[str, str]]] = {}
     root = None
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     err = sys.stderr if err is None else err
     memory_limit = parse_size(args.memory_limit)
     low_default, high_default = DEFAULT_LIMITS[args.reject]
-    from livestack.pipeline.integrate import IntegrateConfig
+    from livestack.pipeline.combine import IntegrateConfig
 
     try:
         config = IntegrateConfig(
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         raise UsageError(f"integrate: {exc}") from None
 
     from livestack.config import load_config
-    from livestack.integrate import integrate_plan, sigterm_interrupts
+    from livestack.restack import integrate_plan, sigterm_interrupts
 
     settings = load_config(args.config)
     pipeline = settings.pipeline

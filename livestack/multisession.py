@@ -2,7 +2,7 @@
 
 ``livestack integrate S1 S2 ... -o OUT.fits`` goes through :func:`plan_sessions`:
 
-1. Every stack folder is read with :func:`livestack.integrate.load_session`; the same
+1. Every stack folder is read with :func:`livestack.sessionplan.load_session`; the same
    folder twice is a usage error.
 2. The sessions must agree on target (``OBJECT``, compared without spaces and case),
    filter, binning and frame size, read from the header of each session's reference
@@ -13,9 +13,9 @@
    session's reference (:class:`~livestack.pipeline.register.Registrar`, the live
    pipeline's matcher), and each stored frame -> session-reference transform is composed
    with it (``T = T_cross o T_frame``). The journals' transforms are never re-matched.
-4. The frames of all sessions form one :class:`~livestack.integrate.Session`, so
-   :func:`~livestack.integrate.plan_integration` applies ``--exclude``, ``--select`` and
-   ``--reference`` across sessions, and :func:`~livestack.integrate.integrate_plan` uses
+4. The frames of all sessions form one :class:`~livestack.sessionplan.Session`, so
+   :func:`~livestack.sessionplan.plan_integration` applies ``--exclude``, ``--select`` and
+   ``--reference`` across sessions, and :func:`~livestack.restack.integrate_plan` uses
    the same normalisation and weights across nights as within one (a hazy night
    weighs less).
 
@@ -36,21 +36,20 @@ from typing import Any
 import numpy as np
 
 from livestack.errors import RegistrationError, UsageError
-from livestack.integrate import (
+from livestack.pipeline.register import Registrar
+from livestack.pipeline.session import PipelineConfig
+from livestack.pipeline.types import FrameInfo, Transform
+from livestack.restack import _calibrated, _luminance
+from livestack.sessionplan import (
     IntegrationPlan,
     MasterSource,
     Session,
     SessionFrame,
-    _calibrated,
     _is_identity,
-    _luminance,
     check_frame_file,
     load_session,
     plan_integration,
 )
-from livestack.pipeline.register import Registrar
-from livestack.pipeline.session import PipelineConfig
-from livestack.pipeline.types import FrameInfo, Transform
 from livestack.storage.fitsio import read_header
 
 #: Most general model last: a composed transform keeps the more general of its parts.
@@ -159,7 +158,7 @@ def load_sessions(stack_dirs: Sequence[str | Path], *, masters: MasterSource | N
     Parameters
     ----------
     stack_dirs : sequence of str or Path
-        Stack folders (see :func:`~livestack.integrate.load_session`), first = reference
+        Stack folders (see :func:`~livestack.sessionplan.load_session`), first = reference
         session.
     masters : MasterSource or None
         Calibration for the cross-session registration.
@@ -239,7 +238,7 @@ def plan_sessions(stack_dirs: Sequence[str | Path], *, exclude: Sequence[str] = 
     stack_dirs : sequence of str or Path
         One or more stack folders.
     exclude, select, reference
-        See :func:`~livestack.integrate.plan_integration`; they apply across sessions.
+        See :func:`~livestack.sessionplan.plan_integration`; they apply across sessions.
     masters : MasterSource or None
         Calibration for the cross-session registration.
     pipeline : PipelineConfig, optional
@@ -256,7 +255,7 @@ def plan_sessions(stack_dirs: Sequence[str | Path], *, exclude: Sequence[str] = 
     Raises
     ------
     UsageError, FrameError
-        As :func:`load_sessions` and :func:`~livestack.integrate.plan_integration`.
+        As :func:`load_sessions` and :func:`~livestack.sessionplan.plan_integration`.
     """
     if not stack_dirs:
         raise UsageError("integrate: give at least one stack folder")

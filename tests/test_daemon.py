@@ -410,7 +410,7 @@ def _stacked(tmp_path: Path, frames: list[Path], n: int, **engine_kw: object
 
 def test_commands_exclude_reference_reset_pause_new_stack(tmp_path: Path,
                                                           frames: list[Path]) -> None:
-    from livestack.integrate import integrate_session
+    from livestack.restack import integrate_session
 
     watch = copy_frames(frames[:6], tmp_path / "in")
     engine = Engine(make_config(tmp_path), tmp_path / "stacks", background_checkpoints=False)

@@ -25,9 +25,10 @@ import pytest
 
 from livestack.cli import main
 from livestack.errors import FrameReadError, UsageError
-from livestack.integrate import IntegrationPlan, integrate_plan
 from livestack.multisession import plan_sessions
-from livestack.pipeline.integrate import IntegrateConfig
+from livestack.pipeline.combine import IntegrateConfig
+from livestack.restack import integrate_plan
+from livestack.sessionplan import IntegrationPlan
 from livestack.sim.nights import Night
 from livestack.storage.stackfits import read_stack_fits
 from tests.multinight import N_PER_NIGHT, require_distributed, write_two_nights

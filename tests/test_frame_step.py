@@ -30,8 +30,9 @@ import pytest
 from numpy.typing import NDArray
 
 from livestack.errors import MasterError, UsageError
-from livestack.integrate import integrate_session, load_session
-from livestack.pipeline.integrate import IntegrateConfig
+from livestack.pipeline.combine import IntegrateConfig
+from livestack.restack import integrate_session
+from livestack.sessionplan import load_session
 from livestack.sim import SimConfig, Simulator, write_calibration_set, write_sequence
 from livestack.storage.calibration import MASTERS_DIR, RecordedMasters, master_cards
 from livestack.storage.journal import Journal, sha256_file

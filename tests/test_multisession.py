@@ -13,10 +13,11 @@ from scipy.ndimage import median_filter
 
 from livestack.cli import main
 from livestack.errors import UsageError
-from livestack.integrate import integrate_plan, load_session, plan_integration
 from livestack.multisession import add_provenance, plan_sessions
-from livestack.pipeline.integrate import IntegrateConfig
+from livestack.pipeline.combine import IntegrateConfig
 from livestack.pipeline.warp import warp
+from livestack.restack import integrate_plan
+from livestack.sessionplan import load_session, plan_integration
 from livestack.sim.nights import Night, write_night
 from livestack.storage.stackfits import read_stack_fits
 from tests.multinight import (

@@ -1,7 +1,7 @@
 """Background rebuilds of a live stack: the supervisor in the daemon, the child, their protocol.
 
 The daemon's ``exclude_frame`` and ``set_reference`` commands re-stack the session from
-its journal with :mod:`livestack.integrate` (the engine behind ``livestack integrate``),
+its journal with :mod:`livestack.restack` (the engine behind ``livestack integrate``),
 then seed a live :class:`~livestack.pipeline.session.StackSession` from the result and
 keep stacking onto it. The live stack keeps serving viewers until the rebuilt one
 replaces it.
@@ -46,17 +46,13 @@ import numpy as np
 from livestack.config import config_to_dict
 from livestack.engine.state import remove_files
 from livestack.errors import FrameError, LivestackError, StorageError, UsageError
-from livestack.integrate import (
-    IntegrationCancelled,
-    check_frame_file,
-    load_session,
-    sigterm_interrupts,
-)
 from livestack.pipeline.product import StackProduct
 from livestack.pipeline.session import StackSession
 from livestack.pipeline.types import Transform
 from livestack.reasons import Reason
+from livestack.restack import IntegrationCancelled, sigterm_interrupts
 from livestack.service.events import AlertEvent
+from livestack.sessionplan import check_frame_file, load_session
 
 if TYPE_CHECKING:
     from livestack.engine.core import Engine
@@ -186,7 +182,7 @@ def rebuild_config(pipeline: Any) -> Any:
     -------
     IntegrateConfig
     """
-    from livestack.pipeline.integrate import IntegrateConfig
+    from livestack.pipeline.combine import IntegrateConfig
 
     method = pipeline.stack.method
     return IntegrateConfig(
@@ -202,7 +198,7 @@ def write_result(path: Path, product: StackProduct, plan: Any) -> None:
     ----------
     path : Path
     product : StackProduct
-        From :func:`livestack.integrate.integrate_plan` with ``std_map``.
+        From :func:`livestack.restack.integrate_plan` with ``std_map``.
     plan : IntegrationPlan
         The plan it came from (row ids and transforms).
 
@@ -283,7 +279,8 @@ def run_request(request: RebuildRequest) -> None:
         From the journal, the plan, a frame, the masters or the result file.
     """
     from livestack.config import config_from_dict
-    from livestack.integrate import integrate_plan, load_session, plan_integration
+    from livestack.restack import integrate_plan
+    from livestack.sessionplan import load_session, plan_integration
     from livestack.storage.calibration import open_masters, session_masters
     from livestack.storage.journal import Journal
 

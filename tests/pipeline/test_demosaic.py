@@ -11,7 +11,6 @@ import pytest
 
 from livestack.config import config_from_dict
 from livestack.errors import ConfigError
-from livestack.integrate import SessionFrame, _calibrated
 from livestack.pipeline import debayer as debayer_module
 from livestack.pipeline import kernels_demosaic as kd
 from livestack.pipeline.debayer import (
@@ -28,6 +27,8 @@ from livestack.pipeline.debayer import (
 )
 from livestack.pipeline.session import PipelineConfig, StackSession
 from livestack.pipeline.types import Transform
+from livestack.restack import _calibrated
+from livestack.sessionplan import SessionFrame
 from livestack.sim import SimConfig, Simulator
 from livestack.sim.fitswrite import write_fits
 from livestack.storage.headers import parse_frame_info

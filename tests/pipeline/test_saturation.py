@@ -232,8 +232,8 @@ def test_bilinear_kernel_also_stacks_saturated_samples_at_the_level() -> None:
 
 # -------------------------------------------------------------------------- integrate
 def test_integrate_has_no_holes(tmp_path: Path) -> None:
-    from livestack.integrate import integrate_session
-    from livestack.pipeline.integrate import IntegrateConfig
+    from livestack.pipeline.combine import IntegrateConfig
+    from livestack.restack import integrate_session
     from livestack.storage.journal import Journal, sha256_file
 
     sky = SaturatedSky(SKIES["12bit"], seed=7)

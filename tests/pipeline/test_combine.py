@@ -13,7 +13,7 @@ import pytest
 from astropy.stats import sigma_clip
 from numpy.typing import NDArray
 
-from livestack.pipeline.integrate import (
+from livestack.pipeline.combine import (
     IntegrateConfig,
     TileResult,
     combine_masked_tile,

@@ -18,15 +18,9 @@ import pytest
 from numpy.typing import NDArray
 
 from livestack.errors import FrameError, FrameReadError, UsageError
-from livestack.integrate import (
-    IntegrationCancelled,
-    integrate_plan,
-    integrate_session,
-    load_session,
-    plan_integration,
-    plan_memory,
-)
-from livestack.pipeline.integrate import IntegrateConfig
+from livestack.pipeline.combine import IntegrateConfig
+from livestack.restack import IntegrationCancelled, integrate_plan, integrate_session, plan_memory
+from livestack.sessionplan import load_session, plan_integration
 from livestack.sim import SimConfig, Simulator, write_calibration_set, write_sequence
 from livestack.storage.journal import Journal, sha256_file
 
@@ -380,7 +374,7 @@ def test_cli_interpolation_overrides_the_warp_kernel(session_dir: dict[str, Any]
 
 def test_cli_interpolation_takes_precedence_over_the_config(
         session_dir: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import livestack.integrate
+    import livestack.restack
     from livestack import integrate_cli
     from livestack.pipeline.warp import KERNELS
 
@@ -394,7 +388,7 @@ def test_cli_interpolation_takes_precedence_over_the_config(
         seen.append(pipeline.warp.kernel)
         raise Stop
 
-    monkeypatch.setattr(livestack.integrate, "integrate_plan", fake_integrate_plan)
+    monkeypatch.setattr(livestack.restack, "integrate_plan", fake_integrate_plan)
     config = tmp_path / "bicubic.yaml"
     config.write_text("pipeline:\n  warp:\n    kernel: bicubic\n")
     parser = argparse.ArgumentParser()
