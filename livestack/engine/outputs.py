@@ -66,6 +66,8 @@ class Outputs:
         engine = self.engine
         out = engine.config.output
         now = time.monotonic()
+        for rt in engine.runtimes.values():
+            rt.session.release_scratch()  # no frame waits: the warp buffer is not needed
         engine.solving.idle()  # the solve-field stopped during frames runs again
         engine.solving.poll()
         engine.solving.route_moves()
@@ -119,6 +121,7 @@ class Outputs:
         """Checkpoint and write ``stack.fits`` + preview for every stack with new work."""
         engine = self.engine
         for rt in list(engine.runtimes.values()):
+            rt.session.release_scratch()
             if rt.stack_id in engine.rebuilds:
                 continue
             if rt.frames_since_checkpoint > 0:

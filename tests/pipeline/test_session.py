@@ -520,6 +520,8 @@ def test_the_warp_buffer_is_reused_and_changes_nothing() -> None:
         assert reused._warp_buffer is not None and fresh._warp_buffer is None
         buffers.add(reused._warp_buffer.image.ctypes.data)
     assert len(buffers) == 1
+    reused.release_scratch()  # an idle stack gives the buffer back; the next frame allocates
+    assert reused._warp_buffer is None
     np.testing.assert_array_equal(reused.stacked_image(), fresh.stacked_image())
     product_a, product_b = reused.product(), fresh.product()
     np.testing.assert_array_equal(product_a.rejected_high, product_b.rejected_high)
