@@ -54,24 +54,25 @@ def test_a_solved_jump_beyond_the_fraction_starts_a_stack_and_a_return_goes_back
     back = router.route_solved(second, frame(5), 83.82, -5.41)
     assert back is not None and back[0] == first
     assert router.route(frame(6)) == first
-    assert router.stack_ids() == [first, second]
+    assert [st["stack_id"] for st in router.to_dict()["stacks"]] == [first, second]
 
 
 def test_the_threshold_scales_with_the_field_and_the_fraction() -> None:
     wide = Router(solved_jump_fraction=0.5)
     narrow = Router(solved_jump_fraction=0.1)
+    ids = {}
     for router in (wide, narrow):
-        sid = router.route(frame(0))
+        ids[id(router)] = sid = router.route(frame(0))
         router.set_solved_centre(sid, 10.0, 0.0, 2.0)
     # 0.5 deg = 0.25 of a 2 deg diagonal: inside 0.5, outside 0.1.
-    assert wide.route_solved(wide.stack_ids()[0], frame(1), 10.5, 0.0) is None
-    assert narrow.route_solved(narrow.stack_ids()[0], frame(1), 10.5, 0.0) is not None
+    assert wide.route_solved(ids[id(wide)], frame(1), 10.5, 0.0) is None
+    assert narrow.route_solved(ids[id(narrow)], frame(1), 10.5, 0.0) is not None
     with pytest.raises(ValueError):
         Router(solved_jump_fraction=0.0)
     with pytest.raises(ValueError):
-        wide.set_solved_centre(wide.stack_ids()[0], 10.0, float("nan"), 2.0)
+        wide.set_solved_centre(ids[id(wide)], 10.0, float("nan"), 2.0)
     with pytest.raises(ValueError):
-        wide.set_solved_centre(wide.stack_ids()[0], 10.0, 0.0, 0.0)
+        wide.set_solved_centre(ids[id(wide)], 10.0, 0.0, 0.0)
 
 
 def test_a_moved_frame_leaves_the_old_failure_run() -> None:

@@ -412,10 +412,6 @@ class Router:
         """The :class:`StackKey` of a stack (KeyError if unknown)."""
         return self._stacks[stack_id].key
 
-    def stack_ids(self) -> list[str]:
-        """All stack ids in creation order, retired ones included."""
-        return list(self._stacks)
-
     def is_retired(self, stack_id: str) -> bool:
         """True once a failure run has closed the stack (KeyError if unknown)."""
         return self._stacks[stack_id].retired
