@@ -43,6 +43,30 @@ def _calibrated_at(raw: np.ndarray, sub: np.ndarray, flat: np.ndarray, use_sub: 
     return v
 
 
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _ring_median(src: np.ndarray, sub: np.ndarray, flat: np.ndarray, use_sub: bool,
+                 use_flat: bool, defects: np.ndarray, y: int, x: int, step: int,
+                 buf: np.ndarray) -> float:
+    """Median of the calibrated, finite, non-defect pixels ``step`` away; NaN if none."""
+    ny, nx = src.shape
+    n = 0
+    for dy in range(-step, step + 1, step):
+        yy = y + dy
+        if yy < 0 or yy >= ny:
+            continue
+        for dx in range(-step, step + 1, step):
+            xx = x + dx
+            if (dy == 0 and dx == 0) or xx < 0 or xx >= nx or defects[yy, xx]:
+                continue
+            w = _calibrated_at(src, sub, flat, use_sub, use_flat, yy, xx)
+            if np.isfinite(w):
+                buf[n] = w
+                n += 1
+    if n > 0:
+        return median_small(buf, n)
+    return np.nan
+
+
 @njit(cache=True, nogil=True, fastmath=False, parallel=True)
 def calibrate_fused(raw: np.ndarray, sub: np.ndarray, flat: np.ndarray, defects: np.ndarray,
                     defect_ptr: np.ndarray, defect_cols: np.ndarray, use_sub: bool,
@@ -89,23 +113,9 @@ def calibrate_fused(raw: np.ndarray, sub: np.ndarray, flat: np.ndarray, defects:
             buf = np.empty(8, np.float32)
             for k in range(defect_ptr[y], defect_ptr[y + 1]):
                 x = defect_cols[k]
-                n = 0
-                for dy in range(-step, step + 1, step):
-                    yy = y + dy
-                    if yy < 0 or yy >= ny:
-                        continue
-                    for dx in range(-step, step + 1, step):
-                        xx = x + dx
-                        if (dy == 0 and dx == 0) or xx < 0 or xx >= nx or defects[yy, xx]:
-                            continue
-                        w = _calibrated_at(raw, sub, flat, use_sub, use_flat, yy, xx)
-                        if np.isfinite(w):
-                            buf[n] = w
-                            n += 1
-                if n > 0:
-                    out[y, x] = median_small(buf, n)
-                else:
-                    out[y, x] = np.nan
+                v = _ring_median(raw, sub, flat, use_sub, use_flat, defects, y, x, step, buf)
+                out[y, x] = v
+                if np.isnan(v):
                     unresolved[y] += 1
     return int(unresolved.sum())
 
@@ -144,23 +154,10 @@ def calibrate_inplace(data: np.ndarray, sub: np.ndarray, flat: np.ndarray, defec
         buf = np.empty(8, np.float32)
         for k in range(defect_ptr[y], defect_ptr[y + 1]):
             x = defect_cols[k]
-            n = 0
-            for dy in range(-step, step + 1, step):
-                yy = y + dy
-                if yy < 0 or yy >= ny:
-                    continue
-                for dx in range(-step, step + 1, step):
-                    xx = x + dx
-                    if (dy == 0 and dx == 0) or xx < 0 or xx >= nx or defects[yy, xx]:
-                        continue
-                    w = data[yy, xx]
-                    if np.isfinite(w):
-                        buf[n] = w
-                        n += 1
-            if n > 0:
-                data[y, x] = median_small(buf, n)
-            else:
-                data[y, x] = np.nan
+            # data is calibrated by now: its neighbours are read as they are.
+            v = _ring_median(data, sub, flat, False, False, defects, y, x, step, buf)
+            data[y, x] = v
+            if np.isnan(v):
                 unresolved[y] += 1
     return int(unresolved.sum())
 
