@@ -20,6 +20,20 @@ Usage::
     python bench/bench_stack_dense.py --colour                         # 26 MP OSC (RGGB)
     python bench/bench_stack_dense.py --size 9576x6388 --stars 20000 --naive 0   # 61 MP
     python bench/bench_stack_dense.py --size 1500x1000 --stars 600 --long 5      # quick check
+    python bench/bench_stack_dense.py --repeat 3 --baseline /tmp/main-tree       # vs another tree
+    python bench/bench_stack_dense.py --solver                         # with the plate solve
+
+The plate solver is off by default (``solver.enabled: false`` in a config the bench writes):
+the solve is a once-per-stack background job, measured by ``bench/bench_solve.py``, and a
+synthetic sky cannot be solved, so ``stack``'s final wait for it (``solve-field`` giving up at
+its time limit, then a second attempt on the deeper stack in the long run only) would land in
+the (long - short) difference and measure the solver, not the frames. ``--solver`` keeps it on.
+
+Each run prints how many frames it accepted and rejected (a rejected frame skips warp and
+accumulate, which flatters ms/frame). ``--baseline TREE`` runs every (short, long) pair also
+with ``PYTHONPATH=TREE`` (another checkout's ``livestack``, e.g. ``git archive main``
+unpacked), interleaved with this tree's runs, and prints this tree's ms/frame as a ratio
+against it in the same run.
 
 Frames are cached under ``--cache`` (default: a folder in the system temp dir keyed by the
 arguments), so a second run skips the simulation.
@@ -66,12 +80,27 @@ def generate(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return lights, darks
 
 
-def run_stack(files: list[Path], darks: Path, out: Path) -> tuple[float, int]:
-    """Run ``livestack stack`` on ``files``; return (wall seconds, peak RSS in bytes)."""
+#: ``stack``'s configuration when the solver is off (the bench's default).
+SOLVER_OFF = "solver:\n  enabled: false\n"
+
+
+def run_stack(files: list[Path], darks: Path, out: Path, config: Path | None = None,
+              tree: Path | None = None) -> tuple[float, int]:
+    """Run ``livestack stack`` on ``files``; return (wall seconds, peak RSS in bytes).
+
+    ``config`` is passed as ``-c``; ``tree`` (a folder holding a ``livestack`` package)
+    is put first on the child's ``PYTHONPATH`` so that its code runs instead of this one's.
+    """
     cmd = [sys.executable, "-c", _CLI, "stack", *map(str, files), "--darks", str(darks),
            "-o", str(out), "--no-progress"]
+    if config is not None:
+        cmd += ["-c", str(config)]
+    env = None
+    if tree is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall_s = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -79,6 +108,16 @@ def run_stack(files: list[Path], darks: Path, out: Path) -> tuple[float, int]:
     if proc.returncode != 0:
         raise SystemExit(f"livestack stack failed ({proc.returncode}):\n{stderr[-2000:]}")
     return wall_s, usage.ru_maxrss * 1024
+
+
+def verdict_counts(out: Path) -> dict[str, int]:
+    """Frames per journal status (accepted, rejected, failed, ...) of one run."""
+    journals = list(out.rglob(JOURNAL))
+    if not journals:
+        return {}
+    with sqlite3.connect(f"file:{journals[0]}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT status, COUNT(*) FROM frames GROUP BY status").fetchall()
+    return {str(status): int(n) for status, n in rows}
 
 
 def stage_medians(out: Path) -> dict[str, float]:
@@ -144,6 +183,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs of the (short, long) pair")
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--cache", type=Path)
+    parser.add_argument("--solver", action="store_true",
+                        help="keep the plate solver on (default: off, see the docstring)")
+    parser.add_argument("--baseline", type=Path,
+                        help="also run each pair with PYTHONPATH=BASELINE (another tree), "
+                             "interleaved, and print ratios against it")
     parser.add_argument("--naive-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.naive_child:
@@ -151,6 +195,8 @@ def main() -> int:
         return 0
     if not 1 <= args.short < args.long:
         parser.error("need 1 <= --short < --long")
+    if args.baseline is not None and not (args.baseline / "livestack").is_dir():
+        parser.error(f"--baseline {args.baseline}: no livestack package there")
     key = f"dense_{args.size}_{args.stars}_{args.rotation_deg}_{int(args.colour)}_{args.seed}_" \
           f"{max(args.long, args.naive)}"
     cache = args.cache or Path(tempfile.gettempdir()) / "livestack-bench" / key
@@ -160,35 +206,65 @@ def main() -> int:
     print(f"frames: {args.size}, {args.stars} stars, {args.rotation_deg} deg rotation, "
           f"{'RGGB' if args.colour else 'mono'}, darks; cache {cache} "
           f"({time.perf_counter() - t0:.0f} s)")
+    print("plate solver: " + ("on (the final wait for the background solve is timed)"
+                              if args.solver else
+                              "off (a once-per-stack background job, measured by "
+                              "bench/bench_solve.py; a synthetic sky cannot be solved)"))
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
 
+    trees: list[tuple[str, Path | None]] = [("this tree", None)]
+    if args.baseline is not None:
+        trees.insert(0, (f"baseline {args.baseline}", args.baseline))
     rows = []
-    stages: dict[str, float] = {}
+    stages: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="ls-dense-") as tmp:
-        # Untimed: fills the JIT cache so that no timed run pays the compilation.
-        run_stack(files[:1], darks, Path(tmp) / "prime")
-    for run in range(args.repeat):
-        with tempfile.TemporaryDirectory(prefix="ls-dense-") as tmp:
-            short_s, _ = run_stack(files[:args.short], darks, Path(tmp) / "short")
-            long_s, rss = run_stack(files[:args.long], darks, Path(tmp) / "long")
-            stages = stage_medians(Path(tmp) / "long")
-        ms = (long_s - short_s) / (args.long - args.short) * 1e3
-        rows.append((run + 1, ms, rss, short_s, long_s))
+        config = None
+        if not args.solver:
+            config = Path(tmp) / "solver-off.yaml"
+            config.write_text(SOLVER_OFF)
+        for i, (_label, tree) in enumerate(trees):
+            # Untimed, on the long run's frames: fills the JIT cache (including the kernels
+            # only later frames call: rotated warp, clipping) so no timed run compiles.
+            run_stack(files[:args.long], darks, Path(tmp) / f"prime{i}", config, tree)
+        for run in range(args.repeat):
+            for label, tree in trees:
+                out = Path(tmp) / f"run{run}-{len(rows)}"
+                short_s, _ = run_stack(files[:args.short], darks, out / "short", config, tree)
+                long_s, rss = run_stack(files[:args.long], darks, out / "long", config, tree)
+                stages[label] = stage_medians(out / "long")
+                counts = verdict_counts(out / "long")
+                ms = (long_s - short_s) / (args.long - args.short) * 1e3
+                rows.append((run + 1, label, ms, rss, short_s, long_s, counts,
+                             os.getloadavg()[0]))
     base = run_naive(files[:args.naive], darks) if args.naive >= 2 else None
 
     print()
-    print("| run | ms/frame | vs naive | peak RSS (GB) | wall short / long (s) |")
-    print("|---|---|---|---|---|")
-    for run, ms, rss, short_s, long_s in rows:
+    print("| run | tree | ms/frame | vs baseline | vs naive | peak RSS (GB) | "
+          "wall short / long (s) | long run: accepted / rejected / failed | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    baseline_ms: dict[int, float] = {}
+    for run, label, ms, rss, short_s, long_s, counts, load in rows:
+        if args.baseline is not None and label != "this tree":
+            baseline_ms[run] = ms
+        vs_base = f"{ms / baseline_ms[run]:.2f}x" if label == "this tree" and run in \
+            baseline_ms else "-"
         ratio = f"{base['ms'] / ms:.1f}x" if base else "-"
-        print(f"| {run} | {ms:.0f} | {ratio} | {rss / 1e9:.2f} | {short_s:.1f} / {long_s:.1f} |")
+        print(f"| {run} | {label} | {ms:.0f} | {vs_base} | {ratio} | {rss / 1e9:.2f} | "
+              f"{short_s:.1f} / {long_s:.1f} | {counts.get('accepted', 0)} / "
+              f"{counts.get('rejected', 0)} / {counts.get('failed', 0)} | {load:.2f} |")
     if base:
-        print(f"| naive astroalign loop | {base['ms']:.0f} | 1.0x | {base['rss'] / 1e9:.2f} | - |")
+        print(f"| naive | astroalign loop | {base['ms']:.0f} | - | 1.0x | "
+              f"{base['rss'] / 1e9:.2f} | - | - | - |")
     print()
-    print("| stage (journal, median of frames 2..N) | ms |")
-    print("|---|---|")
-    for stage, ms in stages.items():
-        print(f"| {stage} | {ms:.1f} |")
-    print(f"| sum | {sum(stages.values()):.1f} |")
+    labels = list(stages)
+    print("| stage (journal, median of accepted frames 2..N, last run) | "
+          + " | ".join(labels) + " |")
+    print("|---" * (len(labels) + 1) + "|")
+    names = list(dict.fromkeys(name for table in stages.values() for name in table))
+    for name in [*names, "sum"]:
+        cells = [f"{sum(stages[lb].values()):.1f}" if name == "sum" else
+                 (f"{stages[lb][name]:.1f}" if name in stages[lb] else "-") for lb in labels]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 
 
