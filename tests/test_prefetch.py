@@ -1,16 +1,23 @@
-"""The next file is hashed ahead (engine.prefetch); a changed file is hashed afresh."""
+"""Engine read path: the next file is hashed ahead (engine.prefetch), a changed file is
+hashed afresh; a processed frame's array is decoded into again only when nothing holds it."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from pathlib import Path
+
+import numpy as np
 
 from livestack.config import config_from_dict
 from livestack.engine.core import Engine
 from livestack.engine.prefetch import Prefetcher, hash_file
+from livestack.engine.reader import FrameReader
 from livestack.engine.worker import WorkQueue
 from livestack.sim import SimConfig, write_sequence
+from livestack.storage.calibration import CalibrationRecord
+from livestack.storage.fitsio import read_frame
 
 SIZE = {"width": 256, "height": 192}
 
@@ -80,3 +87,29 @@ def test_the_journal_keeps_the_hash_of_the_content_stacked_even_if_changed_after
     assert row1 is not None and row1.sha256 == _sha(paths[1])
     assert row2 is not None and row2.sha256 == _sha(paths[2])
     assert row2.status == "accepted"
+
+
+def test_a_recycled_frame_is_decoded_into_only_when_nothing_else_holds_it(
+        tmp_path: Path) -> None:
+    paths = write_sequence(tmp_path / "in", SimConfig(**SIZE), 1, 3)  # type: ignore[arg-type]
+    config = config_from_dict({"output": {"dir": str(tmp_path / "out")}})
+    reader = FrameReader(config, None, CalibrationRecord(tmp_path / "out", None, 1.0))
+    first, _ = reader.read(str(paths[0]))
+    first_id = id(first)
+    reader.recycle(first)
+    del first  # the reader's is the only reference left: reused
+    second, _ = reader.read(str(paths[1]), reuse=True)
+    assert id(second) == first_id
+    np.testing.assert_array_equal(second, read_frame(paths[1])[0])
+    held = second[10:20]  # a view (e.g. kept by a session) pins the array
+    reader.recycle(second)
+    del second
+    third, _ = reader.read(str(paths[2]), reuse=True)
+    assert held.base is not None and held.base is not third
+    np.testing.assert_array_equal(held, read_frame(paths[1])[0][10:20])
+    gone = weakref.ref(third)
+    reader.recycle(third)
+    del third
+    assert gone() is not None
+    reader.release()  # idle: dropped (freed), the next read allocates afresh
+    assert gone() is None

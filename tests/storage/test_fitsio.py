@@ -349,3 +349,41 @@ def test_fast_reader_leaves_no_handle_open(tmp_path: Path) -> None:
     moved = tmp_path / "moved.fits"
     shutil.move(path, moved)  # works on every OS only if no handle is left open
     assert moved.exists()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32])
+def test_banded_read_into_a_recycled_array_matches_astropy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: type) -> None:
+    # Bands of 5 rows (a last partial band of 3), decoded into an array passed as out=.
+    rng = np.random.default_rng(11)
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
+    if info is not None:
+        data = rng.integers(info.min, info.max, size=(33, 47), dtype=dtype, endpoint=True)
+    else:
+        data = rng.normal(100.0, 30.0, size=(33, 47)).astype(dtype)
+    path = _write(tmp_path / "banded.fits", data)
+    monkeypatch.setattr(fitsio, "READ_CHUNK_BYTES", 5 * 47 * np.dtype(dtype).itemsize)
+    spare = np.full((33, 47), -1.0, dtype=np.float32)
+    image, _, _ = read_frame(path, out=spare)
+    assert image is spare
+    np.testing.assert_array_equal(image, fits.getdata(path).astype(np.float32))
+    other = np.zeros((32, 47), dtype=np.float32)  # wrong shape: a fresh array instead
+    again, _, _ = read_frame(path, out=other)
+    assert again is not other and not other.any()
+    np.testing.assert_array_equal(again, image)
+
+
+def test_banded_read_blank_and_all_nan(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fitsio, "READ_CHUNK_BYTES", 3 * 8 * 2)  # 3 rows of int16
+    data = np.arange(64, dtype=np.int16).reshape(8, 8)
+    data[7, 3] = -32768  # in the last (partial) band
+    image, _, _ = read_frame(_write(tmp_path / "blank.fits", data, BLANK=-32768))
+    assert np.isnan(image[7, 3]) and np.isfinite(np.delete(image.ravel(), 7 * 8 + 3)).all()
+    nan = np.full((8, 8), np.nan, dtype=np.float32)
+    nan[0, 0] = 1.0  # one finite pixel in the first band only: not all-NaN
+    assert read_frame(_write(tmp_path / "one.fits", nan))[0][0, 0] == 1.0
+    nan[0, 0] = np.nan
+    with pytest.raises(FrameReadError) as exc:
+        read_frame(_write(tmp_path / "nan.fits", nan))
+    assert exc.value.reason == "all_nan"
