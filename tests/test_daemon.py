@@ -139,10 +139,10 @@ def test_bad_inputs_end_as_journal_rows_while_the_stack_grows(
 
     real_read = fitsio.read_frame
 
-    def read_and_vanish(path: Path):
+    def read_and_vanish(path: Path, *args: Any):
         if Path(path).name == "vanish.fits":
             Path(path).unlink()  # the test's own copy disappears while being read
-        return real_read(path)
+        return real_read(path, *args)
 
     monkeypatch.setattr(fitsio, "read_frame", read_and_vanish)
     written: list[int] = []
