@@ -50,9 +50,8 @@ kept). When the warm-up completes the state is written *into that same buffer* (
 0-2 become mean/m2/wsum, plane 3 is reinterpreted as the count and rej_lo uint16 planes)
 and only ``rej_hi`` is allocated, so the peak is 18 bytes per pixel: 470 MB for a 26 MP
 mono stack with the default K = 4, instead of 16 + 18 = 34 B/px (887 MB) for frames plus
-separate state. A larger K holds
-4 K bytes per pixel and peaks at 4 K + 18 while the state is created.
-Colour stacks need three times as much.
+separate state. A larger K holds 4 K bytes per pixel and peaks at 4 K + 18 while the
+state is created. Colour stacks need three times as much.
 
 Rejection counts during warm-up
 -------------------------------
