@@ -7,8 +7,11 @@ import hashlib
 import os
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
+import tifffile
 
 from livestack.config import config_from_dict
 from livestack.engine.core import Engine
@@ -16,6 +19,7 @@ from livestack.engine.prefetch import Prefetcher, hash_file
 from livestack.engine.reader import FrameReader
 from livestack.engine.worker import WorkQueue
 from livestack.sim import SimConfig, write_sequence
+from livestack.storage import formats
 from livestack.storage.calibration import CalibrationRecord
 from livestack.storage.fitsio import read_frame
 
@@ -90,7 +94,7 @@ def test_the_journal_keeps_the_hash_of_the_content_stacked_even_if_changed_after
 
 
 def test_a_recycled_frame_is_decoded_into_only_when_nothing_else_holds_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = write_sequence(tmp_path / "in", SimConfig(**SIZE), 1, 3)  # type: ignore[arg-type]
     config = config_from_dict({"output": {"dir": str(tmp_path / "out")}})
     reader = FrameReader(config, None, CalibrationRecord(tmp_path / "out", None, 1.0))
@@ -113,3 +117,19 @@ def test_a_recycled_frame_is_decoded_into_only_when_nothing_else_holds_it(
     assert gone() is not None
     reader.release()  # idle: dropped (freed), the next read allocates afresh
     assert gone() is None
+    tiff = tmp_path / "frame.tiff"  # another format: the spare is dropped before decoding
+    tifffile.imwrite(tiff, read_frame(paths[0])[0].astype(np.uint16))
+    fourth, _ = reader.read(str(paths[0]))
+    gone = weakref.ref(fourth)
+    reader.recycle(fourth)
+    del fourth
+    real_raster = formats.read_raster
+    alive_while_decoding: list[bool] = []
+
+    def raster(*args: Any) -> Any:
+        alive_while_decoding.append(gone() is not None)
+        return real_raster(*args)
+
+    monkeypatch.setattr(formats, "read_raster", raster)
+    fifth, _ = reader.read(str(tiff), reuse=True)
+    assert alive_while_decoding == [False] and fifth.shape == (192, 256)

@@ -21,6 +21,7 @@ from livestack.reasons import Reason
 from livestack.runopts import UNCALIBRATED_HINT, calibration_gap
 from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.calibration import CalibrationRecord, open_masters
+from livestack.storage.formats import frame_format
 from livestack.storage.lights import read_light
 
 if TYPE_CHECKING:
@@ -111,8 +112,10 @@ class FrameReader:
             No file descriptor was left (never a verdict on the frame).
         """
         spare, self._spare = self._spare, None
-        # Ours alone: this local, getrefcount's argument; a view or a holder adds one.
-        if spare is not None and (not reuse or sys.getrefcount(spare) > 2):
+        # Ours alone: this local, getrefcount's argument; a view or a holder adds one. Only
+        # plain FITS decodes into it: other formats would keep it alive while they decode.
+        if spare is not None and (not reuse or sys.getrefcount(spare) > 2
+                                  or frame_format(path) != "fits"):
             spare = None
         try:
             image, info = read_light(path, self.config.formats, self.masters, spare)
