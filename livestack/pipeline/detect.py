@@ -397,10 +397,14 @@ def _candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,
     if objects is None or len(objects) == 0:
         return none
 
-    # Catalogue-level junk cuts: deblended pairs, edge-truncated objects, streak fragments.
+    # Catalogue-level junk cuts: deblended pairs, edge-truncated objects, trail fragments
+    # (before the relative streak cut, whose median they could otherwise set).
     ok = (objects["flag"] & (sep.OBJ_MERGED | sep.OBJ_TRUNC)) == 0
     ab = objects["a"] / np.maximum(objects["b"], 1e-6)
-    ok &= ab < max(3.0, 2.0 * float(np.median(ab)))
+    ok &= ~_on_trail(objects["x"], objects["y"], objects["theta"], ab, factor)
+    if not ok.any():
+        return none
+    ok &= ab < max(3.0, 2.0 * float(np.median(ab[ok])))
     objects = objects[ok]
     if len(objects) == 0:
         return none
@@ -476,7 +480,10 @@ def _peak_candidates(binned: NDArray[np.float32], config: DetectConfig, factor: 
     a = np.sqrt(np.maximum(half_tr + disc, 1e-12))
     b = np.sqrt(np.maximum(half_tr - disc, 1e-12))
     ab = a / b
-    ok = ab < max(3.0, 2.0 * float(np.median(ab)))
+    ok = ~_on_trail(cx, cy, 0.5 * np.arctan2(2.0 * mxy, mxx - myy), ab, factor)
+    if not ok.any():
+        return none
+    ok &= ab < max(3.0, 2.0 * float(np.median(ab[ok])))
     # sep's a, b (the size guess of _refine_candidates) carry no pixel box.
     a = np.sqrt(np.maximum(half_tr + disc - 1.0 / 12.0, 1e-6))
     b = np.sqrt(np.maximum(half_tr - disc - 1.0 / 12.0, 1e-6))
@@ -491,6 +498,28 @@ def _peak_candidates(binned: NDArray[np.float32], config: DetectConfig, factor: 
     objects["a"] = a[ok]
     objects["b"] = b[ok]
     return objects[:need], sky
+
+
+#: Half-width (binned px, at least ``_TRAIL_BAND_MIN_PX`` full-resolution px) of the band
+#: around a trail in which detections are its fragments: the binned centroids of a 1-2 px
+#: wide trail scatter by a fraction of a binned pixel across it.
+_TRAIL_BAND_BINNED = 2.0
+_TRAIL_BAND_MIN_PX = 4.0
+
+
+def _on_trail(x: NDArray[np.float64], y: NDArray[np.float64], theta: NDArray[np.float64],
+              ab: NDArray[np.float64], factor: int) -> NDArray[np.bool_]:
+    """Catalogue entries (binned px ``x``, ``y``; orientation ``theta`` in radians; axis
+    ratio ``ab``) that lie on a satellite or aircraft trail (:func:`trails.find_trails`)."""
+    from livestack.pipeline.trails import find_trails
+
+    half = (factor - 1) / 2.0
+    xy = np.column_stack([np.asarray(x, dtype=np.float64) * factor + half,
+                          np.asarray(y, dtype=np.float64) * factor + half])
+    band = max(_TRAIL_BAND_BINNED * factor, _TRAIL_BAND_MIN_PX)
+    on_trail, _lines = find_trails(xy, np.asarray(theta, dtype=np.float64),
+                                   np.asarray(ab, dtype=np.float64), band)
+    return on_trail
 
 
 def _refine_candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,

@@ -1,0 +1,246 @@
+"""Satellite and aircraft trails in a detection catalogue.
+
+A bright trail crossing a frame breaks into many detections: sep deblends it into
+segments and the peak pass of large frames finds a local maximum every few binned pixels
+along it. Each fragment is elongated, so the streak cuts of :mod:`detect` (relative to
+the field's median elongation) remove them only while they are a minority; when a trail
+yields more candidates than the stars do, the fragments set the median, survive the cuts
+and make the frame "elongated" (issue found on ``bench/bench_stack_dense.py``'s frame 3).
+
+What makes fragments a trail rather than trailed stars is geometry: they lie on one
+straight, narrow line and each is oriented along that line. Stars trailed by wind or a
+tracking error share an orientation too, but are scattered over the field, so few of them
+fall on any one narrow line. :func:`find_trails` looks for such lines with a Hough
+transform on position and orientation (each elongated detection votes for the lines
+through it within a few degrees of its own orientation), then refits every candidate line
+by least squares to its members, keeps only members within ``band_px`` of the line and
+oriented along it, and accepts the line when it holds enough members to be far beyond
+what elongated detections scattered at random would put in a band that long and narrow.
+
+Pure: arrays in, arrays and dataclasses out. Coordinates are full-resolution pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+#: Hough angle step (degrees).
+_THETA_STEP_DEG = 1.0
+#: Each elongated detection votes for line angles within this many degrees of its own
+#: orientation (the moment orientation of a short fragment is good to a few degrees).
+_VOTE_SPREAD_DEG = 3.0
+#: Least-squares refits of a candidate line to its members.
+_REFITS = 3
+#: A line must hold this many standard deviations above the count of randomly scattered
+#: elongated detections expected in its band (Poisson), besides ``min_members``: the
+#: Hough search tries ~1e5 distinct lines, so a 5-sigma excess is needed to keep the
+#: false-alarm rate on a uniformly trailed field (every star elongated) negligible.
+_SIGNIFICANCE_SIGMA = 5.0
+
+
+@dataclass(frozen=True)
+class TrailLine:
+    """A straight trail found in a catalogue.
+
+    Attributes
+    ----------
+    x_px, y_px : float
+        A point on the line (the centroid of its members), full-resolution pixels.
+    angle_deg : float
+        Direction of the line, degrees in [0, 180), counter-clockwise from +x (image
+        rows increasing is +y).
+    length_px : float
+        Extent of the members along the line.
+    members : int
+        Number of elongated detections on the line and oriented along it.
+    """
+
+    x_px: float
+    y_px: float
+    angle_deg: float
+    length_px: float
+    members: int
+
+
+def find_trails(xy: NDArray[np.float64], theta_rad: NDArray[np.float64],
+                elongation: NDArray[np.float64], band_px: float, *,
+                min_elongation: float = 2.0, min_members: int = 5,
+                max_angle_deg: float = 12.0,
+                max_lines: int = 6) -> tuple[NDArray[np.bool_], list[TrailLine]]:
+    """Find straight trails among detections and flag every detection lying on one.
+
+    Parameters
+    ----------
+    xy : ndarray, shape (n, 2), float64
+        Detection positions ``(x, y)``, full-resolution pixels.
+    theta_rad : ndarray, shape (n,), float64
+        Orientation of each detection's major axis, radians counter-clockwise from +x
+        (any branch: taken modulo pi).
+    elongation : ndarray, shape (n,), float64
+        Major/minor axis ratio of each detection (>= 1; non-finite = not elongated).
+    band_px : float
+        Half-width of a trail: detections within this distance of a line are on it.
+        Must cover the positional error of the fragments plus the trail's curvature.
+    min_elongation : float
+        Detections at least this elongated may be trail fragments (vote and count).
+    min_members : int
+        Smallest number of fragments that makes a trail.
+    max_angle_deg : float
+        A fragment's orientation must agree with its line's direction within this.
+    max_lines : int
+        Stop after this many trails.
+
+    Returns
+    -------
+    on_trail : ndarray, shape (n,), bool
+        Detections to drop: the fragments of every trail found and any other detection
+        (a star the trail crosses, whose centroid and shape the trail biases) within
+        ``band_px`` of a trail, over the trail's extent.
+    lines : list of TrailLine
+        The trails found, most populated first.
+
+    Raises
+    ------
+    ValueError
+        If the arrays' lengths disagree or ``band_px`` is not positive.
+    """
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    n = xy.shape[0]
+    theta = np.asarray(theta_rad, dtype=np.float64).reshape(-1)
+    elong = np.asarray(elongation, dtype=np.float64).reshape(-1)
+    if theta.size != n or elong.size != n:
+        raise ValueError(f"find_trails: {n} positions but {theta.size} orientations and "
+                         f"{elong.size} elongations")
+    if not band_px > 0:
+        raise ValueError(f"find_trails: band_px must be > 0, got {band_px}")
+    on_trail = np.zeros(n, dtype=bool)
+    lines: list[TrailLine] = []
+    pool = np.isfinite(elong) & (elong >= min_elongation) & np.isfinite(theta)
+    pool &= np.isfinite(xy).all(axis=1)
+    if np.count_nonzero(pool) < min_members:
+        return on_trail, lines
+    finite = np.isfinite(xy).all(axis=1)
+    lo = xy[finite].min(axis=0)
+    hi = xy[finite].max(axis=0)
+    area = float(max(hi[0] - lo[0], band_px) * max(hi[1] - lo[1], band_px))
+    origin = 0.5 * (lo + hi)
+    rel = xy - origin
+    theta = np.mod(theta, math.pi)
+    tried: set[tuple[int, int]] = set()
+    for _attempt in range(4 * max_lines):
+        if len(lines) >= max_lines or np.count_nonzero(pool) < min_members:
+            break
+        seeds, cell = _hough_seeds(rel, theta, pool, band_px, tried)
+        if seeds is None:
+            break
+        tried.add(cell)
+        line = _refit(rel, theta, pool, seeds, band_px, max_angle_deg)
+        if line is None:
+            continue
+        centre, direction, members = line
+        k = int(np.count_nonzero(members))
+        along = rel[members] @ direction
+        span = float(along.max() - along.min()) if k else 0.0
+        # Elongated detections scattered uniformly (a trailed field) put on average
+        # ``lam`` of themselves in a band this long and wide.
+        n_others = int(np.count_nonzero(pool)) - k
+        lam = n_others * (2.0 * band_px * max(span, band_px)) / area
+        if k < min_members or k < lam + _SIGNIFICANCE_SIGMA * math.sqrt(lam):
+            continue
+        # Everything in the band over the trail's extent goes, round stars included.
+        normal = np.array([-direction[1], direction[0]])
+        d_perp = np.abs((rel - centre) @ normal)
+        s = (rel - centre) @ direction
+        s_members = s[members]
+        inside = (s >= s_members.min() - band_px) & (s <= s_members.max() + band_px)
+        on_trail |= members | ((d_perp <= band_px) & inside & finite)
+        pool &= ~on_trail
+        angle = math.degrees(math.atan2(direction[1], direction[0])) % 180.0
+        lines.append(TrailLine(float(centre[0] + origin[0]), float(centre[1] + origin[1]),
+                               angle, span, k))
+    lines.sort(key=lambda line: -line.members)
+    return on_trail, lines
+
+
+def _hough_seeds(rel: NDArray[np.float64], theta: NDArray[np.float64],
+                 pool: NDArray[np.bool_], band_px: float,
+                 tried: set[tuple[int, int]]) -> tuple[NDArray[np.bool_] | None, tuple[int, int]]:
+    """The most voted (angle, offset) cell not yet tried and the pool members voting
+    for it; (None, ...) when no cell has two votes.
+
+    Each pool member votes for the angles within ``_VOTE_SPREAD_DEG`` of its own
+    orientation, at its offset ``rho = -x sin(a) + y cos(a)`` from the origin. The offset
+    bins are wide enough to absorb the angle step over the field's extent; the score of
+    a cell adds its neighbour in offset, so a line on a bin edge is not split.
+    """
+    idx = np.flatnonzero(pool)
+    n_theta = round(180.0 / _THETA_STEP_DEG)
+    step = math.radians(_THETA_STEP_DEG)
+    r_max = float(np.max(np.hypot(rel[idx, 0], rel[idx, 1]))) + 1.0
+    width = max(band_px, 0.5 * step * r_max)
+    n_rho = 2 * math.ceil(r_max / width) + 3
+    spread = round(_VOTE_SPREAD_DEG / _THETA_STEP_DEG)
+    own = np.rint(theta[idx] / step).astype(np.intp)
+    offsets = np.arange(-spread, spread + 1)
+    k = np.mod(own[:, None] + offsets[None, :], n_theta)  # (m, votes)
+    ang = k * step
+    rho = -rel[idx, 0, None] * np.sin(ang) + rel[idx, 1, None] * np.cos(ang)
+    j = np.floor(rho / width).astype(np.intp) + n_rho // 2
+    acc = np.bincount((k * n_rho + j).ravel(), minlength=n_theta * n_rho)
+    acc = acc.reshape(n_theta, n_rho)
+    score = acc.copy()
+    score[:, :-1] += acc[:, 1:]
+    for cell in tried:
+        score[cell] = 0
+    best = int(np.argmax(score))
+    kb, jb = divmod(best, n_rho)
+    if score[kb, jb] < 2:
+        return None, (kb, jb)
+    voted = ((k == kb) & ((j == jb) | (j == jb + 1))).any(axis=1)
+    seeds = np.zeros(pool.shape, dtype=bool)
+    seeds[idx[voted]] = True
+    return seeds, (kb, jb)
+
+
+def _refit(rel: NDArray[np.float64], theta: NDArray[np.float64], pool: NDArray[np.bool_],
+           seeds: NDArray[np.bool_], band_px: float, max_angle_deg: float
+           ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]] | None:
+    """Total-least-squares line through ``seeds``, refitted to the pool members within
+    ``band_px`` of it and oriented along it; (centre, unit direction, members) or None."""
+    members = seeds
+    centre = np.zeros(2)
+    direction = np.array([1.0, 0.0])
+    max_angle = math.radians(max_angle_deg)
+    for _ in range(_REFITS):
+        if np.count_nonzero(members) < 2:
+            return None
+        pts = rel[members]
+        centre = pts.mean(axis=0)
+        # The principal axis of the members' positions (the trail's own orientation
+        # breaks the tie for a compact cluster, where positions give no direction).
+        _u, sv, vt = np.linalg.svd(pts - centre, full_matrices=False)
+        direction = vt[0]
+        if sv.size < 2 or sv[0] < 2.0 * sv[1]:
+            mean_angle = _mean_orientation(theta[members])
+            direction = np.array([math.cos(mean_angle), math.sin(mean_angle)])
+        normal = np.array([-direction[1], direction[0]])
+        d_perp = np.abs((rel - centre) @ normal)
+        line_angle = math.atan2(direction[1], direction[0])
+        diff = np.abs(np.mod(theta - line_angle + 0.5 * math.pi, math.pi) - 0.5 * math.pi)
+        new = pool & (d_perp <= band_px) & (diff <= max_angle)
+        if np.array_equal(new, members):
+            break
+        members = new
+    if np.count_nonzero(members) < 2:
+        return None
+    return centre, direction, members
+
+
+def _mean_orientation(theta: NDArray[np.float64]) -> float:
+    """Mean of axial angles (modulo pi), radians."""
+    return 0.5 * math.atan2(float(np.sum(np.sin(2.0 * theta))),
+                            float(np.sum(np.cos(2.0 * theta))))
