@@ -68,7 +68,7 @@ class TrailLine:
 
 def find_trails(xy: NDArray[np.float64], theta_rad: NDArray[np.float64],
                 elongation: NDArray[np.float64], band_px: float, *,
-                min_elongation: float = 2.0, min_members: int = 5,
+                min_elongation: float = 1.5, min_members: int = 5,
                 max_angle_deg: float = 12.0,
                 max_lines: int = 6) -> tuple[NDArray[np.bool_], list[TrailLine]]:
     """Find straight trails among detections and flag every detection lying on one.
