@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.special import pdtrc
 
 #: Hough angle step (degrees).
 _THETA_STEP_DEG = 1.0
@@ -35,11 +36,11 @@ _THETA_STEP_DEG = 1.0
 _VOTE_SPREAD_DEG = 3.0
 #: Least-squares refits of a candidate line to its members.
 _REFITS = 3
-#: A line must hold this many standard deviations above the count of randomly scattered
-#: elongated detections expected in its band (Poisson), besides ``min_members``: the
-#: Hough search tries ~1e5 distinct lines, so a 5-sigma excess is needed to keep the
-#: false-alarm rate on a uniformly trailed field (every star elongated) negligible.
-_SIGNIFICANCE_SIGMA = 5.0
+#: A line's member count must be this improbable (Poisson tail) for elongated detections
+#: scattered at random, besides ``min_members``. The Hough search and the refits choose
+#: the best of ~1e5 distinct lines, and a uniformly trailed field (every star elongated
+#: along one direction) must keep its stars, so the bar is far below 1e-5.
+_FALSE_ALARM = 1e-9
 
 
 @dataclass(frozen=True)
@@ -141,15 +142,16 @@ def find_trails(xy: NDArray[np.float64], theta_rad: NDArray[np.float64],
         line = _refit(rel, theta, pool, seeds, band_px, max_angle_deg)
         if line is None:
             continue
-        centre, direction, members = line
+        centre, direction, members, aligned = line
         k = int(np.count_nonzero(members))
         along = rel[members] @ direction
         span = float(along.max() - along.min()) if k else 0.0
-        # Elongated detections scattered uniformly (a trailed field) put on average
-        # ``lam`` of themselves in a band this long and wide.
-        n_others = int(np.count_nonzero(pool)) - k
-        lam = n_others * (2.0 * band_px * max(span, band_px)) / area
-        if k < min_members or k < lam + _SIGNIFICANCE_SIGMA * math.sqrt(lam):
+        # The other elongated detections oriented along the line, were they scattered
+        # uniformly (a trailed field), would put on average ``lam`` of themselves in a
+        # band this long and wide.
+        n_others = int(np.count_nonzero(pool & aligned)) - k
+        lam = max(n_others, 1) * (2.0 * band_px * max(span, band_px)) / area
+        if k < min_members or float(pdtrc(k - 1, lam)) > _FALSE_ALARM:
             continue
         # Everything in the band over the trail's extent goes, round stars included.
         normal = np.array([-direction[1], direction[0]])
@@ -208,10 +210,13 @@ def _hough_seeds(rel: NDArray[np.float64], theta: NDArray[np.float64],
 
 def _refit(rel: NDArray[np.float64], theta: NDArray[np.float64], pool: NDArray[np.bool_],
            seeds: NDArray[np.bool_], band_px: float, max_angle_deg: float
-           ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]] | None:
+           ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_],
+                      NDArray[np.bool_]] | None:
     """Total-least-squares line through ``seeds``, refitted to the pool members within
-    ``band_px`` of it and oriented along it; (centre, unit direction, members) or None."""
+    ``band_px`` of it and oriented along it; (centre, unit direction, members, which
+    detections are oriented along it) or None."""
     members = seeds
+    aligned = seeds
     centre = np.zeros(2)
     direction = np.array([1.0, 0.0])
     max_angle = math.radians(max_angle_deg)
@@ -231,13 +236,14 @@ def _refit(rel: NDArray[np.float64], theta: NDArray[np.float64], pool: NDArray[n
         d_perp = np.abs((rel - centre) @ normal)
         line_angle = math.atan2(direction[1], direction[0])
         diff = np.abs(np.mod(theta - line_angle + 0.5 * math.pi, math.pi) - 0.5 * math.pi)
-        new = pool & (d_perp <= band_px) & (diff <= max_angle)
+        aligned = diff <= max_angle
+        new = pool & (d_perp <= band_px) & aligned
         if np.array_equal(new, members):
             break
         members = new
     if np.count_nonzero(members) < 2:
         return None
-    return centre, direction, members
+    return centre, direction, members, aligned
 
 
 def _mean_orientation(theta: NDArray[np.float64]) -> float:
