@@ -34,7 +34,8 @@ _THETA_STEP_DEG = 1.0
 #: Each elongated detection votes for line angles within this many degrees of its own
 #: orientation (the moment orientation of a short fragment is good to a few degrees).
 _VOTE_SPREAD_DEG = 3.0
-#: Least-squares refits of a candidate line to its members.
+#: Least-squares refits of a candidate line to its members once the band has shrunk
+#: from the Hough cell's width to ``band_px`` (halving at each refit).
 _REFITS = 3
 #: A line's member count must be this improbable (Poisson tail) for elongated detections
 #: scattered at random, besides ``min_members``. The Hough search and the refits choose
@@ -135,11 +136,11 @@ def find_trails(xy: NDArray[np.float64], theta_rad: NDArray[np.float64],
     for _attempt in range(4 * max_lines):
         if len(lines) >= max_lines or np.count_nonzero(pool) < min_members:
             break
-        seeds, cell = _hough_seeds(rel, theta, pool, band_px, tried)
+        seeds, cell, cell_px = _hough_seeds(rel, theta, pool, band_px, tried)
         if seeds is None:
             break
         tried.add(cell)
-        line = _refit(rel, theta, pool, seeds, band_px, max_angle_deg)
+        line = _refit(rel, theta, pool, seeds, cell_px, band_px, max_angle_deg)
         if line is None:
             continue
         centre, direction, members, aligned = line
@@ -170,9 +171,10 @@ def find_trails(xy: NDArray[np.float64], theta_rad: NDArray[np.float64],
 
 def _hough_seeds(rel: NDArray[np.float64], theta: NDArray[np.float64],
                  pool: NDArray[np.bool_], band_px: float,
-                 tried: set[tuple[int, int]]) -> tuple[NDArray[np.bool_] | None, tuple[int, int]]:
-    """The most voted (angle, offset) cell not yet tried and the pool members voting
-    for it; (None, ...) when no cell has two votes.
+                 tried: set[tuple[int, int]]
+                 ) -> tuple[NDArray[np.bool_] | None, tuple[int, int], float]:
+    """The most voted (angle, offset) cell not yet tried, the pool members voting for it
+    and the cell's offset width (px); (None, ...) when no cell has two votes.
 
     Each pool member votes for the angles within ``_VOTE_SPREAD_DEG`` of its own
     orientation, at its offset ``rho = -x sin(a) + y cos(a)`` from the origin. The offset
@@ -201,26 +203,30 @@ def _hough_seeds(rel: NDArray[np.float64], theta: NDArray[np.float64],
     best = int(np.argmax(score))
     kb, jb = divmod(best, n_rho)
     if score[kb, jb] < 2:
-        return None, (kb, jb)
+        return None, (kb, jb), width
     voted = ((k == kb) & ((j == jb) | (j == jb + 1))).any(axis=1)
     seeds = np.zeros(pool.shape, dtype=bool)
     seeds[idx[voted]] = True
-    return seeds, (kb, jb)
+    return seeds, (kb, jb), width
 
 
 def _refit(rel: NDArray[np.float64], theta: NDArray[np.float64], pool: NDArray[np.bool_],
-           seeds: NDArray[np.bool_], band_px: float, max_angle_deg: float
+           seeds: NDArray[np.bool_], cell_px: float, band_px: float, max_angle_deg: float
            ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_],
                       NDArray[np.bool_]] | None:
-    """Total-least-squares line through ``seeds``, refitted to the pool members within
-    ``band_px`` of it and oriented along it; (centre, unit direction, members, which
-    detections are oriented along it) or None."""
+    """Total-least-squares line through ``seeds`` (a Hough cell ``cell_px`` wide),
+    refitted to the pool members within a band around it that halves from ``cell_px`` to
+    ``band_px`` and oriented along it; (centre, unit direction, members, which detections
+    are oriented along it) or None. The shrinking band keeps a chance detection in the
+    cell from pulling the first fit off a trail of a few fragments."""
     members = seeds
     aligned = seeds
     centre = np.zeros(2)
     direction = np.array([1.0, 0.0])
     max_angle = math.radians(max_angle_deg)
-    for _ in range(_REFITS):
+    n_shrink = max(0, math.ceil(math.log2(max(cell_px / band_px, 1.0))))
+    for it in range(n_shrink + _REFITS):
+        half_width = max(band_px, cell_px / 2.0 ** (it + 1))
         if np.count_nonzero(members) < 2:
             return None
         pts = rel[members]
@@ -237,8 +243,8 @@ def _refit(rel: NDArray[np.float64], theta: NDArray[np.float64], pool: NDArray[n
         line_angle = math.atan2(direction[1], direction[0])
         diff = np.abs(np.mod(theta - line_angle + 0.5 * math.pi, math.pi) - 0.5 * math.pi)
         aligned = diff <= max_angle
-        new = pool & (d_perp <= band_px) & aligned
-        if np.array_equal(new, members):
+        new = pool & (d_perp <= half_width) & aligned
+        if half_width == band_px and np.array_equal(new, members):
             break
         members = new
     if np.count_nonzero(members) < 2:
