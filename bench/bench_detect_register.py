@@ -212,6 +212,10 @@ def main() -> None:
     row("measure: trail test, +sat.", ms_old, ms_new,
         f"elongation {m_a.elongation:.4f} | {m_b.elongation:.4f}, stars on the trail "
         f"{on_trail(st_a)}/{len(st_a)} | {on_trail(st_b)}/{len(st_b)}")
+    for name, image in (("frame", frm), ("+sat.", sat)):
+        ms_test, n_cand = trail_test_ms(image, cfg, args.repeat)
+        print(f"{'  of which the trail test':26s} {'':8s} {ms_test:8.2f} {'':9s}  {name}: "
+              f"{n_cand} candidates tested")
 
     ref_stars, _ = measure(ref)
     registrar = Registrar(ref_stars, ref, RegisterConfig())
@@ -238,6 +242,32 @@ def main() -> None:
               f"{ms_aa / ms_new:.1f}x slower)")
     except ImportError:
         print("(astroalign not installed: no baseline row)")
+
+
+def trail_test_ms(image: NDArray[np.float32], config: DetectConfig,
+                  repeat: int) -> tuple[float, int]:
+    """Median ms of ``detect._on_trail`` (the trail test on the peak pass's catalogue)
+    inside :func:`measure`, and the number of candidates it tested."""
+    saved = detect._on_trail
+    times: list[float] = []
+    sizes: list[int] = []
+
+    def timed_test(x: NDArray[np.float64], *args: Any) -> NDArray[np.bool_]:
+        t0 = time.perf_counter()
+        out = saved(x, *args)
+        times.append(time.perf_counter() - t0)
+        sizes.append(len(x))
+        return out
+
+    detect._on_trail = timed_test
+    try:
+        for _ in range(repeat + 1):
+            measure(image, config)
+    finally:
+        detect._on_trail = saved
+    n_calls = len(times) // (repeat + 1)  # the probe and the final pass share one call
+    per_measure = [sum(times[i:i + n_calls]) for i in range(n_calls, len(times), n_calls)]
+    return 1000.0 * statistics.median(per_measure), max(sizes)
 
 
 def detect_stars_legacy(image: NDArray[np.float32], config: DetectConfig

@@ -37,6 +37,10 @@ _VOTE_SPREAD_DEG = 3.0
 #: Least-squares refits of a candidate line to its members once the band has shrunk
 #: from the Hough cell's width to ``band_px`` (halving at each refit).
 _REFITS = 3
+#: The search stops after this many candidate lines in a row that were not trails, or
+#: when no Hough cell holds ``_MIN_VOTES`` detections.
+_MAX_FAILURES = 5
+_MIN_VOTES = 3
 #: A line's member count must be this improbable (Poisson tail) for elongated detections
 #: scattered at random, besides ``min_members``. The Hough search and the refits choose
 #: the best of ~1e5 distinct lines, and a uniformly trailed field (every star elongated
@@ -131,37 +135,44 @@ def find_trails(xy: NDArray[np.float64], theta_rad: NDArray[np.float64],
     area = float(max(hi[0] - lo[0], band_px) * max(hi[1] - lo[1], band_px))
     origin = 0.5 * (lo + hi)
     rel = xy - origin
-    theta = np.mod(theta, math.pi)
+    # The search runs on the pool alone (a few percent of a dense field's candidates).
+    pool_idx = np.flatnonzero(pool)
+    prel = rel[pool_idx]
+    ptheta = np.mod(theta[pool_idx], math.pi)
+    live = np.ones(pool_idx.size, dtype=bool)
     tried: set[tuple[int, int]] = set()
-    for _attempt in range(4 * max_lines):
-        if len(lines) >= max_lines or np.count_nonzero(pool) < min_members:
+    failures = 0
+    while len(lines) < max_lines and failures < _MAX_FAILURES:
+        if np.count_nonzero(live) < min_members:
             break
-        seeds, cell, cell_px = _hough_seeds(rel, theta, pool, band_px, tried)
+        seeds, cell, cell_px = _hough_seeds(prel, ptheta, live, band_px, tried)
         if seeds is None:
             break
         tried.add(cell)
-        line = _refit(rel, theta, pool, seeds, cell_px, band_px, max_angle_deg)
+        failures += 1
+        line = _refit(prel, ptheta, live, seeds, cell_px, band_px, max_angle_deg)
         if line is None:
             continue
         centre, direction, members, aligned = line
         k = int(np.count_nonzero(members))
-        along = rel[members] @ direction
-        span = float(along.max() - along.min()) if k else 0.0
+        along = prel[members] @ direction
+        span = float(along.max() - along.min())
         # The other elongated detections oriented along the line, were they scattered
         # uniformly (a trailed field), would put on average ``lam`` of themselves in a
         # band this long and wide.
-        n_others = int(np.count_nonzero(pool & aligned)) - k
+        n_others = int(np.count_nonzero(live & aligned)) - k
         lam = max(n_others, 1) * (2.0 * band_px * max(span, band_px)) / area
         if k < min_members or float(pdtrc(k - 1, lam)) > _FALSE_ALARM:
             continue
+        failures = 0
         # Everything in the band over the trail's extent goes, round stars included.
         normal = np.array([-direction[1], direction[0]])
         d_perp = np.abs((rel - centre) @ normal)
         s = (rel - centre) @ direction
-        s_members = s[members]
-        inside = (s >= s_members.min() - band_px) & (s <= s_members.max() + band_px)
-        on_trail |= members | ((d_perp <= band_px) & inside & finite)
-        pool &= ~on_trail
+        inside = (s >= along.min() - band_px) & (s <= along.max() + band_px)
+        on_trail |= (d_perp <= band_px) & inside & finite
+        on_trail[pool_idx[members]] = True
+        live &= ~on_trail[pool_idx]
         angle = math.degrees(math.atan2(direction[1], direction[0])) % 180.0
         lines.append(TrailLine(float(centre[0] + origin[0]), float(centre[1] + origin[1]),
                                angle, span, k))
@@ -170,23 +181,23 @@ def find_trails(xy: NDArray[np.float64], theta_rad: NDArray[np.float64],
 
 
 def _hough_seeds(rel: NDArray[np.float64], theta: NDArray[np.float64],
-                 pool: NDArray[np.bool_], band_px: float,
-                 tried: set[tuple[int, int]]
+                 live: NDArray[np.bool_], band_px: float, tried: set[tuple[int, int]]
                  ) -> tuple[NDArray[np.bool_] | None, tuple[int, int], float]:
-    """The most voted (angle, offset) cell not yet tried, the pool members voting for it
-    and the cell's offset width (px); (None, ...) when no cell has two votes.
+    """The most voted (angle, offset) cell not yet tried, the ``live`` detections voting
+    for it and the cell's width (px); (None, ...) when no cell has ``_MIN_VOTES`` votes.
 
-    Each pool member votes for the angles within ``_VOTE_SPREAD_DEG`` of its own
-    orientation, at its offset ``rho = -x sin(a) + y cos(a)`` from the origin. The offset
-    bins are wide enough to absorb the angle step over the field's extent; the score of
-    a cell adds its neighbour in offset, so a line on a bin edge is not split.
+    Each live detection votes for the angles within ``_VOTE_SPREAD_DEG`` of its own
+    orientation, at its offset ``rho = -x sin(a) + y cos(a)`` from the origin. At the
+    angle bin nearest a trail's, its fragments' offsets spread over up to ``r_max`` times
+    the angle step, two offset bins; a cell's score adds both offset neighbours, so the
+    cell centred on the trail holds every fragment that voted for its angle.
     """
-    idx = np.flatnonzero(pool)
+    idx = np.flatnonzero(live)
     n_theta = round(180.0 / _THETA_STEP_DEG)
     step = math.radians(_THETA_STEP_DEG)
     r_max = float(np.max(np.hypot(rel[idx, 0], rel[idx, 1]))) + 1.0
     width = max(band_px, 0.5 * step * r_max)
-    n_rho = 2 * math.ceil(r_max / width) + 3
+    n_rho = 2 * math.ceil(r_max / width) + 5
     spread = round(_VOTE_SPREAD_DEG / _THETA_STEP_DEG)
     own = np.rint(theta[idx] / step).astype(np.intp)
     offsets = np.arange(-spread, spread + 1)
@@ -197,28 +208,29 @@ def _hough_seeds(rel: NDArray[np.float64], theta: NDArray[np.float64],
     acc = np.bincount((k * n_rho + j).ravel(), minlength=n_theta * n_rho)
     acc = acc.reshape(n_theta, n_rho)
     score = acc.copy()
+    score[:, 1:] += acc[:, :-1]
     score[:, :-1] += acc[:, 1:]
     for cell in tried:
         score[cell] = 0
     best = int(np.argmax(score))
     kb, jb = divmod(best, n_rho)
-    if score[kb, jb] < 2:
-        return None, (kb, jb), width
-    voted = ((k == kb) & ((j == jb) | (j == jb + 1))).any(axis=1)
-    seeds = np.zeros(pool.shape, dtype=bool)
+    if score[kb, jb] < _MIN_VOTES:
+        return None, (kb, jb), 3.0 * width
+    voted = ((k == kb) & (np.abs(j - jb) <= 1)).any(axis=1)
+    seeds = np.zeros(live.shape, dtype=bool)
     seeds[idx[voted]] = True
-    return seeds, (kb, jb), width
+    return seeds, (kb, jb), 3.0 * width
 
 
-def _refit(rel: NDArray[np.float64], theta: NDArray[np.float64], pool: NDArray[np.bool_],
+def _refit(rel: NDArray[np.float64], theta: NDArray[np.float64], live: NDArray[np.bool_],
            seeds: NDArray[np.bool_], cell_px: float, band_px: float, max_angle_deg: float
            ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_],
                       NDArray[np.bool_]] | None:
     """Total-least-squares line through ``seeds`` (a Hough cell ``cell_px`` wide),
-    refitted to the pool members within a band around it that halves from ``cell_px`` to
-    ``band_px`` and oriented along it; (centre, unit direction, members, which detections
-    are oriented along it) or None. The shrinking band keeps a chance detection in the
-    cell from pulling the first fit off a trail of a few fragments."""
+    refitted to the ``live`` detections within a band around it that halves from
+    ``cell_px`` to ``band_px`` and oriented along it; (centre, unit direction, members,
+    which detections are oriented along it) or None. The shrinking band keeps a chance
+    detection in the cell from pulling the first fit off a trail of a few fragments."""
     members = seeds
     aligned = seeds
     centre = np.zeros(2)
@@ -243,7 +255,7 @@ def _refit(rel: NDArray[np.float64], theta: NDArray[np.float64], pool: NDArray[n
         line_angle = math.atan2(direction[1], direction[0])
         diff = np.abs(np.mod(theta - line_angle + 0.5 * math.pi, math.pi) - 0.5 * math.pi)
         aligned = diff <= max_angle
-        new = pool & (d_perp <= half_width) & aligned
+        new = live & (d_perp <= half_width) & aligned
         if half_width == band_px and np.array_equal(new, members):
             break
         members = new
