@@ -9,7 +9,11 @@ and the metrics refine; sep.extract labels and deblends every object instead, ~1
 (sep.Background) is measured on an 8x8 grid subsampled from the 4x4 copy and resampled,
 and the automatic binning probes the star size on the 30 brightest 4x4 detections before
 choosing 4x4, 2x2 or none. Everything that needs precision then happens on small
-full-resolution stamps around the candidates (``kernels_detect``, parallel over stars):
+full-resolution stamps around the candidates (``kernels_detect``, parallel over stars).
+Before that, both paths drop the fragments of satellite and aircraft trails from the
+catalogue (:func:`livestack.pipeline.trails.find_trails`: elongated detections on one
+narrow straight line, oriented along it), so that neither registration nor the metrics
+see them, however many of them there are; then:
 
 * a Gaussian-windowed centroid (the same fixed point as sep.winpos / SExtractor XWIN)
   after subtracting the local sky from sep's background map, so registration reaches a
@@ -122,7 +126,8 @@ def detect_stars(image: NDArray[np.float32],
     -------
     stars : StarList
         Brightest first, full-resolution coordinates; hot pixels, saturated stars,
-        deblended pairs and streak fragments are excluded.
+        deblended pairs, satellite/aircraft trail fragments (and stars a trail crosses,
+        :mod:`livestack.pipeline.trails`) and streak fragments are excluded.
     background_adu : float
         Global sky median in ADU (NaN when the frame has no finite pixel).
     noise_adu : float
@@ -428,7 +433,7 @@ def _peak_candidates(binned: NDArray[np.float32], config: DetectConfig, factor: 
     marks peaks in one streaming kernel pass and keeps only the brightest few hundred,
     which is all that registration and the metrics refine. Returns the same catalogue
     fields sep gives (``x``, ``y``, ``flux``, ``a``, ``b`` in binned pixels), brightest
-    first, after the same streak cut (``a / b`` against the field's median).
+    first, after the same trail test and streak cut (``a / b`` against the field's median).
     """
     from livestack.pipeline import kernels_binning as kb  # numba only when detecting
 

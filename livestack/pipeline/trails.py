@@ -245,7 +245,10 @@ def _refit(rel: NDArray[np.float64], theta: NDArray[np.float64], live: NDArray[n
         centre = pts.mean(axis=0)
         # The principal axis of the members' positions (the trail's own orientation
         # breaks the tie for a compact cluster, where positions give no direction).
-        _u, sv, vt = np.linalg.svd(pts - centre, full_matrices=False)
+        try:
+            _u, sv, vt = np.linalg.svd(pts - centre, full_matrices=False)
+        except np.linalg.LinAlgError:  # SVD did not converge: no line from these points
+            return None
         direction = vt[0]
         if sv.size < 2 or sv[0] < 2.0 * sv[1]:
             mean_angle = _mean_orientation(theta[members])
