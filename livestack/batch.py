@@ -45,8 +45,7 @@ def stack_files(config: Config, files: Iterable[Path], output_root: Path, *,
         ordered.extend(Path(p) for p in engine.resume())
         total = len(ordered)
         for i, frame in enumerate(ordered, 1):
-            # The next file is hashed in a second thread while this one is processed.
-            row = engine.process_path(frame, ordered[i] if i < total else None)
+            row = engine.process_path(frame)
             if progress is not None:
                 progress(i, total, row)
         engine.reader.release()

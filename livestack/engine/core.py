@@ -39,7 +39,6 @@ from livestack.engine.checkpoints import Checkpointer, CheckpointWriter
 from livestack.engine.commands import Commands
 from livestack.engine.ingest import Ingest
 from livestack.engine.outputs import Outputs
-from livestack.engine.prefetch import Prefetcher
 from livestack.engine.reader import FrameReader, load_masters
 from livestack.engine.rebuild import RebuildJob, RebuildSupervisor
 from livestack.engine.resume import Resumer
@@ -120,8 +119,6 @@ class Engine:
         self.rebuilder = RebuildSupervisor(self)
         #: Background plate solving of each stack's reference (never blocks a frame).
         self.solving = StackSolving(self)
-        #: Hashes the next file while a frame is processed (see ``process_path(ahead=)``).
-        self.prefetcher = Prefetcher()
 
     # ---------------------------------------------------------------- shared state
 
@@ -151,7 +148,6 @@ class Engine:
         The journal's counts stay readable in :attr:`final_counts`.
         """
         self.rebuilder.cancel_all()
-        self.prefetcher.close()
         if not self.checkpointer.stop(CHECKPOINT_WAIT_S):
             log.error("checkpoints not written within %.0f s; the journal is replayed at the "
                       "next start instead", CHECKPOINT_WAIT_S)
@@ -190,19 +186,17 @@ class Engine:
 
     # ---------------------------------------------------------------- frames
 
-    def process_path(self, path: Path | str, ahead: Path | str | None = None
-                     ) -> FrameRow | None:
+    def process_path(self, path: Path | str) -> FrameRow | None:
         """Take one file through the whole pipeline; return its final journal row.
 
-        ``ahead``: the file expected next, hashed in the background meanwhile. See
-        :meth:`Ingest.process_path`.
+        See :meth:`Ingest.process_path`.
 
         Raises
         ------
         JournalError
             The journal cannot be written (the daemon stops: nothing would be safe).
         """
-        return self.ingest.process_path(path, ahead)
+        return self.ingest.process_path(path)
 
     def fail_open_row(self, path: str, message: str) -> FrameRow | None:
         """Finish the row left ``pending`` by an internal error (see :class:`Ingest`)."""

@@ -104,17 +104,12 @@ class Ingest:
 
     # ---------------------------------------------------------------- frames
 
-    def process_path(self, path: Path | str, ahead: Path | str | None = None
-                     ) -> FrameRow | None:
+    def process_path(self, path: Path | str) -> FrameRow | None:
         """Take one file through the whole pipeline; return its final journal row.
 
         Returns None when the file needs no work (already in the journal). Per-frame
         problems end as a journal row (status ``failed``/``rejected``/``ignored``) and one
         log line ``path: reason: message``; they never raise.
-
-        ``ahead`` names the file expected next: it is hashed in a second thread while this
-        one is processed (:mod:`livestack.engine.prefetch`), and that hash is used when it
-        comes, if the file is unchanged.
 
         Raises
         ------
@@ -127,9 +122,6 @@ class Ingest:
         spath = os.path.abspath(path)
         t0 = time.perf_counter()
         engine.solving.frame_started()  # a running solve-field waits (SIGSTOP) until idle
-        hashed = engine.prefetcher.take(spath)  # hashed ahead while the last frame ran
-        if ahead is not None:
-            engine.prefetcher.submit(ahead)
         refusal = check_entry(spath, engine.watch_root)
         if refusal is not None:  # symlink out of the watch folder, dangling symlink
             reason, message, status, level = refusal
@@ -152,8 +144,7 @@ class Ingest:
         if engine.metrics is not None:
             engine.metrics.inc("livestack_frames_seen_total")
         try:
-            sha = hashed.sha256 if hashed is not None and hashed.matches(st) else \
-                sha256_file(spath)
+            sha = sha256_file(spath)
         except FileNotFoundError:
             return self._record_failure(spath, st.st_size, st.st_mtime_ns, None, Reason.VANISHED,
                                         f"{spath}: the file disappeared while it was read")

@@ -79,11 +79,6 @@ class WorkQueue:
                     return None
                 self._cond.wait(left)
 
-    def peek_path(self) -> Path | None:
-        """The file that :meth:`get` would hand out next (None when none waits)."""
-        with self._cond:
-            return self._paths[0][0] if self._paths else None
-
     def depth(self) -> int:
         """Files waiting."""
         with self._cond:
@@ -234,8 +229,7 @@ class Worker(threading.Thread):
     def _process(self, engine: Engine, path: Path) -> None:
         def step() -> None:
             try:
-                # The next queued file (a backlog) is hashed while this one is processed.
-                engine.process_path(path, self.queue.peek_path())
+                engine.process_path(path)
             except OSError as exc:  # any descriptor shortage the engine did not name
                 if not is_fd_exhaustion(exc):
                     raise
