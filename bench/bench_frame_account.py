@@ -1,0 +1,144 @@
+"""Where each ms of a ``livestack stack`` frame goes: wall and CPU per step, in process.
+
+Runs ``livestack stack`` in this process on the cached frames of
+``bench/bench_stack_dense.py`` (solver off) with timers wrapped around every step of
+``Ingest.process_path``: the file checks, the SHA-256 (when the engine thread computes it),
+the journal calls, the read and decode, ``StackSession.process`` (and its own stage timers)
+and the outputs after the frame. For each it prints the median wall ms and the CPU ms
+(user / system, from ``getrusage``) over the accepted frames from ``--from`` on, then what
+is left of ``process_path`` outside them.
+
+The CPU columns are the whole process's: work of another thread (e.g.
+the checkpoint writer) lands in the step that runs meanwhile.
+Compare two trees by running this script with each on ``PYTHONPATH``, one after the other.
+
+    python bench/bench_frame_account.py                       # 26 MP mono cache, frames 6..8
+    python bench/bench_frame_account.py --frames 8 --from 5 --cache DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import resource
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+#: Steps directly inside ``Ingest.process_path`` (they do not nest in one another).
+TOP = ("check_entry", "journal.seen", "sha256", "journal.already_done", "journal.mark_pending",
+       "read+decode", "select_masters", "route", "runtime", "session.process", "after_frame")
+
+Cell = list[float]  # [wall ms, user ms, sys ms]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir())
+                        / "livestack-bench" / "dense_6248x4176_9000_0.5_0_16_8",
+                        help="a bench_stack_dense.py cache (lights/, calib/darks/)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--from", dest="first", type=int, default=5,
+                        help="first frame index in the medians (after the warm-up)")
+    args = parser.parse_args()
+
+    import livestack.engine.core as core
+    import livestack.engine.ingest as ing
+    import livestack.engine.reader as rd
+    import livestack.pipeline.session as ses
+    import livestack.storage.journal as jn
+    from livestack.cli import main as cli_main
+
+    frame = [-1]
+    cells: dict[int, dict[str, Cell]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 3))
+    verdicts: dict[int, str] = {}
+
+    def record(label: str, t0: float, r0: resource.struct_rusage) -> None:
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cell = cells[frame[0]][label]
+        cell[0] += (time.perf_counter() - t0) * 1e3
+        cell[1] += (r1.ru_utime - r0.ru_utime) * 1e3
+        cell[2] += (r1.ru_stime - r0.ru_stime) * 1e3
+
+    def wrap(owner: Any, name: str, label: str, *, new_frame: bool = False) -> None:
+        orig: Callable[..., Any] = getattr(owner, name)
+
+        @functools.wraps(orig)
+        def timed(*a: Any, **k: Any) -> Any:
+            if new_frame:
+                frame[0] += 1
+            t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            try:
+                return orig(*a, **k)
+            finally:
+                record(label, t0, r0)
+
+        setattr(owner, name, timed)
+
+    # The session's own stage timer: each lap also records the CPU since the last lap.
+    timer_init, timer_lap = ses._Timer.__init__, ses._Timer.lap
+
+    def init(self: Any) -> None:
+        timer_init(self)
+        self.bench_r = resource.getrusage(resource.RUSAGE_SELF)
+
+    def lap(self: Any, stage: str) -> None:
+        t0, r0 = self._t, self.bench_r
+        timer_lap(self, stage)
+        record(f"  stage {stage}", t0, r0)
+        self.bench_r = resource.getrusage(resource.RUSAGE_SELF)
+
+    ses._Timer.__init__ = init  # type: ignore[method-assign]
+    ses._Timer.lap = lap  # type: ignore[method-assign]
+    process = ses.StackSession.process
+
+    def session_process(self: Any, *a: Any, **k: Any) -> Any:
+        outcome = process(self, *a, **k)
+        verdicts[frame[0]] = outcome.verdict
+        return outcome
+
+    ses.StackSession.process = session_process  # type: ignore[method-assign]
+    for owner, name, label in (
+            (ing, "check_entry", "check_entry"), (ing, "sha256_file", "sha256"),
+            (jn.Journal, "seen", "journal.seen"),
+            (jn.Journal, "already_done", "journal.already_done"),
+            (jn.Journal, "mark_pending", "journal.mark_pending"),
+            (rd.FrameReader, "read", "read+decode"),
+            (rd.FrameReader, "select_masters", "select_masters"),
+            (ing.Ingest, "route", "route"), (core.Engine, "runtime", "runtime"),
+            (ses.StackSession, "process", "session.process"),
+            (ing.Ingest, "_after_outcome", "after_frame")):
+        wrap(owner, name, label)
+    wrap(ing.Ingest, "process_path", "process_path", new_frame=True)
+
+    with tempfile.TemporaryDirectory(prefix="ls-account-") as tmp:
+        config = Path(tmp) / "solver-off.yaml"
+        config.write_text("solver:\n  enabled: false\n")
+        lights = sorted((args.cache / "lights").glob("*.fits"))[:args.frames]
+        cli_main(["stack", *map(str, lights), "--darks", str(args.cache / "calib" / "darks"),
+                  "-o", str(Path(tmp) / "out"), "--no-progress", "-c", str(config)])
+
+    chosen = [i for i in range(args.first, args.frames) if verdicts.get(i) == "accepted"]
+    if not chosen:
+        raise SystemExit("no accepted frame in the chosen range")
+    print(f"frames {chosen} (accepted), medians; CPU = whole process (all threads)")
+    print("| step | wall ms | CPU user / sys ms |")
+    print("|---|---|---|")
+    labels = [*TOP, *sorted({k for i in chosen for k in cells[i] if k.startswith("  stage")})]
+    for label in labels:
+        med = [statistics.median(cells[i][label][j] for i in chosen) for j in range(3)]
+        print(f"| {label} | {med[0]:.1f} | {med[1]:.0f} / {med[2]:.0f} |")
+    rest = statistics.median(cells[i]["process_path"][0] - sum(cells[i][k][0] for k in TOP)
+                             for i in chosen)
+    print(f"| rest of process_path | {rest:.1f} | - |")
+    total = [statistics.median(cells[i]["process_path"][j] for i in chosen) for j in range(3)]
+    print(f"| process_path | {total[0]:.1f} | {total[1]:.0f} / {total[2]:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
