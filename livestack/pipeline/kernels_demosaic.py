@@ -30,7 +30,8 @@ description:
    four green neighbours, whose diagonals hold green pixels only, rather than (as
    published) at the site and its diagonal neighbours, whose diagonals alternate R and
    B: the colour difference and noise of those no longer steer the direction on flat
-   sky (R at B sites scatter 5 % less on a noisy flat, stars keep their width). R and B at G sites: green plus the colour difference of the cardinal
+   sky (R at B sites scatter 5 % less on a noisy flat, stars keep their width).
+   R and B at G sites: green plus the colour difference of the cardinal
    neighbours (native on one axis, step-4 values on the other), blended with VH.
 
 All the arithmetic is in float64 and works on the ADU values as they are (the
