@@ -44,14 +44,14 @@ only sets a threshold; ``wsum`` sums O(1) weights. Every update is computed in f
 registers. No per-pixel sum of squared weights is kept (the reliability-weight
 correction uses ``n``), which saves 4 B/px.
 
-During warm-up the frames are held in one buffer of ``max(K, 4)`` float32 planes (NaN
-outside a frame's footprint, so no footprint masks are kept). When the warm-up completes
-the state is written *into that same buffer* (planes 0-2 become mean/m2/wsum, plane 3 is
-reinterpreted as the count and rej_lo uint16 planes) and only ``rej_hi`` is allocated, so
-the peak is 18 bytes per pixel: 470 MB for a 26 MP mono stack with the default K = 4,
-instead of 16 + 18 = 34 B/px (887 MB) for frames plus separate state. A larger K holds
-4 K bytes per pixel and peaks at 4 K + 18 while the state is created.
-Colour stacks need three times as much.
+During warm-up the frames are held (:class:`.warmup.WarmupBuffer`) in one buffer of
+``max(K, 4)`` float32 planes (NaN outside a frame's footprint, so no footprint masks are
+kept). When the warm-up completes the state is written *into that same buffer* (planes
+0-2 become mean/m2/wsum, plane 3 is reinterpreted as the count and rej_lo uint16 planes)
+and only ``rej_hi`` is allocated, so the peak is 18 bytes per pixel: 470 MB for a 26 MP
+mono stack with the default K = 4, instead of 16 + 18 = 34 B/px (887 MB) for frames plus
+separate state. A larger K holds 4 K bytes per pixel and peaks at 4 K + 18 while the
+state is created. Colour stacks need three times as much.
 
 Rejection counts during warm-up
 -------------------------------
@@ -70,6 +70,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from livestack.pipeline.ranges import rng
+from livestack.pipeline.warmup import SKY_STEP, Planes, WarmupBuffer, clip_coefficients
 
 #: Bytes of state per pixel and channel after warm-up (3 float32 + 3 uint16 planes).
 STATE_BYTES_PER_PIXEL = 18
@@ -78,12 +79,6 @@ STATE_BYTES_PER_PIXEL = 18
 STATE_VERSION = 1
 
 _METHODS = ("kappa_sigma", "mean", "sum")
-
-#: Row/column stride of the sample the sky level is taken from.
-_SKY_STEP = 8
-
-#: Rows per band of a warm-up preview's replay (rounded up to the preview's block size).
-_PREVIEW_BAND_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -121,22 +116,6 @@ class StackConfig:
             raise ValueError(f"prior_frames must be >= 0, got {self.prior_frames}")
 
 
-def _block_nanmean(planes: NDArray[np.float32], factor: int) -> NDArray[np.float32]:
-    """NaN-aware ``factor x factor`` block mean of ``(nc, ny, nx)`` float32 planes (numpy).
-
-    The ragged edge is dropped; a block without a finite sample is NaN (as the
-    ``_block_mean`` kernel; sums in float64).
-    """
-    nc, ny, nx = planes.shape
-    oy, ox = ny // factor, nx // factor
-    blocks = planes[:, :oy * factor, :ox * factor].reshape(nc, oy, factor, ox, factor)
-    valid = np.isfinite(blocks)
-    total = np.where(valid, blocks, 0.0).sum(axis=(2, 4), dtype=np.float64)
-    num = valid.sum(axis=(2, 4))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (total / num).astype(np.float32)
-
-
 class RunningStack:
     """A running weighted stack with per-pixel outlier rejection.
 
@@ -172,16 +151,15 @@ class RunningStack:
         self.shape: tuple[int, ...] = shape
         self.config = config
         self._ny, self._nx = shape[-2], shape[-1]
+        self._planes_shape = (self._nc, self._ny, self._nx)
         self.n_frames = 0
         self._noise_sq_sum = np.zeros(self._nc, dtype=np.float64)
         # Sky level per channel (median of the warm-up frames), gates the structure branch.
         self._sky = np.zeros(self._nc, dtype=np.float64)
-        # Warm-up (kappa_sigma only): frames held in _buffer planes, NaN outside footprints.
-        self._warm = config.method == "kappa_sigma"
-        self._buffer: NDArray[np.float32] | None = None
-        self._warm_weights: list[float] = []
-        self._warm_noise_sq: list[NDArray[np.float64]] = []
-        # State planes, (nc, ny, nx); views into _buffer after a warm-up replay.
+        # Warm-up (kappa_sigma only): the first frames, held until the replay seeds the state.
+        self._warmup: WarmupBuffer | None = (WarmupBuffer(self._planes_shape, config)
+                                             if config.method == "kappa_sigma" else None)
+        # State planes, (nc, ny, nx); views into the warm-up buffer after its replay.
         self._mean: NDArray[np.float32] | None = None
         self._m2: NDArray[np.float32] | None = None
         self._wsum: NDArray[np.float32] | None = None
@@ -231,13 +209,17 @@ class RunningStack:
             raise ValueError(f"noise_adu must be finite and > 0, got {noise_adu}")
         noise_sq = noise * noise
 
-        if self._warm:
-            self._hold(img, fp, float(weight), noise_sq)
+        if self._warmup is not None:
+            self._warmup.hold(img, fp, float(weight), noise_sq)
             self.n_frames += 1
             self._noise_sq_sum += noise_sq
-            if len(self._warm_weights) < self.config.warmup_frames:
+            if not self._warmup.full:
                 return (0, 0)
-            return self._finish_warmup()
+            self._sky, planes, counts = self._warmup.finish()
+            (self._mean, self._m2, self._wsum, self._count, self._rej_lo,
+             self._rej_hi) = planes
+            self._warmup = None
+            return counts
 
         if self._mean is None:
             self._allocate_state()
@@ -247,7 +229,7 @@ class RunningStack:
         if self.config.method == "kappa_sigma":
             noise_bar_sq = self._noise_sq_sum / self.n_frames
             rows = np.zeros((self._nc * self._ny, 2), dtype=np.int64)
-            coef_lo, coef_hi = self._coefficients()
+            coef_lo, coef_hi = clip_coefficients(self.config)
             kern.add_clip(img, fp, float(weight), noise_sq, noise_bar_sq, self._sky,
                           float(self.config.prior_frames), coef_lo, coef_hi, self._mean,
                           self._m2, self._wsum, self._count, self._rej_lo, self._rej_hi, rows)
@@ -260,12 +242,6 @@ class RunningStack:
         self._noise_sq_sum += noise_sq
         return result
 
-    def _coefficients(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        from livestack.pipeline import kernels_accumulate as kern
-
-        return (kern.clip_coefficients(self.config.kappa_low),
-                kern.clip_coefficients(self.config.kappa_high))
-
     def _as_planes(self, image: NDArray[np.float32]) -> NDArray[np.float32]:
         arr = np.asarray(image)
         if arr.shape != self.shape:
@@ -273,122 +249,8 @@ class RunningStack:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         return arr.reshape(self._nc, self._ny, self._nx)
 
-    def _hold(self, img: NDArray[np.float32], fp: NDArray[np.bool_], weight: float,
-              noise_sq: NDArray[np.float64]) -> None:
-        k = len(self._warm_weights)
-        if self._buffer is None:
-            n_planes = max(self.config.warmup_frames, 4)
-            self._buffer = np.empty((n_planes, self._nc, self._ny, self._nx), dtype=np.float32)
-        from livestack.pipeline import kernels_accumulate as kern
-
-        # NaN marks "not covered" (also for NaN/inf input inside the footprint).
-        kern.hold_frame(self._buffer[k], img, fp)
-        self._warm_weights.append(weight)
-        self._warm_noise_sq.append(noise_sq)
-
-    def _replay_into(self, mean: NDArray[np.float32], m2: NDArray[np.float32],
-                     wsum: NDArray[np.float32], count: NDArray[np.uint16],
-                     rej_lo: NDArray[np.uint16], rej_hi: NDArray[np.uint16],
-                     packed: bool = False) -> tuple[int, int]:
-        """Run the warm-up seeding kernel from the held frames into the given planes.
-
-        With ``packed`` the three counters go packed into ``rej_hi`` (see
-        :func:`kernels_accumulate.replay_warmup`) and ``count``/``rej_lo`` are untouched.
-        """
-        from livestack.pipeline import kernels_accumulate as kern
-
-        assert self._buffer is not None
-        rows = np.zeros((self._nc * self._ny, 2), dtype=np.int64)
-        replay: Any = kern.replay_warmup  # a numba dispatcher; mypy cannot see *args
-        replay(self._buffer, len(self._warm_weights), *self._replay_inputs(),
-               mean, m2, wsum, count, rej_lo, rej_hi, rows, packed)
-        return int(rows[:, 0].sum()), int(rows[:, 1].sum())
-
-    def _replay_inputs(self) -> tuple[Any, ...]:
-        """``weights, noise_sq, noise_bar_sq, sky, prior_n, coef_lo, coef_hi`` of a replay."""
-        k = len(self._warm_weights)
-        weights = np.asarray(self._warm_weights, dtype=np.float64)
-        noise_sq = np.asarray(self._warm_noise_sq, dtype=np.float64).reshape(k, self._nc)
-        coef_lo, coef_hi = self._coefficients()
-        return (weights, noise_sq, noise_sq.mean(axis=0), self._sky_level(),
-                float(self.config.prior_frames), coef_lo, coef_hi)
-
-    def _warm_preview(self, factor: int) -> NDArray[np.float32]:
-        """:meth:`preview_mean` during warm-up: the replay band by band.
-
-        A whole-frame provisional replay allocates the full state (18 B/px, 470 MB at
-        26 MP) next to the held frames; the replay is row-local, so bands of rows (a
-        multiple of ``factor``) give the same blocks with a few MB of scratch.
-        """
-        from livestack.pipeline import kernels_accumulate as kern
-        from livestack.pipeline.kernels_binning import block_mean_counted
-
-        assert self._buffer is not None
-        k = len(self._warm_weights)
-        inputs = self._replay_inputs()
-        replay: Any = kern.replay_warmup  # a numba dispatcher; mypy cannot see *args
-        band = factor * max(1, math.ceil(_PREVIEW_BAND_ROWS / factor))
-        parts = []
-        for y0 in range(0, self._ny, band):
-            y1 = min(self._ny, y0 + band)
-            frames = np.ascontiguousarray(self._buffer[:k, :, y0:y1, :])
-            shape = (self._nc, y1 - y0, self._nx)
-            mean, m2, wsum = (np.empty(shape, np.float32) for _ in range(3))
-            count, rej_lo, rej_hi = (np.empty(shape, np.uint16) for _ in range(3))
-            rows = np.zeros((self._nc * (y1 - y0), 2), dtype=np.int64)
-            replay(frames, k, *inputs, mean, m2, wsum, count, rej_lo, rej_hi, rows, False)
-            parts.append(block_mean_counted(mean, count, factor))
-        return np.concatenate(parts, axis=1)
-
-    def _sky_level(self) -> NDArray[np.float64]:
-        """Median of the held frames per channel (every 8th row and column)."""
-        assert self._buffer is not None
-        k = len(self._warm_weights)
-        sample = self._buffer[:k, :, ::_SKY_STEP, ::_SKY_STEP]
-        sky = np.zeros(self._nc, dtype=np.float64)
-        for c in range(self._nc):
-            values = sample[:, c][np.isfinite(sample[:, c])]
-            if values.size:
-                sky[c] = float(np.median(values))
-        return sky
-
-    def _finish_warmup(self) -> tuple[int, int]:
-        """Replay the held frames into the state, reusing the warm-up buffer's memory."""
-        from livestack.pipeline import kernels_accumulate as kern
-
-        assert self._buffer is not None
-        buf = self._buffer
-        planes = (self._nc, self._ny, self._nx)
-        self._sky = self._sky_level()
-        if buf.shape[0] == 4:
-            # Planes 0-2 become mean/m2/wsum in place (pixel-local aliasing). Plane 3 still
-            # holds frame data other rows need during the replay, so the counters travel
-            # packed in the new rej_hi plane and move into plane 3 afterwards, as two
-            # contiguous uint16 planes (contiguous state keeps add_clip vectorised).
-            mean, m2, wsum = buf[0], buf[1], buf[2]
-            rej_hi = np.empty(planes, dtype=np.uint16)
-            counts = self._replay_into(mean, m2, wsum, rej_hi, rej_hi, rej_hi, packed=True)
-            u16 = buf[3].reshape(-1).view(np.uint16)
-            size = u16.size // 2
-            count, rej_lo = u16[:size].reshape(planes), u16[size:].reshape(planes)
-            kern.unpack_counters(rej_hi, count, rej_lo)
-        else:
-            # Larger warm-ups: a fresh state, then the (bigger) buffer is freed.
-            mean, m2, wsum = (np.empty(planes, np.float32), np.empty(planes, np.float32),
-                              np.empty(planes, np.float32))
-            count, rej_lo, rej_hi = (np.empty(planes, np.uint16), np.empty(planes, np.uint16),
-                                     np.empty(planes, np.uint16))
-            counts = self._replay_into(mean, m2, wsum, count, rej_lo, rej_hi)
-            self._buffer = None
-        self._mean, self._m2, self._wsum = mean, m2, wsum
-        self._count, self._rej_lo, self._rej_hi = count, rej_lo, rej_hi
-        self._warm = False
-        self._warm_weights = []
-        self._warm_noise_sq = []
-        return counts
-
     def _allocate_state(self) -> None:
-        planes = (self._nc, self._ny, self._nx)
+        planes = self._planes_shape
         self._mean = np.zeros(planes, dtype=np.float32)
         self._m2 = np.zeros(planes, dtype=np.float32)
         self._wsum = np.zeros(planes, dtype=np.float32)
@@ -397,17 +259,10 @@ class RunningStack:
         self._rej_hi = np.zeros(planes, dtype=np.uint16)
 
     # ----------------------------------------------------------------- results
-    def _planes(self) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32],
-                               NDArray[np.uint16], NDArray[np.uint16], NDArray[np.uint16]]:
+    def _planes(self) -> Planes:
         """The state planes; during warm-up, a provisional replay into fresh arrays."""
-        if self._warm:
-            planes = (self._nc, self._ny, self._nx)
-            out = (np.zeros(planes, np.float32), np.zeros(planes, np.float32),
-                   np.zeros(planes, np.float32), np.zeros(planes, np.uint16),
-                   np.zeros(planes, np.uint16), np.zeros(planes, np.uint16))
-            if self._warm_weights:
-                self._replay_into(*out)
-            return out
+        if self._warmup is not None:
+            return self._warmup.provisional()
         if self._mean is None:
             self._allocate_state()
         assert self._mean is not None and self._m2 is not None and self._wsum is not None
@@ -446,12 +301,8 @@ class RunningStack:
         from livestack.pipeline.kernels_binning import block_mean_counted
 
         factor = max(1, math.ceil(max(self._ny, self._nx) / max(1, max_size_px)))
-        if self._warm and len(self._warm_weights) == 1 and self._buffer is not None:
-            # The stack is its first frame: block-average it in numpy, with no replay or
-            # block kernel. On a first start the first preview then needs no compile.
-            return self._shape_out(_block_nanmean(self._buffer[0], factor))
-        if self._warm:
-            return self._shape_out(self._warm_preview(factor))
+        if self._warmup is not None:
+            return self._shape_out(self._warmup.preview(factor))
         mean, _, _, count, _, _ = self._planes()
         small = block_mean_counted(mean, count, factor)
         return self._shape_out(small)
@@ -493,7 +344,7 @@ class RunningStack:
         """
         planes = self._planes()
         mean, _, wsum, count, rej_lo, rej_hi = planes
-        keep = copy and not self._warm  # a warm-up replay is already a private copy
+        keep = copy and self._warmup is None  # a warm-up replay is already a private copy
         if self.config.method == "sum":
             value = mean.astype(np.float64) * count
             image = np.where(count > 0, value, np.nan).astype(np.float32)
@@ -553,16 +404,11 @@ class RunningStack:
 
     def state_nbytes(self) -> int:
         """Bytes held by the stack's arrays right now (state planes or warm-up buffer)."""
-        total = 0
-        if self._buffer is not None:
-            total += self._buffer.nbytes
-        else:
-            for arr in (self._mean, self._m2, self._wsum, self._count, self._rej_lo):
-                if arr is not None:
-                    total += arr.nbytes
-        if self._rej_hi is not None:
-            total += self._rej_hi.nbytes
-        return total
+        if self._warmup is not None:
+            return self._warmup.nbytes
+        # After a 4-plane warm-up, mean..rej_lo are views that tile the old buffer exactly.
+        return sum(arr.nbytes for arr in (self._mean, self._m2, self._wsum, self._count,
+                                          self._rej_lo, self._rej_hi) if arr is not None)
 
     # ------------------------------------------------------------- persistence
     def state(self, *, copy: bool = True) -> dict[str, NDArray[Any]]:
@@ -590,16 +436,8 @@ class RunningStack:
             "noise_sq_sum": self._noise_sq_sum.copy(),
             "sky": self._sky.copy(),
         }
-        if self._warm:
-            k = len(self._warm_weights)
-            frames = (self._buffer[:k] if self._buffer is not None
-                      else np.empty((0, self._nc, self._ny, self._nx), dtype=np.float32))
-            if copy:
-                frames = frames.copy()
-            out["warm_frames"] = frames
-            out["warm_weights"] = np.asarray(self._warm_weights, dtype=np.float64)
-            out["warm_noise_sq"] = np.asarray(self._warm_noise_sq,
-                                              dtype=np.float64).reshape(k, self._nc)
+        if self._warmup is not None:
+            out.update(self._warmup.state(copy=copy))
             return out
         names = ("mean", "m2", "wsum", "count", "rej_lo", "rej_hi")
         for name, arr in zip(names, self._planes(), strict=True):
@@ -630,23 +468,13 @@ class RunningStack:
                              f"({stack._nc},)")
         stack._noise_sq_sum = noise_sq_sum.copy()
         stack._sky = np.asarray(state["sky"], dtype=np.float64).reshape(stack._nc).copy()
-        planes = (stack._nc, stack._ny, stack._nx)
+        planes = stack._planes_shape
         if "warm_frames" in state:
             if config.method != "kappa_sigma":
                 raise ValueError("state holds warm-up frames but method is not kappa_sigma")
-            frames = np.asarray(state["warm_frames"], dtype=np.float32)
-            k = frames.shape[0]
-            if frames.shape[1:] != planes:
-                raise ValueError(f"warm_frames shape {frames.shape} does not match {shape}")
-            if k >= config.warmup_frames:
-                raise ValueError(f"state holds {k} warm-up frames but warmup_frames is "
-                                 f"{config.warmup_frames}")
-            stack._allocate_warm_buffer(frames)
-            stack._warm_weights = [float(w) for w in np.asarray(state["warm_weights"])]
-            noise = np.asarray(state["warm_noise_sq"], dtype=np.float64).reshape(k, stack._nc)
-            stack._warm_noise_sq = [row.copy() for row in noise]
+            stack._warmup = WarmupBuffer.from_state(state, planes, config)
             return stack
-        stack._warm = False
+        stack._warmup = None
         loaded = []
         for name, dtype in (("mean", np.float32), ("m2", np.float32), ("wsum", np.float32),
                             ("count", np.uint16), ("rej_lo", np.uint16),
@@ -702,7 +530,7 @@ class RunningStack:
         """
         mean_arr = np.asarray(mean, dtype=np.float32)
         stack = cls(mean_arr.shape, config)
-        planes = (stack._nc, stack._ny, stack._nx)
+        planes = stack._planes_shape
         if n_frames < 1:
             raise ValueError(f"n_frames must be >= 1, got {n_frames}")
         noise = np.asarray(frame_noise_adu, dtype=np.float64).reshape(n_frames, -1)
@@ -740,20 +568,13 @@ class RunningStack:
         stack._mean, stack._m2, stack._wsum, stack._count = m, m2, w, n
         stack._rej_lo = plane(rejected_low, np.uint16, "rejected_low")
         stack._rej_hi = plane(rejected_high, np.uint16, "rejected_high")
-        stack._warm = False
+        stack._warmup = None
         stack.n_frames = int(n_frames)
         stack._noise_sq_sum = (noise * noise).sum(axis=0)
         # The sky level that gates the structure branch: the median of the stack itself.
-        sample = m[:, ::_SKY_STEP, ::_SKY_STEP]
-        counted = n[:, ::_SKY_STEP, ::_SKY_STEP] > 0
+        sample = m[:, ::SKY_STEP, ::SKY_STEP]
+        counted = n[:, ::SKY_STEP, ::SKY_STEP] > 0
         for c in range(stack._nc):
             values = sample[c][counted[c]]
             stack._sky[c] = float(np.median(values)) if values.size else 0.0
         return stack
-
-    def _allocate_warm_buffer(self, frames: NDArray[np.float32]) -> None:
-        if frames.shape[0] == 0:
-            return
-        n_planes = max(self.config.warmup_frames, 4)
-        self._buffer = np.empty((n_planes, self._nc, self._ny, self._nx), dtype=np.float32)
-        self._buffer[: frames.shape[0]] = frames

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from livestack.pipeline.kernels_common import median_small
+from livestack.pipeline.kernels_common import median_small, ring_values
 
 # Pixels whose flat value is at or below this are not divided (they would blow
 # up); such pixels belong in the defect map (find_defects marks them cold).
@@ -180,19 +180,7 @@ def ring_median(image: np.ndarray, step: int, out: np.ndarray) -> None:
     for y in prange(ny):
         buf = np.empty(8, np.float32)
         for x in range(nx):
-            n = 0
-            for dy in range(-step, step + 1, step):
-                yy = y + dy
-                if yy < 0 or yy >= ny:
-                    continue
-                for dx in range(-step, step + 1, step):
-                    xx = x + dx
-                    if (dy == 0 and dx == 0) or xx < 0 or xx >= nx:
-                        continue
-                    v = image[yy, xx]
-                    if np.isfinite(v):
-                        buf[n] = v
-                        n += 1
+            n = ring_values(image, y, x, step, buf)
             out[y, x] = median_small(buf, n) if n > 0 else np.nan
 
 

@@ -22,3 +22,28 @@ def median_small(buf: np.ndarray, n: int) -> float:
     if n % 2 == 1:
         return buf[half]
     return 0.5 * (buf[half - 1] + buf[half])
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def ring_values(image: np.ndarray, y: int, x: int, step: int, buf: np.ndarray) -> int:
+    """Gather the finite pixels ``step`` away from ``(y, x)`` into ``buf``; return how many.
+
+    The ring is the 8 pixels at offsets ``(-step, 0, step)`` in each axis, the centre
+    excluded (the same-colour ring for ``step`` 2 on CFA data); pixels outside the image
+    and non-finite ones are skipped. ``buf`` needs room for 8 values.
+    """
+    ny, nx = image.shape
+    n = 0
+    for dy in range(-step, step + 1, step):
+        yy = y + dy
+        if yy < 0 or yy >= ny:
+            continue
+        for dx in range(-step, step + 1, step):
+            xx = x + dx
+            if (dy == 0 and dx == 0) or xx < 0 or xx >= nx:
+                continue
+            v = image[yy, xx]
+            if np.isfinite(v):
+                buf[n] = v
+                n += 1
+    return n

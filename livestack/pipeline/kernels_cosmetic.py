@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from livestack.pipeline.kernels_common import median_small
+from livestack.pipeline.kernels_common import median_small, ring_values
 
 
 @njit(cache=True, nogil=True, fastmath=False, parallel=True)
@@ -57,19 +57,7 @@ def _is_isolated_hot(image: np.ndarray, level: np.ndarray, step: int, ratio: flo
                      thresh: float, y: int, x: int, v: float, buf: np.ndarray) -> bool:
     """Tests 2 and 3 of :func:`isolated_hot` for a pixel already above its plane's cut."""
     ny, nx = image.shape
-    n = 0
-    for dy in range(-step, step + 1, step):
-        yy = y + dy
-        if yy < 0 or yy >= ny:
-            continue
-        for dx in range(-step, step + 1, step):
-            xx = x + dx
-            if (dy == 0 and dx == 0) or xx < 0 or xx >= nx:
-                continue
-            w = image[yy, xx]
-            if np.isfinite(w):
-                buf[n] = w
-                n += 1
+    n = ring_values(image, y, x, step, buf)
     if n == 0 or not v - median_small(buf, n) > thresh:
         return False
     limit = ratio * (v - level[y % step, x % step])

@@ -457,12 +457,16 @@ class FrameWatcher:
             return False
         except OSError as exc:       # e.g. permissions not yet set by the writer
             return self._not_ready(path, key, str(exc), report=report)
+        self._settle(path, key, report=report)
+        return True
+
+    def _settle(self, path: str, key: tuple[int, int], *, report: bool) -> None:
+        """Done with ``path`` at ``key``: report it now, or only mark it as seen."""
         if report:
             self._report(path, key)
         else:
             self._reported[path] = key
             self._pending.pop(path, None)
-        return True
 
     def _not_ready(self, path: str, key: tuple[int, int], why: str, *, report: bool) -> bool:
         now = time.monotonic()
@@ -473,11 +477,7 @@ class FrameWatcher:
         if now - item.first_not_ready >= self.not_ready_timeout_s:
             log.warning("%s still incomplete after %.0f s (%s); reporting it", path,
                         now - item.first_not_ready, why)
-            if report:
-                self._report(path, key)
-            else:
-                self._reported[path] = key
-                self._pending.pop(path, None)
+            self._settle(path, key, report=report)
             return True
         item.due = now + min(_RECHECK_MAX_S, _RECHECK_FIRST_S * 2.0 ** item.attempts)
         item.attempts += 1

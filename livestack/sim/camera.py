@@ -26,8 +26,6 @@ stars move by ``-drift`` in frame pixels.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
@@ -38,8 +36,10 @@ from numpy.typing import NDArray
 from livestack.errors import ConfigError
 from livestack.pipeline.types import Transform
 from livestack.sim import sky
+from livestack.sim.sensor import DARK_DOUBLING_C as DARK_DOUBLING_C
+from livestack.sim.sensor import CosmicHits, Sensor
+from livestack.sim.sensor import dark_scale as _dark_scale
 from livestack.sim.sky import (
-    BLOCK_ROWS,
     CELL_PX,
     MAX_STAMP_PX,
     CloudField,
@@ -54,9 +54,6 @@ _CHANNEL = {"R": 0, "G": 1, "B": 2}
 
 #: Sky tint (R, G, B) of a light-polluted sky, normalised like star colours.
 SKY_TINT_RGB = np.array([1.2, 1.0, 0.75]) / ((1.2 + 2.0 * 1.0 + 0.75) / 4.0)
-
-#: Temperature step (C) over which dark current and amp glow double.
-DARK_DOUBLING_C = 6.3
 
 IMAGETYP_LIGHT = "Light Frame"
 IMAGETYP_DARK = "Dark Frame"
@@ -323,7 +320,6 @@ class Simulator:
         self.threads = max(1, int(threads))
         self._user_stars = stars
         self._cells: dict[tuple[int, int], StarCatalogue] = {}
-        ny, nx = config.shape
         self.psf = MoffatPSF(config.fwhm_px, config.moffat_beta, config.elongation,
                              config.elongation_angle_deg)
         if config.bayer_pattern is None:
@@ -331,133 +327,32 @@ class Simulator:
         else:
             self.cfa = np.array([_CHANNEL[c] for c in config.bayer_pattern],
                                 dtype=np.int64).reshape(2, 2)
-        rng = stream_rng(self.seed, sky.STREAM_SENSOR, 0)
-        n_pix = ny * nx
-        n_hot = round(config.hot_pixel_fraction * n_pix)
-        n_cold = round(config.cold_pixel_fraction * n_pix)
-        flat_idx = rng.choice(n_pix, size=n_hot + n_cold, replace=False)
-        yx = np.column_stack(np.divmod(flat_idx.astype(np.int64), nx))
-        self.hot_pixels: NDArray[np.int64] = yx[:n_hot]
-        self.cold_pixels: NDArray[np.int64] = yx[n_hot:]
-        self.hot_pixel_rates_e_per_s: NDArray[np.float64] = np.exp(
-            rng.uniform(math.log(5.0), math.log(100.0), n_hot))
-        self._cold_response = rng.uniform(0.05, 0.5, n_cold)
+        self.sensor = Sensor(config, self.seed, threads=self.threads)
+        self.hot_pixels: NDArray[np.int64] = self.sensor.hot_pixels
+        self.cold_pixels: NDArray[np.int64] = self.sensor.cold_pixels
+        self.hot_pixel_rates_e_per_s: NDArray[np.float64] = self.sensor.hot_pixel_rates_e_per_s
 
-    # ------------------------------------------------------------------ sensor maps
+    # ------------------------------------------------------------------ sensor (sensor.py)
 
     @property
     def is_colour(self) -> bool:
         """True for a Bayer (one-shot colour) camera."""
         return self.config.bayer_pattern is not None
 
-    @cached_property
-    def _response(self) -> NDArray[np.float32]:
-        """Pixel response (vignetting x dust x cold pixels), median 1."""
-        cfg = self.config
-        ny, nx = cfg.shape
-        cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
-        r2_corner = cx * cx + cy * cy
-        resp: NDArray[np.float32]
-        if cfg.vignetting > 0:
-            # cos^4 law: V = 1 / (1 + (r/f)^2)^2 with V(corner) = 1 - vignetting.
-            inv_f2 = ((1.0 - cfg.vignetting) ** -0.5 - 1.0) / r2_corner
-            dy2 = ((np.arange(ny, dtype=np.float32) - cy) ** 2 * inv_f2).astype(np.float32)
-            dx2 = ((np.arange(nx, dtype=np.float32) - cx) ** 2 * inv_f2).astype(np.float32)
-            resp = 1.0 / (1.0 + dy2[:, None] + dx2[None, :]) ** 2
-        else:
-            resp = np.ones((ny, nx), dtype=np.float32)
-        for donut in self.dust_donuts:
-            self._apply_donut(resp, *donut)
-        if len(self.cold_pixels):
-            resp[self.cold_pixels[:, 0], self.cold_pixels[:, 1]] *= self._cold_response
-        resp /= np.float32(np.median(resp))
-        return np.ascontiguousarray(resp, dtype=np.float32)
-
-    @cached_property
+    @property
     def dust_donuts(self) -> list[tuple[float, float, float, float]]:
-        """Dust shadows as ``(x, y, outer_radius_px, depth)``; depth 5-10 % on the ring."""
-        cfg = self.config
-        ny, nx = cfg.shape
-        rng = stream_rng(self.seed, sky.STREAM_SENSOR, 1)
-        out = []
-        for _ in range(cfg.n_dust_donuts):
-            radius = float(rng.uniform(0.02, 0.05) * min(nx, ny))
-            out.append((float(rng.uniform(0.08, 0.92) * nx), float(rng.uniform(0.08, 0.92) * ny),
-                        radius, float(rng.uniform(0.05, 0.10))))
-        return out
+        """Dust shadows as ``(x, y, outer_radius_px, depth)`` (:attr:`Sensor.dust_donuts`)."""
+        return self.sensor.dust_donuts
 
-    @staticmethod
-    def _apply_donut(resp: NDArray[np.float32], x0: float, y0: float, radius: float,
-                     depth: float) -> None:
-        """Multiply ``resp`` by a ring-shaped dip (centre dimmed to 40 % of the ring depth)."""
-        ny, nx = resp.shape
-        reach = math.ceil(radius * 1.4) + 2
-        xa, xb = max(int(x0) - reach, 0), min(int(x0) + reach + 1, nx)
-        ya, yb = max(int(y0) - reach, 0), min(int(y0) + reach + 1, ny)
-        if xa >= xb or ya >= yb:
-            return
-        yy, xx = np.mgrid[ya:yb, xa:xb]
-        r = np.hypot(xx - x0, yy - y0)
-        soft = 0.06 * radius + 0.5
-        outer = 0.5 * (1.0 + np.tanh((radius - r) / soft))
-        inner = 0.5 * (1.0 + np.tanh((0.45 * radius - r) / soft))
-        dip = depth * (outer - 0.6 * inner)
-        resp[ya:yb, xa:xb] *= (1.0 - dip).astype(np.float32)
-
-    @cached_property
-    def _dark_rate_0c(self) -> NDArray[np.float32]:
-        """Dark current at 0 C in e/s: base + amp glow (top-right corner) + hot pixels."""
-        cfg = self.config
-        ny, nx = cfg.shape
-        rate = np.full((ny, nx), cfg.dark_e_per_s_at_0c, dtype=np.float32)
-        if cfg.amp_glow_e_per_s > 0:
-            scale = 0.1 * math.hypot(nx, ny)
-            dx = ((nx - 1) - np.arange(nx, dtype=np.float32)) ** 2
-            dy = np.arange(ny, dtype=np.float32) ** 2
-            dist = np.sqrt(dy[:, None] + dx[None, :])
-            rate += (cfg.amp_glow_e_per_s * np.exp(-dist / np.float32(scale))).astype(np.float32)
-        if len(self.hot_pixels):
-            rate[self.hot_pixels[:, 0], self.hot_pixels[:, 1]] += self.hot_pixel_rates_e_per_s
-        return rate
-
-    @cached_property
-    def _bias_columns_adu(self) -> NDArray[np.float32]:
-        """Bias level of each column in ADU (bias + fixed column pattern)."""
-        cfg = self.config
-        rng = stream_rng(self.seed, sky.STREAM_SENSOR, 2)
-        pattern = rng.normal(0.0, cfg.bias_pattern_adu, cfg.width)
-        return (cfg.bias_adu + pattern).astype(np.float32)
-
-    @staticmethod
-    def dark_scale(ccd_temp_c: float) -> float:
-        """Dark-current factor relative to 0 C (doubles every 6.3 C)."""
-        return float(2.0 ** (ccd_temp_c / DARK_DOUBLING_C))
+    dark_scale = staticmethod(_dark_scale)
 
     def true_master_dark(self, exposure_s: float, ccd_temp_c: float) -> NDArray[np.float32]:
-        """Noiseless dark signal including bias, in ADU.
-
-        Parameters
-        ----------
-        exposure_s : float
-            Exposure in seconds (0 gives the master bias).
-        ccd_temp_c : float
-            Sensor temperature in C.
-
-        Returns
-        -------
-        ndarray, shape (ny, nx), float32
-            ``bias + column pattern + dark_rate(T) * exposure / gain``, clipped at
-            saturation (full well or 65535 ADU).
-        """
-        cfg = self.config
-        k = exposure_s * self.dark_scale(ccd_temp_c)
-        dark_e = np.minimum(self._dark_rate_0c * np.float32(k), np.float32(cfg.full_well_e))
-        adu = dark_e / np.float32(cfg.gain_e_per_adu) + self._bias_columns_adu[None, :]
-        return np.minimum(adu, np.float32(65535.0)).astype(np.float32)
+        """Noiseless dark signal including bias, ADU (:meth:`Sensor.true_master_dark`)."""
+        return self.sensor.true_master_dark(exposure_s, ccd_temp_c)
 
     def true_master_bias(self) -> NDArray[np.float32]:
         """Noiseless bias (ADU), ``(ny, nx)`` float32."""
-        return self.true_master_dark(0.0, self.config.ccd_temp_c)
+        return self.sensor.true_master_dark(0.0, self.config.ccd_temp_c)
 
     def true_flat(self) -> NDArray[np.float32]:
         """Normalised flat (median 1): vignetting, dust donuts and cold pixels.
@@ -468,7 +363,7 @@ class Simulator:
             A copy of the pixel response. Flats are lit by a white panel, so for a
             colour camera this is also the per-channel flat.
         """
-        return self._response.copy()
+        return self.sensor.response.copy()
 
     # ------------------------------------------------------------------ geometry
 
@@ -621,61 +516,7 @@ class Simulator:
             block *= self._tint_rows[np.arange(y0, y1) % 2]
         return block
 
-    def _readout(self, keys: tuple[int, ...], exposure_s: float, ccd_temp_c: float,
-                 incident: Callable[[int, int], NDArray[np.float32]] | None,
-                 cosmic: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]] | None,
-                 ) -> NDArray[np.uint16]:
-        """Expose, add noise and digitise, in independently seeded row blocks."""
-        cfg = self.config
-        ny, nx = cfg.shape
-        out = np.empty((ny, nx), dtype=np.uint16)
-        dark_k = exposure_s * self.dark_scale(ccd_temp_c)
-        response = self._response if incident is not None else None
-        dark = self._dark_rate_0c if dark_k > 0 else None
-        inv_gain = np.float32(1.0 / cfg.gain_e_per_adu)
-        rn_adu = np.float32(cfg.read_noise_e / cfg.gain_e_per_adu)
-        bias_cols = self._bias_columns_adu
-        full_well = np.float32(cfg.full_well_e)
-
-        def block(b: int) -> None:
-            y0 = b * BLOCK_ROWS
-            y1 = min(y0 + BLOCK_ROWS, ny)
-            rng = stream_rng(self.seed, *keys, b)
-            mean: NDArray[np.float64] | None = None
-            if incident is not None and response is not None:
-                mean = incident(y0, y1).astype(np.float64)
-                mean *= response[y0:y1]
-            if dark is not None:
-                d = dark[y0:y1].astype(np.float64) * dark_k
-                mean = d if mean is None else mean + d
-            if mean is not None:
-                np.maximum(mean, 0.0, out=mean)
-                e = rng.poisson(mean).astype(np.float32)
-            else:
-                e = np.zeros((y1 - y0, nx), dtype=np.float32)
-            if cosmic is not None:
-                sel = (cosmic[0] >= y0) & (cosmic[0] < y1)
-                np.add.at(e, (cosmic[0][sel] - y0, cosmic[1][sel]), cosmic[2][sel])
-            np.minimum(e, full_well, out=e)
-            adu = e * inv_gain
-            adu += bias_cols[None, :]
-            if rn_adu > 0:
-                adu += rn_adu * rng.standard_normal((y1 - y0, nx), dtype=np.float32)
-            np.rint(adu, out=adu)
-            np.clip(adu, 0.0, 65535.0, out=adu)
-            out[y0:y1] = adu.astype(np.uint16)
-
-        n_blocks = (ny + BLOCK_ROWS - 1) // BLOCK_ROWS
-        if self.threads > 1:
-            with ThreadPoolExecutor(self.threads) as pool:
-                list(pool.map(block, range(n_blocks)))
-        else:
-            for b in range(n_blocks):
-                block(b)
-        return out
-
-    def _cosmic(self, index_keys: tuple[int, ...], mean_count: float
-                ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]] | None:
+    def _cosmic(self, index_keys: tuple[int, ...], mean_count: float) -> CosmicHits | None:
         hits = sky.cosmic_hits(stream_rng(self.seed, sky.STREAM_COSMIC, *index_keys),
                                self.config.shape, mean_count)
         return hits if len(hits[0]) else None
@@ -702,7 +543,7 @@ class Simulator:
         def incident(y0: int, y1: int) -> NDArray[np.float32]:
             return scene.stars_img[y0:y1] + self._sky_block(scene.cloud, y0, y1)
 
-        data = self._readout((sky.STREAM_LIGHT_NOISE, index), cfg.exposure_s, cfg.ccd_temp_c,
+        data = self.sensor.readout((sky.STREAM_LIGHT_NOISE, index), cfg.exposure_s, cfg.ccd_temp_c,
                              incident, cosmic)
         cosmic_mask = None
         if cosmic is not None:
@@ -719,7 +560,7 @@ class Simulator:
         """Bias frame ``index``: 0 s, bias + column pattern + read noise."""
         self._check_index(index)
         cfg = self.config
-        data = self._readout((sky.STREAM_BIAS_NOISE, index), 0.0, cfg.ccd_temp_c, None, None)
+        data = self.sensor.readout((sky.STREAM_BIAS_NOISE, index), 0.0, cfg.ccd_temp_c, None, None)
         start = self._start + timedelta(hours=11, seconds=index * 2.0)
         return SimFrame(data, self.header(IMAGETYP_BIAS, 0.0, start, index=index), None)
 
@@ -743,7 +584,7 @@ class Simulator:
             raise ValueError(f"dark exposure must be >= 0 s, got {exp_s}")
         keys = (round(exp_s * 1000), zigzag(round(temp * 1000)), index)
         cosmic = self._cosmic((1, *keys), cfg.cosmic_rays_per_frame * exp_s / cfg.exposure_s)
-        data = self._readout((sky.STREAM_DARK_NOISE, *keys), exp_s, temp, None, cosmic)
+        data = self.sensor.readout((sky.STREAM_DARK_NOISE, *keys), exp_s, temp, None, cosmic)
         start = self._start + timedelta(hours=11, minutes=10,
                                         seconds=index * (exp_s + 5.0))
         return SimFrame(data, self.header(IMAGETYP_DARK, exp_s, start, ccd_temp_c=temp,
@@ -762,7 +603,7 @@ class Simulator:
         def incident(y0: int, y1: int) -> NDArray[np.float32]:
             return np.full((y1 - y0, cfg.width), level, dtype=np.float32)
 
-        data = self._readout((sky.STREAM_FLAT_NOISE, index), cfg.flat_exposure_s,
+        data = self.sensor.readout((sky.STREAM_FLAT_NOISE, index), cfg.flat_exposure_s,
                              cfg.ccd_temp_c, incident, None)
         start = self._start - timedelta(hours=1) + timedelta(
             seconds=index * (cfg.flat_exposure_s + 3.0))
@@ -773,7 +614,7 @@ class Simulator:
         """Dark flat ``index``: a dark at the flats' exposure and the lights' temperature."""
         self._check_index(index)
         cfg = self.config
-        data = self._readout((sky.STREAM_DARKFLAT_NOISE, index), cfg.flat_exposure_s,
+        data = self.sensor.readout((sky.STREAM_DARKFLAT_NOISE, index), cfg.flat_exposure_s,
                              cfg.ccd_temp_c, None, None)
         start = self._start + timedelta(hours=12, seconds=index * (cfg.flat_exposure_s + 3.0))
         return SimFrame(data, self.header(IMAGETYP_DARKFLAT, cfg.flat_exposure_s, start,

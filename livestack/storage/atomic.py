@@ -32,6 +32,48 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _storage_error(path: Path, what: str, exc: OSError) -> StorageError:
+    """The writers' one error: the path, what was written and the OS reason."""
+    # astropy re-raises write errors as a bare OSError(message): keep that message.
+    return StorageError(f"{path}: cannot write {what}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def _temp_file(path: Path, what: str, mode: int, prefix: str | None,
+               then: Callable[[Path], None] | None = None) -> Iterator[tuple[int, Path]]:
+    """Yield ``(fd, temp_path)`` of a new temp file next to ``path``: both writers' set-up.
+
+    The file is created with ``mkstemp`` in ``path``'s folder (prefix ``prefix`` or
+    ``".<name>."``, suffix ``".tmp"``) and given ``mode``; ``fd`` is closed when the block
+    ends, then ``then(temp_path)`` runs (the rename; a close error stops it). If the
+    set-up, the block or ``then`` raises, the temp file is removed.
+
+    Raises
+    ------
+    StorageError
+        Any ``OSError`` from the set-up, the block, closing or ``then``, naming ``path``.
+    """
+    tmp: Path | None = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp",
+                                        dir=path.parent)
+        tmp = Path(tmp_name)
+        try:
+            os.fchmod(fd, mode)
+            yield fd, tmp
+        finally:
+            os.close(fd)
+        if then is not None:
+            then(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if isinstance(exc, OSError):
+            raise _storage_error(path, what, exc) from exc
+        raise
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, *, what: str = "file", mode: int = 0o644,
                  prefix: str | None = None,
@@ -65,29 +107,16 @@ def atomic_write(path: str | Path, *, what: str = "file", mode: int = 0o644,
         Any ``OSError`` while writing, syncing or renaming.
     """
     path = Path(path)
-    tmp: Path | None = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp",
-                                        dir=path.parent)
-        tmp = Path(tmp_name)
-        try:
-            os.fchmod(fd, mode)
-            yield fd, tmp
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+
+    def publish(tmp: Path) -> None:
         if before_replace is not None:
             before_replace(tmp)
         os.replace(tmp, path)
-        tmp = None
-        fsync_dir(path.parent)
-    except OSError as exc:
-        # astropy re-raises write errors as a bare OSError(message): keep that message.
-        raise StorageError(f"{path}: cannot write {what}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+
+    with _temp_file(path, what, mode, prefix, then=publish) as (fd, tmp):
+        yield fd, tmp
+        os.fsync(fd)
+    fsync_dir(path.parent)
 
 
 class StagedFile:
@@ -133,8 +162,7 @@ class StagedFile:
             fsync_dir(self.path.parent)
         except OSError as exc:
             self.discard()
-            raise StorageError(f"{self.path}: cannot write {self.what}: "
-                               f"{exc.strerror or exc}") from exc
+            raise _storage_error(self.path, self.what, exc) from exc
 
     def discard(self) -> None:
         """Remove the temporary file (it was superseded or the write is abandoned)."""
@@ -166,22 +194,6 @@ def stage_write(path: str | Path, write: Callable[[int], None], *, what: str = "
         Any ``OSError`` while writing (disk full, permissions); the temp file is removed.
     """
     path = Path(path)
-    tmp: Path | None = None
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp",
-                                        dir=path.parent)
-        tmp = Path(tmp_name)
-        try:
-            os.fchmod(fd, mode)
-            write(fd)
-        finally:
-            os.close(fd)
-        staged = StagedFile(path, tmp, what)
-        tmp = None
-        return staged
-    except OSError as exc:
-        raise StorageError(f"{path}: cannot write {what}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    with _temp_file(path, what, mode, prefix) as (fd, tmp):
+        write(fd)
+    return StagedFile(path, tmp, what)

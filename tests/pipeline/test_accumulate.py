@@ -422,10 +422,10 @@ def test_preview_mean_equals_block_average_of_mean() -> None:
 
 def test_warm_up_preview_replayed_in_bands_equals_the_whole_replay(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import livestack.pipeline.accumulate as acc
+    import livestack.pipeline.warmup as warmup
     from livestack.pipeline.kernels_binning import block_mean
 
-    monkeypatch.setattr(acc, "_PREVIEW_BAND_ROWS", 5)  # many bands, a ragged last one
+    monkeypatch.setattr(warmup, "_PREVIEW_BAND_ROWS", 5)  # many bands, a ragged last one
     rng = np.random.default_rng(23)
     for shape in ((101, 77), (3, 64, 90)):
         stack = RunningStack(shape, StackConfig(warmup_frames=5))
@@ -445,6 +445,17 @@ def test_warm_up_preview_replayed_in_bands_equals_the_whole_replay(
             assert np.array_equal(np.isnan(got), np.isnan(expected))
             assert np.allclose(got[~np.isnan(got)], expected[~np.isnan(expected)], rtol=1e-6)
         assert stack.reject_high_map().sum() > 0  # the trail was rejected
+
+
+@pytest.mark.parametrize("config", [StackConfig(), StackConfig(method="mean")])
+def test_the_preview_of_an_empty_stack_is_blank_like_its_mean(config: StackConfig) -> None:
+    # Before the first frame (e.g. a daemon asked for a preview at once) there is no
+    # warm-up buffer yet: no crash, NaN blocks of the usual shape, as mean() is all NaN.
+    stack = RunningStack((3, 50, 81), config)
+    assert np.isnan(stack.mean()).all()
+    got = stack.preview_mean(40)
+    assert got.shape == (3, 50 // 3, 81 // 3) and got.dtype == np.float32
+    assert np.isnan(got).all()
 
 
 # ------------------------------------------------------------ seeding from a batch result
