@@ -15,6 +15,9 @@ machine load hits both alike) and prints the median ms of each and their ratio:
 * ``refine`` alone: the numpy oracle against the kernel on the same candidates;
 * ``register`` with each path's stars: ms and the error against the true transform
   (RMS over a grid covering the frame);
+* ``measure: trail test``: measure without the satellite-trail test (old) and with it
+  (new), on the frame and on the frame crossed by a satellite trail (600 ADU/px): the
+  trail test's cost and what it changes;
 * baseline in the same run: ``astroalign.find_transform`` on the 50 brightest (x, y)
   of each frame, which recomputes the reference's invariants.
 
@@ -35,6 +38,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,16 +62,28 @@ def old_refinement() -> Iterator[None]:
         detect._refine = saved
 
 
-def paired(old: Callable[[], Any], new: Callable[[], Any], repeat: int
-           ) -> tuple[float, float, Any, Any]:
-    """Median ms of ``old`` and ``new`` run alternately after a warm-up, and their results."""
-    with old_refinement():
+@contextmanager
+def no_trail_test() -> Iterator[None]:
+    """Detection without the satellite-trail test (``detect._on_trail`` drops nothing)."""
+    saved = detect._on_trail
+    detect._on_trail = lambda x, *_args: np.zeros(len(x), dtype=bool)
+    try:
+        yield
+    finally:
+        detect._on_trail = saved
+
+
+def paired(old: Callable[[], Any], new: Callable[[], Any], repeat: int,
+           before: Callable[[], Any] = old_refinement) -> tuple[float, float, Any, Any]:
+    """Median ms of ``old`` and ``new`` run alternately after a warm-up, and their results;
+    ``old`` runs inside the context ``before()`` (default: the old refinement)."""
+    with before():
         r_old = old()
     r_new = new()
     t_old: list[float] = []
     t_new: list[float] = []
     for _ in range(repeat):
-        with old_refinement():
+        with before():
             t0 = time.perf_counter()
             r_old = old()
             t_old.append(time.perf_counter() - t0)
@@ -173,6 +189,34 @@ def main() -> None:
         f"{float(np.max(np.abs(r_old['xy'][r_new['keep']] - r_new['xy'][r_new['keep']]))):.1e}"
         " px")
 
+    # The satellite-trail test (pipeline/trails.py): the same measure without it (old)
+    # and with it (new), on the frame and on the frame crossed by a satellite trail.
+    ms_old, ms_new, (st_a, m_a), (st_b, m_b) = paired(
+        lambda: measure(frm, cfg), lambda: measure(frm, cfg), args.repeat, no_trail_test)
+    row("measure: trail test", ms_old, ms_new,
+        f"same stars: {bool(np.array_equal(st_a.xy, st_b.xy))}, elongation "
+        f"{m_a.elongation:.4f} | {m_b.elongation:.4f}")
+    from livestack.sim.sky import Trail, render_trail
+
+    sat = frm.copy()
+    trail_mask = np.zeros(sat.shape, dtype=bool)
+    render_trail(sat, trail_mask, Trail(0.45 * nx, 0.55 * ny, 162.0, 600.0, 1.8))
+    ms_old, ms_new, (st_a, m_a), (st_b, m_b) = paired(
+        lambda: measure(sat, cfg), lambda: measure(sat, cfg), args.repeat, no_trail_test)
+    near = ndimage.binary_dilation(trail_mask, iterations=3)
+
+    def on_trail(stars: StarList) -> int:
+        ij = np.rint(stars.xy).astype(np.intp)
+        return int(np.count_nonzero(near[ij[:, 1], ij[:, 0]]))
+
+    row("measure: trail test, +sat.", ms_old, ms_new,
+        f"elongation {m_a.elongation:.4f} | {m_b.elongation:.4f}, stars on the trail "
+        f"{on_trail(st_a)}/{len(st_a)} | {on_trail(st_b)}/{len(st_b)}")
+    for name, image in (("frame", frm), ("+sat.", sat)):
+        ms_test, n_cand = trail_test_ms(image, cfg, args.repeat)
+        print(f"{'  of which the trail test':26s} {'':8s} {ms_test:8.2f} {'':9s}  {name}: "
+              f"{n_cand} candidates tested")
+
     ref_stars, _ = measure(ref)
     registrar = Registrar(ref_stars, ref, RegisterConfig())
     ys, xs = np.mgrid[0:ny:100, 0:nx:100]
@@ -198,6 +242,32 @@ def main() -> None:
               f"{ms_aa / ms_new:.1f}x slower)")
     except ImportError:
         print("(astroalign not installed: no baseline row)")
+
+
+def trail_test_ms(image: NDArray[np.float32], config: DetectConfig,
+                  repeat: int) -> tuple[float, int]:
+    """Median ms of ``detect._on_trail`` (the trail test on the peak pass's catalogue)
+    inside :func:`measure`, and the number of candidates it tested."""
+    saved = detect._on_trail
+    times: list[float] = []
+    sizes: list[int] = []
+
+    def timed_test(x: NDArray[np.float64], *args: Any) -> NDArray[np.bool_]:
+        t0 = time.perf_counter()
+        out = saved(x, *args)
+        times.append(time.perf_counter() - t0)
+        sizes.append(len(x))
+        return out
+
+    detect._on_trail = timed_test
+    try:
+        for _ in range(repeat + 1):
+            measure(image, config)
+    finally:
+        detect._on_trail = saved
+    n_calls = len(times) // (repeat + 1)  # the probe and the final pass share one call
+    per_measure = [sum(times[i:i + n_calls]) for i in range(n_calls, len(times), n_calls)]
+    return 1000.0 * statistics.median(per_measure), max(sizes)
 
 
 def detect_stars_legacy(image: NDArray[np.float32], config: DetectConfig

@@ -20,8 +20,8 @@ from livestack.cli import build_parser, cmd_run
 from livestack.config import config_from_dict
 from livestack.errors import UsageError
 from livestack.sim import SimConfig, write_calibration_set, write_sequence
-from tests.test_daemon import Daemon as RunProcess
-from tests.test_daemon import wait_rows
+from tests.daemon_helpers import Daemon as RunProcess
+from tests.daemon_helpers import wait_rows
 
 SIM = SimConfig(width=200, height=150, n_stars=120)
 

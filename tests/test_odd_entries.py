@@ -19,7 +19,7 @@ from astropy.io import fits
 
 from livestack.engine.core import Engine
 from livestack.service.watcher import FrameWatcher
-from tests.test_daemon import copy_frames, frames, make_config, run_daemon
+from tests.daemon_helpers import copy_frames, frames, make_config, run_daemon
 
 __all__ = ["frames"]
 

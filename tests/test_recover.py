@@ -15,7 +15,7 @@ from livestack.engine.state import FITS_NAME
 from livestack.errors import JournalError, UsageError
 from livestack.recover import journal_problem, recover
 from livestack.storage.stackfits import read_stack_fits
-from tests.test_daemon import assert_same_image, copy_frames, frames, make_config
+from tests.daemon_helpers import assert_same_image, copy_frames, frames, make_config
 
 __all__ = ["frames"]
 

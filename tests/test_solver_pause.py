@@ -15,8 +15,8 @@ from astropy.io import fits
 from livestack.pipeline.types import StarList
 from livestack.sim.tycho import Catalogue, render_field, tan_cards
 from livestack.storage.solver import ChildPause, SolveHints, SolveResult, solve_stars
+from tests.daemon_helpers import Daemon
 from tests.storage.test_solver import INDEX_DIR, require_solver
-from tests.test_daemon import Daemon
 
 
 def _states(pgid: int) -> dict[int, str]:
@@ -168,7 +168,7 @@ def test_sigterm_with_a_stuck_worker_leaves_no_solve_field(tmp_path: Path) -> No
         assert _wait_for(lambda: all(set(_states(g).values()) == {"T"} for g in groups)), \
             [_states(g) for g in groups]
         d.proc.send_signal(signal.SIGTERM)
-        # The stop limit is tested in test_daemon; here only what is left behind.
+        # The stop limit is tested in test_daemon_process; here only what is left behind.
         code = d.proc.wait(timeout=30.0)
         left = [] if _wait_for(lambda: not any(_states(g) for g in groups)) \
             else [_states(g) for g in groups]

@@ -14,7 +14,7 @@ from astropy.io import fits
 from livestack.engine.core import Engine
 from livestack.engine.state import FITS_NAME
 from livestack.storage.stackcheck import stack_fits_matches
-from tests.test_daemon import copy_frames, frames, make_config
+from tests.daemon_helpers import copy_frames, frames, make_config
 
 __all__ = ["frames"]
 

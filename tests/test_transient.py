@@ -24,9 +24,9 @@ from livestack.errors import JournalFullError
 from livestack.service.events import event_to_dict
 from livestack.service.hub import Hub
 from livestack.service.limits import open_fd_count
-from tests.test_daemon import assert_same_image, copy_frames, frames, make_config
+from tests.daemon_helpers import assert_same_image, copy_frames, frames, make_config
 
-__all__ = ["frames"]  # the module-scoped fixture, shared with test_daemon
+__all__ = ["frames"]  # the module-scoped fixture, from tests.daemon_helpers
 
 WAIT_S = 120.0
 

@@ -9,7 +9,11 @@ and the metrics refine; sep.extract labels and deblends every object instead, ~1
 (sep.Background) is measured on an 8x8 grid subsampled from the 4x4 copy and resampled,
 and the automatic binning probes the star size on the 30 brightest 4x4 detections before
 choosing 4x4, 2x2 or none. Everything that needs precision then happens on small
-full-resolution stamps around the candidates (``kernels_detect``, parallel over stars):
+full-resolution stamps around the candidates (``kernels_detect``, parallel over stars).
+Before that, both paths drop the fragments of satellite and aircraft trails from the
+catalogue (:func:`livestack.pipeline.trails.find_trails`: elongated detections on one
+narrow straight line, oriented along it), so that neither registration nor the metrics
+see them, however many of them there are; then:
 
 * a Gaussian-windowed centroid (the same fixed point as sep.winpos / SExtractor XWIN)
   after subtracting the local sky from sep's background map, so registration reaches a
@@ -122,7 +126,8 @@ def detect_stars(image: NDArray[np.float32],
     -------
     stars : StarList
         Brightest first, full-resolution coordinates; hot pixels, saturated stars,
-        deblended pairs and streak fragments are excluded.
+        deblended pairs, satellite/aircraft trail fragments (and stars a trail crosses,
+        :mod:`livestack.pipeline.trails`) and streak fragments are excluded.
     background_adu : float
         Global sky median in ADU (NaN when the frame has no finite pixel).
     noise_adu : float
@@ -397,10 +402,14 @@ def _candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,
     if objects is None or len(objects) == 0:
         return none
 
-    # Catalogue-level junk cuts: deblended pairs, edge-truncated objects, streak fragments.
+    # Catalogue-level junk cuts: deblended pairs, edge-truncated objects, trail fragments
+    # (before the relative streak cut, whose median they could otherwise set).
     ok = (objects["flag"] & (sep.OBJ_MERGED | sep.OBJ_TRUNC)) == 0
     ab = objects["a"] / np.maximum(objects["b"], 1e-6)
-    ok &= ab < max(3.0, 2.0 * float(np.median(ab)))
+    ok &= ~_on_trail(objects["x"], objects["y"], objects["theta"], ab, factor)
+    if not ok.any():
+        return none
+    ok &= ab < max(3.0, 2.0 * float(np.median(ab[ok])))
     objects = objects[ok]
     if len(objects) == 0:
         return none
@@ -424,7 +433,7 @@ def _peak_candidates(binned: NDArray[np.float32], config: DetectConfig, factor: 
     marks peaks in one streaming kernel pass and keeps only the brightest few hundred,
     which is all that registration and the metrics refine. Returns the same catalogue
     fields sep gives (``x``, ``y``, ``flux``, ``a``, ``b`` in binned pixels), brightest
-    first, after the same streak cut (``a / b`` against the field's median).
+    first, after the same trail test and streak cut (``a / b`` against the field's median).
     """
     from livestack.pipeline import kernels_binning as kb  # numba only when detecting
 
@@ -476,7 +485,10 @@ def _peak_candidates(binned: NDArray[np.float32], config: DetectConfig, factor: 
     a = np.sqrt(np.maximum(half_tr + disc, 1e-12))
     b = np.sqrt(np.maximum(half_tr - disc, 1e-12))
     ab = a / b
-    ok = ab < max(3.0, 2.0 * float(np.median(ab)))
+    ok = ~_on_trail(cx, cy, 0.5 * np.arctan2(2.0 * mxy, mxx - myy), ab, factor)
+    if not ok.any():
+        return none
+    ok &= ab < max(3.0, 2.0 * float(np.median(ab[ok])))
     # sep's a, b (the size guess of _refine_candidates) carry no pixel box.
     a = np.sqrt(np.maximum(half_tr + disc - 1.0 / 12.0, 1e-6))
     b = np.sqrt(np.maximum(half_tr - disc - 1.0 / 12.0, 1e-6))
@@ -491,6 +503,28 @@ def _peak_candidates(binned: NDArray[np.float32], config: DetectConfig, factor: 
     objects["a"] = a[ok]
     objects["b"] = b[ok]
     return objects[:need], sky
+
+
+#: Half-width (binned px, at least ``_TRAIL_BAND_MIN_PX`` full-resolution px) of the band
+#: around a trail in which detections are its fragments: the binned centroids of a 1-2 px
+#: wide trail scatter by a fraction of a binned pixel across it.
+_TRAIL_BAND_BINNED = 2.0
+_TRAIL_BAND_MIN_PX = 4.0
+
+
+def _on_trail(x: NDArray[np.float64], y: NDArray[np.float64], theta: NDArray[np.float64],
+              ab: NDArray[np.float64], factor: int) -> NDArray[np.bool_]:
+    """Catalogue entries (binned px ``x``, ``y``; orientation ``theta`` in radians; axis
+    ratio ``ab``) that lie on a satellite or aircraft trail (:func:`trails.find_trails`)."""
+    from livestack.pipeline.trails import find_trails
+
+    half = (factor - 1) / 2.0
+    xy = np.column_stack([np.asarray(x, dtype=np.float64) * factor + half,
+                          np.asarray(y, dtype=np.float64) * factor + half])
+    band = max(_TRAIL_BAND_BINNED * factor, _TRAIL_BAND_MIN_PX)
+    on_trail, _lines = find_trails(xy, np.asarray(theta, dtype=np.float64),
+                                   np.asarray(ab, dtype=np.float64), band)
+    return on_trail
 
 
 def _refine_candidates(img: NDArray[np.float32], config: DetectConfig, factor: int,

@@ -12,8 +12,8 @@ import signal
 import subprocess
 from pathlib import Path
 
+from tests.daemon_helpers import Daemon as CliProcess
 from tests.service.test_viewer_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, _require_chromium
-from tests.test_daemon import Daemon as CliProcess
 
 #: The demo's cloudy frame (``livestack.cli.DEMO_SKY``) and its first satellite frames.
 CLOUD_FRAME = 10
