@@ -19,7 +19,8 @@ from livestack.pipeline.debayer import _as_cfa, cfa_color_map, rcd_eps
 BORDER = kd.BORDER
 
 
-def rcd_multipass(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:
+def rcd_multipass(cfa: np.ndarray, pattern: str, green_diagonals: bool = True
+                  ) -> NDArray[np.float32]:
     """RCD demosaic of a finite CFA frame by the four separate passes.
 
     Parameters
@@ -28,11 +29,13 @@ def rcd_multipass(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:
         Finite mosaic (ADU), both sides larger than ``2 * BORDER``.
     pattern : str
         Effective Bayer pattern.
+    green_diagonals : bool
+        PQ from the green neighbours' diagonals (``kernels_demosaic.rcd``).
 
     Returns
     -------
     ndarray, shape (3, ny, nx), float32
-        As ``debayer(cfa, pattern, "rcd")``.
+        As ``debayer(cfa, pattern, "rcd", green_diagonals)``.
 
     Raises
     ------
@@ -46,11 +49,11 @@ def rcd_multipass(cfa: np.ndarray, pattern: str) -> NDArray[np.float32]:
     eps = rcd_eps(data)
     vh = np.empty(data.shape, dtype=np.float32)
     lpf = np.empty(data.shape, dtype=np.float32)
-    rcd_directions(data, cmap, eps * eps, vh, False)
+    rcd_directions(data, cmap, eps * eps, vh, False, False)
     rcd_lowpass(data, cmap, lpf)
     rcd_green(data, cmap, vh, lpf, eps, out)
     pq = lpf  # the low-pass is not needed after the green pass
-    rcd_directions(data, cmap, eps * eps, pq, True)
+    rcd_directions(data, cmap, eps * eps, pq, True, green_diagonals)
     rcd_red_blue_diagonal(cmap, pq, eps, out)
     rcd_red_blue_green_sites(cmap, vh, eps, out)
     return out
@@ -69,7 +72,7 @@ def _hpf_sq(cfa: np.ndarray, y: int, x: int, dy: int, dx: int) -> float:
 
 @njit(cache=True, nogil=True, fastmath=False, parallel=True)
 def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, table: np.ndarray,
-                   diagonal: bool) -> None:
+                   diagonal: bool, green: bool) -> None:
     """RCD step 1 (``VH = V / (V + H)`` at every pixel) or 4.0 (``PQ = P / (P + Q)`` at
     R/B sites, P along the main diagonal), at rows and columns 4..n-5.
 
@@ -87,6 +90,9 @@ def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, table: np.nd
         Output (VH, or PQ at R/B sites only).
     diagonal : bool
         False: VH (first axis vertical, second horizontal); True: PQ (the diagonals).
+    green : bool
+        With ``diagonal``: each statistic summed over the four green neighbours of the
+        R/B site (up, down, left, right) instead of the site and its diagonal neighbours.
     """
     ny, nx = cfa.shape
     if ny < 9 or nx < 9:
@@ -101,10 +107,12 @@ def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, table: np.nd
         second = np.zeros((3, nx))  # along (d, 1 - 2d): horizontal or anti-diagonal
         for y in range(y_start - 1, y_stop + 1):
             row = y % 3
-            # PQ is read only at R/B sites, whose diagonal neighbours are R/B sites too.
+            # PQ is read only at R/B sites: it sums the high-passes of their diagonal
+            # neighbours (R/B sites) or, with `green`, of their four green neighbours.
             h_start, h_step = 3, 1
             if diagonal:
-                h_start, h_step = (3 if cmap[y & 1, 1] != 1 else 4), 2
+                wanted = (cmap[y & 1, 1] == 1) == green  # column 3 is a site to filter
+                h_start, h_step = (3 if wanted else 4), 2
             for x in range(h_start, nx - 3, h_step):
                 first[row, x] = _hpf_sq(cfa, y, x, 1, d)
                 second[row, x] = _hpf_sq(cfa, y, x, d, 1 - 2 * d)
@@ -117,8 +125,12 @@ def rcd_directions(cfa: np.ndarray, cmap: np.ndarray, epssq: float, table: np.nd
             if diagonal:
                 start, step = (4 if cmap[yc & 1, 0] != 1 else 5), 2
             for x in range(start, nx - 4, step):
-                a = max(up[x - d] + mid[x] + down[x + d], epssq)
-                c = max(s_up[x + 1] + s_mid[x] + s_down[x - 1], epssq)
+                if diagonal and green:
+                    a = max(up[x] + down[x] + mid[x - 1] + mid[x + 1], epssq)
+                    c = max(s_up[x] + s_down[x] + s_mid[x - 1] + s_mid[x + 1], epssq)
+                else:
+                    a = max(up[x - d] + mid[x] + down[x + d], epssq)
+                    c = max(s_up[x + 1] + s_mid[x] + s_down[x - 1], epssq)
                 table[yc, x] = np.float32(a / (a + c))
 
 

@@ -247,7 +247,8 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
             calibrated = correct_defects(calibrated, hot, info.bayer_pattern, copy=False)
     image: NDArray[np.float32] = calibrated
     if info.bayer_pattern:
-        image = debayer(calibrated, info.bayer_pattern, config.debayer.method)
+        image = debayer(calibrated, info.bayer_pattern, config.debayer.method,
+                        config.debayer.rcd_green_diagonals)
     if config.gradient.enabled:
         mesh = config.gradient.mesh_px
         if image.ndim == 3:

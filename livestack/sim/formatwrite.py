@@ -46,7 +46,8 @@ def _exposure_s(frame: SimFrame) -> float:
     return float(str(frame.header["EXPTIME"]))
 
 
-def rgb_frame(frame: SimFrame, method: str = DEFAULT_METHOD) -> SimFrame:
+def rgb_frame(frame: SimFrame, method: str = DEFAULT_METHOD,
+              rcd_green_diagonals: bool = False) -> SimFrame:
     """The colour frame a camera's software would save from a CFA frame: debayered RGB.
 
     Parameters
@@ -55,7 +56,12 @@ def rgb_frame(frame: SimFrame, method: str = DEFAULT_METHOD) -> SimFrame:
         A CFA frame (its header has BAYERPAT).
     method : str
         Demosaic method (:func:`livestack.pipeline.debayer.debayer`); the default is the
-        pipeline's, so an RGB night matches its FITS CFA original but for rounding.
+        pipeline's, so an RGB night matches its FITS CFA original stacked with the same
+        demosaic but for rounding.
+    rcd_green_diagonals : bool
+        The camera's software runs RCD as published (False) unless told otherwise: the
+        pipeline's default diagonal statistic (True) is livestack's own, and the files a
+        camera writes do not change with it.
 
     Returns
     -------
@@ -71,7 +77,8 @@ def rgb_frame(frame: SimFrame, method: str = DEFAULT_METHOD) -> SimFrame:
     pattern = frame.header.get("BAYERPAT")
     if not pattern:
         raise ValueError("rgb_frame needs a CFA frame (BAYERPAT)")
-    rgb = debayer(np.asarray(frame.data, dtype=np.float32), str(pattern), method)
+    rgb = debayer(np.asarray(frame.data, dtype=np.float32), str(pattern), method,
+                  rcd_green_diagonals)
     data = np.clip(np.rint(rgb), 0, 65535).astype(np.uint16)
     header = {k: v for k, v in frame.header.items()
               if k not in ("BAYERPAT", "XBAYROFF", "YBAYROFF", "ROWORDER")}

@@ -192,13 +192,15 @@ def test_small_frames_and_nan_pixels() -> None:
         debayer(big, "RGGB", "vng")
 
 
+@pytest.mark.parametrize("green_diagonals", [True, False])
 @pytest.mark.parametrize("pattern", BAYER_PATTERNS)
 @pytest.mark.parametrize("shape", [(11, 11), (12, 13), (40, 37), (97, 130)])
-def test_fused_rcd_is_bit_identical_to_the_four_passes(pattern: str,
-                                                       shape: tuple[int, int]) -> None:
+def test_fused_rcd_is_bit_identical_to_the_four_passes(pattern: str, shape: tuple[int, int],
+                                                       green_diagonals: bool) -> None:
     """The one-sweep kernel equals the four-pass RCD it replaced, bit for bit, however the
     rows are split into bands (a band recomputes the rows around it), on noisy frames with
-    stars, negative values (calibrated sky) and a saturated plateau."""
+    stars, negative values (calibrated sky) and a saturated plateau; with the diagonal
+    discrimination from the green neighbours and with the published one."""
     rng = np.random.default_rng(sum(shape) + BAYER_PATTERNS.index(pattern))
     cfa = rng.normal(50.0, 40.0, shape).astype(np.float32)
     ny, nx = shape
@@ -206,15 +208,52 @@ def test_fused_rcd_is_bit_identical_to_the_four_passes(pattern: str,
         y, x = rng.integers(0, ny), rng.integers(0, nx)
         cfa[max(y - 2, 0):y + 2, max(x - 1, 0):x + 3] += rng.uniform(500.0, 20000.0)
     cfa[ny // 2:ny // 2 + 4, nx // 3:nx // 3 + 4] = 65535.0
-    expected = rcd_multipass(cfa, pattern)
-    np.testing.assert_array_equal(debayer(cfa, pattern, "rcd"), expected)
+    expected = rcd_multipass(cfa, pattern, green_diagonals)
+    np.testing.assert_array_equal(debayer(cfa, pattern, "rcd", green_diagonals), expected)
     cmap = cfa_color_map(pattern)
     for band_rows in (1, 3, 7, 16, ny):
         out = np.full((3, ny, nx), np.nan, dtype=np.float32)
-        kd.rcd(cfa, cmap, rcd_eps(cfa), out, band_rows)
+        kd.rcd(cfa, cmap, rcd_eps(cfa), out, band_rows, green_diagonals)
         np.testing.assert_array_equal(out, expected, err_msg=f"band_rows={band_rows}")
-    # The oracle differs from bilinear (so the equality above could fail).
+    # The oracle differs from bilinear and from the other diagonal statistic (so the
+    # equalities above could fail).
     assert not np.array_equal(expected, debayer(cfa, pattern, "bilinear"))
+    if min(shape) > 2 * kd.BORDER + 4:
+        assert not np.array_equal(expected, rcd_multipass(cfa, pattern, not green_diagonals))
+
+
+@pytest.mark.parametrize("pattern", ["GRBG", "RGGB"])
+def test_green_diagonals_lower_the_noise_and_keep_stars_sharp(pattern: str) -> None:
+    """RCD's diagonal discrimination from the green neighbours: on a noisy coloured flat,
+    R at B sites and B at R sites scatter less than with the published statistic on the
+    sites' own alternating R/B diagonals (measured 3-5 % less), while noisy coloured stars
+    keep their width and flux (within 1 %) and the default is the green one."""
+    assert DebayerConfig().rcd_green_diagonals is True
+    rng = np.random.default_rng(21)
+    scene = np.broadcast_to(np.array([1300.0, 1000.0, 800.0])[:, None, None], (3, 320, 320))
+    cfa = _mosaic(scene, pattern) + rng.normal(0.0, 30.0, (320, 320)).astype(np.float32)
+    codes = cfa_channel_masks(pattern, cfa.shape)[INNER]
+    scatter = {}
+    for green in (True, False):
+        rgb = debayer(cfa, pattern, "rcd", green)[(slice(None), *INNER)]
+        scatter[green] = (float(np.std(rgb[0][codes == 2])), float(np.std(rgb[2][codes == 0])))
+    for k in range(2):
+        assert scatter[True][k] < 0.98 * scatter[False][k], scatter
+    sigma_px = 2.4 / 2.3548
+    widths: dict[bool, list[float]] = {True: [], False: []}
+    fluxes: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(8):
+        x0, y0 = rng.uniform(18.0, 22.0, size=2)
+        star = _mosaic(_star_scene(x0, y0, sigma_px, (40, 40)), pattern)
+        star += rng.normal(0.0, 20.0, star.shape).astype(np.float32)
+        for green in (True, False):
+            lum = luminance(debayer(star, pattern, "rcd", green)).astype(np.float64)
+            widths[green].append(_second_moment_fwhm(lum, x0, y0))
+            fluxes[green].append(float((lum[12:29, 12:29] - 100.0).sum()))
+    width_ratio = np.median(np.array(widths[True]) / np.array(widths[False]))
+    flux_ratio = np.median(np.array(fluxes[True]) / np.array(fluxes[False]))
+    assert abs(width_ratio - 1.0) < 0.01 and abs(flux_ratio - 1.0) < 0.01, (width_ratio,
+                                                                          flux_ratio)
 
 
 def test_auto_is_rcd_up_to_8_mp_and_malvar_above(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -239,6 +278,8 @@ def test_config_key_validated_with_its_path() -> None:
     assert cfg.pipeline.debayer.method == "bilinear"
     with pytest.raises(ConfigError, match=r"pipeline\.debayer\.method"):
         config_from_dict({"pipeline": {"debayer": {"method": "vng"}}})
+    cfg = config_from_dict({"pipeline": {"debayer": {"rcd_green_diagonals": False}}})
+    assert cfg.pipeline.debayer.rcd_green_diagonals is False
 
 
 def test_session_uses_the_configured_method() -> None:
