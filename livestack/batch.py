@@ -48,7 +48,6 @@ def stack_files(config: Config, files: Iterable[Path], output_root: Path, *,
             row = engine.process_path(frame)
             if progress is not None:
                 progress(i, total, row)
-        engine.reader.release()
         for rt in engine.runtimes.values():
             rt.session.release_scratch()  # the last frame is in: the solve and writes peak less
         engine.solving.drain()  # batch: the stack.fits written next carries the WCS

@@ -168,7 +168,7 @@ class Ingest:
         self.open_row = row_id
         engine.crash_pause("read", self.journal)
         try:
-            raw, info = engine.reader.read(spath, reuse=True)
+            raw, info = engine.reader.read(spath)
         except FrameError as exc:
             return self.finish_failure(row_id, spath, exc.reason, exc.message)
         if info.image_type in CALIBRATION_TYPES:
@@ -195,9 +195,8 @@ class Ingest:
             engine.forget_runtime(rt)  # it may hold part of the frame: rebuilt from the journal
             raise DescriptorsExhaustedError(f"{spath}: {exc.strerror}") from None
         engine.crash_pause("accumulate", self.journal)
-        row = self._after_outcome(rt, row_id, info, outcome, read_ms=(t_read - t0) * 1e3, t0=t0)
-        engine.reader.recycle(raw)  # calibrated in place, done with: the next read reuses it
-        return row
+        return self._after_outcome(rt, row_id, info, outcome,
+                                   read_ms=(t_read - t0) * 1e3, t0=t0)
 
     def _record_failure(self, path: str, size: int | None, mtime_ns: int | None,
                         sha: str | None, reason: Reason, message: str, *,

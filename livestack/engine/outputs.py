@@ -68,7 +68,6 @@ class Outputs:
         now = time.monotonic()
         for rt in engine.runtimes.values():
             rt.session.release_scratch()  # no frame waits: the warp buffer is not needed
-        engine.reader.release()  # nor the last frame's pixels kept for the next read
         engine.solving.idle()  # the solve-field stopped during frames runs again
         engine.solving.poll()
         engine.solving.route_moves()
@@ -121,7 +120,6 @@ class Outputs:
     def finalize(self) -> None:
         """Checkpoint and write ``stack.fits`` + preview for every stack with new work."""
         engine = self.engine
-        engine.reader.release()
         for rt in list(engine.runtimes.values()):
             rt.session.release_scratch()
             if rt.stack_id in engine.rebuilds:

@@ -8,7 +8,6 @@ decides which masters calibrate a light.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import TYPE_CHECKING, Any
 
 from livestack.errors import (
@@ -21,7 +20,6 @@ from livestack.reasons import Reason
 from livestack.runopts import UNCALIBRATED_HINT, calibration_gap
 from livestack.service.limits import is_fd_exhaustion
 from livestack.storage.calibration import CalibrationRecord, open_masters
-from livestack.storage.formats import frame_format
 from livestack.storage.lights import read_light
 
 if TYPE_CHECKING:
@@ -70,32 +68,9 @@ class FrameReader:
         self.frame_masters: list[dict[str, str]] = []
         self._masters_note: dict[tuple[int, int], str] = {}
         self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
-        #: A processed frame's pixels, decoded into by the next :meth:`read` (see recycle).
-        self._spare: np.ndarray | None = None
 
-    def recycle(self, image: np.ndarray) -> None:
-        """Offer a frame's pixels, no longer needed, for the next :meth:`read` to decode into.
-
-        A fresh 104 MB frame (26 MP float32) is page-faulted in by the kernel at each read
-        (sys time, ``bench/bench_stack_dense.py``); decoding into the last frame's array
-        avoids that while frames come back to back. The array is reused only if nothing
-        else refers to it by then (no view, no session buffer).
-        """
-        self._spare = image
-
-    def release(self) -> None:
-        """Drop the recycled frame (idle, finalize): writes and solves peak without it."""
-        self._spare = None
-
-    def read(self, path: str, *, reuse: bool = False) -> tuple[np.ndarray, FrameInfo]:
+    def read(self, path: str) -> tuple[np.ndarray, FrameInfo]:
         """Read a frame read-only.
-
-        Parameters
-        ----------
-        path : str
-        reuse : bool
-            Decode into the array last given to :meth:`recycle` if the format and shape
-            allow and nothing else refers to it.
 
         Returns
         -------
@@ -111,14 +86,8 @@ class FrameReader:
         DescriptorsExhaustedError
             No file descriptor was left (never a verdict on the frame).
         """
-        spare, self._spare = self._spare, None
-        # Ours alone: this local, getrefcount's argument; a view or a holder adds one. Only
-        # plain FITS decodes into it: other formats would keep it alive while they decode.
-        if spare is not None and (not reuse or sys.getrefcount(spare) > 2
-                                  or frame_format(path) != "fits"):
-            spare = None
         try:
-            image, info = read_light(path, self.config.formats, self.masters, spare)
+            image, info = read_light(path, self.config.formats, self.masters)
         except FileNotFoundError:
             raise FrameError(Reason.VANISHED, f"{path}: the file disappeared while it was read",
                              path) from None

@@ -350,14 +350,6 @@ def _decode(buf: np.ndarray, bitpix: int, shape: tuple[int, int], bscale: float,
     """Decode a big-endian payload to native float32. Returns (image, finite count or None)."""
 
     out = np.empty(shape, dtype=np.float32)
-    return out, _decode_into(buf, bitpix, out, bscale, bzero)
-
-
-def _decode_into(buf: np.ndarray, bitpix: int, out: np.ndarray, bscale: float,
-                 bzero: float) -> int | None:
-    """Decode a big-endian payload into ``out`` (native float32, C-contiguous, written in
-    full). Returns the finite count for float data, None for integers (always finite)."""
-    shape = out.shape
     finite: int | None = None
     if bitpix == 16 and _LITTLE_ENDIAN_HOST:
         kf.decode_be_int16(buf.view(np.uint16).reshape(shape), bscale, bzero, out)
@@ -381,7 +373,7 @@ def _decode_into(buf: np.ndarray, bitpix: int, out: np.ndarray, bscale: float,
                 out *= np.float32(bscale)
                 out += np.float32(bzero)
             finite = int(np.count_nonzero(np.isfinite(out)))
-    return finite
+    return out, finite
 
 
 def _apply_blank(out: np.ndarray, buf: np.ndarray, bitpix: int, blank: int) -> None:
@@ -390,45 +382,22 @@ def _apply_blank(out: np.ndarray, buf: np.ndarray, bitpix: int, blank: int) -> N
     out[stored == blank] = np.nan
 
 
-#: Bytes of the data unit read (and decoded) at a time by :func:`_read_fast`.
-READ_CHUNK_BYTES = 4 << 20
-
-
 def _read_fast(fh: io.BufferedReader, path: Path, layout: FrameLayout, header: fits.Header,
-               shape: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
-    # Read and decode in bands of rows through one small buffer: no full-size copy of the
-    # payload (52 MB at 26 MP, page-faulted in afresh for every frame), and each band is
-    # decoded while it is still in the cache.
+               shape: tuple[int, int]) -> np.ndarray:
     nbytes = layout.data_nbytes
     fh.seek(layout.data_start)
+    buf = np.empty(nbytes, dtype=np.uint8)
+    got = fh.readinto(buf.data)
+    if got is None or got < nbytes:
+        raise _err(Reason.TRUNCATED, path, f"data unit has {got or 0} of {nbytes} bytes")
     bscale = float(header.get("BSCALE", 1.0))
     bzero = float(header.get("BZERO", 0.0))
+    out, finite = _decode(buf, layout.bitpix, shape, bscale, bzero)
     blank = header.get("BLANK")
-    use_blank = layout.bitpix > 0 and isinstance(blank, int) and not isinstance(blank, bool)
-    ny = shape[0]
-    row_bytes = nbytes // ny if ny else nbytes
-    band_rows = max(1, min(ny, READ_CHUNK_BYTES // max(row_bytes, 1)))
-    buf = np.empty(band_rows * row_bytes, dtype=np.uint8)
-    if out is None or out.shape != shape or out.dtype != np.float32 or \
-            not out.flags.c_contiguous or not out.flags.writeable:
-        out = np.empty(shape, dtype=np.float32)
-    finite_total: int | None = None  # stays None for integer data (always finite)
-    got_total = 0
-    for y0 in range(0, ny, band_rows):
-        rows = min(band_rows, ny - y0)
-        band = buf[:rows * row_bytes]
-        got = fh.readinto(band.data)
-        got_total += got or 0
-        if got is None or got < band.size:
-            raise _err(Reason.TRUNCATED, path, f"data unit has {got_total} of {nbytes} bytes")
-        finite = _decode_into(band, layout.bitpix, out[y0:y0 + rows], bscale, bzero)
-        if use_blank:
-            assert isinstance(blank, int)
-            _apply_blank(out[y0:y0 + rows], band, layout.bitpix, blank)
-            finite = int(np.count_nonzero(np.isfinite(out[y0:y0 + rows])))
-        if finite is not None:
-            finite_total = finite + (finite_total or 0)
-    if finite_total == 0:
+    if layout.bitpix > 0 and isinstance(blank, int) and not isinstance(blank, bool):
+        _apply_blank(out, buf, layout.bitpix, blank)
+        finite = int(np.count_nonzero(np.isfinite(out)))
+    if finite == 0:
         raise _err(Reason.ALL_NAN, path, "no finite pixel in the image")
     return out
 
@@ -462,8 +431,7 @@ def _read_astropy(path: Path, layout: FrameLayout) -> tuple[np.ndarray, fits.Hea
     return out, header
 
 
-def read_frame(path: Path, out: np.ndarray | None = None
-               ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
+def read_frame(path: Path) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """Read a 2-D FITS frame as native float32 with BZERO/BSCALE applied.
 
     Parameters
@@ -471,10 +439,6 @@ def read_frame(path: Path, out: np.ndarray | None = None
     path : Path
         Plain FITS (fast path for BITPIX 8/16/32/-32) or anything astropy
         reads (``.fz`` tile-compressed, BITPIX -64).
-    out : ndarray, shape (ny, nx), float32, optional
-        A C-contiguous array the fast path decodes into (and returns) when it has the
-        frame's shape: a frame no longer needed, so that a new one does not page-fault in
-        104 MB afresh at 26 MP. Ignored otherwise. Its content is undefined on error.
 
     Returns
     -------
@@ -502,7 +466,7 @@ def read_frame(path: Path, out: np.ndarray | None = None
         fast = not layout.compressed and layout.bitpix in _FAST_BITPIX
         if fast:
             header = _parse_header(layout.header_bytes, path)
-            image = _read_fast(fh, path, layout, header, shape, out)
+            image = _read_fast(fh, path, layout, header, shape)
     if not fast:
         image, header = _read_astropy(path, layout)
     return image, parse_frame_info(header, str(path), shape), header

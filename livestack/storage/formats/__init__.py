@@ -92,8 +92,8 @@ def _decode(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fit
         return read_raw(path, fmt, options)
 
 
-def read_frame(path: Path | str, options: ReadOptions | None = None,
-               out: np.ndarray | None = None) -> tuple[np.ndarray, FrameInfo, fits.Header]:
+def read_frame(path: Path | str, options: ReadOptions | None = None
+               ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """Read a frame of any supported format as native float32.
 
     Parameters
@@ -101,9 +101,6 @@ def read_frame(path: Path | str, options: ReadOptions | None = None,
     path : Path or str
     options : ReadOptions, optional
         RAW black level handling and the fall-backs for missing metadata.
-    out : ndarray, float32, optional
-        A frame no longer needed: plain FITS frames of its shape are decoded into it
-        (see :func:`livestack.storage.fitsio.read_frame`); other formats ignore it.
 
     Returns
     -------
@@ -126,7 +123,7 @@ def read_frame(path: Path | str, options: ReadOptions | None = None,
     if fmt is None:
         raise err(Reason.UNKNOWN_FORMAT, path, "unsupported file type (suffix)")
     if fmt in ("fits", "fits.fz"):
-        return fitsio.read_frame(path, out)
+        return fitsio.read_frame(path)
     image, header = _decode(path, fmt, options or _DEFAULT)
     shape = (int(image.shape[-2]), int(image.shape[-1]))
     info = parse_frame_info(header, str(path), shape)
