@@ -41,6 +41,9 @@ def stack_files(config: Config, files: Iterable[Path], output_root: Path, *,
     """
     ordered = sort_by_date_obs(list(files))
     engine = Engine(config, output_root, masters=masters)
+    # Frames come back to back: a stack.fits rewrite every few frames would cost more than
+    # the frames (see OutputConfig.batch_fits_every_frames); finalize writes it.
+    engine.outputs.fits_every_frames = config.output.batch_fits_every_frames
     try:
         ordered.extend(Path(p) for p in engine.resume())
         total = len(ordered)

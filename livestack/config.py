@@ -89,6 +89,11 @@ class OutputConfig:
         (checked after each frame), whichever comes first.
     fits_every_frames : int
         Rewrite ``stack.fits`` after this many accepted frames (and on shutdown/snapshot).
+    batch_fits_every_frames : int
+        The same for ``livestack stack``; 0: only when the run ends. Its frames come back
+        to back, and one rewrite of a 26 MP stack takes 1.2-3.6 s (bench/bench_stack_dense.py:
+        120-250 ms per frame when it comes every 10 frames). A resumed run needs the
+        journal and the checkpoints, not stack.fits, and rewrites stack.fits itself.
     preview_every_frames : int
         Render and push the preview after this many accepted frames ...
     preview_min_interval_s : float
@@ -102,6 +107,7 @@ class OutputConfig:
     checkpoint_every_frames: int = field(default=20, metadata=_rng(1, None))
     checkpoint_every_s: float = field(default=600.0, metadata=_rng(0.0, None, lo_open=True))
     fits_every_frames: int = field(default=10, metadata=_rng(1, None))
+    batch_fits_every_frames: int = field(default=0, metadata=_rng(0, None))
     preview_every_frames: int = field(default=1, metadata=_rng(1, None))
     preview_min_interval_s: float = field(default=2.0, metadata=_rng(0.0, 3600.0))
 

@@ -43,6 +43,9 @@ class Outputs:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        #: Accepted frames between ``stack.fits`` rewrites; 0: only when forced (end of a
+        #: batch, shutdown, snapshot). The batch sets ``output.batch_fits_every_frames``.
+        self.fits_every_frames = engine.config.output.fits_every_frames
 
     def after_frame(self, rt: Runtime, *, force: bool = False) -> None:
         """Apply the preview / checkpoint / FITS cadences after a frame (or when forced)."""
@@ -58,7 +61,8 @@ class Outputs:
                 or now - rt.last_checkpoint_t >= out.checkpoint_every_s):
             self.engine.checkpointer.checkpoint(rt)
         if rt.session.n_accepted and rt.accepted_since_fits > 0 and (
-                force or rt.accepted_since_fits >= out.fits_every_frames):
+                force or (self.fits_every_frames > 0
+                          and rt.accepted_since_fits >= self.fits_every_frames)):
             self.write_fits(rt)
 
     def idle(self) -> None:
