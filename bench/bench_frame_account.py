@@ -6,7 +6,10 @@ Runs ``livestack stack`` in this process on the cached frames of
 the journal calls, the read and decode, ``StackSession.process`` (and its own stage timers)
 and the outputs after the frame. For each it prints the median wall ms and the CPU ms
 (user / system, from ``getrusage``) over the accepted frames from ``--from`` on, then what
-is left of ``process_path`` outside them.
+is left of ``process_path`` outside them. Where a step's wall time exceeds its CPU time, the
+last columns say why: kB read from the disk (``ru_inblock``: page cache misses), voluntary
+context switches (the process waited: I/O, a lock) and involuntary ones (another process or
+a kernel thread took the core).
 
 The CPU columns are the whole process's: work of another thread (e.g.
 the checkpoint writer) lands in the step that runs meanwhile.
@@ -33,7 +36,7 @@ from typing import Any
 TOP = ("check_entry", "journal.seen", "sha256", "journal.already_done", "journal.mark_pending",
        "read+decode", "select_masters", "route", "runtime", "session.process", "after_frame")
 
-Cell = list[float]  # [wall ms, user ms, sys ms]
+Cell = list[float]  # [wall ms, user ms, sys ms, disk reads kB, voluntary / involuntary switches]
 
 
 def main() -> int:
@@ -54,7 +57,7 @@ def main() -> int:
     from livestack.cli import main as cli_main
 
     frame = [-1]
-    cells: dict[int, dict[str, Cell]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 3))
+    cells: dict[int, dict[str, Cell]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 6))
     verdicts: dict[int, str] = {}
 
     def record(label: str, t0: float, r0: resource.struct_rusage) -> None:
@@ -63,6 +66,9 @@ def main() -> int:
         cell[0] += (time.perf_counter() - t0) * 1e3
         cell[1] += (r1.ru_utime - r0.ru_utime) * 1e3
         cell[2] += (r1.ru_stime - r0.ru_stime) * 1e3
+        cell[3] += (r1.ru_inblock - r0.ru_inblock) / 2  # 512-byte blocks
+        cell[4] += r1.ru_nvcsw - r0.ru_nvcsw
+        cell[5] += r1.ru_nivcsw - r0.ru_nivcsw
 
     def wrap(owner: Any, name: str, label: str, *, new_frame: bool = False) -> None:
         orig: Callable[..., Any] = getattr(owner, name)
@@ -126,17 +132,19 @@ def main() -> int:
     if not chosen:
         raise SystemExit("no accepted frame in the chosen range")
     print(f"frames {chosen} (accepted), medians; CPU = whole process (all threads)")
-    print("| step | wall ms | CPU user / sys ms |")
-    print("|---|---|---|")
+    print("| step | wall ms | CPU user / sys ms | disk read kB | switches vol / invol |")
+    print("|---|---|---|---|---|")
     labels = [*TOP, *sorted({k for i in chosen for k in cells[i] if k.startswith("  stage")})]
     for label in labels:
-        med = [statistics.median(cells[i][label][j] for i in chosen) for j in range(3)]
-        print(f"| {label} | {med[0]:.1f} | {med[1]:.0f} / {med[2]:.0f} |")
+        med = [statistics.median(cells[i][label][j] for i in chosen) for j in range(6)]
+        print(f"| {label} | {med[0]:.1f} | {med[1]:.0f} / {med[2]:.0f} | {med[3]:.0f} "
+              f"| {med[4]:.0f} / {med[5]:.0f} |")
     rest = statistics.median(cells[i]["process_path"][0] - sum(cells[i][k][0] for k in TOP)
                              for i in chosen)
-    print(f"| rest of process_path | {rest:.1f} | - |")
-    total = [statistics.median(cells[i]["process_path"][j] for i in chosen) for j in range(3)]
-    print(f"| process_path | {total[0]:.1f} | {total[1]:.0f} / {total[2]:.0f} |")
+    print(f"| rest of process_path | {rest:.1f} | - | - | - |")
+    total = [statistics.median(cells[i]["process_path"][j] for i in chosen) for j in range(6)]
+    print(f"| process_path | {total[0]:.1f} | {total[1]:.0f} / {total[2]:.0f} | {total[3]:.0f} "
+          f"| {total[4]:.0f} / {total[5]:.0f} |")
     return 0
 
 

@@ -176,7 +176,7 @@ def resolve_pair(lower_excess: float, sb2: float) -> int:
     return PAIR_KEEP_BOTH
 
 
-@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+@njit(cache=True, nogil=True, fastmath=False, parallel=True, error_model="numpy")
 def add_clip(image: NDArray[np.float32], footprint: NDArray[np.bool_], weight: float,
              noise_sq: NDArray[np.float64], noise_bar_sq: NDArray[np.float64],
              sky: NDArray[np.float64], prior_n: float, coef_lo: NDArray[np.float64],
@@ -230,79 +230,67 @@ def add_clip(image: NDArray[np.float32], footprint: NDArray[np.bool_], weight: f
         prior_ss = prior_n * sb2
         n_lo = 0
         n_hi = 0
+        # Branch-free row: every pixel computes every branch and stores each state plane
+        # back through selects (unchanged pixels get their own value). Conditional stores
+        # into six planes kept LLVM from vectorising the loop; selects do not change any
+        # value, so the state is bit-identical to the branching form.
         for x in range(nx):
             v = np.float64(image[c, y, x])
-            if not footprint[y, x] or not abs(v) < np.inf:   # NaN/inf: not covered
-                continue
-            n_int = np.int64(count[c, y, x])
-            if n_int == 0:
-                mean[c, y, x] = v
-                m2[c, y, x] = 0.0
-                wsum[c, y, x] = weight
-                count[c, y, x] = 1
-                continue
-            n = np.float64(n_int)
             mu = np.float64(mean[c, y, x])
             w_old = np.float64(wsum[c, y, x])
             s = np.float64(m2[c, y, x])
-            n_rej = np.float64(rej_lo[c, y, x]) + np.float64(rej_hi[c, y, x])
+            n_int = np.int64(count[c, y, x])
+            r_lo = np.int64(rej_lo[c, y, x])
+            r_hi = np.int64(rej_hi[c, y, x])
+            covered = footprint[y, x] & (abs(v) < np.inf)   # NaN/inf: not covered
+            init = covered & (n_int == 0)
+            n = np.float64(n_int)
+            n_rej = np.float64(r_lo) + np.float64(r_hi)
             d = v - mu
             excess = mu - sky_c
             shrink = shrink_per_rej * n_rej
             nm1 = n - 1.0
             sn = s * n                       # = R * w_old
             inv_nu = 1.0 / max(nm1, 1.0)
-            structure = (n_int >= 2 and excess > 0.0 and excess * excess > gate2
-                         and sn > _chi2_crit(inv_nu) * nm1 * sb2 * w_old)
-            if structure:
-                num = sn
-                den = max(nm1 - shrink, 0.25 * nm1)
-                k_lo = _t_factor(coef_lo, inv_nu)
-                k_hi = _t_factor(coef_hi, inv_nu)
-            else:
-                dof = prior_n + nm1
-                num = prior_ss * w_old + sn
-                den = max(dof - shrink, 0.25 * dof)
-                spread = nm1 / (dof * dof) if dof > 0.0 else 0.0
-                k_lo = k_lo0 + m_lo * spread
-                k_hi = k_hi0 + m_hi * spread
+            structure = ((n_int >= 2) & (excess > 0.0) & (excess * excess > gate2)
+                         & (sn > _chi2_crit(inv_nu) * nm1 * sb2 * w_old))
+            dof = prior_n + nm1
+            spread = nm1 / (dof * dof) if dof > 0.0 else 0.0
+            num = sn if structure else prior_ss * w_old + sn
+            den = (max(nm1 - shrink, 0.25 * nm1) if structure
+                   else max(dof - shrink, 0.25 * dof))
+            k_lo = _t_factor(coef_lo, inv_nu) if structure else k_lo0 + m_lo * spread
+            k_hi = _t_factor(coef_hi, inv_nu) if structure else k_hi0 + m_hi * spread
             # d^2 > k^2 * num / (w_old * den) * (ratio + 1/n), multiplied out.
             lhs = d * d * (w_old * den * n)
             rhs = num * (ratio * n + 1.0)
-            side = 0
-            if d > 0.0:
-                if lhs > k_hi * k_hi * rhs:
-                    side = 1
-            elif lhs > k_lo * k_lo * rhs:
-                side = -1
-            if side != 0 and n_int == 1:
-                if resolve_pair(min(v, mu) - sky_c, sb2) == PAIR_KEEP_BOTH:
-                    side = 0
-                elif side < 0:
-                    # The new, lower sample is at sky level: the held one was the outlier.
-                    mean[c, y, x] = v
-                    m2[c, y, x] = 0.0
-                    wsum[c, y, x] = weight
-                    if rej_hi[c, y, x] < U16_MAX:
-                        rej_hi[c, y, x] += 1
-                    n_hi += 1
-                    continue
-            if side > 0:
-                if rej_hi[c, y, x] < U16_MAX:
-                    rej_hi[c, y, x] += 1
-                n_hi += 1
-            elif side < 0:
-                if rej_lo[c, y, x] < U16_MAX:
-                    rej_lo[c, y, x] += 1
-                n_lo += 1
-            else:
-                w_new = w_old + weight
-                mu_new = mu + d * (weight / w_new)
-                mean[c, y, x] = mu_new
-                m2[c, y, x] = s + weight * d * (v - mu_new)
-                wsum[c, y, x] = w_new
-                if n_int < U16_MAX:
-                    count[c, y, x] = n_int + 1
+            tested = covered & (n_int > 0)
+            high = tested & (d > 0.0) & (lhs > k_hi * k_hi * rhs)
+            low = tested & ~(d > 0.0) & (lhs > k_lo * k_lo * rhs)
+            # Second sample disagreeing with the first: resolve_pair, inlined.
+            pair = (high | low) & (n_int == 1)
+            lower_excess = min(v, mu) - sky_c
+            keep_lower = lower_excess * abs(lower_excess) <= gate2
+            keep_both = pair & ~keep_lower
+            high = high & ~keep_both
+            low = low & ~keep_both
+            swap = pair & keep_lower & low   # the new, lower sample replaces the held one
+            low = low & ~swap
+            add_hi = high | swap
+            accept = tested & ~high & ~low & ~swap
+            fresh = init | swap
+            w_new = w_old + weight
+            mu_new = mu + d * (weight / w_new)
+            s_new = s + weight * d * (v - mu_new)
+            mean[c, y, x] = v if fresh else (mu_new if accept else mu)
+            m2[c, y, x] = 0.0 if fresh else (s_new if accept else s)
+            wsum[c, y, x] = weight if fresh else (w_new if accept else w_old)
+            grow = init | (accept & (n_int < U16_MAX))
+            count[c, y, x] = n_int + 1 if grow else n_int
+            rej_hi[c, y, x] = r_hi + 1 if add_hi & (r_hi < U16_MAX) else r_hi
+            rej_lo[c, y, x] = r_lo + 1 if low & (r_lo < U16_MAX) else r_lo
+            n_hi += add_hi
+            n_lo += low
         row_counts[task, 0] = n_lo
         row_counts[task, 1] = n_hi
 

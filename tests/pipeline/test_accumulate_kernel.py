@@ -1,0 +1,136 @@
+"""The branch-free ``add_clip`` kernel against the per-pixel rules written as plain branches.
+
+The kernel computes every branch for every pixel and stores the state through selects so
+that its row loop vectorises. This pins it, bit for bit, to a scalar reference that follows
+the rules of the module docstring with early exits: covered or not, first sample, model or
+structure branch, the two-sample :func:`resolve_pair` case and the saturating counters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+
+from livestack.pipeline import kernels_accumulate as ka
+
+State = list[NDArray[np.generic]]
+
+
+def reference_add_clip(image: NDArray[np.float32], footprint: NDArray[np.bool_], weight: float,
+                       noise_sq: NDArray[np.float64], noise_bar_sq: NDArray[np.float64],
+                       sky: NDArray[np.float64], prior_n: float, coef_lo: NDArray[np.float64],
+                       coef_hi: NDArray[np.float64], state: State) -> tuple[int, int]:
+    """One frame into ``state`` (mean, m2, wsum, count, rej_lo, rej_hi), pixel by pixel."""
+    mean, m2, wsum, count, rej_lo, rej_hi = state
+    n_lo = n_hi = 0
+    nc, ny, nx = image.shape
+    for c in range(nc):
+        sb2 = float(noise_bar_sq[c])
+        ratio = float(noise_sq[c]) / sb2
+        sky_c = float(sky[c])
+        gate2 = ka.STRUCTURE_GATE * ka.STRUCTURE_GATE * sb2
+        for y in range(ny):
+            for x in range(nx):
+                v = float(image[c, y, x])
+                if not footprint[y, x] or not abs(v) < math.inf:
+                    continue
+                n_int = int(count[c, y, x])
+                if n_int == 0:
+                    mean[c, y, x], m2[c, y, x], wsum[c, y, x], count[c, y, x] = v, 0, weight, 1
+                    continue
+                n = float(n_int)
+                mu, w_old, s = float(mean[c, y, x]), float(wsum[c, y, x]), float(m2[c, y, x])
+                shrink = (ka.WINSOR_C ** 2 - 1.0) * (float(rej_lo[c, y, x])
+                                                     + float(rej_hi[c, y, x]))
+                d, excess, nm1 = v - mu, mu - sky_c, n - 1.0
+                sn = s * n
+                inv_nu = 1.0 / max(nm1, 1.0)
+                crit = (1.0 - (2.0 / 9.0) * inv_nu
+                        + ka._Z99 * math.sqrt((2.0 / 9.0) * inv_nu)) ** 3
+                if (n_int >= 2 and excess > 0.0 and excess * excess > gate2
+                        and sn > crit * nm1 * sb2 * w_old):
+                    num, den = sn, max(nm1 - shrink, 0.25 * nm1)
+                    k_lo = ka._t_factor(coef_lo, inv_nu)
+                    k_hi = ka._t_factor(coef_hi, inv_nu)
+                else:
+                    dof = prior_n + nm1
+                    num, den = prior_n * sb2 * w_old + sn, max(dof - shrink, 0.25 * dof)
+                    spread = nm1 / (dof * dof) if dof > 0.0 else 0.0
+                    k_lo = coef_lo[ka.COEF_KAPPA] + coef_lo[ka.COEF_MODEL] * spread
+                    k_hi = coef_hi[ka.COEF_KAPPA] + coef_hi[ka.COEF_MODEL] * spread
+                lhs, rhs = d * d * (w_old * den * n), num * (ratio * n + 1.0)
+                side = 0
+                if d > 0.0:
+                    side = 1 if lhs > k_hi * k_hi * rhs else 0
+                elif lhs > k_lo * k_lo * rhs:
+                    side = -1
+                if side != 0 and n_int == 1:
+                    if ka.resolve_pair(min(v, mu) - sky_c, sb2) == ka.PAIR_KEEP_BOTH:
+                        side = 0
+                    elif side < 0:
+                        mean[c, y, x], m2[c, y, x], wsum[c, y, x] = v, 0, weight
+                        rej_hi[c, y, x] = min(int(rej_hi[c, y, x]) + 1, ka.U16_MAX)
+                        n_hi += 1
+                        continue
+                if side > 0:
+                    rej_hi[c, y, x] = min(int(rej_hi[c, y, x]) + 1, ka.U16_MAX)
+                    n_hi += 1
+                elif side < 0:
+                    rej_lo[c, y, x] = min(int(rej_lo[c, y, x]) + 1, ka.U16_MAX)
+                    n_lo += 1
+                else:
+                    w_new = w_old + weight
+                    mu_new = mu + d * (weight / w_new)
+                    mean[c, y, x], wsum[c, y, x] = mu_new, w_new
+                    m2[c, y, x] = s + weight * d * (v - mu_new)
+                    count[c, y, x] = min(n_int + 1, ka.U16_MAX)
+    return n_lo, n_hi
+
+
+def test_add_clip_is_bit_identical_to_the_branching_rules() -> None:
+    rng = np.random.default_rng(16)
+    nc, ny, nx = 2, 9, 47
+
+    def empty() -> State:
+        planes: State = [np.zeros((nc, ny, nx), np.float32) for _ in range(3)]
+        return planes + [np.zeros((nc, ny, nx), np.uint16) for _ in range(3)]
+
+    kernel, reference = empty(), empty()
+    for state in (kernel, reference):  # saturated counters on a few pixels
+        state[0][0, :2, :4], state[1][0, :2, :4], state[2][0, :2, :4] = 100.0, 500.0, 3.0
+        state[3][0, :2, :4] = ka.U16_MAX
+        state[4][1, :2, :5] = ka.U16_MAX
+        state[5][1, 2, :5] = ka.U16_MAX - 1
+    sky = np.array([100.0, 40.0])
+    truth = sky[:, None, None] + np.where(rng.random((nc, ny, nx)) < 0.15,
+                                          rng.exponential(300.0, (nc, ny, nx)), 0.0)
+    coef_lo, coef_hi = ka.clip_coefficients(2.5), ka.clip_coefficients(3.0)
+    rejected = np.zeros(2, np.int64)
+    for frame in range(14):
+        noise = rng.uniform(3.0, 8.0, nc)
+        image = truth * rng.uniform(0.9, 1.1) + rng.normal(0.0, 1.0, truth.shape) * noise[:, None,
+                                                                                           None]
+        hot = rng.random(truth.shape) < 0.03
+        image[hot] += rng.exponential(400.0, int(hot.sum()))
+        cold = rng.random(truth.shape) < 0.02
+        image[cold] -= rng.exponential(100.0, int(cold.sum()))
+        image[rng.random(truth.shape) < 0.01] = np.nan
+        image[0, 4, 4] = np.inf
+        footprint = rng.random((ny, nx)) < 0.9
+        if frame < 3:
+            footprint[:, : nx // 3] = False  # covered late: one- and two-sample pixels
+        image32 = image.astype(np.float32)
+        weight = float(rng.uniform(0.5, 2.0))
+        noise_bar_sq = noise ** 2 * rng.uniform(0.8, 1.2, nc)
+        rows = np.zeros((nc * ny, 2), np.int64)
+        ka.add_clip(image32, footprint, weight, noise ** 2, noise_bar_sq, sky, 5.0, coef_lo,
+                    coef_hi, *kernel, rows)
+        expected = reference_add_clip(image32, footprint, weight, noise ** 2, noise_bar_sq,
+                                      sky, 5.0, coef_lo, coef_hi, reference)
+        assert tuple(rows.sum(axis=0)) == expected, frame
+        for got, want in zip(kernel, reference, strict=True):
+            assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (frame, got.dtype)
+        rejected += rows.sum(axis=0)
+    assert rejected.min() > 100  # both sides were exercised
