@@ -82,16 +82,17 @@ def test_bad_inputs_end_as_journal_rows_while_the_stack_grows(
         shutil.copy2(frames[6], bad["permission_denied"])
         bad["permission_denied"].chmod(0)
 
-    import livestack.storage.fitsio as fitsio
+    import livestack.engine.ingest as ingest
 
-    real_read = fitsio.read_frame
+    real_read = ingest.read_file_sha256
 
-    def read_and_vanish(path: Path):
+    def read_and_vanish(path: str) -> tuple[bytes, str]:
+        # The one read of a FITS file (hash and decode) is where it can vanish.
         if Path(path).name == "vanish.fits":
             Path(path).unlink()  # the test's own copy disappears while being read
         return real_read(path)
 
-    monkeypatch.setattr(fitsio, "read_frame", read_and_vanish)
+    monkeypatch.setattr(ingest, "read_file_sha256", read_and_vanish)
     written: list[int] = []
 
     def enospc(fd: int) -> None:
@@ -148,6 +149,30 @@ def test_bad_inputs_end_as_journal_rows_while_the_stack_grows(
     engine.close()
     # The user's frames are byte-identical (and still there).
     assert {p: sha(p) for p in before} == before
+
+
+def test_a_fits_frame_is_read_once_and_journaled_under_its_content_hash(
+        tmp_path: Path, frames: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import livestack.storage.fitsio as fitsio
+    from livestack.storage.journal import sha256_file
+
+    watch = tmp_path / "in"
+    good = copy_frames(frames[:2], watch)
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    engine.process_path(good[0])  # the first frame loads what the engine needs once
+    opened: list[str] = []
+    real_open = fitsio._open
+
+    def counting_open(path: Path) -> Any:
+        opened.append(str(path))
+        return real_open(path)
+
+    monkeypatch.setattr(fitsio, "_open", counting_open)
+    row = engine.process_path(good[1])
+    engine.close()
+    assert row is not None and row.status == "accepted"
+    assert row.sha256 == sha256_file(good[1]) == sha(good[1])
+    assert opened == []  # decoded from the bytes the hash read, not opened again
 
 
 def test_calibration_frames_duplicates_and_touched_files(tmp_path: Path,

@@ -69,8 +69,15 @@ class FrameReader:
         self._masters_note: dict[tuple[int, int], str] = {}
         self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
 
-    def read(self, path: str) -> tuple[np.ndarray, FrameInfo]:
+    def read(self, path: str, data: bytes | None = None) -> tuple[np.ndarray, FrameInfo]:
         """Read a frame read-only.
+
+        Parameters
+        ----------
+        path : str
+        data : bytes, optional
+            The file's whole content when the caller has read it already (to hash it):
+            a plain FITS frame is then decoded from these bytes, not read again.
 
         Returns
         -------
@@ -87,7 +94,7 @@ class FrameReader:
             No file descriptor was left (never a verdict on the frame).
         """
         try:
-            image, info = read_light(path, self.config.formats, self.masters)
+            image, info = read_light(path, self.config.formats, self.masters, data)
         except FileNotFoundError:
             raise FrameError(Reason.VANISHED, f"{path}: the file disappeared while it was read",
                              path) from None

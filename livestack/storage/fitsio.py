@@ -390,6 +390,12 @@ def _read_fast(fh: io.BufferedReader, path: Path, layout: FrameLayout, header: f
     got = fh.readinto(buf.data)
     if got is None or got < nbytes:
         raise _err(Reason.TRUNCATED, path, f"data unit has {got or 0} of {nbytes} bytes")
+    return _decode_payload(buf, path, layout, header, shape)
+
+
+def _decode_payload(buf: np.ndarray, path: Path, layout: FrameLayout, header: fits.Header,
+                    shape: tuple[int, int]) -> np.ndarray:
+    """The image from its big-endian data unit ``buf`` (uint8, ``layout.data_nbytes``)."""
     bscale = float(header.get("BSCALE", 1.0))
     bzero = float(header.get("BZERO", 0.0))
     out, finite = _decode(buf, layout.bitpix, shape, bscale, bzero)
@@ -431,7 +437,8 @@ def _read_astropy(path: Path, layout: FrameLayout) -> tuple[np.ndarray, fits.Hea
     return out, header
 
 
-def read_frame(path: Path) -> tuple[np.ndarray, FrameInfo, fits.Header]:
+def read_frame(path: Path, data: bytes | None = None
+               ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """Read a 2-D FITS frame as native float32 with BZERO/BSCALE applied.
 
     Parameters
@@ -439,6 +446,10 @@ def read_frame(path: Path) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     path : Path
         Plain FITS (fast path for BITPIX 8/16/32/-32) or anything astropy
         reads (``.fz`` tile-compressed, BITPIX -64).
+    data : bytes, optional
+        The file's whole content, already read (the ingest hashes these bytes for the
+        journal): decoded from memory without opening the file again. The astropy
+        fall-back (compressed, BITPIX 64/-64) still reads ``path``.
 
     Returns
     -------
@@ -456,6 +467,8 @@ def read_frame(path: Path) -> tuple[np.ndarray, FrameInfo, fits.Header]:
         ``"unreadable"``, ``"vanished"``, ``"all_nan"`` (no finite pixel).
     """
     path = Path(path)
+    if data is not None:
+        return _read_frame_bytes(path, data)
     size = _stat_size(path)
     with _open(path) as fh:
         layout = _layout(fh, path, size)
@@ -469,6 +482,27 @@ def read_frame(path: Path) -> tuple[np.ndarray, FrameInfo, fits.Header]:
             image = _read_fast(fh, path, layout, header, shape)
     if not fast:
         image, header = _read_astropy(path, layout)
+    return image, parse_frame_info(header, str(path), shape), header
+
+
+def _read_frame_bytes(path: Path, data: bytes) -> tuple[np.ndarray, FrameInfo, fits.Header]:
+    """:func:`read_frame` on the file's content in memory (same checks, same reasons)."""
+    size = len(data)
+    if size == 0:
+        raise _err(Reason.EMPTY_FILE, path, "file is empty (0 bytes)")
+    # BytesIO over bytes shares the buffer (no copy) while nothing writes to it.
+    layout = _layout(io.BytesIO(data), path, size)
+    if size < layout.required_size:
+        raise _err(Reason.TRUNCATED, path, f"data unit incomplete: file has {size} bytes, "
+                   f"header declares {layout.required_size}")
+    shape = _image_shape_2d(layout.axes, path)
+    if layout.compressed or layout.bitpix not in _FAST_BITPIX:
+        image, header = _read_astropy(path, layout)
+    else:
+        header = _parse_header(layout.header_bytes, path)
+        payload = np.frombuffer(data, dtype=np.uint8, count=layout.data_nbytes,
+                                offset=layout.data_start)
+        image = _decode_payload(payload, path, layout, header, shape)
     return image, parse_frame_info(header, str(path), shape), header
 
 

@@ -119,6 +119,29 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_file_sha256(path: str | Path) -> tuple[bytes, str]:
+    """Read a whole file once; return its content and the hex SHA-256 of that content.
+
+    The identity is the one of :func:`sha256_file`; the caller can decode the same bytes
+    instead of reading the file a second time (and the hash is then of exactly the bytes
+    decoded). ``hashlib`` releases the GIL while it hashes.
+
+    Returns
+    -------
+    data : bytes
+        The file's content (the whole file is held in memory).
+    sha256 : str
+
+    Raises
+    ------
+    OSError
+        As raised by ``open``/``read`` (missing file, permissions, a directory).
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return data, hashlib.sha256(data).hexdigest()
+
+
 @dataclass(frozen=True)
 class FrameRow:
     """One row of the ``frames`` table (see the module docstring for the columns)."""

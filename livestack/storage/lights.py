@@ -16,8 +16,8 @@ from livestack.pipeline.types import FrameInfo
 from livestack.storage.formats import options_for, read_frame
 
 
-def read_light(path: Path | str, formats: Any = None, masters: Any = None
-               ) -> tuple[np.ndarray, FrameInfo]:
+def read_light(path: Path | str, formats: Any = None, masters: Any = None,
+               data: bytes | None = None) -> tuple[np.ndarray, FrameInfo]:
     """Read a light frame of any supported format as float32 with its header facts.
 
     Parameters
@@ -30,6 +30,9 @@ def read_light(path: Path | str, formats: Any = None, masters: Any = None
         The masters in use (anything with ``entries`` or ``library.entries``): with
         ``raw_black="auto"`` a bias or dark master keeps the RAW black level in the frame,
         since the master carries it.
+    data : bytes, optional
+        The file's whole content, already read (plain FITS is decoded from it; see
+        :func:`livestack.storage.formats.read_frame`).
 
     Returns
     -------
@@ -48,7 +51,8 @@ def read_light(path: Path | str, formats: Any = None, masters: Any = None
     utc_offset_h = getattr(formats, "utc_offset_h", None)
     exposure_s = getattr(formats, "exposure_s", None)
     image, info, _header = read_frame(Path(path),
-                                      options_for(raw_black, utc_offset_h, exposure_s, masters))
+                                      options_for(raw_black, utc_offset_h, exposure_s, masters),
+                                      data)
     return image, info
 
 

@@ -349,3 +349,59 @@ def test_fast_reader_leaves_no_handle_open(tmp_path: Path) -> None:
     moved = tmp_path / "moved.fits"
     shutil.move(path, moved)  # works on every OS only if no handle is left open
     assert moved.exists()
+
+
+# ------------------------------------------------------------------- decoding bytes in memory
+
+
+def _variants(tmp_path: Path) -> list[Path]:
+    """Files of every fast BITPIX, BZERO/BSCALE, BLANK, NaNs, an extension and a .fz."""
+    rng = np.random.default_rng(7)
+    paths = [_small_uint16(tmp_path)]
+    for dtype in (np.uint8, np.int16, np.int32, np.float32, np.float64):
+        data = (rng.random((20, 30)) * 100).astype(dtype)
+        paths.append(_write(tmp_path / f"{np.dtype(dtype).name}.fits", data))
+    floats = rng.normal(0.0, 1.0, (20, 30)).astype(np.float32)
+    floats[3, 4] = np.nan
+    paths.append(_write(tmp_path / "scaled.fits", floats, BSCALE=2.0, BZERO=10.0))
+    hdu = fits.PrimaryHDU(rng.integers(-100, 100, (20, 30)).astype(np.int16))
+    hdu.header["BLANK"] = -100
+    hdu.writeto(tmp_path / "blank.fits")
+    paths.append(tmp_path / "blank.fits")
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(floats)]).writeto(tmp_path / "ext.fits")
+    paths.append(tmp_path / "ext.fits")
+    fits.CompImageHDU(rng.integers(0, 4000, (20, 30)).astype(np.int16)).writeto(tmp_path
+                                                                                / "c.fits.fz")
+    paths.append(tmp_path / "c.fits.fz")
+    return paths
+
+
+def test_read_frame_from_bytes_equals_the_file_read(tmp_path: Path) -> None:
+    for path in _variants(tmp_path):
+        image, info, header = read_frame(path)
+        got, got_info, got_header = read_frame(path, path.read_bytes())
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.flags.writeable
+        np.testing.assert_array_equal(got, image, err_msg=path.name)
+        assert got_info == info and got_header.tostring() == header.tostring(), path.name
+
+
+def test_read_frame_from_bytes_keeps_the_reasons(tmp_path: Path) -> None:
+    good = _small_uint16(tmp_path).read_bytes()
+    cube = tmp_path / "cube.fits"
+    fits.PrimaryHDU(np.zeros((3, 4, 5), np.float32)).writeto(cube)
+    cases = {"empty_file": b"", "truncated": good[: len(good) - 3000],
+             "not_fits": b"observing log\n" * 300, "not_2d": cube.read_bytes(),
+             "all_nan": None}
+    nan = tmp_path / "nan.fits"
+    fits.PrimaryHDU(np.full((4, 5), np.nan, np.float32)).writeto(nan)
+    cases["all_nan"] = nan.read_bytes()
+    for reason, data in cases.items():
+        path = tmp_path / f"{reason}.fits"
+        assert data is not None
+        path.write_bytes(data)
+        with pytest.raises(FrameReadError) as from_file:
+            read_frame(path)
+        with pytest.raises(FrameReadError) as from_bytes:
+            read_frame(path, data)
+        assert from_bytes.value.reason == from_file.value.reason == reason
+        assert str(from_bytes.value) == str(from_file.value)

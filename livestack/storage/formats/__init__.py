@@ -92,8 +92,8 @@ def _decode(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fit
         return read_raw(path, fmt, options)
 
 
-def read_frame(path: Path | str, options: ReadOptions | None = None
-               ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
+def read_frame(path: Path | str, options: ReadOptions | None = None,
+               data: bytes | None = None) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """Read a frame of any supported format as native float32.
 
     Parameters
@@ -101,6 +101,9 @@ def read_frame(path: Path | str, options: ReadOptions | None = None
     path : Path or str
     options : ReadOptions, optional
         RAW black level handling and the fall-backs for missing metadata.
+    data : bytes, optional
+        The file's whole content, already read: a plain FITS frame is decoded from it
+        without reading the file again. The other formats read ``path`` and ignore it.
 
     Returns
     -------
@@ -123,7 +126,7 @@ def read_frame(path: Path | str, options: ReadOptions | None = None
     if fmt is None:
         raise err(Reason.UNKNOWN_FORMAT, path, "unsupported file type (suffix)")
     if fmt in ("fits", "fits.fz"):
-        return fitsio.read_frame(path)
+        return fitsio.read_frame(path, data)
     image, header = _decode(path, fmt, options or _DEFAULT)
     shape = (int(image.shape[-2]), int(image.shape[-1]))
     info = parse_frame_info(header, str(path), shape)
