@@ -18,6 +18,10 @@ Compare two trees by running this script with each on ``PYTHONPATH``, one after 
 
     python bench/bench_frame_account.py                       # 26 MP mono cache, frames 6..8
     python bench/bench_frame_account.py --frames 8 --from 5 --cache DIR
+    python bench/bench_frame_account.py --detail     # also the parts of calibrate / normalize
+
+``--detail`` adds a row for each function the ``calibrate`` and ``normalize`` stages call
+(``part ...``; they nest inside the stages).
 """
 
 from __future__ import annotations
@@ -49,11 +53,14 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--from", dest="first", type=int, default=5,
                         help="first frame index in the medians (after the warm-up)")
+    parser.add_argument("--detail", action="store_true",
+                        help="time the parts of the calibrate and normalize stages")
     args = parser.parse_args()
 
     import livestack.engine.core as core
     import livestack.engine.ingest as ing
     import livestack.engine.reader as rd
+    import livestack.pipeline.frame as frm
     import livestack.pipeline.session as ses
     import livestack.storage.journal as jn
     from livestack.cli import main as cli_main
@@ -125,6 +132,14 @@ def main() -> int:
             (ing.Ingest, "_after_outcome", "after_frame")):
         wrap(owner, name, label)
     wrap(ing.Ingest, "process_path", "process_path", new_frame=True)
+    if args.detail:
+        for owner, name in ((frm, "raw_saturation"), (frm, "calibrate"),
+                            (frm, "calibrated_saturation"), (frm, "find_isolated_hot_pixels"),
+                            (frm, "correct_defects"), (frm, "subtract_gradient"),
+                            (frm, "frame_stats"), (frm, "normalization"),
+                            (frm, "star_scale"), (ses, "apply_normalization"),
+                            (ses.StackSaturation, "apply")):
+            wrap(owner, name, f"    part {name}")
 
     with tempfile.TemporaryDirectory(prefix="ls-account-") as tmp:
         config = Path(tmp) / "solver-off.yaml"
@@ -139,7 +154,8 @@ def main() -> int:
     print(f"frames {chosen} (accepted), medians; CPU = whole process (all threads)")
     print("| step | wall ms | CPU user / sys ms | disk read kB | switches vol / invol |")
     print("|---|---|---|---|---|")
-    labels = [*TOP, *sorted({k for i in chosen for k in cells[i] if k.startswith("  stage")})]
+    labels = [*TOP, *sorted({k for i in chosen for k in cells[i] if k.startswith("  stage")}),
+              *sorted({k for i in chosen for k in cells[i] if k.startswith("    part")})]
     for label in labels:
         med = [statistics.median(cells[i][label][j] for i in chosen) for j in range(6)]
         print(f"| {label} | {med[0]:.1f} | {med[1]:.0f} / {med[2]:.0f} | {med[3]:.0f} "
