@@ -19,28 +19,46 @@ import numpy as np
 from numba import njit, prange
 from numpy.typing import NDArray
 
+#: Smallest int32: the order key of "no finite pixel" (below every finite float's key).
+_NO_KEY = -2147483648
+#: The bits of float32 -inf as an int32.
+_NEG_INF_BITS = -8388608
+
 
 @njit(cache=True, nogil=True, parallel=True)
 def max_and_count(raw: NDArray[np.float32]) -> tuple[float, int]:  # pragma: no cover - numba
     """Finite maximum of ``raw`` (ny, nx) and the number of pixels equal to it.
 
     Returns ``(-inf, 0)`` when no pixel is finite.
+
+    Each row's maximum is taken over an integer key of the float bits that sorts like the
+    floats (sign-magnitude flipped to two's complement; NaN and inf get the lowest key):
+    an integer max reduction vectorises, a float one with NaN checks did not (26 MP:
+    10 ms instead of 25 ms of CPU). The row, still in cache, is then counted.
     """
     ny, nx = raw.shape
-    row_max = np.full(ny, -np.inf)
+    bits = raw.view(np.int32)
+    max_bits = np.empty(ny, dtype=np.int32)
     row_count = np.zeros(ny, dtype=np.int64)
     for y in prange(ny):
-        m = -np.inf
+        k = np.int32(_NO_KEY)
+        for x in range(nx):
+            b = bits[y, x]
+            key = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
+            finite = (b & np.int32(0x7F800000)) != np.int32(0x7F800000)
+            k = max(k, key if finite else np.int32(_NO_KEY))
+        if k == _NO_KEY:  # no finite pixel in the row: -inf, count 0
+            max_bits[y] = _NEG_INF_BITS
+            continue
+        # Pixels equal to the maximum as floats: the same key, or -0.0 when it is +0.0.
         c = 0
         for x in range(nx):
-            v = raw[y, x]
-            if v > m and math.isfinite(v):
-                m = v
-                c = 1
-            elif v == m:
-                c += 1
-        row_max[y] = m
+            b = bits[y, x]
+            key = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
+            c += (key == k) | ((k == 0) & (key == -1))
+        max_bits[y] = k ^ ((k >> 31) & np.int32(0x7FFFFFFF))  # the key is its own inverse
         row_count[y] = c
+    row_max = max_bits.view(np.float32)
     best = -np.inf
     for y in range(ny):
         best = max(best, row_max[y])

@@ -312,3 +312,21 @@ def test_a_wrong_bit_depth_guess_never_clips_real_signal() -> None:
     stack.apply(planes, foot, None, FrameSaturation(None, 4150.0, 3850.0), 0.0, 1.0, 0.0)
     assert planes[0, 1, 1] == 4095.0 and stack.level_adu is not None
     assert stack.level_adu[0] == 4095.0
+
+
+def test_max_and_count_matches_numpy_on_nan_inf_and_signed_zeros() -> None:
+    from livestack.pipeline import kernels_saturation as ks
+
+    rng = np.random.default_rng(5)
+    values = np.array([1.0, 2.0, 5.0, -3.0, 0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40, -1e-40,
+                       65535.0], np.float32)
+    for trial in range(300):
+        frame = rng.choice(values, size=(int(rng.integers(1, 6)), int(rng.integers(1, 40))))
+        if trial % 7 == 0:
+            frame[0] = np.nan  # a row without a finite pixel
+        finite = frame[np.isfinite(frame)]
+        expected = (float(finite.max()), int(np.count_nonzero(frame == finite.max()))) \
+            if finite.size else (-np.inf, 0)
+        assert ks.max_and_count(frame) == expected, frame
+    assert ks.max_and_count(np.full((3, 4), np.nan, np.float32)) == (-np.inf, 0)
+    assert ks.max_and_count(np.array([[-0.0, 0.0, -1.0]], np.float32)) == (0.0, 2)
