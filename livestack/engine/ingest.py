@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from livestack.engine.core import Engine
     from livestack.pipeline.session import FrameOutcome
     from livestack.pipeline.types import FrameInfo
+    from livestack.storage.fitsio import FileBytes
     from livestack.storage.journal import FrameRow
 
 log = logging.getLogger("livestack.engine")
@@ -147,7 +148,7 @@ class Ingest:
         # bytes and the reader decodes them (a second full read cost 10-20 ms of system
         # time per 26 MP frame). Other formats are hashed streaming and read by their
         # decoders.
-        data: bytes | None = None
+        data: FileBytes | None = None
         try:
             if frame_format(spath) == "fits":
                 data, sha = read_file_sha256(spath)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from livestack.config import Config
     from livestack.pipeline.types import FrameInfo
+    from livestack.storage.fitsio import FileBytes
 
 log = logging.getLogger("livestack.engine")
 
@@ -69,13 +70,14 @@ class FrameReader:
         self._masters_note: dict[tuple[int, int], str] = {}
         self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
 
-    def read(self, path: str, data: bytes | None = None) -> tuple[np.ndarray, FrameInfo]:
+    def read(self, path: str, data: FileBytes | None = None
+             ) -> tuple[np.ndarray, FrameInfo]:
         """Read a frame read-only.
 
         Parameters
         ----------
         path : str
-        data : bytes, optional
+        data : ndarray (n_bytes,) uint8 or bytes, optional
             The file's whole content when the caller has read it already (to hash it):
             a plain FITS frame is then decoded from these bytes, not read again.
 

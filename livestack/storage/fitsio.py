@@ -21,11 +21,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeAlias
 
 import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
+from numpy.typing import NDArray
 
 from livestack.errors import FrameNotReadyError, FrameReadError
 from livestack.pipeline.types import FrameInfo
@@ -89,6 +90,27 @@ class FrameLayout:
         return tuple(reversed(self.axes))
 
 
+#: A file's whole content in memory (the ingest's one read: ``read_file_sha256``).
+FileBytes: TypeAlias = "NDArray[np.uint8] | bytes"
+
+
+class _MemoryFile:
+    """``seek``/``read`` over a file's content in memory, for the header scan (no copy)."""
+
+    def __init__(self, data: NDArray[np.uint8]) -> None:
+        self._data = data
+        self._pos = 0
+
+    def seek(self, pos: int) -> int:
+        self._pos = pos
+        return pos
+
+    def read(self, n: int) -> bytes:
+        chunk = self._data[self._pos:self._pos + n].tobytes()
+        self._pos += len(chunk)
+        return chunk
+
+
 def _err(reason: Reason, path: Path, text: str) -> FrameReadError:
     return FrameReadError(reason, f"{path}: {text}", path)
 
@@ -139,7 +161,7 @@ def _card_value(card: str) -> Any:
         return None
 
 
-def _scan_header(fh: IO[bytes], start: int, path: Path, primary: bool,
+def _scan_header(fh: IO[bytes] | _MemoryFile, start: int, path: Path, primary: bool,
                  file_size: int) -> tuple[dict[str, Any], bytes, int]:
     """Read header blocks from ``start`` until END.
 
@@ -212,7 +234,7 @@ def _padded(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK * BLOCK
 
 
-def _layout(fh: IO[bytes], path: Path, file_size: int) -> FrameLayout:
+def _layout(fh: IO[bytes] | _MemoryFile, path: Path, file_size: int) -> FrameLayout:
     """Find the first HDU that holds image data (primary, IMAGE or compressed BINTABLE)."""
     start = 0
     for index in range(MAX_HDUS):
@@ -437,7 +459,7 @@ def _read_astropy(path: Path, layout: FrameLayout) -> tuple[np.ndarray, fits.Hea
     return out, header
 
 
-def read_frame(path: Path, data: bytes | None = None
+def read_frame(path: Path, data: FileBytes | None = None
                ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """Read a 2-D FITS frame as native float32 with BZERO/BSCALE applied.
 
@@ -446,7 +468,7 @@ def read_frame(path: Path, data: bytes | None = None
     path : Path
         Plain FITS (fast path for BITPIX 8/16/32/-32) or anything astropy
         reads (``.fz`` tile-compressed, BITPIX -64).
-    data : bytes, optional
+    data : ndarray (n_bytes,) uint8 or bytes, optional
         The file's whole content, already read (the ingest hashes these bytes for the
         journal): decoded from memory without opening the file again. The astropy
         fall-back (compressed, BITPIX 64/-64) still reads ``path``.
@@ -485,13 +507,14 @@ def read_frame(path: Path, data: bytes | None = None
     return image, parse_frame_info(header, str(path), shape), header
 
 
-def _read_frame_bytes(path: Path, data: bytes) -> tuple[np.ndarray, FrameInfo, fits.Header]:
+def _read_frame_bytes(path: Path, data: FileBytes
+                      ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """:func:`read_frame` on the file's content in memory (same checks, same reasons)."""
-    size = len(data)
+    content = np.frombuffer(data, dtype=np.uint8)  # a view: no copy of the bytes
+    size = content.size
     if size == 0:
         raise _err(Reason.EMPTY_FILE, path, "file is empty (0 bytes)")
-    # BytesIO over bytes shares the buffer (no copy) while nothing writes to it.
-    layout = _layout(io.BytesIO(data), path, size)
+    layout = _layout(_MemoryFile(content), path, size)
     if size < layout.required_size:
         raise _err(Reason.TRUNCATED, path, f"data unit incomplete: file has {size} bytes, "
                    f"header declares {layout.required_size}")
@@ -500,8 +523,7 @@ def _read_frame_bytes(path: Path, data: bytes) -> tuple[np.ndarray, FrameInfo, f
         image, header = _read_astropy(path, layout)
     else:
         header = _parse_header(layout.header_bytes, path)
-        payload = np.frombuffer(data, dtype=np.uint8, count=layout.data_nbytes,
-                                offset=layout.data_start)
+        payload = content[layout.data_start:layout.data_start + layout.data_nbytes]
         image = _decode_payload(payload, path, layout, header, shape)
     return image, parse_frame_info(header, str(path), shape), header
 

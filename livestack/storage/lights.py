@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from livestack.pipeline.types import FrameInfo
+from livestack.storage.fitsio import FileBytes
 from livestack.storage.formats import options_for, read_frame
 
 
 def read_light(path: Path | str, formats: Any = None, masters: Any = None,
-               data: bytes | None = None) -> tuple[np.ndarray, FrameInfo]:
+               data: FileBytes | None = None) -> tuple[np.ndarray, FrameInfo]:
     """Read a light frame of any supported format as float32 with its header facts.
 
     Parameters
@@ -30,7 +31,7 @@ def read_light(path: Path | str, formats: Any = None, masters: Any = None,
         The masters in use (anything with ``entries`` or ``library.entries``): with
         ``raw_black="auto"`` a bias or dark master keeps the RAW black level in the frame,
         since the master carries it.
-    data : bytes, optional
+    data : ndarray (n_bytes,) uint8 or bytes, optional
         The file's whole content, already read (plain FITS is decoded from it; see
         :func:`livestack.storage.formats.read_frame`).
 

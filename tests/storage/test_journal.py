@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from livestack.errors import JournalError
-from livestack.storage.journal import Journal, sha256_file
+from livestack.storage.journal import Journal, read_file_sha256, sha256_file
 
 
 @pytest.fixture
@@ -28,6 +28,32 @@ def test_wal_mode_on_and_visible_to_other_connections(journal: Journal) -> None:
         assert other.execute("SELECT status FROM frames").fetchall() == [("pending",)]
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 2880, 100_003])
+def test_read_file_sha256_is_the_files_identity(tmp_path: Path, size: int) -> None:
+    path = tmp_path / "f.fits"
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    path.write_bytes(data)
+    got, sha = read_file_sha256(path)
+    assert got.tobytes() == data and sha == sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_read_file_sha256_takes_a_file_that_grew_after_its_size_was_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    path = tmp_path / "growing.fits"
+    data = b"x" * 5000 + b"y" * 3000
+    path.write_bytes(data)
+    real_fstat = os.fstat
+
+    class Stat:
+        st_size = 5000  # the size when the camera had written only the first part
+
+    monkeypatch.setattr(os, "fstat", lambda fd: Stat() if fd > 2 else real_fstat(fd))
+    got, sha = read_file_sha256(path)
+    assert got.tobytes() == data and sha == hashlib.sha256(data).hexdigest()
 
 
 def test_sha256_file_streams_the_content(tmp_path: Path) -> None:

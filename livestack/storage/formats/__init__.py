@@ -93,7 +93,8 @@ def _decode(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fit
 
 
 def read_frame(path: Path | str, options: ReadOptions | None = None,
-               data: bytes | None = None) -> tuple[np.ndarray, FrameInfo, fits.Header]:
+               data: fitsio.FileBytes | None = None
+               ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """Read a frame of any supported format as native float32.
 
     Parameters
@@ -101,7 +102,7 @@ def read_frame(path: Path | str, options: ReadOptions | None = None,
     path : Path or str
     options : ReadOptions, optional
         RAW black level handling and the fall-backs for missing metadata.
-    data : bytes, optional
+    data : ndarray (n_bytes,) uint8 or bytes, optional
         The file's whole content, already read: a plain FITS frame is decoded from it
         without reading the file again. The other formats read ``path`` and ignore it.
 
