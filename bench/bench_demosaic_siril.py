@@ -6,7 +6,11 @@ shared data is never touched) are stacked
 * by Siril: ``convert light -debayer`` (Siril's default demosaic, RCD), ``register``
   (global star alignment) and ``stack r_light rej w 3 3 -norm=addscale``, run as
   ``siril-cli -s SCRIPT`` through ``bench_integrate_siril.run_siril``;
-* by ``livestack stack`` once per demosaic method (``pipeline.debayer.method``), with the
+* by ``livestack stack`` once per demosaic method (``pipeline.debayer.method``), and with
+  RCD and each warp kernel of ``--warp-kernels`` (``pipeline.warp.kernel``; by default
+  ``bilinear``, the resampler Siril 1.0.6's ``register`` applies, as
+  ``bench_siril_resampler.py`` measures from its pixels, so that both tools are also
+  compared with the same resampler), with the
   quality gate's elongation limit lifted (``pipeline.gate.max_elongation: 3``) so that
   every tool stacks the same 32 frames (the default 1.6 rejects some frames once the
   demosaic no longer blurs their genuinely elongated stars; see the printed note).
@@ -27,6 +31,10 @@ matched on every stack after removing the offset between the tools' reference gr
   the SNR's ratio to Siril's, also at equal resolution: Siril's registration smooths (a
   wider star, a lower per-pixel noise), and smoothing lowers the aperture noise, so each
   stack sharper than Siril's is also measured Gaussian-blurred to Siril's median FWHM;
+  and the converse: the FWHM a stack reaches when blurred just enough for its star SNR to
+  equal Siril's (bisection on the blur; a stack already at Siril's SNR is not blurred).
+  A stack whose equal-SNR FWHM is below Siril's FWHM is ahead of Siril on the trade
+  between resolution and noise, whatever point of it each tool chose;
 * star flux: the ratio to Siril's is a scale set by each tool's normalisation (livestack
   scales frames photometrically onto the reference frame, Siril's addscale by the
   dispersion), which scales the noise too and leaves the SNR unchanged;
