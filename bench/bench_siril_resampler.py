@@ -20,12 +20,12 @@ the OpenCV kernels that livestack does not have: ``opencv-cubic`` (Keys a = -0.7
 fraction of output pixels at 0 or 65535 shows whether the 16-bit cast clipped anything.
 
 Measured (Siril 1.0.6, green plane of the debayered Seestar frames, central 700x700 px;
-RMS residual in ADU and in units of the frame's per-pixel noise, 51.4 ADU):
+RMS residual in ADU / in units of the per-pixel noise, 51.4 ADU):
 
-| frame (shift px) | nearest | bilinear | bicubic | lanczos3 | opencv-linear | opencv-cubic |
+| frame, shift (px) | nearest | bilinear | bicubic | lanczos3 | cv-linear | cv-cubic |
 |---|---|---|---|---|---|---|
-| 2 (-1.58, -0.96) | 33.2 / 0.65 | **1.20 / 0.023** | 10.9 / 0.21 | 17.8 / 0.35 | 2.58 / 0.050 | 15.7 / 0.31 |
-| 28 (-0.12, -20.28) | 42.4 / 0.83 | **2.12 / 0.041** | 11.1 / 0.22 | 18.6 / 0.36 | 4.06 / 0.079 | 16.3 / 0.32 |
+| 2 (-1.6, -1.0) | 33.2 / .65 | 1.20 / .023 | 10.9 / .21 | 17.8 / .35 | 2.58 / .050 | 15.7 / .31 |
+| 28 (-0.1, -20.3) | 42.4 / .83 | 2.12 / .041 | 11.1 / .22 | 18.6 / .36 | 4.06 / .079 | 16.3 / .32 |
 
 So Siril 1.0.6's ``register`` resamples **bilinearly**, with no clamping (none is
 possible for a bilinear kernel; the 16-bit cast clipped no pixel here). No kernel
