@@ -53,6 +53,7 @@ from bench_demosaic_siril import (
     aperture_flux,
     common_stars,
     empty_places,
+    equal_snr_resolution,
     gaussian_fwhm,
     load_luminance,
     star_snr,
@@ -216,14 +217,18 @@ def main() -> int:
     result = measure(images, stars, empty)
     for index in args.frames:
         compare_frame(args.siril, index)
+    # The trade's single figure: the FWHM each stack has once blurred just enough for its
+    # star SNR to equal Siril's (bench_demosaic_siril.equal_snr_resolution).
+    equal = {name: equal_snr_resolution(images[name], stars[name], empty[name],
+                                         result["siril"]["snr"])[0] for name in images}
     print(f"\n{len(stars['siril'])} common stars, {len(empty['siril'])} blank places")
-    print("| variant | frames | median FWHM (px) | SNR / Siril's | SNR / base | "
-          "flux / base | aperture noise / base |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | frames | median FWHM (px) | SNR / Siril's | FWHM at Siril's SNR (px) | "
+          "SNR / base | flux / base | aperture noise / base |")
+    print("|---|---|---|---|---|---|---|---|")
     sir, base = result["siril"], result["base"]
     for name, m in result.items():
         print(f"| {name} | {frames[name]} | {m['fwhm']:.3f} | "
-              f"{np.median(m['snr'] / sir['snr']):.3f} | "
+              f"{np.median(m['snr'] / sir['snr']):.3f} | {equal[name]:.3f} | "
               f"{np.median(m['snr'] / base['snr']):.3f} | "
               f"{np.median(m['flux'] / base['flux']):.3f} | "
               f"{np.median(m['noise'] / base['noise']):.3f} |")

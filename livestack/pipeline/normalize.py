@@ -293,6 +293,69 @@ def star_flux_scale(frame_xy: NDArray[np.float64], frame_flux: NDArray[np.float6
     return ratio if 0.05 < ratio < 20.0 else None
 
 
+def aperture_flux(image: NDArray[np.float32], xy: NDArray[np.float64], radius_px: float,
+                  annulus_px: tuple[float, float]) -> NDArray[np.float64]:
+    """Flux of each star in a circular aperture of a fixed radius, minus its local sky.
+
+    Why a fixed radius: the detector's flux (:mod:`livestack.pipeline.detect`) is summed
+    within 3 window sigmas, and the window follows each frame's seeing, so the same star
+    measures brighter in a blurred frame (real stars have wings and the sky is not exact):
+    on the Seestar M94 frames a 3.1 px FWHM frame measured 1.16 x the 2.3 px reference's
+    flux where a fixed aperture gives 0.97 (``bench/bench_snr_factors.py``). Photometry
+    for the scale must use one aperture for the frame and the reference.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx), float32
+        The frame (ADU), e.g. its luminance; NaN allowed.
+    xy : ndarray, shape (n, 2), float64
+        Star centroids (px, centre of pixel [0, 0] at (0, 0)).
+    radius_px : float
+        Aperture radius (px), > 0.
+    annulus_px : tuple of float
+        Inner and outer radius (px) of the sky annulus; the sky is its median.
+
+    Returns
+    -------
+    ndarray, shape (n,), float64
+        Aperture sum minus sky times the aperture's pixel count (ADU); NaN for a star whose
+        annulus leaves the image or holds a non-finite pixel in the aperture.
+
+    Raises
+    ------
+    ValueError
+        If ``image`` is not 2-D, the radius is not positive or the annulus is not outside
+        the aperture.
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {img.shape}")
+    inner, outer = float(annulus_px[0]), float(annulus_px[1])
+    if not (radius_px > 0 and radius_px <= inner < outer):
+        raise ValueError(f"need 0 < radius <= annulus inner < outer, got {radius_px}, "
+                         f"{annulus_px}")
+    pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    out = np.full(pts.shape[0], np.nan)
+    half = math.ceil(outer)
+    offsets = np.arange(-half, half + 1)
+    ny, nx = img.shape
+    for k, (x, y) in enumerate(pts):
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        ix, iy = round(x), round(y)
+        if ix - half < 0 or iy - half < 0 or ix + half >= nx or iy + half >= ny:
+            continue
+        cut = np.asarray(img[iy - half:iy + half + 1, ix - half:ix + half + 1],
+                         dtype=np.float64)
+        rr = np.hypot(offsets[np.newaxis, :] + (ix - x), offsets[:, np.newaxis] + (iy - y))
+        inside = rr <= radius_px
+        ring = (rr >= inner) & (rr < outer) & np.isfinite(cut)
+        if not np.all(np.isfinite(cut[inside])) or not ring.any():
+            continue
+        out[k] = float(cut[inside].sum() - np.median(cut[ring]) * np.count_nonzero(inside))
+    return out
+
+
 def normalized_noise(stats: FrameStats, norm: Normalization) -> float | NDArray[np.float64]:
     """Noise of the frame after :func:`apply_normalization` (``noise * scale``), in ADU.
 

@@ -35,6 +35,8 @@ from livestack.pipeline.frame import (
     detect_frame,
     find_transform,
     normalise_frame,
+    photometry_radius_px,
+    photometry_stars,
     register,
 )
 from livestack.pipeline.normalize import (
@@ -183,6 +185,10 @@ class _Reference:
     #: (the full-resolution luminance was 104 MB held for the night at 26 MP).
     phase: PhaseImage
     metrics: FrameMetrics
+    #: Aperture radius (px) of the photometric scale and the reference's stars measured
+    #: in it (:func:`frame.photometry_stars`); None: the detector's fluxes are used.
+    photometry_radius_px: float | None = None
+    photometry_stars: StarList | None = None
 
 
 class StackSession:
@@ -335,9 +341,16 @@ class StackSession:
         # (frame.normalise_frame), since interpolation smooths the noise and would bias the
         # dispersion-based scale.
         is_reference = transform.method == "identity" and ref.file == info.path
-        reference = FrameReference(ref.stats, ref.stars, ref.metrics)
+        # The photometric scale compares the frame's and the reference's stars in one
+        # fixed aperture: the detector's aperture follows each frame's seeing and made
+        # blurred frames look brighter (scaled down, weighted up).
+        scale_stars, ref_scale_stars = stars, ref.stars
+        if ref.photometry_radius_px is not None and ref.photometry_stars is not None:
+            scale_stars = photometry_stars(lum, stars, ref.photometry_radius_px)
+            ref_scale_stars = ref.photometry_stars
+        reference = FrameReference(ref.stats, ref_scale_stars, ref.metrics)
         frame_norm = normalise_frame(image, reference, cfg.normalize, transform=transform,
-                                     stars=stars, metrics=metrics,
+                                     stars=scale_stars, metrics=metrics,
                                      stats=ref.stats if is_reference else None,
                                      is_reference=is_reference)
         timer.lap("normalize")
@@ -381,7 +394,10 @@ class StackSession:
     def _set_reference(self, info: FrameInfo, image: np.ndarray, lum: np.ndarray,
                        stars: StarList, metrics: FrameMetrics, stats: FrameStats) -> None:
         phase = phase_image(lum, self.config.register)
-        self._reference = _Reference(info.path, image.shape, stars, stats, phase, metrics)
+        radius = photometry_radius_px(metrics.fwhm_px)
+        phot = None if radius is None else photometry_stars(lum, stars, radius)
+        self._reference = _Reference(info.path, image.shape, stars, stats, phase, metrics,
+                                     radius, phot)
         self._registrar = Registrar(stars, phase, self.config.register)
         self.first_info = info
 
@@ -534,6 +550,8 @@ class StackSession:
             arrays["ref.flux"] = ref.stars.flux
             arrays["ref.fwhm_px"] = ref.stars.fwhm_px
             arrays["ref.elongation"] = ref.stars.elongation
+            if ref.photometry_stars is not None:
+                arrays["ref.photometry_flux"] = ref.photometry_stars.flux
             meta["reference"] = {
                 "file": ref.file,
                 "shape": list(ref.shape),
@@ -541,6 +559,7 @@ class StackSession:
                 "phase_shape": list(ref.phase.shape),
                 "stats": _stats_to_json(ref.stats),
                 "metrics": asdict(ref.metrics),
+                "photometry_radius_px": ref.photometry_radius_px,
             }
         return arrays, meta
 
@@ -582,9 +601,18 @@ class StackSession:
             else:  # a checkpoint from before the binned reference: bin it now
                 phase = phase_image(np.asarray(arrays["ref.luminance"], dtype=np.float32),
                                     config.register)
+            # A checkpoint from before the fixed-aperture photometry has neither: its
+            # session keeps the detector's fluxes, as its earlier frames were scaled.
+            radius = ref_meta.get("photometry_radius_px")
+            phot = None
+            if radius is not None and "ref.photometry_flux" in arrays:
+                phot = StarList(stars.xy, np.asarray(arrays["ref.photometry_flux"],
+                                                     dtype=np.float64),
+                                stars.fwhm_px, stars.elongation)
             session._reference = _Reference(
                 ref_meta["file"], tuple(int(s) for s in ref_meta["shape"]), stars,
                 _stats_from_json(ref_meta["stats"]), phase, FrameMetrics(**ref_meta["metrics"]),
+                None if phot is None else float(radius), phot,
             )
             session._registrar = Registrar(stars, phase, config.register)
         return session
