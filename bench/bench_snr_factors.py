@@ -35,6 +35,33 @@ Measured (main 64c4253 plus this change; 80 common stars; SNR / Siril's):
 Siril's stack is as wide as ours warped bilinearly (2.954 against 2.967 px): its
 registration smooths, which lowers the aperture noise. At its resolution livestack is
 ahead; at livestack's own (8 % sharper) the rest of the gap is that smoothing.
+``bench_siril_resampler.py`` confirms from Siril's pixels that its ``register`` is
+bilinear.
+
+The column "FWHM at Siril's SNR" is the trade's single figure: each stack blurred just
+enough for its star SNR to equal Siril's (``bench_demosaic_siril.equal_snr_resolution``);
+below Siril's 2.954 px is ahead of Siril. Measured on s7siril (main 5db6a1f), load 5-6 on
+2 cores, same Siril stack:
+
+| variant | FWHM (px) | SNR / Siril's | FWHM at Siril's SNR (px) | |
+|---|---|---|---|---|
+| base before the fixed-aperture scale | 2.732 | 0.984 | 2.848 | |
+| stack-mean / kappa-4 | 2.731 / 2.731 | 0.987 / 0.986 | 2.824 / 2.825 | rejection: 0.2 % |
+| warmup-8 | 2.733 | 0.983 | 2.848 | no effect |
+| weights fwhm | 2.658 | 0.947 | 3.024 | sharper, worse trade |
+| weights stars / none | 2.718 / 2.717 | 0.979 / 0.983 | 2.855 / 2.857 | |
+| **base, fixed-aperture scale** | 2.723 | 0.982 | 2.836 | weights 0.93-1.04 |
+| ... stack-mean / weights none | 2.725 / 2.724 | 0.989 / 0.983 | 2.814 / 2.837 | |
+
+Before the fixed-aperture photometric scale, the noise weights ranged 0.91-1.35 and
+followed the seeing (correlation with the frame FWHM +0.79): the detector's flux aperture
+(3 window sigmas) follows each frame's seeing, so the blurred frames' stars looked up to
+16 % brighter than the reference's, where a fixed aperture finds them 2-4 % fainter. Now
+(-0.32) the weights follow transparency, the stack is 0.3 % sharper and the trade figure
+0.4 % better; the SNR at the stack's own resolution does not move. Weighting by seeing
+(``fwhm``) sharpens the stack by 2.7 % but costs 3.8 % SNR: the worst trade measured.
+No setting here lifts the SNR at livestack's resolution to Siril's: the rest is the
+resampler (Lanczos3 against Siril's bilinear).
 
     .venv/bin/python bench/bench_snr_factors.py --siril /tmp/livestack-bench-demosaic/siril
         [--data DIR] [--dir WORK] [--variants NAME ...] [--siril-rejection]
