@@ -30,6 +30,7 @@ Weights (normalised so that the reference frame has weight 1)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -337,22 +338,33 @@ def aperture_flux(image: NDArray[np.float32], xy: NDArray[np.float64], radius_px
     pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     out = np.full(pts.shape[0], np.nan)
     half = math.ceil(outer)
-    offsets = np.arange(-half, half + 1)
     ny, nx = img.shape
-    for k, (x, y) in enumerate(pts):
-        if not (math.isfinite(x) and math.isfinite(y)):
-            continue
-        ix, iy = round(x), round(y)
-        if ix - half < 0 or iy - half < 0 or ix + half >= nx or iy + half >= ny:
-            continue
-        cut = np.asarray(img[iy - half:iy + half + 1, ix - half:ix + half + 1],
-                         dtype=np.float64)
-        rr = np.hypot(offsets[np.newaxis, :] + (ix - x), offsets[:, np.newaxis] + (iy - y))
-        inside = rr <= radius_px
-        ring = (rr >= inner) & (rr < outer) & np.isfinite(cut)
-        if not np.all(np.isfinite(cut[inside])) or not ring.any():
-            continue
-        out[k] = float(cut[inside].sum() - np.median(cut[ring]) * np.count_nonzero(inside))
+    finite = np.all(np.isfinite(pts), axis=1)
+    centre = np.zeros((pts.shape[0], 2), dtype=np.int64)
+    centre[finite] = np.rint(pts[finite]).astype(np.int64)
+    usable = (finite & (centre[:, 0] >= half) & (centre[:, 1] >= half)
+              & (centre[:, 0] + half < nx) & (centre[:, 1] + half < ny))
+    idx = np.flatnonzero(usable)
+    if idx.size == 0:
+        return out
+    # All stamps at once (n, m, m): a Python loop over 400 stars cost ~70 ms per frame.
+    offsets = np.arange(-half, half + 1)
+    rows = centre[idx, 1][:, None, None] + offsets[None, :, None]
+    cols = centre[idx, 0][:, None, None] + offsets[None, None, :]
+    cut = np.asarray(img[rows, cols], dtype=np.float64)
+    dx = offsets[None, None, :] + (centre[idx, 0] - pts[idx, 0])[:, None, None]
+    dy = offsets[None, :, None] + (centre[idx, 1] - pts[idx, 1])[:, None, None]
+    rr = np.hypot(dx, dy)
+    inside = rr <= radius_px
+    ring = np.where((rr >= inner) & (rr < outer), cut, np.nan)
+    with warnings.catch_warnings():
+        # A ring without a finite pixel gives NaN and numpy's "All-NaN slice" warning:
+        # that star is then not measured, as documented.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sky = np.nanmedian(ring.reshape(idx.size, -1), axis=1)
+    total = np.where(inside, cut, 0.0).reshape(idx.size, -1).sum(axis=1)
+    npix = inside.reshape(idx.size, -1).sum(axis=1)
+    out[idx] = total - sky * npix
     return out
 
 
