@@ -298,6 +298,10 @@ def find_transform(registrar: Registrar, stars: StarList, lum: NDArray[np.float3
 #: :data:`PHOTOMETRY_MIN_RADIUS_PX`; the sky annulus lies 3 to 8 px beyond it.
 PHOTOMETRY_RADIUS_FWHM = 4.0
 PHOTOMETRY_MIN_RADIUS_PX = 4.0
+#: Stars fainter than this SNR in the photometry aperture are left out of the scale: in
+#: the aperture's sky noise they would scatter it by several per cent (a sparse simulated
+#: field with 12 such stars gave 0.905 for a true 1.000).
+PHOTOMETRY_MIN_SNR = 30.0
 _PHOTOMETRY_ANNULUS_PX = (3.0, 8.0)
 
 
@@ -331,10 +335,11 @@ def photometry_stars(lum: NDArray[np.float32], stars: StarList, radius_px: float
     -------
     StarList
         Same positions, FWHM and elongation; ``flux`` in the fixed aperture (NaN near the
-        edges, which :func:`~livestack.pipeline.normalize.star_flux_scale` skips).
+        edges and below :data:`PHOTOMETRY_MIN_SNR`, which
+        :func:`~livestack.pipeline.normalize.star_flux_scale` skips).
     """
     annulus = (radius_px + _PHOTOMETRY_ANNULUS_PX[0], radius_px + _PHOTOMETRY_ANNULUS_PX[1])
-    flux = aperture_flux(lum, stars.xy, radius_px, annulus)
+    flux = aperture_flux(lum, stars.xy, radius_px, annulus, PHOTOMETRY_MIN_SNR)
     return StarList(stars.xy, flux, stars.fwhm_px, stars.elongation)
 
 

@@ -295,7 +295,8 @@ def star_flux_scale(frame_xy: NDArray[np.float64], frame_flux: NDArray[np.float6
 
 
 def aperture_flux(image: NDArray[np.float32], xy: NDArray[np.float64], radius_px: float,
-                  annulus_px: tuple[float, float]) -> NDArray[np.float64]:
+                  annulus_px: tuple[float, float], min_snr: float = 0.0
+                  ) -> NDArray[np.float64]:
     """Flux of each star in a circular aperture of a fixed radius, minus its local sky.
 
     Why a fixed radius: the detector's flux (:mod:`livestack.pipeline.detect`) is summed
@@ -315,12 +316,17 @@ def aperture_flux(image: NDArray[np.float32], xy: NDArray[np.float64], radius_px
         Aperture radius (px), > 0.
     annulus_px : tuple of float
         Inner and outer radius (px) of the sky annulus; the sky is its median.
+    min_snr : float
+        Stars whose flux is below ``min_snr`` times the sky noise in the aperture
+        (the annulus' robust sigma times the square root of the aperture's pixel count)
+        are not measured: a large aperture on a faint star is mostly sky noise.
 
     Returns
     -------
     ndarray, shape (n,), float64
         Aperture sum minus sky times the aperture's pixel count (ADU); NaN for a star whose
-        annulus leaves the image or holds a non-finite pixel in the aperture.
+        annulus leaves the image, holds a non-finite pixel in the aperture or is below
+        ``min_snr``.
 
     Raises
     ------
@@ -361,10 +367,14 @@ def aperture_flux(image: NDArray[np.float32], xy: NDArray[np.float64], radius_px
         # A ring without a finite pixel gives NaN and numpy's "All-NaN slice" warning:
         # that star is then not measured, as documented.
         warnings.simplefilter("ignore", RuntimeWarning)
-        sky = np.nanmedian(ring.reshape(idx.size, -1), axis=1)
+        flat_ring = ring.reshape(idx.size, -1)
+        sky = np.nanmedian(flat_ring, axis=1)
+        sky_sigma = 1.4826 * np.nanmedian(np.abs(flat_ring - sky[:, None]), axis=1)
     total = np.where(inside, cut, 0.0).reshape(idx.size, -1).sum(axis=1)
     npix = inside.reshape(idx.size, -1).sum(axis=1)
-    out[idx] = total - sky * npix
+    flux = total - sky * npix
+    faint = flux < min_snr * sky_sigma * np.sqrt(npix)
+    out[idx] = np.where(faint, np.nan, flux)
     return out
 
 

@@ -38,6 +38,7 @@ from livestack.pipeline.frame import (
     photometry_radius_px,
     photometry_stars,
     register,
+    star_scale,
 )
 from livestack.pipeline.normalize import (
     FrameStats,
@@ -344,10 +345,13 @@ class StackSession:
         # The photometric scale compares the frame's and the reference's stars in one
         # fixed aperture: the detector's aperture follows each frame's seeing and made
         # blurred frames look brighter (scaled down, weighted up).
+        # Too few bright pairs for it (a sparse or faint field): the detector's fluxes.
         scale_stars, ref_scale_stars = stars, ref.stars
         if ref.photometry_radius_px is not None and ref.photometry_stars is not None:
-            scale_stars = photometry_stars(lum, stars, ref.photometry_radius_px)
-            ref_scale_stars = ref.photometry_stars
+            phot = photometry_stars(lum, stars, ref.photometry_radius_px)
+            if star_scale(phot, ref.photometry_stars, transform,
+                          is_reference=is_reference) is not None:
+                scale_stars, ref_scale_stars = phot, ref.photometry_stars
         reference = FrameReference(ref.stats, ref_scale_stars, ref.metrics)
         frame_norm = normalise_frame(image, reference, cfg.normalize, transform=transform,
                                      stars=scale_stars, metrics=metrics,

@@ -562,9 +562,12 @@ def test_the_photometric_reference_survives_a_checkpoint() -> None:
     assert ref is not None and ref.photometry_radius_px is not None
     assert ref.photometry_stars is not None
     assert ref.photometry_radius_px == pytest.approx(max(4.0 * ref.metrics.fwhm_px, 4.0))
-    # Same stars as the detector's, fluxes in the fixed aperture (finite for most).
+    # Same stars as the detector's, fluxes in the fixed aperture: only the bright ones
+    # (SNR >= 30 in it) are measured; this sparse field has too few of them for a scale,
+    # so its frames keep the detector's fluxes (the fallback).
     np.testing.assert_array_equal(ref.photometry_stars.xy, ref.stars.xy)
-    assert np.isfinite(ref.photometry_stars.flux).mean() > 0.5
+    finite = np.isfinite(ref.photometry_stars.flux)
+    assert 0 < finite.sum() < 5 and finite[0]
     arrays, meta = live.state()
     restored = StackSession.restore("test", PipelineConfig(), arrays, meta)
     back = restored._reference
