@@ -343,6 +343,45 @@ def photometry_stars(lum: NDArray[np.float32], stars: StarList, radius_px: float
     return StarList(stars.xy, flux, stars.fwhm_px, stars.elongation)
 
 
+def photometric_scale(lum: NDArray[np.float32], stars: StarList | None,
+                      reference_stars: StarList | None, transform: Transform | None, *,
+                      radius_px: float | None = None,
+                      reference_photometry: StarList | None = None,
+                      is_reference: bool = False) -> float | None:
+    """The frame's photometric scale, from one fixed aperture when the reference has one.
+
+    With ``radius_px`` and ``reference_photometry`` (the reference's stars measured by
+    :func:`photometry_stars` at that radius), the frame's stars are measured the same way
+    on ``lum`` and paired (:func:`star_scale`); with too few bright pairs for that, or
+    without them, the detector's fluxes are (the scale before the fixed aperture).
+
+    Parameters
+    ----------
+    lum : ndarray, shape (ny, nx), float32
+        The frame's unwarped luminance (ADU).
+    stars, reference_stars : StarList or None
+        The frame's and the reference's detected stars (own pixel coordinates).
+    transform : Transform or None
+        Frame -> reference.
+    radius_px : float, optional
+        From :func:`photometry_radius_px` of the reference's FWHM.
+    reference_photometry : StarList, optional
+    is_reference : bool
+
+    Returns
+    -------
+    float or None
+        The scale, or None (the caller uses the dispersion ratio).
+    """
+    if (radius_px is not None and reference_photometry is not None and stars is not None
+            and not is_reference):
+        phot = photometry_stars(lum, stars, radius_px)
+        scale = star_scale(phot, reference_photometry, transform)
+        if scale is not None:
+            return scale
+    return star_scale(stars, reference_stars, transform, is_reference=is_reference)
+
+
 def star_scale(stars: StarList | None, reference_stars: StarList | None,
                transform: Transform | None, *, is_reference: bool = False) -> float | None:
     """The photometric scale of a frame: reference/frame flux ratio of matched stars.

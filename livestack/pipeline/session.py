@@ -35,10 +35,10 @@ from livestack.pipeline.frame import (
     detect_frame,
     find_transform,
     normalise_frame,
+    photometric_scale,
     photometry_radius_px,
     photometry_stars,
     register,
-    star_scale,
 )
 from livestack.pipeline.normalize import (
     FrameStats,
@@ -346,15 +346,14 @@ class StackSession:
         # fixed aperture: the detector's aperture follows each frame's seeing and made
         # blurred frames look brighter (scaled down, weighted up).
         # Too few bright pairs for it (a sparse or faint field): the detector's fluxes.
-        scale_stars, ref_scale_stars = stars, ref.stars
-        if ref.photometry_radius_px is not None and ref.photometry_stars is not None:
-            phot = photometry_stars(lum, stars, ref.photometry_radius_px)
-            if star_scale(phot, ref.photometry_stars, transform,
-                          is_reference=is_reference) is not None:
-                scale_stars, ref_scale_stars = phot, ref.photometry_stars
-        reference = FrameReference(ref.stats, ref_scale_stars, ref.metrics)
+        signal_scale = None
+        if cfg.normalize.method == "additive_scaling":
+            signal_scale = photometric_scale(
+                lum, stars, ref.stars, transform, radius_px=ref.photometry_radius_px,
+                reference_photometry=ref.photometry_stars, is_reference=is_reference)
+        reference = FrameReference(ref.stats, ref.stars, ref.metrics)
         frame_norm = normalise_frame(image, reference, cfg.normalize, transform=transform,
-                                     stars=scale_stars, metrics=metrics,
+                                     signal_scale=signal_scale, metrics=metrics,
                                      stats=ref.stats if is_reference else None,
                                      is_reference=is_reference)
         timer.lap("normalize")

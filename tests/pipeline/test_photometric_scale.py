@@ -77,3 +77,34 @@ def test_the_scale_follows_transparency_not_seeing(frame_fwhm_px: float) -> None
     # 1.002, 1.032, 1.061 here, and 1.16 x on the real frames' wings).
     assert scale == pytest.approx(1.0 / 0.8, rel=0.03)
     assert abs(scale - 1.25) <= abs(detector - 1.25) + 0.005
+
+
+def test_photometric_scale_falls_back_to_the_detector_fluxes() -> None:
+    """Too few bright stars in the fixed aperture (or none measured): the detector's."""
+    from livestack.pipeline.frame import photometric_scale
+    from livestack.pipeline.types import StarList, Transform
+
+    rng = np.random.default_rng(5)
+    shape = (300, 400)
+    xy, flux = star_field(rng, shape, 60, margin=25.0, flux_min=3000.0)
+    reference = noisy(rng, render_stars(shape, xy, flux))
+    frame = noisy(rng, render_stars(shape, xy, 0.8 * flux))
+    ref_stars = detect_stars(reference, DetectConfig())[0]
+    stars = detect_stars(frame, DetectConfig())[0]
+    identity = Transform.identity()
+    detector = star_flux_scale(stars.xy, stars.flux, ref_stars.xy, ref_stars.flux)
+    assert detector is not None
+    radius = photometry_radius_px(2.5)
+    ref_phot = photometry_stars(reference, ref_stars, radius or 0.0)
+    fixed = photometric_scale(frame, stars, ref_stars, identity, radius_px=radius,
+                              reference_photometry=ref_phot)
+    assert fixed == pytest.approx(1.25, rel=0.02)
+    # Only 4 reference stars measured: no fixed-aperture scale, the detector's instead.
+    few = np.where(np.arange(len(ref_phot)) < 4, ref_phot.flux, np.nan)
+    starved = StarList(ref_phot.xy, few, ref_phot.fwhm_px, ref_phot.elongation)
+    assert photometric_scale(frame, stars, ref_stars, identity, radius_px=radius,
+                             reference_photometry=starved) == detector
+    assert photometric_scale(frame, stars, ref_stars, identity) == detector
+    assert photometric_scale(frame, stars, ref_stars, identity, radius_px=radius,
+                             reference_photometry=ref_phot, is_reference=True) == 1.0
+    assert photometric_scale(frame, None, ref_stars, identity) is None
