@@ -360,16 +360,23 @@ def aperture_flux(image: NDArray[np.float32], xy: NDArray[np.float64], radius_px
     cut = np.asarray(img[rows, cols], dtype=np.float64)
     dx = offsets[None, None, :] + (centre[idx, 0] - pts[idx, 0])[:, None, None]
     dy = offsets[None, :, None] + (centre[idx, 1] - pts[idx, 1])[:, None, None]
-    rr = np.hypot(dx, dy)
-    inside = rr <= radius_px
-    ring = np.where((rr >= inner) & (rr < outer), cut, np.nan)
-    with warnings.catch_warnings():
-        # A ring without a finite pixel gives NaN and numpy's "All-NaN slice" warning:
-        # that star is then not measured, as documented.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        flat_ring = ring.reshape(idx.size, -1)
-        sky = np.nanmedian(flat_ring, axis=1)
-        sky_sigma = 1.4826 * np.nanmedian(np.abs(flat_ring - sky[:, None]), axis=1)
+    inside = np.hypot(dx, dy) <= radius_px
+    # The annulus around the rounded centre (one mask for all stars; the sky does not need
+    # the sub-pixel centre), so the medians run on a dense array: nanmedian over masked
+    # stamps cost 40 ms per 400 stars.
+    r_int = np.hypot(offsets[None, :], offsets[:, None])
+    ring = cut[:, (r_int >= inner) & (r_int < outer)]
+    sky = np.median(ring, axis=1)
+    sky_sigma = 1.4826 * np.median(np.abs(ring - sky[:, None]), axis=1)
+    holed = ~np.all(np.isfinite(ring), axis=1)
+    if holed.any():
+        with warnings.catch_warnings():
+            # A ring without a finite pixel gives NaN and numpy's "All-NaN slice"
+            # warning: that star is then not measured, as documented.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sub = ring[holed]
+            sky[holed] = np.nanmedian(sub, axis=1)
+            sky_sigma[holed] = 1.4826 * np.nanmedian(np.abs(sub - sky[holed][:, None]), axis=1)
     total = np.where(inside, cut, 0.0).reshape(idx.size, -1).sum(axis=1)
     npix = inside.reshape(idx.size, -1).sum(axis=1)
     flux = total - sky * npix
