@@ -50,8 +50,8 @@ below Siril's 2.954 px is ahead of Siril. Measured on s7siril (main 5db6a1f), lo
 | warmup-8 | 2.733 | 0.983 | 2.848 | no effect |
 | weights fwhm | 2.658 | 0.947 | 3.024 | sharper, worse trade |
 | weights stars / none | 2.718 / 2.717 | 0.979 / 0.983 | 2.855 / 2.857 | |
-| **base, fixed-aperture scale** | 2.722 | 0.982 | 2.835 | weights 0.95-1.04 |
-| ... weights none | 2.724 | 0.984 | 2.815 | |
+| **base, fixed-aperture scale** | 2.722 | 0.983 | 2.836 | weights 0.95-1.04 |
+| ... stack-mean / weights none | 2.725 / 2.724 | 0.989 / 0.984 | 2.814 / 2.815 | rejection: 0.7 % |
 
 Before the fixed-aperture photometric scale, the noise weights ranged 0.91-1.35 and
 followed the seeing (correlation with the frame FWHM +0.79): the detector's flux aperture
