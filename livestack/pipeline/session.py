@@ -604,18 +604,10 @@ class StackSession:
             else:  # a checkpoint from before the binned reference: bin it now
                 phase = phase_image(np.asarray(arrays["ref.luminance"], dtype=np.float32),
                                     config.register)
-            # A checkpoint from before the fixed-aperture photometry has neither: its
-            # session keeps the detector's fluxes, as its earlier frames were scaled.
-            radius = ref_meta.get("photometry_radius_px")
-            phot = None
-            if radius is not None and "ref.photometry_flux" in arrays:
-                phot = StarList(stars.xy, np.asarray(arrays["ref.photometry_flux"],
-                                                     dtype=np.float64),
-                                stars.fwhm_px, stars.elongation)
             session._reference = _Reference(
                 ref_meta["file"], tuple(int(s) for s in ref_meta["shape"]), stars,
                 _stats_from_json(ref_meta["stats"]), phase, FrameMetrics(**ref_meta["metrics"]),
-                None if phot is None else float(radius), phot,
+                *_photometry_from_state(arrays, ref_meta, stars),
             )
             session._registrar = Registrar(stars, phase, config.register)
         return session
@@ -714,6 +706,18 @@ def _accept_message(info: FrameInfo, metrics: FrameMetrics, transform: Transform
 
 def _stats_to_json(stats: FrameStats) -> dict[str, Any]:
     return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in asdict(stats).items()}
+
+
+def _photometry_from_state(arrays: dict[str, np.ndarray], ref_meta: dict[str, Any],
+                           stars: StarList) -> tuple[float | None, StarList | None]:
+    """The reference's fixed-aperture radius and stars from a checkpoint, or (None, None)
+    for one written before them: that session keeps the detector's fluxes, as its earlier
+    frames were scaled with them."""
+    radius = ref_meta.get("photometry_radius_px")
+    if radius is None or "ref.photometry_flux" not in arrays:
+        return None, None
+    flux = np.asarray(arrays["ref.photometry_flux"], dtype=np.float64)
+    return float(radius), StarList(stars.xy, flux, stars.fwhm_px, stars.elongation)
 
 
 def _stats_from_json(d: dict[str, Any]) -> FrameStats:
