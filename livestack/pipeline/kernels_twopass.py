@@ -105,10 +105,13 @@ def _make_two_pass(kind: int) -> Any:
             dst[uk] = acc
 
     @njit(cache=True, nogil=True, fastmath={"contract"})
-    def vrun(dst: NDArray[np.float32], tmp: NDArray[np.float32], n: int, r0: int, c0: int,
-             p0: np.float32, sp: np.float32) -> None:
-        # dst[k] = sum_j w_j(p0 + sp*k) tmp[r0 + j, c0 + k] for k < n (raw sums; the
-        # footprint and the zeroing come after, in their own loop).
+    def vrun(srow: NDArray[np.float32], tmp: NDArray[np.float32], ch: int, n: int, r0: int,
+             c0: int, p0: np.float32, sp: np.float32) -> None:
+        # srow[ch, c0 + k] = sum_j w_j(p0 + sp*k) tmp[ch, r0 + j, c0 + k] for k < n (raw
+        # sums; the footprint and the zeroing come after, in their own loop). Whole arrays
+        # and offsets, not slices: a slice per run costs its reference counting, and the
+        # runs are short (1 / sin(angle) pixels).
+        uch = uint64(ch)
         ur = uint64(r0)
         uc = uint64(c0)
         for k in range(n):
@@ -116,8 +119,8 @@ def _make_two_pass(kind: int) -> Any:
             w = _weights32(kind, p0 + sp * np.float32(k))
             acc = _Z32
             for j in range(nt):
-                acc += w[j] * tmp[ur + uint64(j), uc + uk]
-            dst[uk] = acc
+                acc += w[j] * tmp[uch, ur + uint64(j), uc + uk]
+            srow[uch, uc + uk] = acc
 
     @njit(cache=True, nogil=True, fastmath={"contract"})
     def hedge(row: NDArray[np.float32], u: float) -> np.float32:
@@ -179,6 +182,7 @@ def _make_two_pass(kind: int) -> Any:
         alpha = a - b * d / e
         beta = b / e
         gamma = c - b * f / e
+        inv_d = 1.0 / d if d != 0.0 else 0.0
         ncols = min(tile_cols, nx_out)
         # Input rows one tile needs: the span of V over the tile, the taps, and one row of
         # margin on each side against rounding.
@@ -219,13 +223,25 @@ def _make_two_pass(kind: int) -> Any:
                         while x < x1:
                             v = d * x + cv
                             fv = math.floor(v)
-                            end = _cell_end(d, cv, x, fv, x1)
-                            r0 = int(fv) + first - r_lo
+                            # End of the run of constant floor(V): where d*x + cv leaves
+                            # [fv, fv + 1). A boundary off by one pixel (rounding) only
+                            # moves a phase a hair outside [0, 1), which the weights'
+                            # polynomial takes smoothly; the rows stay those of fv.
+                            if d > 0.0:
+                                t_end = (fv + 1.0 - cv) * inv_d
+                                end = math.ceil(min(t_end, x1 + 0.0))
+                            elif d < 0.0:
+                                t_end = (fv - cv) * inv_d
+                                end = math.floor(min(t_end, x1 + 0.0)) + 1
+                            else:
+                                end = x1
+                            end = min(max(end, x + 1), x1)
+                            r0 = fv + first - r_lo
                             if r0 < 0 or r0 + nt > nrows:  # V off the input: never valid
                                 srow[ch, x - x0:end - x0] = np.nan
                             else:
-                                vrun(srow[ch, x - x0:], tmp[ch], (end - x + _LANES - 1)
-                                     // _LANES * _LANES, r0, x - x0, np.float32(v - fv - 0.5),
+                                vrun(srow, tmp, ch, (end - x + _LANES - 1) // _LANES
+                                     * _LANES, r0, x - x0, np.float32(v - fv - 0.5),
                                      np.float32(d))
                             x = end
                     _finish_row(out[:, y, x0:x1], foot[y, x0:x1], srow, x1 - x0)
