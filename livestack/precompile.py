@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: The kernel modules whose numba cache the helper fills (relative to the package).
 KERNEL_MODULES = ("pipeline/kernels_accumulate.py", "pipeline/kernels_warp.py",
-                  "pipeline/kernels_detect.py",
+                  "pipeline/kernels_twopass.py", "pipeline/kernels_detect.py",
                   "pipeline/kernels_binning.py", "pipeline/kernels_normalize.py",
                   "pipeline/kernels_cosmetic.py", "pipeline/kernels_calibrate.py",
                   "pipeline/kernels_demosaic.py")
@@ -158,7 +158,7 @@ def steps() -> Iterator[str]:
     angle = np.radians(0.5)
     rotated = Transform(np.array([[np.cos(angle), -np.sin(angle), 0.7],
                                   [np.sin(angle), np.cos(angle), 0.3]]))
-    warp(frames[1], rotated, (ny, nx))
+    warp(frames[1], rotated, (ny, nx))  # the two-pass kernel (small rotations)
     yield "affine warp"
     for frame in frames[2:]:
         stack.add(frame, foot, 1.0, 5.0)
