@@ -83,8 +83,15 @@ def _weights32(kind: int, p: np.float32) -> tuple[np.float32, ...]:
     return _w_bicubic(np.float64(p) + 0.5)
 
 
-def _make_two_pass(kind: int) -> Any:
-    """Build the parallel two-pass kernel of one interpolation kind (bicubic or lanczos3)."""
+def _make_runs(kind: int) -> Any:
+    """Build the 1-D run kernels of one interpolation kind (bicubic or lanczos3).
+
+    Only plain ints are captured: numba keys its on-disk cache of a closure on the
+    pickled captured values, and a captured dispatcher pickles differently per process
+    (the kernel would be compiled again in every process). So the kernels that call
+    these reach them through the module-level ``_*_kind`` dispatchers, not as closure
+    variables.
+    """
     nt = N_TAPS[kind]
     first = FIRST_TAP[kind]
 
@@ -140,36 +147,77 @@ def _make_two_pass(kind: int) -> Any:
                 acc += w[i] * row[iu + i]
         return acc
 
-    @njit(cache=True, nogil=True, fastmath=False)
-    def hpass(tmp_row: NDArray[np.float32], row: NDArray[np.float32], x0: int, x1: int,
-              alpha: float, cu: float) -> None:
-        # tmp_row[x - x0] = row resampled at U = alpha*x + cu, for x in [x0, x1).
-        nx_in = row.shape[0]
-        sx = alpha - 1.0
-        # Columns whose taps, and those of the run's extra lanes, are all inside (one
-        # cell of margin against rounding in the analytic bounds); the rest take the
-        # exact scalar path.
-        a, b = _interval(alpha, cu + alpha * x0, -first + 1.0,
-                         nx_in - nt - first - _LANES - 1e-9, x1 - x0)
-        xs = x0 + a
-        xe = x0 + b
-        if xe <= xs:
-            xs = x1
-            xe = x1
-        x = xs
-        while x < xe:
-            u = alpha * x + cu
-            fu = math.floor(u)
-            end = _cell_end(sx, cu, x, fu - x, xe)
-            n = end - x
-            hrun(tmp_row[x - x0:], row, (n + _LANES - 1) // _LANES * _LANES,
-                 int(fu) + first, np.float32(u - fu - 0.5), np.float32(sx))
-            x = end
-        # After the runs: their extra lanes may have written past xe.
-        for x in range(x0, xs):
-            tmp_row[x - x0] = hedge(row, alpha * x + cu)
-        for x in range(xe, x1):
-            tmp_row[x - x0] = hedge(row, alpha * x + cu)
+    return hrun, vrun, hedge
+
+
+_hrun_lanczos3, _vrun_lanczos3, _hedge_lanczos3 = _make_runs(LANCZOS3)
+_hrun_bicubic, _vrun_bicubic, _hedge_bicubic = _make_runs(BICUBIC)
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _hrun_kind(kind: int, dst: NDArray[np.float32], row: NDArray[np.float32], n: int,
+               base: int, p0: np.float32, sp: np.float32) -> None:
+    if kind == LANCZOS3:
+        _hrun_lanczos3(dst, row, n, base, p0, sp)
+    else:
+        _hrun_bicubic(dst, row, n, base, p0, sp)
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _vrun_kind(kind: int, srow: NDArray[np.float32], tmp: NDArray[np.float32], ch: int, n: int,
+               r0: int, c0: int, p0: np.float32, sp: np.float32) -> None:
+    if kind == LANCZOS3:
+        _vrun_lanczos3(srow, tmp, ch, n, r0, c0, p0, sp)
+    else:
+        _vrun_bicubic(srow, tmp, ch, n, r0, c0, p0, sp)
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _hedge_kind(kind: int, row: NDArray[np.float32], u: float) -> np.float32:
+    if kind == LANCZOS3:
+        return _hedge_lanczos3(row, u)
+    return _hedge_bicubic(row, u)
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _hpass(kind: int, tmp_row: NDArray[np.float32], row: NDArray[np.float32], x0: int,
+           x1: int, alpha: float, cu: float) -> None:
+    """``tmp_row[x - x0]`` = ``row`` resampled at ``U = alpha*x + cu``, x in [x0, x1)."""
+    nt = N_TAPS[kind]
+    first = FIRST_TAP[kind]
+    nx_in = row.shape[0]
+    sx = alpha - 1.0
+    # Columns whose taps, and those of the run's extra lanes, are all inside (one
+    # cell of margin against rounding in the analytic bounds); the rest take the
+    # exact scalar path.
+    a, b = _interval(alpha, cu + alpha * x0, -first + 1.0,
+                     nx_in - nt - first - _LANES - 1e-9, x1 - x0)
+    xs = x0 + a
+    xe = x0 + b
+    if xe <= xs:
+        xs = x1
+        xe = x1
+    x = xs
+    while x < xe:
+        u = alpha * x + cu
+        fu = math.floor(u)
+        end = _cell_end(sx, cu, x, fu - x, xe)
+        n = end - x
+        _hrun_kind(kind, tmp_row[x - x0:], row, (n + _LANES - 1) // _LANES * _LANES,
+             int(fu) + first, np.float32(u - fu - 0.5), np.float32(sx))
+        x = end
+    # After the runs: their extra lanes may have written past xe.
+    for x in range(x0, xs):
+        tmp_row[x - x0] = _hedge_kind(kind, row, alpha * x + cu)
+    for x in range(xe, x1):
+        tmp_row[x - x0] = _hedge_kind(kind, row, alpha * x + cu)
+
+
+
+def _make_two_pass(kind: int) -> Any:
+    """Build the parallel two-pass kernel of one kind (captures plain ints only)."""
+    nt = N_TAPS[kind]
+    first = FIRST_TAP[kind]
 
     @njit(cache=True, nogil=True, fastmath=False, parallel=True)
     def two_pass(src: NDArray[np.float32], inv: NDArray[np.float64], out: NDArray[np.float32],
@@ -215,7 +263,7 @@ def _make_two_pass(kind: int) -> Any:
                         if yy < 0 or yy >= ny_in:
                             tmp[ch, k, :x1 - x0] = np.nan
                         else:
-                            hpass(tmp[ch, k], plane[yy], x0, x1, alpha, beta * yy + gamma)
+                            _hpass(kind, tmp[ch, k], plane[yy], x0, x1, alpha, beta * yy + gamma)
                 for y in range(y0, y1):
                     cv = e * y + f
                     for ch in range(nc):
@@ -240,13 +288,13 @@ def _make_two_pass(kind: int) -> Any:
                             if r0 < 0 or r0 + nt > nrows:  # V off the input: never valid
                                 srow[ch, x - x0:end - x0] = np.nan
                             else:
-                                vrun(srow, tmp, ch, (end - x + _LANES - 1) // _LANES
+                                _vrun_kind(kind, srow, tmp, ch, (end - x + _LANES - 1) // _LANES
                                      * _LANES, r0, x - x0, np.float32(v - fv - 0.5),
                                      np.float32(d))
                             x = end
                     _finish_row(out[:, y, x0:x1], foot[y, x0:x1], srow, x1 - x0)
 
-    return two_pass, hrun, vrun
+    return two_pass
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -272,10 +320,8 @@ def _finish_row(out: NDArray[np.float32], foot: NDArray[np.bool_], srow: NDArray
             out[ch, k] = srow[ch, k] if foot[k] else _Z32
 
 
-#: Kind -> (kernel, horizontal run, vertical run); each compiles (or loads from numba's
-#: cache) on its first call. The runs are exposed for ``inspect_asm`` checks.
-_PARTS = {BICUBIC: _make_two_pass(BICUBIC), LANCZOS3: _make_two_pass(LANCZOS3)}
-_TWO_PASS = {kind: parts[0] for kind, parts in _PARTS.items()}
+#: Kind -> kernel; each compiles (or loads from numba's cache) on its first call.
+_TWO_PASS = {BICUBIC: _make_two_pass(BICUBIC), LANCZOS3: _make_two_pass(LANCZOS3)}
 
 #: Two-pass kinds.
 TWO_PASS_KINDS = frozenset(_TWO_PASS)
