@@ -59,7 +59,6 @@ from livestack.pipeline.kernels_warp import (
 
 _Z32 = np.float32(0.0)
 _NAN32 = np.float32(np.nan)
-_HALF32 = np.float32(0.5)
 #: Vector runs are rounded up to a multiple of this many pixels (the width of the
 #: vectorised loop's epilogue), so LLVM's scalar remainder loop never runs: the extra
 #: lanes write scratch that the next run or the padding absorbs.
