@@ -65,6 +65,11 @@ _NAN32 = np.float32(np.nan)
 _LANES = 8
 #: Largest |sin| / cos of the rotation the two-pass kernel takes (tan 5 deg).
 _MAX_SHEAR = 0.0875
+#: Smallest |sin| / cos of the rotation at which the two-pass kernel pays (tan 0.15 deg):
+#: below it the 2-D kernel's runs are so long (> 380 px) that it is as fast on a mono
+#: frame (26 MP, 1 thread, CPU: 0.1 deg 2.9 ns/px both, 0.5 deg 4.5 vs 3.6, 2 deg 9.3 vs
+#: 4.1; ``bench/bench_warp.py --two-pass-only``).
+_MIN_SHEAR = 0.0026
 #: Scratch padding (pixels) past a tile's last column for those extra lanes.
 _PAD = 16
 
@@ -342,6 +347,17 @@ def two_pass_suits(inv: NDArray[np.float64]) -> bool:
         return False
     alpha = a - b * d / e
     return 0.5 < alpha < 1.5 and abs(d) <= _MAX_SHEAR * e and abs(b) <= _MAX_SHEAR * abs(a)
+
+
+def two_pass_pays(inv: NDArray[np.float64]) -> bool:
+    """Whether the two-pass kernel suits ``inv`` and is faster than the 2-D kernel there.
+
+    The 2-D kernel cuts each output row into runs of about 1 / sin(angle) pixels; below
+    ~0.15 degrees they are long enough for it to match the two-pass kernel.
+    """
+    if not two_pass_suits(inv):
+        return False
+    return max(abs(float(inv[1, 0])), abs(float(inv[0, 1]))) >= _MIN_SHEAR * abs(float(inv[1, 1]))
 
 
 def warp_two_pass_kernel(src: NDArray[np.float32], inv: NDArray[np.float64], kind: int,

@@ -16,12 +16,12 @@ kept bit for bit.
 Coordinates are float64 end to end; Lanczos3 weights are evaluated at the exact phase from
 an even/odd polynomial fit of the normalised kernel (error < 1e-8, no coordinate tables).
 Pure translations take a separable two-pass fast path. Bicubic and Lanczos3 rotations of
-up to ~5 degrees (every stack's frame-to-frame case) take a two-pass (Catmull-Smith)
+0.15 to ~5 degrees (every stack's frame-to-frame case) take a two-pass (Catmull-Smith)
 separable kernel, horizontal then vertical 1-D passes in tiles (``kernels_twopass``): it
 interpolates along a sheared grid, so it is not bit-identical to the 2-D kernel, but as
 accurate against the truth (within 0.1 % pixel RMS up to 2 degrees) and vectorised.
-Everything else sums the 2-D separable kernel per output pixel, vectorised over runs of
-pixels (see ``kernels_warp``).
+Everything else (including rotations under 0.15 degrees, where it is as fast) sums the 2-D
+separable kernel per output pixel, vectorised over runs of pixels (see ``kernels_warp``).
 
 Why OpenCV's cubic/Lanczos4 looked offset by ~0.05 px
 -----------------------------------------------------
@@ -138,7 +138,7 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
             dest[:, ~foot] = 0.0
         else:
             kw.warp_shift_kernel(planes, ix0, wx, iy0, wy, dest, foot, _SHIFT_BLOCK_ROWS)
-    elif kind in kt.TWO_PASS_KINDS and kt.two_pass_suits(inv):
+    elif kind in kt.TWO_PASS_KINDS and kt.two_pass_pays(inv):
         kt.warp_two_pass_kernel(planes, inv, kind, dest, foot, _TILE_ROWS, _TILE_COLS)
     else:
         kw.warp_affine_kernel(planes, inv, kind, dest, foot)
