@@ -6,7 +6,11 @@ shared data is never touched) are stacked
 * by Siril: ``convert light -debayer`` (Siril's default demosaic, RCD), ``register``
   (global star alignment) and ``stack r_light rej w 3 3 -norm=addscale``, run as
   ``siril-cli -s SCRIPT`` through ``bench_integrate_siril.run_siril``;
-* by ``livestack stack`` once per demosaic method (``pipeline.debayer.method``), with the
+* by ``livestack stack`` once per demosaic method (``pipeline.debayer.method``), and with
+  RCD and each warp kernel of ``--warp-kernels`` (``pipeline.warp.kernel``; by default
+  ``bilinear``, the resampler Siril 1.0.6's ``register`` applies, as
+  ``bench_siril_resampler.py`` measures from its pixels, so that both tools are also
+  compared with the same resampler), with the
   quality gate's elongation limit lifted (``pipeline.gate.max_elongation: 3``) so that
   every tool stacks the same 32 frames (the default 1.6 rejects some frames once the
   demosaic no longer blurs their genuinely elongated stars; see the printed note).
@@ -27,6 +31,10 @@ matched on every stack after removing the offset between the tools' reference gr
   the SNR's ratio to Siril's, also at equal resolution: Siril's registration smooths (a
   wider star, a lower per-pixel noise), and smoothing lowers the aperture noise, so each
   stack sharper than Siril's is also measured Gaussian-blurred to Siril's median FWHM;
+  and the converse: the FWHM a stack reaches when blurred just enough for its star SNR to
+  equal Siril's (bisection on the blur; a stack already at Siril's SNR is not blurred).
+  A stack whose equal-SNR FWHM is below Siril's FWHM is ahead of Siril on the trade
+  between resolution and noise, whatever point of it each tool chose;
 * star flux: the ratio to Siril's is a scale set by each tool's normalisation (livestack
   scales frames photometrically onto the reference frame, Siril's addscale by the
   dispersion), which scales the noise too and leaves the SNR unchanged;
@@ -45,8 +53,25 @@ real 2 MP Seestar frame, median of ``--repeat`` runs after a warm-up; and the wh
 times each method on 1 numba thread and on all of them, wall clock and process CPU time,
 with ``rcd-4pass``, the four-pass RCD that the fused kernel replaced, beside them.
 
+Measured on s7siril (main 5db6a1f plus the fixed-aperture photometric scale), load 3-5 on
+2 cores, ``--methods rcd malvar --warp-kernels bilinear bicubic``; "rcd+K" is RCD with warp
+kernel K, livestack's default is rcd (Lanczos3):
+
+| | Siril | bilinear | rcd | malvar | rcd+bilinear | rcd+bicubic |
+|---|---|---|---|---|---|---|
+| median FWHM (px) | 2.954 | 3.260 | 2.722 | 2.831 | 2.978 | 2.804 |
+| SNR / Siril's | 1.000 | 1.027 | 0.983 | 0.958 | 1.018 | 0.993 |
+| SNR / Siril's at Siril's FWHM | 1.000 | 1.027 | 1.014 | 0.975 | 1.018 | 1.015 |
+| FWHM at Siril's SNR (px) | 2.954 | 3.260 | 2.836 | 3.104 | 2.978 | 2.852 |
+| detection SNR / Siril's, filter 3 px | 1.000 | 0.984 | 1.008 | 0.989 | 1.006 | 1.009 |
+
+With Siril's own resampler (rcd+bilinear) livestack has 1.8 % more star SNR at the same
+FWHM (1.001 x per star); with its default Lanczos3 it is 8 % sharper at 0.983 of Siril's
+SNR, and blurred until its SNR equals Siril's it is still 4 % sharper (2.836 px).
+
     .venv/bin/python bench/bench_demosaic_siril.py [--data DIR] [--dir WORK] [--repeat N]
-        [--methods rcd bilinear malvar] [--timing-only]
+        [--methods rcd bilinear malvar] [--warp-kernels bilinear ...] [--reuse]
+        [--timing-only]
 """
 
 from __future__ import annotations
@@ -267,6 +292,45 @@ def matched_resolution(image: NDArray[np.float64], xy: NDArray[np.float64], goal
     return best, achieved
 
 
+def equal_snr_resolution(image: NDArray[np.float64], xy: NDArray[np.float64],
+                         empty: NDArray[np.float64], reference_snr: NDArray[np.float64],
+                         tolerance: float = 0.002, max_sigma_px: float = 2.0
+                         ) -> tuple[float, float]:
+    """The median :func:`gaussian_fwhm` (px) of the stars at ``xy`` once ``image`` is
+    Gaussian-blurred just enough that the median over stars of its :func:`star_snr`
+    (blank sky at ``empty``) over ``reference_snr`` reaches 1 (bisection on the blur's
+    sigma, up to ``max_sigma_px``), and the ratio reached. An image already at or above
+    the reference's SNR is not blurred (its own FWHM and ratio are returned); one that
+    does not reach it even at ``max_sigma_px`` returns NaN and its ratio there."""
+    from bench_integrate_siril import gaussian_blur
+
+    def ratio(img: NDArray[np.float64]) -> float:
+        return float(np.median(star_snr(img, xy, empty) / reference_snr))
+
+    def width(img: NDArray[np.float64]) -> float:
+        return float(np.nanmedian([gaussian_fwhm(img, x, y) for x, y in xy]))
+
+    def blurred(sigma: float) -> NDArray[np.float64]:
+        return gaussian_blur(image.astype(np.float32), sigma).astype(np.float64)
+
+    reached = ratio(image)
+    if reached >= 1.0:
+        return width(image), reached
+    top = blurred(max_sigma_px)
+    if ratio(top) < 1.0:
+        return float("nan"), ratio(top)
+    low, high = 0.0, max_sigma_px
+    best = top
+    for _ in range(14):
+        sigma = 0.5 * (low + high)
+        best = blurred(sigma)
+        reached = ratio(best)
+        if abs(reached - 1.0) <= tolerance:
+            break
+        low, high = (sigma, high) if reached < 1.0 else (low, sigma)
+    return width(best), reached
+
+
 def time_debayer(methods: list[str], frame: NDArray[np.float32], pattern: str,
                  repeat: int, threads: int | None = None) -> dict[str, tuple[float, float]]:
     """Median wall ms and least CPU ms of each method on ``frame`` after one warm-up call,
@@ -346,6 +410,14 @@ def main() -> int:
                         choices=("bilinear", "rcd", "malvar", "auto"))
     parser.add_argument("--timing-only", action="store_true",
                         help="only the debayer timings (no Siril, no stacks)")
+    parser.add_argument("--warp-kernels", nargs="*", default=["bilinear"],
+                        choices=("nearest", "bilinear", "bicubic", "lanczos3"),
+                        help="also stack with RCD and each of these warp kernels "
+                             "(bilinear is the one Siril 1.0.6's register applies: "
+                             "bench/bench_siril_resampler.py)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep --dir and reuse the Siril result and stacks already there "
+                             "(their wall times are then not measured)")
     args = parser.parse_args()
     if args.timing_only:
         return print_timings(args.data, list(dict.fromkeys(["bilinear", *args.methods])),
@@ -355,31 +427,45 @@ def main() -> int:
         return 1
     methods = list(dict.fromkeys(["bilinear", *args.methods]))
     work = args.dir
-    if work.exists():
-        shutil.rmtree(work)
     lights = sorted((args.data / "lights").glob("*.fit"))
-    (work / "siril" / "lights").mkdir(parents=True)
-    for src in lights:
-        shutil.copy2(src, work / "siril" / "lights" / src.name)
-    siril_result, siril_wall = run_siril(work / "siril", SIRIL_OSC_SCRIPT)
+    reuse = args.reuse and (work / "siril" / "result.fit").exists()
+    if reuse:
+        siril_result, siril_wall = work / "siril" / "result.fit", float("nan")
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        (work / "siril" / "lights").mkdir(parents=True)
+        for src in lights:
+            shutil.copy2(src, work / "siril" / "lights" / src.name)
+        siril_result, siril_wall = run_siril(work / "siril", SIRIL_OSC_SCRIPT)
 
+    # Each livestack column: its name -> the YAML under `pipeline:` beyond the demosaic's.
+    columns: dict[str, tuple[str, str]] = {m: (m, "") for m in methods}
+    for kernel in args.warp_kernels:
+        columns[f"rcd+{kernel}"] = ("rcd", f"  warp:\n    kernel: {kernel}\n")
     walls, stacks = {}, {}
-    for method in methods:
-        config = work / f"{method}.yaml"
+    for name, (method, extra) in columns.items():
+        config = work / f"{name}.yaml"
         config.write_text(f"pipeline:\n  debayer:\n    method: {method}\n"
-                          "  gate:\n    max_elongation: 3.0\n")
-        out = work / f"livestack-{method}"
-        walls[method] = run_livestack(["stack", str(work / "siril" / "lights"), "-o", str(out),
-                                       "-c", str(config), "--no-progress"])
-        stacks[method] = next(out.glob("*/*/stack.fits"))
+                          "  gate:\n    max_elongation: 3.0\n" + extra)
+        out = work / f"livestack-{name}"
+        if reuse and any(out.glob("*/*/stack.fits")):
+            walls[name] = float("nan")
+            stacks[name] = next(out.glob("*/*/stack.fits"))
+            continue
+        if out.exists():
+            shutil.rmtree(out)
+        walls[name] = run_livestack(["stack", str(work / "siril" / "lights"), "-o", str(out),
+                                     "-c", str(config), "--no-progress"])
+        stacks[name] = next(out.glob("*/*/stack.fits"))
 
     from astropy.io import fits
 
     images = {"siril": load_luminance(siril_result)}
     n_combined = {"siril": len(lights)}
-    for method in methods:
-        images[method] = load_luminance(stacks[method])
-        n_combined[method] = int(fits.getheader(stacks[method])["NCOMBINE"])
+    for name in columns:
+        images[name] = load_luminance(stacks[name])
+        n_combined[name] = int(fits.getheader(stacks[name])["NCOMBINE"])
     stars = common_stars(images)
     empty = empty_places(images)
     fwhm = {name: np.array([gaussian_fwhm(images[name], x, y) for x, y in stars[name]])
@@ -401,6 +487,10 @@ def main() -> int:
     matched_snr = {name: star_snr(image, stars[name], empty[name])
                    for name, (image, _) in matched.items()}
     matched_snr["siril"] = snr["siril"]
+    # The other like-for-like number: how far each stack must be blurred before its star
+    # SNR equals Siril's, as the FWHM it then has (bisection on the blur).
+    equal_snr = {name: equal_snr_resolution(images[name], stars[name], empty[name],
+                                            snr["siril"]) for name in images if name != "siril"}
     flux = {name: aperture_flux(images[name], stars[name]) for name in images}
     core = np.zeros(images["siril"].shape, dtype=bool)
     core[EDGE_PX:-EDGE_PX, EDGE_PX:-EDGE_PX] = True
@@ -418,7 +508,7 @@ def main() -> int:
     print()
     print(f"seestar_m94_osc: {len(lights)} GRBG frames {raw.shape[1]}x{raw.shape[0]}; "
           f"{n_common} common stars (isolated, unsaturated, >= {EDGE_PX} px from the edges)")
-    print("| | Siril 1.0.6 (RCD) | " + " | ".join(f"livestack {m}" for m in methods) + " |")
+    print("| | Siril 1.0.6 (RCD) | " + " | ".join(f"livestack {m}" for m in columns) + " |")
     print("|---|" + "---|" * len(names))
 
     def row(label: str, cells: dict[str, str]) -> None:
@@ -437,6 +527,9 @@ def main() -> int:
     row("SNR / Siril's at Siril's resolution (blurred to its median FWHM; FWHM reached)",
         {n: f"{np.median(matched_snr[n] / snr['siril']):.3f}"
             + (f" ({matched[n][1]:.3f} px)" if n in matched else "") for n in names})
+    row("FWHM at which the SNR equals Siril's (blurred until it does; SNR ratio reached)",
+        {n: f"{equal_snr[n][0]:.3f} ({equal_snr[n][1]:.3f})" for n in equal_snr}
+        | {"siril": f"{np.nanmedian(fwhm['siril']):.3f}"})
     row("star flux / Siril's (a scale, not a loss: see the note below)",
         {n: f"{np.median(flux[n] / flux['siril']):.3f}" for n in names})
     for width in SNR_FILTERS:
@@ -446,7 +539,7 @@ def main() -> int:
     row("background noise per pixel (robust sigma, ADU)",
         {n: f"{robust_noise(images[n].astype(np.float32)):.2f}" for n in names})
     boards = {"siril": checkerboard(siril_result),
-              **{m: checkerboard(stacks[m]) for m in methods}}
+              **{m: checkerboard(stacks[m]) for m in columns}}
     row("checkerboard: max 2x2-parity spread of the sky, ADU (per-pixel sigma)",
         {n: f"{boards[n][0]:.2f} ({boards[n][1]:.1f})" for n in names})
     row("debayer ms per 26 MP frame (6248x4176)",
@@ -457,9 +550,9 @@ def main() -> int:
          for m in methods})
     row("whole run, s per frame (wall)",
         {"siril": f"{siril_wall / len(lights):.3f} (convert+register+stack)",
-         **{m: f"{walls[m] / len(lights):.3f} (livestack stack)" for m in methods}})
+         **{m: f"{walls[m] / len(lights):.3f} (livestack stack)" for m in columns}})
     row("median FWHM <= Siril's", {m: "yes" if np.nanmedian(fwhm[m])
-                                   <= np.nanmedian(fwhm["siril"]) else "no" for m in methods})
+                                   <= np.nanmedian(fwhm["siril"]) else "no" for m in columns})
     print()
     print("timings taken on a shared machine: compare ratios within this run")
     print("star flux: livestack scales each frame photometrically onto the reference frame "

@@ -35,6 +35,33 @@ Measured (main 64c4253 plus this change; 80 common stars; SNR / Siril's):
 Siril's stack is as wide as ours warped bilinearly (2.954 against 2.967 px): its
 registration smooths, which lowers the aperture noise. At its resolution livestack is
 ahead; at livestack's own (8 % sharper) the rest of the gap is that smoothing.
+``bench_siril_resampler.py`` confirms from Siril's pixels that its ``register`` is
+bilinear.
+
+The column "FWHM at Siril's SNR" is the trade's single figure: each stack blurred just
+enough for its star SNR to equal Siril's (``bench_demosaic_siril.equal_snr_resolution``);
+below Siril's 2.954 px is ahead of Siril. Measured on s7siril (main 5db6a1f), load 5-6 on
+2 cores, same Siril stack:
+
+| variant | FWHM (px) | SNR / Siril's | FWHM at Siril's SNR (px) | |
+|---|---|---|---|---|
+| base before the fixed-aperture scale | 2.732 | 0.984 | 2.848 | |
+| stack-mean / kappa-4 | 2.731 / 2.731 | 0.987 / 0.986 | 2.824 / 2.825 | rejection: 0.2 % |
+| warmup-8 | 2.733 | 0.983 | 2.848 | no effect |
+| weights fwhm | 2.658 | 0.947 | 3.024 | sharper, worse trade |
+| weights stars / none | 2.718 / 2.717 | 0.979 / 0.983 | 2.855 / 2.857 | |
+| **base, fixed-aperture scale** | 2.722 | 0.983 | 2.836 | weights 0.95-1.04 |
+| ... stack-mean / weights none | 2.725 / 2.724 | 0.989 / 0.984 | 2.814 / 2.815 | rejection: 0.7 % |
+
+Before the fixed-aperture photometric scale, the noise weights ranged 0.91-1.35 and
+followed the seeing (correlation with the frame FWHM +0.79): the detector's flux aperture
+(3 window sigmas) follows each frame's seeing, so the blurred frames' stars looked up to
+16 % brighter than the reference's, where a fixed aperture finds them 2-4 % fainter. Now
+(-0.41) the weights follow transparency, the stack is 0.3 % sharper and the trade figure
+0.4 % better; the SNR at the stack's own resolution does not move. Weighting by seeing
+(``fwhm``) sharpens the stack by 2.7 % but costs 3.8 % SNR: the worst trade measured.
+No setting here lifts the SNR at livestack's resolution to Siril's: the rest is the
+resampler (Lanczos3 against Siril's bilinear).
 
     .venv/bin/python bench/bench_snr_factors.py --siril /tmp/livestack-bench-demosaic/siril
         [--data DIR] [--dir WORK] [--variants NAME ...] [--siril-rejection]
@@ -53,6 +80,7 @@ from bench_demosaic_siril import (
     aperture_flux,
     common_stars,
     empty_places,
+    equal_snr_resolution,
     gaussian_fwhm,
     load_luminance,
     star_snr,
@@ -68,6 +96,10 @@ VARIANTS: dict[str, str] = {
     "norm-additive": "  normalize:\n    method: additive\n",
     "stack-mean": "  stack:\n    method: mean\n",
     "kappa-5": "  stack:\n    kappa_low: 5.0\n    kappa_high: 5.0\n",
+    "kappa-4": "  stack:\n    kappa_low: 4.0\n    kappa_high: 4.0\n",
+    "warmup-8": "  stack:\n    warmup_frames: 8\n",
+    "weights-fwhm": "  normalize:\n    weights: fwhm\n",
+    "weights-stars": "  normalize:\n    weights: stars\n",
     "warp-bicubic": "  warp:\n    kernel: bicubic\n",
     "warp-bilinear": "  warp:\n    kernel: bilinear\n",
     "saturation-off": "  saturation:\n    enabled: false\n",
@@ -212,14 +244,18 @@ def main() -> int:
     result = measure(images, stars, empty)
     for index in args.frames:
         compare_frame(args.siril, index)
+    # The trade's single figure: the FWHM each stack has once blurred just enough for its
+    # star SNR to equal Siril's (bench_demosaic_siril.equal_snr_resolution).
+    equal = {name: equal_snr_resolution(images[name], stars[name], empty[name],
+                                         result["siril"]["snr"])[0] for name in images}
     print(f"\n{len(stars['siril'])} common stars, {len(empty['siril'])} blank places")
-    print("| variant | frames | median FWHM (px) | SNR / Siril's | SNR / base | "
-          "flux / base | aperture noise / base |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | frames | median FWHM (px) | SNR / Siril's | FWHM at Siril's SNR (px) | "
+          "SNR / base | flux / base | aperture noise / base |")
+    print("|---|---|---|---|---|---|---|---|")
     sir, base = result["siril"], result["base"]
     for name, m in result.items():
         print(f"| {name} | {frames[name]} | {m['fwhm']:.3f} | "
-              f"{np.median(m['snr'] / sir['snr']):.3f} | "
+              f"{np.median(m['snr'] / sir['snr']):.3f} | {equal[name]:.3f} | "
               f"{np.median(m['snr'] / base['snr']):.3f} | "
               f"{np.median(m['flux'] / base['flux']):.3f} | "
               f"{np.median(m['noise'] / base['noise']):.3f} |")

@@ -61,6 +61,7 @@ from livestack.restack import (
     ProgressCallback,
     _calibrated,
     _product,
+    _reference_photometry,
     _register,
     _Registered,
     _signal_scale,
@@ -205,6 +206,9 @@ class _Reference:
     stars: StarList | None
     #: The stack's saturation level as the reference sets it (None: unknown).
     level_adu: NDArray[np.float64] | None = None
+    #: The fixed-aperture photometry radius and the reference's stars measured in it, as
+    #: the live stack sets them (None: the detector's fluxes scale the frames).
+    photometry: tuple[float, StarList] | None = None
 
 
 def _reference_task(frame: SessionFrame, masters: MasterPaths | None, pipeline: Any,
@@ -231,7 +235,8 @@ def _reference_task(frame: SessionFrame, masters: MasterPaths | None, pipeline: 
                   frame.path, out, 1.0 if stars is not None else None, False,
                   (saturation, pipeline.saturation, stack_saturation))
         level = stack_saturation.level_adu
-    return _Reference(shape, image.ndim, stats, stars, level)
+    return _Reference(shape, image.ndim, stats, stars, level,
+                      _reference_photometry(image, stars, _metrics_of(frame)))
 
 
 def _register_task(frame: SessionFrame, is_reference: bool, masters: MasterPaths | None,
@@ -261,7 +266,8 @@ def _register_task(frame: SessionFrame, is_reference: bool, masters: MasterPaths
     if image.shape[-2:] != ref.shape or image.ndim != ref.ndim:
         raise FrameError(Reason.SHAPE_MISMATCH, f"{frame.path}: shape {image.shape} differs from "
                                            f"the reference's {ref.shape}", frame.path)
-    scale = _signal_scale(is_reference, frame.transform, stars, ref.stars)
+    scale = _signal_scale(is_reference, frame.transform, stars, ref.stars, image,
+                          ref.photometry)
     channels = 3 if image.ndim == 3 else 1
     out = np.empty((channels, *ref.shape), dtype=np.float32)
     planes, weight, noise = _register(frame, image, ref.shape, pipeline.warp.kernel, ref.stats,

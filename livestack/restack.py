@@ -66,6 +66,7 @@ from livestack.pipeline.combine import (
     combine_masked_tile,
     normalized_planes,
 )
+from livestack.pipeline.debayer import luminance
 from livestack.pipeline.detect import detect_stars
 from livestack.pipeline.frame import (
     FrameNorm,
@@ -73,6 +74,9 @@ from livestack.pipeline.frame import (
     apply_transform,
     calibrate_frame,
     normalise_frame,
+    photometric_scale,
+    photometry_radius_px,
+    photometry_stars,
     star_scale,
 )
 from livestack.pipeline.normalize import (
@@ -417,6 +421,7 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
     # As the live stack: the reference's statistics over all its finite pixels, unwarped.
     ref_stats = frame_stats(ref_image, None)
     ref_metrics = _metrics_of(plan.reference)
+    ref_photometry = _reference_photometry(ref_image, ref_stars, ref_metrics)
 
     store = FrameStore(n, channels, shape, None if mem.in_ram else
                         Path(scratch_dir) if scratch_dir is not None
@@ -454,7 +459,7 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
                                      f"{frame.path}: shape {image.shape} differs from the "
                                      f"reference's {shape}", frame.path)
                 signal_scale = _signal_scale(index == ref_index, frame.transform, stars,
-                                             ref_stars)
+                                             ref_stars, image, ref_photometry)
                 reused = stored[index]
                 n_star_scaled += (reused.star_scaled if reused is not None
                                   else signal_scale is not None)
@@ -490,10 +495,30 @@ def integrate_plan(plan: IntegrationPlan, config: IntegrateConfig | None = None,
 
 
 def _signal_scale(is_reference: bool, transform: Transform, stars: StarList | None,
-                  ref_stars: StarList | None) -> float | None:
+                  ref_stars: StarList | None, image: NDArray[np.float32] | None = None,
+                  photometry: tuple[float, StarList] | None = None) -> float | None:
     """The live stack's photometric scale of a frame (:func:`~livestack.pipeline.frame.
-    star_scale`), or None (dispersion fallback)."""
-    return star_scale(stars, ref_stars, transform, is_reference=is_reference)
+    photometric_scale`: one fixed aperture, measured on ``image``'s luminance, when
+    ``photometry`` gives the reference's radius and stars measured in it; else the
+    detector's fluxes), or None (dispersion fallback)."""
+    if image is None or photometry is None or stars is None:
+        return star_scale(stars, ref_stars, transform, is_reference=is_reference)
+    lum = luminance(image) if image.ndim == 3 else np.asarray(image, dtype=np.float32)
+    return photometric_scale(lum, stars, ref_stars, transform, radius_px=photometry[0],
+                             reference_photometry=photometry[1], is_reference=is_reference)
+
+
+def _reference_photometry(image: NDArray[np.float32], stars: StarList | None,
+                          metrics: FrameMetrics | None) -> tuple[float, StarList] | None:
+    """The reference's fixed-aperture photometry as the live stack sets it
+    (:func:`~livestack.pipeline.frame.photometry_radius_px` of its FWHM), or None."""
+    if stars is None or metrics is None:
+        return None
+    radius = photometry_radius_px(metrics.fwhm_px)
+    if radius is None:
+        return None
+    lum = luminance(image) if image.ndim == 3 else np.asarray(image, dtype=np.float32)
+    return radius, photometry_stars(lum, stars, radius)
 
 
 def _register(frame: SessionFrame, image: NDArray[np.float32], shape: tuple[int, int],

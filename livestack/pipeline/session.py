@@ -35,6 +35,9 @@ from livestack.pipeline.frame import (
     detect_frame,
     find_transform,
     normalise_frame,
+    photometric_scale,
+    photometry_radius_px,
+    photometry_stars,
     register,
 )
 from livestack.pipeline.normalize import (
@@ -183,6 +186,10 @@ class _Reference:
     #: (the full-resolution luminance was 104 MB held for the night at 26 MP).
     phase: PhaseImage
     metrics: FrameMetrics
+    #: Aperture radius (px) of the photometric scale and the reference's stars measured
+    #: in it (:func:`frame.photometry_stars`); None: the detector's fluxes are used.
+    photometry_radius_px: float | None = None
+    photometry_stars: StarList | None = None
 
 
 class StackSession:
@@ -335,9 +342,18 @@ class StackSession:
         # (frame.normalise_frame), since interpolation smooths the noise and would bias the
         # dispersion-based scale.
         is_reference = transform.method == "identity" and ref.file == info.path
+        # The photometric scale compares the frame's and the reference's stars in one
+        # fixed aperture: the detector's aperture follows each frame's seeing and made
+        # blurred frames look brighter (scaled down, weighted up).
+        # Too few bright pairs for it (a sparse or faint field): the detector's fluxes.
+        signal_scale = None
+        if cfg.normalize.method == "additive_scaling":
+            signal_scale = photometric_scale(
+                lum, stars, ref.stars, transform, radius_px=ref.photometry_radius_px,
+                reference_photometry=ref.photometry_stars, is_reference=is_reference)
         reference = FrameReference(ref.stats, ref.stars, ref.metrics)
         frame_norm = normalise_frame(image, reference, cfg.normalize, transform=transform,
-                                     stars=stars, metrics=metrics,
+                                     signal_scale=signal_scale, metrics=metrics,
                                      stats=ref.stats if is_reference else None,
                                      is_reference=is_reference)
         timer.lap("normalize")
@@ -381,7 +397,10 @@ class StackSession:
     def _set_reference(self, info: FrameInfo, image: np.ndarray, lum: np.ndarray,
                        stars: StarList, metrics: FrameMetrics, stats: FrameStats) -> None:
         phase = phase_image(lum, self.config.register)
-        self._reference = _Reference(info.path, image.shape, stars, stats, phase, metrics)
+        radius = photometry_radius_px(metrics.fwhm_px)
+        phot = None if radius is None else photometry_stars(lum, stars, radius)
+        self._reference = _Reference(info.path, image.shape, stars, stats, phase, metrics,
+                                     radius, phot)
         self._registrar = Registrar(stars, phase, self.config.register)
         self.first_info = info
 
@@ -534,6 +553,8 @@ class StackSession:
             arrays["ref.flux"] = ref.stars.flux
             arrays["ref.fwhm_px"] = ref.stars.fwhm_px
             arrays["ref.elongation"] = ref.stars.elongation
+            if ref.photometry_stars is not None:
+                arrays["ref.photometry_flux"] = ref.photometry_stars.flux
             meta["reference"] = {
                 "file": ref.file,
                 "shape": list(ref.shape),
@@ -541,6 +562,7 @@ class StackSession:
                 "phase_shape": list(ref.phase.shape),
                 "stats": _stats_to_json(ref.stats),
                 "metrics": asdict(ref.metrics),
+                "photometry_radius_px": ref.photometry_radius_px,
             }
         return arrays, meta
 
@@ -585,6 +607,7 @@ class StackSession:
             session._reference = _Reference(
                 ref_meta["file"], tuple(int(s) for s in ref_meta["shape"]), stars,
                 _stats_from_json(ref_meta["stats"]), phase, FrameMetrics(**ref_meta["metrics"]),
+                *_photometry_from_state(arrays, ref_meta, stars),
             )
             session._registrar = Registrar(stars, phase, config.register)
         return session
@@ -683,6 +706,18 @@ def _accept_message(info: FrameInfo, metrics: FrameMetrics, transform: Transform
 
 def _stats_to_json(stats: FrameStats) -> dict[str, Any]:
     return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in asdict(stats).items()}
+
+
+def _photometry_from_state(arrays: dict[str, np.ndarray], ref_meta: dict[str, Any],
+                           stars: StarList) -> tuple[float | None, StarList | None]:
+    """The reference's fixed-aperture radius and stars from a checkpoint, or (None, None)
+    for one written before them: that session keeps the detector's fluxes, as its earlier
+    frames were scaled with them."""
+    radius = ref_meta.get("photometry_radius_px")
+    if radius is None or "ref.photometry_flux" not in arrays:
+        return None, None
+    flux = np.asarray(arrays["ref.photometry_flux"], dtype=np.float64)
+    return float(radius), StarList(stars.xy, flux, stars.fwhm_px, stars.elongation)
 
 
 def _stats_from_json(d: dict[str, Any]) -> FrameStats:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astropy.stats import sigma_clip
 from scipy import ndimage
 
@@ -547,3 +548,40 @@ def test_rgb_frames_stack_in_colour_and_a_mono_frame_is_refused() -> None:
                  (192, 256))
     outcome = session.process(mono.data.astype(np.float32), info, None)
     assert (outcome.verdict, outcome.reason) == ("rejected", "shape_mismatch")
+
+
+def test_the_photometric_reference_survives_a_checkpoint() -> None:
+    """The reference's fixed-aperture fluxes (the photometric scale's, issue 9) are kept
+    in a checkpoint; one written before them restores with the detector's fluxes."""
+    config = SimConfig(width=320, height=240, n_stars=150, flux_powerlaw_index=1.0,
+                       drift_px_per_frame=(0.6, 0.3))
+    sim = Simulator(config, seed=5)
+    live, outcomes = _run(sim, config, 3, None)
+    assert [o.verdict for o in outcomes] == ["accepted"] * 3
+    ref = live._reference
+    assert ref is not None and ref.photometry_radius_px is not None
+    assert ref.photometry_stars is not None
+    assert ref.photometry_radius_px == pytest.approx(max(4.0 * ref.metrics.fwhm_px, 4.0))
+    # Same stars as the detector's, fluxes in the fixed aperture: only the bright ones
+    # (SNR >= 30 in it) are measured; this sparse field has too few of them for a scale,
+    # so its frames keep the detector's fluxes (the fallback).
+    np.testing.assert_array_equal(ref.photometry_stars.xy, ref.stars.xy)
+    finite = np.isfinite(ref.photometry_stars.flux)
+    assert 0 < finite.sum() < 5 and finite[0]
+    arrays, meta = live.state()
+    restored = StackSession.restore("test", PipelineConfig(), arrays, meta)
+    back = restored._reference
+    assert back is not None and back.photometry_stars is not None
+    assert back.photometry_radius_px == ref.photometry_radius_px
+    np.testing.assert_array_equal(back.photometry_stars.flux, ref.photometry_stars.flux)
+    frame = sim.light(3)
+    info = _info(frame.header, "frame_003.fits", frame.data.shape)
+    a = live.process(frame.data.astype(np.float32), info, None)
+    b = restored.process(frame.data.astype(np.float32), info, None)
+    assert a.verdict == b.verdict == "accepted" and a.weight == b.weight
+    old = {k: v for k, v in arrays.items() if k != "ref.photometry_flux"}
+    old_meta = {**meta, "reference": {k: v for k, v in meta["reference"].items()
+                                      if k != "photometry_radius_px"}}
+    before = StackSession.restore("test", PipelineConfig(), old, old_meta)
+    assert before._reference is not None and before._reference.photometry_stars is None
+    assert before.process(frame.data.astype(np.float32), info, None).verdict == "accepted"
