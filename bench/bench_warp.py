@@ -28,7 +28,14 @@ The row ``livestack lanczos3 out=`` passes the previous call's result back as ``
 100 MB output per frame; its ratios against ``livestack lanczos3`` (wall and CPU) are
 printed last.
 
+The last table (``--two-pass-only`` prints just it) times the two-pass kernel that
+``warp`` uses for bicubic/Lanczos3 rotations up to ~5 degrees against the 2-D kernel it
+replaced, called directly and alternately on the same frame (``--rotations``, mono and
+colour, 1 and ``--threads`` threads): median ns per output pixel, wall and process CPU,
+and their ratios (two-pass / 2-D) within the same run.
+
     /work/venv/bin/python bench/bench_warp.py [--size 6248x4176] [--repeat 5] [--threads 2]
+    python bench/bench_warp.py --two-pass-only --repeat 5 --rotations 0.5,2
 """
 
 from __future__ import annotations
@@ -181,8 +188,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stars", type=int, default=6000)
     ap.add_argument("--rotation", type=float, default=1.0, help="degrees")
+    ap.add_argument("--rotations", default="0.5,2",
+                    help="degrees, comma-separated, for the two-pass vs 2-D table")
+    ap.add_argument("--two-pass-only", action="store_true",
+                    help="print only the two-pass vs 2-D kernel table")
     args = ap.parse_args()
     nx, ny = (int(v) for v in args.size.lower().split("x"))
+    rotations = [float(r) for r in args.rotations.split(",")]
+    if args.two_pass_only:
+        paired_two_pass(nx, ny, rotations, args.threads, args.repeat)
+        return
 
     import numba
 
@@ -238,6 +253,8 @@ def main() -> None:
     print(f"saturation clamp cost: x{fixed[1] / plain[1]:.2f} (rotation), "
           f"x{fixed[2] / plain[2]:.2f} (shift) of lanczos3 alone, same run")
     paired_out_buffer(img, rot, shift, max(args.repeat, 7))
+    del img
+    paired_two_pass(nx, ny, rotations, args.threads, args.repeat)
 
 
 def paired_out_buffer(img: NDArray[np.float32], rot: Transform, shift: Transform,
@@ -278,6 +295,61 @@ def paired_out_buffer(img: NDArray[np.float32], rot: Transform, shift: Transform
         ow, oc, of = med["out"]
         print(f"{name:10s} {1e3 * fw:9.1f} {1e3 * ow:8.1f} {ow / fw:6.2f} {1e3 * fc:10.1f} "
               f"{1e3 * oc:9.1f} {oc / fc:6.2f} {ff:13.0f} {of:12.0f}")
+
+
+def paired_two_pass(nx: int, ny: int, rotations: list[float], threads: int,
+                    repeat: int) -> None:
+    """Lanczos3: the two-pass kernel against the 2-D kernel, alternately, same frame.
+
+    Prints per (rotation, planes, threads) the median ns per output pixel (all planes
+    counted once: a pixel of a colour frame is 3 samples) of each kernel, wall and CPU,
+    and the two-pass / 2-D ratios.
+    """
+    import numba
+
+    from livestack.pipeline import kernels_twopass as kt
+    from livestack.pipeline import kernels_warp as kw
+
+    rng = np.random.default_rng(1)
+    mono = rng.normal(1000.0, 10.0, (1, ny, nx)).astype(np.float32)
+    ys, xs = rng.integers(10, ny - 10, 6000), rng.integers(10, nx - 10, 6000)
+    mono[0, ys, xs] += rng.uniform(100, 20000, 6000).astype(np.float32)
+    thread_counts = sorted({1, threads})
+    print(f"\ntwo-pass vs 2-D lanczos3 kernel, {nx}x{ny}, alternately, median of {repeat} "
+          "after a warm-up; ns per output pixel")
+    print(f"{'rot deg':>7s} {'planes':>6s} {'threads':>7s} {'2-D ns':>7s} {'2-pass':>7s} "
+          f"{'ratio':>6s} {'2-D cpu':>8s} {'2-p cpu':>8s} {'ratio':>6s}")
+    for planes in (1, 3):
+        img = mono if planes == 1 else np.ascontiguousarray(np.repeat(mono, 3, axis=0))
+        out = np.empty_like(img)
+        foot = np.empty((ny, nx), np.bool_)
+        for rot in rotations:
+            inv = np.ascontiguousarray(
+                Transform.from_params(3.37, -2.81, rot).inverse().matrix)
+            kernels = {
+                "2d": lambda inv=inv, img=img, out=out, foot=foot: kw.warp_affine_kernel(
+                    img, inv, kw.LANCZOS3, out, foot),
+                "tp": lambda inv=inv, img=img, out=out, foot=foot: kt.warp_two_pass_kernel(
+                    img, inv, kw.LANCZOS3, out, foot),
+            }
+            for n_threads in thread_counts:
+                numba.set_num_threads(n_threads)
+                stats: dict[str, list[tuple[float, float]]] = {k: [] for k in kernels}
+                for fn in kernels.values():
+                    fn()  # warm-up (and compile)
+                for _ in range(repeat):
+                    for name, fn in kernels.items():
+                        c0 = time.process_time()
+                        t0 = time.perf_counter()
+                        fn()
+                        stats[name].append((time.perf_counter() - t0,
+                                            time.process_time() - c0))
+                med = {k: [1e9 * statistics.median(x[i] for x in v) / (nx * ny)
+                           for i in range(2)] for k, v in stats.items()}
+                (w2, c2), (wt, ct) = med["2d"], med["tp"]
+                print(f"{rot:7.2f} {planes:6d} {n_threads:7d} {w2:7.2f} {wt:7.2f} "
+                      f"{wt / w2:6.2f} {c2:8.2f} {ct:8.2f} {ct / c2:6.2f}")
+    numba.set_num_threads(threads)
 
 
 if __name__ == "__main__":

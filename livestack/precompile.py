@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: The kernel modules whose numba cache the helper fills (relative to the package).
 KERNEL_MODULES = ("pipeline/kernels_accumulate.py", "pipeline/kernels_warp.py",
-                  "pipeline/kernels_detect.py",
+                  "pipeline/kernels_twopass.py", "pipeline/kernels_detect.py",
                   "pipeline/kernels_binning.py", "pipeline/kernels_normalize.py",
                   "pipeline/kernels_cosmetic.py", "pipeline/kernels_calibrate.py",
                   "pipeline/kernels_demosaic.py")
@@ -158,8 +158,11 @@ def steps() -> Iterator[str]:
     angle = np.radians(0.5)
     rotated = Transform(np.array([[np.cos(angle), -np.sin(angle), 0.7],
                                   [np.sin(angle), np.cos(angle), 0.3]]))
-    warp(frames[1], rotated, (ny, nx))
-    yield "affine warp"
+    warp(frames[1], rotated, (ny, nx))  # the two-pass kernel (0.15-5 degrees)
+    tiny = np.radians(0.05)
+    warp(frames[1], Transform(np.array([[np.cos(tiny), -np.sin(tiny), 0.7],
+                                        [np.sin(tiny), np.cos(tiny), 0.3]])), (ny, nx))
+    yield "affine warp"  # both kernels: the 2-D one takes rotations under 0.15 degrees
     for frame in frames[2:]:
         stack.add(frame, foot, 1.0, 5.0)
     stack.preview_mean(64)

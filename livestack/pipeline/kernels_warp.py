@@ -150,10 +150,8 @@ def _w_bicubic(f: float) -> tuple[np.float32, ...]:
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")
-def _w_lanczos3(f: float) -> tuple[np.float32, ...]:
-    if f == 0.0:  # integer position: the exact delta (zero taps are then ignored)
-        return (_Z32, _Z32, _ONE32, _Z32, _Z32, _Z32)
-    p = np.float32(f - 0.5)
+def _lanczos3_p(p: np.float32) -> tuple[np.float32, ...]:
+    """Lanczos3 weights at ``p = frac - 0.5`` (float32): the even/odd polynomial fit."""
     z = p * p
     a0 = ((((_LZ_E0[5] * z + _LZ_E0[4]) * z + _LZ_E0[3]) * z + _LZ_E0[2]) * z
           + _LZ_E0[1]) * z + _LZ_E0[0]
@@ -167,6 +165,13 @@ def _w_lanczos3(f: float) -> tuple[np.float32, ...]:
                + _LZ_O2[1]) * z + _LZ_O2[0])
     a2 = np.float32(0.5) - a0 - a1  # exact unit sum
     return (a0 + b0, a1 + b1, a2 + b2, a2 - b2, a1 - b1, a0 - b0)
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")
+def _w_lanczos3(f: float) -> tuple[np.float32, ...]:
+    if f == 0.0:  # integer position: the exact delta (zero taps are then ignored)
+        return (_Z32, _Z32, _ONE32, _Z32, _Z32, _Z32)
+    return _lanczos3_p(np.float32(f - 0.5))
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")

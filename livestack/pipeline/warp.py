@@ -15,7 +15,12 @@ kept bit for bit.
 
 Coordinates are float64 end to end; Lanczos3 weights are evaluated at the exact phase from
 an even/odd polynomial fit of the normalised kernel (error < 1e-8, no coordinate tables).
-Pure translations take a separable two-pass fast path; everything else sums the 2-D
+Pure translations take a separable two-pass fast path. Bicubic and Lanczos3 rotations of
+0.15 to ~5 degrees (every stack's frame-to-frame case) take a two-pass (Catmull-Smith)
+separable kernel, horizontal then vertical 1-D passes in tiles (``kernels_twopass``): it
+interpolates along a sheared grid, so it is not bit-identical to the 2-D kernel, but as
+accurate against the truth (within 0.1 % pixel RMS up to 2 degrees) and vectorised.
+Everything else (including rotations under 0.15 degrees, where it is as fast) sums the 2-D
 separable kernel per output pixel, vectorised over runs of pixels (see ``kernels_warp``).
 
 Why OpenCV's cubic/Lanczos4 looked offset by ~0.05 px
@@ -50,6 +55,10 @@ KERNELS: dict[str, int] = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos3"
 
 #: Output rows per block of the translation fast path (keeps its scratch rows in cache).
 _SHIFT_BLOCK_ROWS = 16
+#: Output tile of the two-pass (rotation) kernel: its scratch rows (~150 x 256 floats at
+#: 2 deg) stay in L2, and 33 row-of-tile tasks per 26 MP frame balance two threads.
+_TILE_ROWS = 128
+_TILE_COLS = 256
 #: A transform whose linear part differs from the identity by less than this is treated
 #: as a pure translation (the coordinate error over a 10k px frame is then < 1e-8 px).
 _TRANSLATION_TOL = 1e-12
@@ -89,7 +98,8 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
         Unknown kernel, bad image dimensions, non-positive ``out_shape``, a singular
         transform, or an ``out`` that does not fit.
     """
-    from livestack.pipeline import kernels_warp as kw  # numba only when warping
+    from livestack.pipeline import kernels_twopass as kt  # numba only when warping
+    from livestack.pipeline import kernels_warp as kw
 
     if kernel not in KERNELS:
         raise ValueError(f"unknown warp kernel {kernel!r}; expected one of {sorted(KERNELS)}")
@@ -128,6 +138,8 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
             dest[:, ~foot] = 0.0
         else:
             kw.warp_shift_kernel(planes, ix0, wx, iy0, wy, dest, foot, _SHIFT_BLOCK_ROWS)
+    elif kind in kt.TWO_PASS_KINDS and kt.two_pass_pays(inv):
+        kt.warp_two_pass_kernel(planes, inv, kind, dest, foot, _TILE_ROWS, _TILE_COLS)
     else:
         kw.warp_affine_kernel(planes, inv, kind, dest, foot)
     result = dest[0] if arr.ndim == 2 else dest
