@@ -7,7 +7,12 @@ command ``livestack stack LIGHTS --darks DARKS -o OUT`` in a child process twice
 
     (wall(long) - wall(short)) / (long - short)
 
-which removes the start-up (imports, JIT cache load, masters) and the final write. The child's
+which removes the start-up (imports, JIT cache load, masters) and the final write. Both runs
+carry those fixed costs, whose run-to-run spread (+-1 s at 26 MP) moves this difference by
++-70 ms per frame over 14 frames, so each run also prints the *steady* ms per frame: the
+spacing of the journal's accepted times within the long run, from the 6th frame on (after the
+warm-up replay; :func:`steady_ms`). Every run's frames are read once, untimed, just before
+it (:func:`warm`), as a live session finds a just-written frame in the page cache. The child's
 peak RSS comes from ``wait4`` (``ru_maxrss``). The per-stage table is the median of the
 journal's own stage timings (``frames.metrics.timings_ms``) over the long run's frames after the
 first. The baseline in the same run is the naive loop peers use: astropy ``getdata``, dark
@@ -129,6 +134,30 @@ def warm(paths: list[Path]) -> None:
         with open(path, "rb", buffering=0) as fh:
             while fh.readinto(buf):
                 pass
+
+
+#: Frames before the steady state: the warm-up (4 held frames, replayed at the 4th) and one.
+STEADY_FROM = 5
+
+
+def steady_ms(out: Path) -> float:
+    """Steady-state ms per frame inside one run: the spacing of the journal's accepted
+    times from frame ``STEADY_FROM`` on (process start, masters, JIT cache load, warm-up
+    replay and the final write excluded; NaN with fewer than 3 such frames).
+
+    ``(long - short) / n`` carries the noise of two runs' fixed costs (+-1 s on 26 MP,
+    i.e. +-70 ms per frame over 14 frames); this spacing does not.
+    """
+    journals = list(out.rglob(JOURNAL))
+    if not journals:
+        return float("nan")
+    with sqlite3.connect(f"file:{journals[0]}?mode=ro", uri=True) as db:
+        times = [float(t) for (t,) in db.execute(
+            "SELECT updated FROM frames WHERE status = 'accepted' ORDER BY updated")]
+    times = times[STEADY_FROM:]
+    if len(times) < 3:
+        return float("nan")
+    return (times[-1] - times[0]) / (len(times) - 1) * 1e3
 
 
 def verdict_counts(out: Path) -> dict[str, int]:
@@ -258,33 +287,36 @@ def main() -> int:
                                                   config, tree)
                 stages[label] = stage_medians(out / "long")
                 counts = verdict_counts(out / "long")
+                steady = steady_ms(out / "long")
                 ms = (long_s - short_s) / (args.long - args.short) * 1e3
                 cpu_ms = (long_cpu - short_cpu) / (args.long - args.short) * 1e3
                 rows.append((run + 1, label, ms, rss, short_s, long_s, counts,
-                             os.getloadavg()[0], cpu_ms))
+                             os.getloadavg()[0], cpu_ms, steady))
     base = run_naive(files[:args.naive], darks) if args.naive >= 2 else None
 
     print()
     # CPU ms/frame: the same difference of the children's user + system time. On a shared
     # machine it moves far less with the load than the wall time does; work moved to a
     # second thread (overlap) shortens the wall time only, not the CPU time.
-    print("| run | tree | ms/frame | vs baseline | CPU ms/frame | CPU vs baseline | vs naive | "
-          "peak RSS (GB) | wall short / long (s) | long run: accepted / rejected / failed "
-          "| load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    baseline_ms: dict[int, tuple[float, float]] = {}
-    for run, label, ms, rss, short_s, long_s, counts, load, cpu_ms in rows:
+    print("| run | tree | ms/frame | vs baseline | steady ms/frame | vs baseline | CPU ms/frame "
+          "| CPU vs baseline | vs naive | peak RSS (GB) | wall short / long (s) "
+          "| long run: accepted / rejected / failed | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    baseline_ms: dict[int, tuple[float, float, float]] = {}
+    for run, label, ms, rss, short_s, long_s, counts, load, cpu_ms, steady in rows:
         if args.baseline is not None and label != "this tree":
-            baseline_ms[run] = (ms, cpu_ms)
+            baseline_ms[run] = (ms, cpu_ms, steady)
         paired = label == "this tree" and run in baseline_ms
         vs_base = f"{ms / baseline_ms[run][0]:.2f}x" if paired else "-"
         vs_cpu = f"{cpu_ms / baseline_ms[run][1]:.2f}x" if paired else "-"
+        vs_steady = f"{steady / baseline_ms[run][2]:.2f}x" if paired else "-"
         ratio = f"{base['ms'] / ms:.1f}x" if base else "-"
-        print(f"| {run} | {label} | {ms:.0f} | {vs_base} | {cpu_ms:.0f} | {vs_cpu} | {ratio} | "
+        print(f"| {run} | {label} | {ms:.0f} | {vs_base} | {steady:.0f} | {vs_steady} | "
+              f"{cpu_ms:.0f} | {vs_cpu} | {ratio} | "
               f"{rss / 1e9:.2f} | {short_s:.1f} / {long_s:.1f} | {counts.get('accepted', 0)} / "
               f"{counts.get('rejected', 0)} / {counts.get('failed', 0)} | {load:.2f} |")
     if base:
-        print(f"| naive | astroalign loop | {base['ms']:.0f} | - | - | - | 1.0x | "
+        print(f"| naive | astroalign loop | {base['ms']:.0f} | - | - | - | - | - | 1.0x | "
               f"{base['rss'] / 1e9:.2f} | - | - | - |")
     print()
     labels = list(stages)
