@@ -175,6 +175,35 @@ def test_a_fits_frame_is_read_once_and_journaled_under_its_content_hash(
     assert opened == []  # decoded from the bytes the hash read, not opened again
 
 
+def test_a_fits_file_above_the_single_read_size_is_hashed_streaming_then_read(
+        tmp_path: Path, frames: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import livestack.engine.ingest as ingest
+    import livestack.storage.fitsio as fitsio
+
+    watch = tmp_path / "in"
+    good = copy_frames(frames[:2], watch)
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    engine.process_path(good[0])
+    # Just below this frame's size: it must not be pulled whole into memory first.
+    monkeypatch.setattr(ingest, "SINGLE_READ_MAX_BYTES", good[1].stat().st_size - 1)
+    whole_reads: list[str] = []
+    monkeypatch.setattr(ingest, "read_file_sha256",
+                        lambda path: whole_reads.append(path))  # would fail the frame
+    opened: list[str] = []
+    real_open = fitsio._open
+
+    def counting_open(path: Path) -> Any:
+        opened.append(str(path))
+        return real_open(path)
+
+    monkeypatch.setattr(fitsio, "_open", counting_open)
+    row = engine.process_path(good[1])
+    engine.close()
+    assert row is not None and row.status == "accepted"
+    assert row.sha256 == sha(good[1])
+    assert whole_reads == [] and opened == [str(good[1])]  # header checked, then read
+
+
 def test_calibration_frames_duplicates_and_touched_files(tmp_path: Path,
                                                          frames: list[Path]) -> None:
     watch = tmp_path / "in"

@@ -49,6 +49,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("livestack.engine")
 
+#: A FITS file up to this size is read once, hashed and decoded from memory. A larger one
+#: (a cube or a foreign file named .fits) is hashed streaming and its header checked before
+#: its data are read, as before: holding it whole would cost its full size in RAM on a 4 GB
+#: board. 512 MiB covers a 100 MP float32 frame.
+SINGLE_READ_MAX_BYTES = 512 * 1024 * 1024
+
 
 class Ingest:
     """Takes files through the pipeline into stacks and keeps the router.
@@ -144,13 +150,13 @@ class Ingest:
             return None
         if engine.metrics is not None:
             engine.metrics.inc("livestack_frames_seen_total")
-        # A plain FITS file is read once: the journal's identity is the SHA-256 of these
-        # bytes and the reader decodes them (a second full read cost 10-20 ms of system
-        # time per 26 MP frame). Other formats are hashed streaming and read by their
-        # decoders.
+        # A plain FITS file up to SINGLE_READ_MAX_BYTES is read once: the journal's identity
+        # is the SHA-256 of these bytes and the reader decodes them (a second full read cost
+        # 10-20 ms of system time per 26 MP frame). Other formats and larger files are
+        # hashed streaming and read by their decoders.
         data: FileBytes | None = None
         try:
-            if frame_format(spath) == "fits":
+            if frame_format(spath) == "fits" and st.st_size <= SINGLE_READ_MAX_BYTES:
                 data, sha = read_file_sha256(spath)
             else:
                 sha = sha256_file(spath)
