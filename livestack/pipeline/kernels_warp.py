@@ -354,7 +354,14 @@ def _edge_kind(kind: int, out: NDArray[np.float32], foot: NDArray[np.bool_],
 
 @njit(cache=True, nogil=True, fastmath=False)
 def _interval(slope: float, offset: float, lo: float, hi: float, n: int) -> tuple[int, int]:
-    """Integers ``x`` in ``[0, n)`` with ``lo <= slope*x + offset <= hi``, as ``[a, b)``."""
+    """Integers ``x`` in ``[0, n)`` with ``lo <= slope*x + offset <= hi``, as ``[a, b)``.
+
+    An empty range (``lo > hi``: an input narrower than the kernel's safe interior) gives
+    ``(0, 0)``; the swap below is for a negative slope only, and would otherwise turn it
+    into a non-empty interval of out-of-bounds taps.
+    """
+    if lo > hi:
+        return 0, 0
     if slope == 0.0:
         return (0, n) if lo <= offset <= hi else (0, 0)
     x1 = (lo - offset) / slope

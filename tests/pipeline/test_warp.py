@@ -405,7 +405,7 @@ def test_two_pass_is_as_accurate_against_the_truth_as_the_2d_kernel(rot: float,
             assert cen_new <= 0.03 and cen_new <= 1.2 * cen_old + 0.002
         # Footprints agree except within one pixel of their border (the sheared grid
         # reaches the input's edge a little earlier or later).
-        assert ndimage.binary_erosion(old.footprint, iterations=1).sum() <= inner.sum()
+        assert not (ndimage.binary_erosion(old.footprint, iterations=1) & ~new.footprint).any()
         assert (new.footprint & ~ndimage.binary_dilation(old.footprint)).sum() == 0
     # Larger rotations keep the 2-D kernel.
     big = _rotation(8.0, 1.0, shape, (0.0, 0.0))
@@ -444,3 +444,30 @@ def test_two_pass_tiles_nan_and_colour() -> None:
     assert foot.sum() > 0.8 * 90 * 130
     mono = warp(img[0], t, (90, 130), "lanczos3")
     np.testing.assert_array_equal(out[0][foot], mono.image[foot])
+
+
+@pytest.mark.parametrize("size", [(40, 7), (7, 40), (10, 10), (14, 14), (15, 9), (4, 3), (3, 4)])
+@pytest.mark.parametrize("name", ["bicubic", "lanczos3"])
+def test_inputs_narrower_than_the_kernel_read_nothing_outside_them(
+        size: tuple[int, int], name: str) -> None:
+    # An input narrower than the kernel's safe interior once gave an inverted, non-empty
+    # interval of taps: out-of-bounds reads (values ~1e32) marked valid.
+    nx, ny = size
+    img = np.random.default_rng(3).uniform(100.0, 200.0, (ny, nx)).astype(np.float32)
+    t = _rotation(1.0, 1.0, (ny, nx), (0.3, -0.2))
+    inv = t.inverse().matrix
+    # Taps at floor(u) + (-1..2) (bicubic) or (-2..3) (Lanczos3); a zero-weight tap at an
+    # integer position is not read.
+    lo, margin = {"bicubic": (1.0, 2.0), "lanczos3": (2.0, 3.0)}[name]
+    for out in (warp(img, t, (ny, nx), name), _affine_2d(img, t, (ny, nx), KERNELS[name])):
+        assert np.all(np.isfinite(out.image))
+        assert np.all(out.image[~out.footprint] == 0.0)
+        yy, xx = np.nonzero(out.footprint)
+        if yy.size:
+            # Every valid pixel's taps lie inside the input (0.1 px for the sheared grid),
+            # and its value is an interpolant of the input, not memory.
+            u = inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]
+            v = inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]
+            assert u.min() >= lo - 0.1 and u.max() <= nx - margin + 0.1
+            assert v.min() >= lo - 0.1 and v.max() <= ny - margin + 0.1
+            assert np.abs(out.image[out.footprint]).max() <= 2 * 200.0
