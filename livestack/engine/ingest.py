@@ -157,7 +157,7 @@ class Ingest:
         data: FileBytes | None = None
         try:
             if frame_format(spath) == "fits" and st.st_size <= SINGLE_READ_MAX_BYTES:
-                data, sha = read_file_sha256(spath)
+                data, sha = read_file_sha256(spath, SINGLE_READ_MAX_BYTES)
             else:
                 sha = sha256_file(spath)
         except FileNotFoundError:

@@ -430,10 +430,16 @@ def _decode_payload(buf: np.ndarray, path: Path, layout: FrameLayout, header: fi
     return out
 
 
-def _read_astropy(path: Path, layout: FrameLayout) -> tuple[np.ndarray, fits.Header]:
-    """Fallback reader (compressed, BITPIX -64/64): astropy decodes, we convert once."""
+def _read_astropy(path: Path, layout: FrameLayout, content: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, fits.Header]:
+    """Fallback reader (compressed, BITPIX -64/64): astropy decodes, we convert once.
+
+    With ``content`` (the file's bytes, uint8) astropy decodes those bytes, not the file
+    again, so the journal's hash is of exactly what was decoded.
+    """
+    source: Path | io.BytesIO = path if content is None else io.BytesIO(content.data)
     try:
-        with fits.open(path, memmap=False) as hdul:
+        with fits.open(source, memmap=False) as hdul:
             hdu = hdul[layout.hdu_index]
             data = hdu.data
             header = hdu.header.copy()
@@ -520,7 +526,7 @@ def _read_frame_bytes(path: Path, data: FileBytes
                    f"header declares {layout.required_size}")
     shape = _image_shape_2d(layout.axes, path)
     if layout.compressed or layout.bitpix not in _FAST_BITPIX:
-        image, header = _read_astropy(path, layout)
+        image, header = _read_astropy(path, layout, content)
     else:
         header = _parse_header(layout.header_bytes, path)
         payload = content[layout.data_start:layout.data_start + layout.data_nbytes]

@@ -387,6 +387,25 @@ def test_read_frame_from_bytes_equals_the_file_read(tmp_path: Path) -> None:
             assert got_info == info and got_header.tostring() == header.tostring(), path.name
 
 
+def test_read_frame_from_bytes_decodes_those_bytes_on_astropys_path_too(tmp_path: Path
+                                                                      ) -> None:
+    # BITPIX -64 and tile-compressed images go through astropy: it must decode the bytes
+    # that were hashed, not open the file again (here: since replaced by other content).
+    rng = np.random.default_rng(11)
+    for name, hdul in {
+            "f64.fits": fits.HDUList([fits.PrimaryHDU(rng.normal(100, 5, (20, 30)))]),
+            "comp.fits": fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(
+                rng.integers(0, 4000, (20, 30)).astype(np.int16))])}.items():
+        path = tmp_path / name
+        hdul.writeto(path)
+        expected, _, _ = read_frame(path)
+        data = read_file_sha256(path)[0]
+        fits.PrimaryHDU(np.zeros((20, 30))).writeto(path, overwrite=True)
+        got, _, _ = read_frame(path, data)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+        assert np.any(got != 0.0)
+
+
 def test_read_frame_from_bytes_keeps_the_reasons(tmp_path: Path) -> None:
     good = _small_uint16(tmp_path).read_bytes()
     cube = tmp_path / "cube.fits"

@@ -56,6 +56,29 @@ def test_read_file_sha256_takes_a_file_that_grew_after_its_size_was_read(
     assert got.tobytes() == data and sha == hashlib.sha256(data).hexdigest()
 
 
+def test_read_file_sha256_refuses_a_file_larger_or_growing_past_its_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    path = tmp_path / "growing.fits"
+    path.write_bytes(b"x" * 5000 + b"y" * (3 << 20))
+    with pytest.raises(OSError) as err:
+        read_file_sha256(path, max_bytes=4000)
+    assert err.value.errno == errno.EFBIG
+    real_fstat = os.fstat
+
+    class Stat:
+        st_size = 5000  # small when its size was read; then it kept growing
+
+    monkeypatch.setattr(os, "fstat", lambda fd: Stat() if fd > 2 else real_fstat(fd))
+    with pytest.raises(OSError) as err:
+        read_file_sha256(path, max_bytes=1 << 20)
+    assert err.value.errno == errno.EFBIG and "grew past" in str(err.value)
+    got, _ = read_file_sha256(path, max_bytes=4 << 20)  # within the limit: all of it
+    assert got.size == 5000 + (3 << 20)
+
+
 def test_sha256_file_streams_the_content(tmp_path: Path) -> None:
     data = bytes(range(256)) * 10_000
     path = tmp_path / "x.fits"
