@@ -295,9 +295,13 @@ def find_transform(registrar: Registrar, stars: StarList, lum: NDArray[np.float3
 
 
 #: Photometry aperture for the scale: this many times the reference's FWHM, at least
-#: :data:`PHOTOMETRY_MIN_RADIUS_PX`; the sky annulus lies 3 to 8 px beyond it.
+#: :data:`PHOTOMETRY_MIN_RADIUS_PX` and at most :data:`PHOTOMETRY_MAX_RADIUS_PX`; the sky
+#: annulus lies 3 to 8 px beyond it.
 PHOTOMETRY_RADIUS_FWHM = 4.0
 PHOTOMETRY_MIN_RADIUS_PX = 4.0
+#: ... and at most this (a defocused or trailed reference would otherwise make every
+#: stamp hundreds of px wide; 32 px still holds > 99.9 % of an 8 px FWHM star).
+PHOTOMETRY_MAX_RADIUS_PX = 32.0
 #: Stars fainter than this SNR in the photometry aperture are left out of the scale: in
 #: the aperture's sky noise they would scatter it by several per cent (a sparse simulated
 #: field with 12 such stars gave 0.905 for a true 1.000).
@@ -314,7 +318,8 @@ def photometry_radius_px(reference_fwhm_px: float | None) -> float | None:
     if reference_fwhm_px is None or not (math.isfinite(reference_fwhm_px)
                                          and reference_fwhm_px > 0):
         return None
-    return max(PHOTOMETRY_RADIUS_FWHM * float(reference_fwhm_px), PHOTOMETRY_MIN_RADIUS_PX)
+    return min(max(PHOTOMETRY_RADIUS_FWHM * float(reference_fwhm_px), PHOTOMETRY_MIN_RADIUS_PX),
+               PHOTOMETRY_MAX_RADIUS_PX)
 
 
 def photometry_stars(lum: NDArray[np.float32], stars: StarList, radius_px: float) -> StarList:

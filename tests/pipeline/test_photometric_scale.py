@@ -43,9 +43,31 @@ def test_aperture_flux_measures_the_enclosed_flux_above_the_local_sky() -> None:
         aperture_flux(img, xy, radius, (radius - 1.0, radius + 5.0))
 
 
+def test_aperture_flux_in_batches_equals_star_by_star() -> None:
+    # More stars than one batch of stamps (and a ring holed by a NaN, one fully NaN):
+    # the batched result is the one-star-at-a-time result.
+    import livestack.pipeline.normalize as norm
+
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(20.0, 380.0, (2 * norm._STAMP_CHUNK + 37, 2))
+    flux = rng.uniform(2e4, 2e5, xy.shape[0])
+    img = noisy(rng, render_stars((400, 400), xy, flux, fwhm_px=2.5, beta=3.5), sky=500.0,
+                noise=3.0)
+    img[round(float(xy[0, 1])) + 9, round(float(xy[0, 0]))] = np.nan  # in star 0's ring
+    x1, y1 = (round(float(c)) for c in xy[1])
+    img[y1 - 13:y1 + 14, x1 - 13:x1 + 14] = np.nan  # star 1: nothing finite at all
+    batched = aperture_flux(img, xy, 6.0, (9.0, 13.0), 5.0)
+    single = np.array([aperture_flux(img, xy[i:i + 1], 6.0, (9.0, 13.0), 5.0)[0]
+                       for i in range(xy.shape[0])])
+    np.testing.assert_array_equal(batched, single)
+    assert math.isfinite(batched[0]) and math.isnan(batched[1])
+    assert np.isfinite(batched).sum() > xy.shape[0] // 2
+
+
 def test_photometry_radius_follows_the_reference_and_falls_back() -> None:
     assert photometry_radius_px(2.3) == pytest.approx(9.2)
     assert photometry_radius_px(0.8) == pytest.approx(4.0)  # never below 4 px
+    assert photometry_radius_px(30.0) == pytest.approx(32.0)  # nor above 32 (defocus)
     assert photometry_radius_px(None) is None
     assert photometry_radius_px(float("nan")) is None
     assert photometry_radius_px(0.0) is None
