@@ -151,13 +151,14 @@ def test_bad_inputs_end_as_journal_rows_while_the_stack_grows(
     assert {p: sha(p) for p in before} == before
 
 
-def test_a_fits_frame_is_read_once_and_journaled_under_its_content_hash(
-        tmp_path: Path, frames: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def _second_frame_counting_opens(tmp_path: Path, frames: list[Path],
+                                 monkeypatch: pytest.MonkeyPatch
+                                 ) -> tuple[Engine, list[Path], list[str]]:
+    """An engine that has stacked the first of two copied frames, and the list that
+    records every path the FITS reader opens from now on."""
     import livestack.storage.fitsio as fitsio
-    from livestack.storage.journal import sha256_file
 
-    watch = tmp_path / "in"
-    good = copy_frames(frames[:2], watch)
+    good = copy_frames(frames[:2], tmp_path / "in")
     engine = Engine(make_config(tmp_path), tmp_path / "stacks")
     engine.process_path(good[0])  # the first frame loads what the engine needs once
     opened: list[str] = []
@@ -168,6 +169,14 @@ def test_a_fits_frame_is_read_once_and_journaled_under_its_content_hash(
         return real_open(path)
 
     monkeypatch.setattr(fitsio, "_open", counting_open)
+    return engine, good, opened
+
+
+def test_a_fits_frame_is_read_once_and_journaled_under_its_content_hash(
+        tmp_path: Path, frames: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from livestack.storage.journal import sha256_file
+
+    engine, good, opened = _second_frame_counting_opens(tmp_path, frames, monkeypatch)
     row = engine.process_path(good[1])
     engine.close()
     assert row is not None and row.status == "accepted"
@@ -178,25 +187,13 @@ def test_a_fits_frame_is_read_once_and_journaled_under_its_content_hash(
 def test_a_fits_file_above_the_single_read_size_is_hashed_streaming_then_read(
         tmp_path: Path, frames: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import livestack.engine.ingest as ingest
-    import livestack.storage.fitsio as fitsio
 
-    watch = tmp_path / "in"
-    good = copy_frames(frames[:2], watch)
-    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
-    engine.process_path(good[0])
+    engine, good, opened = _second_frame_counting_opens(tmp_path, frames, monkeypatch)
     # Just below this frame's size: it must not be pulled whole into memory first.
     monkeypatch.setattr(ingest, "SINGLE_READ_MAX_BYTES", good[1].stat().st_size - 1)
     whole_reads: list[str] = []
     monkeypatch.setattr(ingest, "read_file_sha256",
                         lambda path, *_: whole_reads.append(path))  # would fail the frame
-    opened: list[str] = []
-    real_open = fitsio._open
-
-    def counting_open(path: Path) -> Any:
-        opened.append(str(path))
-        return real_open(path)
-
-    monkeypatch.setattr(fitsio, "_open", counting_open)
     row = engine.process_path(good[1])
     engine.close()
     assert row is not None and row.status == "accepted"
