@@ -42,7 +42,8 @@ TOP = ("check_entry", "journal.seen", "sha256", "read file+sha256", "journal.alr
        "journal.mark_pending",
        "read+decode", "select_masters", "route", "runtime", "session.process", "after_frame")
 
-Cell = list[float]  # [wall ms, user ms, sys ms, disk reads kB, voluntary / involuntary switches]
+#: [wall ms, user ms, sys ms, disk reads kB, voluntary / involuntary switches, minor faults]
+Cell = list[float]
 
 
 def main() -> int:
@@ -66,7 +67,7 @@ def main() -> int:
     from livestack.cli import main as cli_main
 
     frame = [-1]
-    cells: dict[int, dict[str, Cell]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 6))
+    cells: dict[int, dict[str, Cell]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 7))
     verdicts: dict[int, str] = {}
 
     def record(label: str, t0: float, r0: resource.struct_rusage) -> None:
@@ -78,6 +79,7 @@ def main() -> int:
         cell[3] += (r1.ru_inblock - r0.ru_inblock) / 2  # 512-byte blocks
         cell[4] += r1.ru_nvcsw - r0.ru_nvcsw
         cell[5] += r1.ru_nivcsw - r0.ru_nivcsw
+        cell[6] += r1.ru_minflt - r0.ru_minflt
 
     def wrap(owner: Any, name: str, label: str, *, new_frame: bool = False) -> None:
         if not hasattr(owner, name):  # an older tree (compared on PYTHONPATH) lacks the step
@@ -152,20 +154,21 @@ def main() -> int:
     if not chosen:
         raise SystemExit("no accepted frame in the chosen range")
     print(f"frames {chosen} (accepted), medians; CPU = whole process (all threads)")
-    print("| step | wall ms | CPU user / sys ms | disk read kB | switches vol / invol |")
-    print("|---|---|---|---|---|")
+    print("| step | wall ms | CPU user / sys ms | disk read kB | switches vol / invol "
+          "| page faults |")
+    print("|---|---|---|---|---|---|")
     labels = [*TOP, *sorted({k for i in chosen for k in cells[i] if k.startswith("  stage")}),
               *sorted({k for i in chosen for k in cells[i] if k.startswith("    part")})]
     for label in labels:
-        med = [statistics.median(cells[i][label][j] for i in chosen) for j in range(6)]
+        med = [statistics.median(cells[i][label][j] for i in chosen) for j in range(7)]
         print(f"| {label} | {med[0]:.1f} | {med[1]:.0f} / {med[2]:.0f} | {med[3]:.0f} "
-              f"| {med[4]:.0f} / {med[5]:.0f} |")
+              f"| {med[4]:.0f} / {med[5]:.0f} | {med[6]:.0f} |")
     rest = statistics.median(cells[i]["process_path"][0] - sum(cells[i][k][0] for k in TOP)
                              for i in chosen)
-    print(f"| rest of process_path | {rest:.1f} | - | - | - |")
-    total = [statistics.median(cells[i]["process_path"][j] for i in chosen) for j in range(6)]
+    print(f"| rest of process_path | {rest:.1f} | - | - | - | - |")
+    total = [statistics.median(cells[i]["process_path"][j] for i in chosen) for j in range(7)]
     print(f"| process_path | {total[0]:.1f} | {total[1]:.0f} / {total[2]:.0f} | {total[3]:.0f} "
-          f"| {total[4]:.0f} / {total[5]:.0f} |")
+          f"| {total[4]:.0f} / {total[5]:.0f} | {total[6]:.0f} |")
     return 0
 
 

@@ -16,6 +16,7 @@ import stat as stat_mod
 import time
 from typing import TYPE_CHECKING, Any
 
+from livestack.engine.buffers import BufferPool
 from livestack.engine.state import (
     ALIGNMENT_REASONS,
     CALIBRATION_TYPES,
@@ -85,6 +86,9 @@ class Ingest:
         self.redirects: dict[str, str] = dict(self.journal.get_state("redirects", {}))
         #: The journal row left ``pending`` by the frame in progress (None between frames).
         self.open_row: int | None = None
+        #: The frame's file bytes, decoded image and warp output, reused frame after frame
+        #: (an array is handed out again only when nothing else holds it; engine.buffers).
+        self.buffers = BufferPool()
 
     # ---------------------------------------------------------------- routing
 
@@ -157,7 +161,8 @@ class Ingest:
         data: FileBytes | None = None
         try:
             if frame_format(spath) == "fits" and st.st_size <= SINGLE_READ_MAX_BYTES:
-                data, sha = read_file_sha256(spath, SINGLE_READ_MAX_BYTES)
+                data, sha = read_file_sha256(spath, SINGLE_READ_MAX_BYTES,
+                                             empty=self.buffers.empty)
             else:
                 sha = sha256_file(spath)
         except FileNotFoundError:
@@ -184,7 +189,7 @@ class Ingest:
         self.open_row = row_id
         engine.crash_pause("read", self.journal)
         try:
-            raw, info = engine.reader.read(spath, data)
+            raw, info = engine.reader.read(spath, data, empty=self.buffers.empty)
         except FrameError as exc:
             return self.finish_failure(row_id, spath, exc.reason, exc.message)
         finally:
@@ -206,7 +211,8 @@ class Ingest:
         t_read = time.perf_counter()
         try:
             # The frame as read is not needed afterwards: calibrated where it lies.
-            outcome = rt.session.process(raw, info, masters, overwrite_raw=True)
+            outcome = rt.session.process(raw, info, masters, overwrite_raw=True,
+                                         scratch=self.buffers.empty)
         except OSError as exc:  # a lazy import or kernel compile found no descriptor
             if not is_fd_exhaustion(exc):
                 raise

@@ -38,12 +38,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from livestack.errors import JournalError, JournalFullError
+
+if TYPE_CHECKING:
+    from livestack.pipeline.types import Allocator
 
 JOURNAL_NAME = "journal.sqlite"
 STATUSES = ("pending", "accepted", "rejected", "failed", "ignored")
@@ -122,8 +125,8 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_file_sha256(path: str | Path, max_bytes: int | None = None
-                     ) -> tuple[NDArray[np.uint8], str]:
+def read_file_sha256(path: str | Path, max_bytes: int | None = None, *,
+                     empty: Allocator | None = None) -> tuple[NDArray[np.uint8], str]:
     """Read a whole file once; return its content and the hex SHA-256 of that content.
 
     The identity is the one of :func:`sha256_file`; the caller can decode the same bytes
@@ -144,6 +147,9 @@ def read_file_sha256(path: str | Path, max_bytes: int | None = None
     max_bytes : int, optional
         Refuse to hold more than this many bytes: a file that grows past it while it is
         read raises instead of being pulled into memory whole.
+    empty : Allocator, optional
+        Where the buffer comes from (default ``np.empty``): the ingest's buffer pool
+        hands out the same memory frame after frame instead of fresh pages.
 
     Raises
     ------
@@ -156,7 +162,7 @@ def read_file_sha256(path: str | Path, max_bytes: int | None = None
         if max_bytes is not None and expected > max_bytes:
             raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes")
         # One byte more than the size: a file still growing shows as a full buffer.
-        buf = np.empty(expected + 1, dtype=np.uint8)
+        buf = (empty or np.empty)((expected + 1,), np.uint8)
         view = buf.data  # a memoryview of the array
         got = 0
         while got < len(buf):
