@@ -86,11 +86,12 @@ def test_bad_inputs_end_as_journal_rows_while_the_stack_grows(
 
     real_read = ingest.read_file_sha256
 
-    def read_and_vanish(path: str, max_bytes: int | None = None) -> tuple[Any, str]:
+    def read_and_vanish(path: str, max_bytes: int | None = None,
+                        **kwargs: Any) -> tuple[Any, str]:
         # The one read of a FITS file (hash and decode) is where it can vanish.
         if Path(path).name == "vanish.fits":
             Path(path).unlink()  # the test's own copy disappears while being read
-        return real_read(path, max_bytes)
+        return real_read(path, max_bytes, **kwargs)
 
     monkeypatch.setattr(ingest, "read_file_sha256", read_and_vanish)
     written: list[int] = []
@@ -193,7 +194,7 @@ def test_a_fits_file_above_the_single_read_size_is_hashed_streaming_then_read(
     monkeypatch.setattr(ingest, "SINGLE_READ_MAX_BYTES", good[1].stat().st_size - 1)
     whole_reads: list[str] = []
     monkeypatch.setattr(ingest, "read_file_sha256",
-                        lambda path, *_: whole_reads.append(path))  # would fail the frame
+                        lambda path, *_, **__: whole_reads.append(path))  # would fail it
     row = engine.process_path(good[1])
     engine.close()
     assert row is not None and row.status == "accepted"

@@ -39,9 +39,17 @@ MIN_POOLED_BYTES = 4 * 1024 * 1024
 #: warp image share one, the decoded frame and the warp footprint one each).
 MAX_ARENAS = 6
 
-#: ``sys.getrefcount`` of an arena that only the pool's list holds: the list's reference
-#: and the call's own argument.
-_FREE_REFCOUNT = 2
+
+
+def _refcount(items: list[Any], index: int) -> int:
+    """``sys.getrefcount`` of ``items[index]``; the same call measures the baseline."""
+    return sys.getrefcount(items[index])
+
+
+#: What :func:`_refcount` reports for an object only its list holds (2 on CPython 3.10-3.13:
+#: the list and the call's argument). Measured rather than assumed: an interpreter that
+#: counts one reference fewer must not make a held arena look free.
+_FREE_REFCOUNT = _refcount([object()], 0)
 
 
 class BufferPool:
@@ -116,7 +124,7 @@ class BufferPool:
         return arena
 
     def _is_free(self, index: int) -> bool:
-        return sys.getrefcount(self._arenas[index]) <= _FREE_REFCOUNT
+        return _refcount(self._arenas, index) <= _FREE_REFCOUNT
 
     def in_use(self) -> int:
         """How many arenas something outside the pool still references."""
