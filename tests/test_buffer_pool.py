@@ -215,3 +215,27 @@ def test_a_frame_still_held_is_not_overwritten_by_later_frames(
     assert len(held) == 2 * len(good)
     for i, (a, _) in enumerate(held):  # no held frame's memory was handed out again
         assert not any(np.may_share_memory(a, b) for b, _ in held[i + 1:])
+
+
+def test_saturated_frames_through_pooled_masks_stack_bit_identically() -> None:
+    # Flat-topped stars: the raw saturation mask, the clamp's seeds and flags and the
+    # warped mask all come from the pool (the simulated frames above have none).
+    from livestack.pipeline.session import PipelineConfig, StackSession
+    from livestack.sim.saturated import SaturatedSky
+
+    sky = SaturatedSky(seed=3)
+    pool = BufferPool(min_bytes=0)
+    sessions = {name: StackSession(name, PipelineConfig()) for name in ("fresh", "pooled")}
+    for index in range(6):
+        for name, session in sessions.items():
+            outcome = session.process(
+                sky.frame(index), sky.info(index), None,
+                stored_transform=sky.transform(index) if index else None,
+                scratch=pool.empty if name == "pooled" else None)
+            assert outcome.verdict == "accepted", outcome.message
+        assert pool.in_use() == 0  # nothing keeps a frame's buffers past its end
+    # Per frame after the reference: the raw mask, the warp image and footprint, the
+    # clamp's seeds and flags and the warped mask (it takes the seeds' memory): 5 arenas.
+    assert pool.allocated <= 6 and pool.reused >= 5 * 6 - 3, (pool.allocated, pool.reused)
+    fresh, pooled = (s.product().image for s in sessions.values())
+    assert pooled.tobytes() == fresh.tobytes()

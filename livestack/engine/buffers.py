@@ -35,9 +35,10 @@ from numpy.typing import DTypeLike, NDArray
 #: and glibc serves blocks above its mmap threshold (32 MiB at most) with fresh pages.
 MIN_POOLED_BYTES = 4 * 1024 * 1024
 
-#: At most this many arenas are kept (a mono frame needs three: the file's bytes and the
-#: warp image share one, the decoded frame and the warp footprint one each).
-MAX_ARENAS = 6
+#: At most this many arenas are kept. A mono frame uses up to seven at once: the file's
+#: bytes then the warp image (one arena), the decoded frame, the warp footprint, and the
+#: saturation maps (the raw mask, the clamp's seeds and flags, the warped mask).
+MAX_ARENAS = 8
 
 
 
