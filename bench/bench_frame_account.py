@@ -21,7 +21,31 @@ Compare two trees by running this script with each on ``PYTHONPATH``, one after 
     python bench/bench_frame_account.py --detail     # also the parts of calibrate / normalize
 
 ``--detail`` adds a row for each function the ``calibrate`` and ``normalize`` stages call
-(``part ...``; they nest inside the stages).
+(``part ...``; they nest inside the stages). The last column counts minor page faults
+(``ru_minflt``): fresh memory the kernel maps (and zeroes) for the step.
+
+Measured (issue 16, the ingest's buffer pool, ``livestack/engine/buffers.py``): 26 MP mono,
+cache ``dense_6248x4176_9000_0.5_0_16_12``, ``--frames 12 --from 5`` (medians of frames
+5-11), main and the pool branch alternated three times (A/B/A/B/A/B) on the shared 2-core
+machine, load average 2.1-2.6 (other engineers' jobs)::
+
+    PYTHONPATH=/work/main   python bench/bench_frame_account.py \
+        --cache /tmp/livestack-bench/dense_6248x4176_9000_0.5_0_16_12 --frames 12 --from 5
+    PYTHONPATH=/work/s8pool python bench/bench_frame_account.py ...   # the same
+
+    | step (per frame) | main: CPU user / sys ms | pool: CPU user / sys ms | page faults |
+    |---|---|---|---|
+    | read file+sha256 | 29-31 / 12-16 | 29-30 / 8-10 | 478 -> 0 |
+    | read+decode | 7-9 / 8-12 | 7-10 / 0 | 444 -> 2 |
+    | session.process | 296-323 / 8-13 | 297-311 / 0-4 | 956 -> 1-9 |
+    | process_path | 339-364 / 41-61 (sum 388-425) | 336-353 / 11-13 (sum 348-364) | 1879 -> 5-15 |
+
+The page faults of the file's bytes, the decoded frame, the warp output and the saturation
+maps are gone; the system time left in ``read file+sha256`` is the copy out of the page
+cache. The wall time of read+decode went from 10-27 ms to 6-8 ms; the other wall times
+moved with the load (process_path 248-532 ms on main, 231-445 ms with the pool) and say
+little here. An earlier round at load 5.5-7 gave the same picture: system time 48-59 ->
+11-18 ms per frame, faults 1880 -> 4-29.
 """
 
 from __future__ import annotations
