@@ -4,7 +4,9 @@ Runs ``livestack stack`` in this process on the cached frames of
 ``bench/bench_stack_dense.py`` (solver off) with timers wrapped around every step of
 ``Ingest.process_path``: the file checks, the SHA-256 (``sha256``: a streaming read of the
 file; ``read file+sha256``: the one read of a plain FITS file whose bytes the reader then
-decodes), the journal calls, the read and decode, ``StackSession.process`` (and its own
+decodes; in a tree that hashes in a helper thread while it reads, ``read file, hashing`` is
+that read and ``sha256 wait`` the wait for the hash's end after the decode), the journal
+calls, the read and decode, ``StackSession.process`` (and its own
 stage timers) and the outputs after the frame. For each it prints the median wall ms and the CPU ms
 (user / system, from ``getrusage``) over the accepted frames from ``--from`` on, then what
 is left of ``process_path`` outside them. Where a step's wall time exceeds its CPU time, the
@@ -38,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 #: Steps directly inside ``Ingest.process_path`` (they do not nest in one another).
-TOP = ("check_entry", "journal.seen", "sha256", "read file+sha256", "journal.already_done",
-       "journal.mark_pending",
+TOP = ("check_entry", "journal.seen", "sha256", "read file+sha256", "read file, hashing",
+       "sha256 wait", "journal.already_done", "journal.mark_pending",
        "read+decode", "select_masters", "route", "runtime", "session.process", "after_frame")
 
 Cell = list[float]  # [wall ms, user ms, sys ms, disk reads kB, voluntary / involuntary switches]
@@ -122,6 +124,9 @@ def main() -> int:
     for owner, name, label in (
             (ing, "check_entry", "check_entry"), (ing, "sha256_file", "sha256"),
             (ing, "read_file_sha256", "read file+sha256"),
+            (ing, "read_file_hashing", "read file, hashing"),
+            (jn.PendingSha256 if hasattr(jn, "PendingSha256") else None, "hexdigest",
+             "sha256 wait"),
             (jn.Journal, "seen", "journal.seen"),
             (jn.Journal, "already_done", "journal.already_done"),
             (jn.Journal, "mark_pending", "journal.mark_pending"),
