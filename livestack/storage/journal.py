@@ -146,6 +146,7 @@ class PendingSha256:
         self._chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._complete = False
         self._data: NDArray[np.uint8] | None = None
+        self._hex: str | None = None
         self._thread = threading.Thread(target=self._run, name="livestack-sha256",
                                         daemon=True)
         self._thread.start()
@@ -175,12 +176,16 @@ class PendingSha256:
         RuntimeError
             If called before :meth:`end` with the content.
         """
-        self._thread.join()
-        if self._data is None:
-            raise RuntimeError("PendingSha256.hexdigest before end(data)")
-        if not self._complete:  # the thread failed (MemoryError): hash here instead
-            return hashlib.sha256(self._data.data).hexdigest()
-        return self._digest.hexdigest()
+        if self._hex is None:
+            self._thread.join()
+            if self._data is None:
+                raise RuntimeError("PendingSha256.hexdigest before end(data)")
+            if self._complete:
+                self._hex = self._digest.hexdigest()
+            else:  # the thread failed (MemoryError): hash here instead
+                self._hex = hashlib.sha256(self._data.data).hexdigest()
+            self._data = None  # nothing here holds the bytes any more (a pool may reuse them)
+        return self._hex
 
 
 def read_file_hashing(path: str | Path, max_bytes: int | None = None

@@ -55,6 +55,24 @@ def test_read_file_hashing_hashes_every_chunk_in_order(
     assert pending.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+def test_read_file_hashing_holds_no_reference_to_the_bytes_once_hashed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A buffer pool hands an array out again only when nothing else holds it: neither the
+    # pending hash nor the chunks given to its thread may keep the file's bytes.
+    import sys
+
+    monkeypatch.setattr(journal_mod, "READ_CHUNK_BYTES", 4096)
+    path = tmp_path / "f.fits"
+    path.write_bytes(bytes(range(256)) * 100)
+    data, pending = journal_mod.read_file_hashing(path)
+    held = sys.getrefcount(data)
+    pending.hexdigest()
+    assert sys.getrefcount(data) == held - 1  # the pending hash let go of it
+    view = np.empty(len(data) + 1, np.uint8)[:len(data)]  # held by its view alone
+    assert sys.getrefcount(data.base) == sys.getrefcount(view.base)  # no chunk left
+    assert pending.hexdigest() == hashlib.sha256(data.tobytes()).hexdigest()  # kept
+
+
 def test_read_file_hashing_leaves_no_thread_after_a_failed_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno

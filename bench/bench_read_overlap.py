@@ -1,0 +1,128 @@
+"""Read, SHA-256 and decode of a FITS frame: one after the other, or overlapped.
+
+The ingest needs a frame's SHA-256 (the journal's identity) before it may stack the frame,
+and the pixels. Three ways to get both from one read of each cached light of
+``bench/bench_stack_dense.py`` (26 MP, 52 MB, in the page cache), interleaved frame by
+frame so that the machine's load hits all three alike:
+
+* ``serial``: read the file into a buffer, hash it (``hashlib.sha256``, one core, ~29 ms at
+  26 MP with SHA-NI), then decode it (``read_frame``): the ingest before the overlap;
+* ``hash during read``: :func:`~livestack.storage.journal.read_file_sha256` (a helper thread
+  hashes each 4 MiB chunk while the next is read), then decode;
+* ``hash during read + decode``: :func:`~livestack.storage.journal.read_file_hashing`, decode
+  while the hash finishes, then wait for it: what ``Ingest.process_path`` does.
+
+It prints the median wall and CPU ms (user / system, whole process) of each and the wall
+ratio against ``serial``, with the load average. The overlap only pays where a core is idle:
+on a loaded machine (load >= the core count) expect less.
+
+    python bench/bench_read_overlap.py                    # 26 MP mono cache, 8 frames x 5
+    python bench/bench_read_overlap.py --rounds 10 --cache DIR
+
+MEASURED
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WAYS = ("serial", "hash during read", "hash during read + decode")
+
+
+def _serial(path: Path) -> tuple[Any, str]:
+    """The ingest's read before the overlap: whole file, then its hash, then decode."""
+    from livestack.storage.fitsio import read_frame
+
+    with open(path, "rb", buffering=0) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        buf = np.empty(size + 1, dtype=np.uint8)
+        view = buf.data
+        got = 0
+        while got < len(buf):
+            n = fh.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        del view
+    data = buf[:got]
+    sha = hashlib.sha256(data.data).hexdigest()
+    return read_frame(path, data)[0], sha
+
+
+def _hash_during_read(path: Path) -> tuple[Any, str]:
+    from livestack.storage.fitsio import read_frame
+    from livestack.storage.journal import read_file_sha256
+
+    data, sha = read_file_sha256(path)
+    return read_frame(path, data)[0], sha
+
+
+def _hash_during_read_and_decode(path: Path) -> tuple[Any, str]:
+    from livestack.storage.fitsio import read_frame
+    from livestack.storage.journal import read_file_hashing
+
+    data, pending = read_file_hashing(path)
+    image = read_frame(path, data)[0]
+    return image, pending.hexdigest()
+
+
+def _timed(fn: Callable[[Path], tuple[Any, str]], path: Path) -> tuple[str, list[float]]:
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    _image, sha = fn(path)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return sha, [wall_ms, (r1.ru_utime - r0.ru_utime) * 1e3, (r1.ru_stime - r0.ru_stime) * 1e3]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir())
+                        / "livestack-bench" / "dense_6248x4176_9000_0.5_0_16_8",
+                        help="a bench_stack_dense.py cache (lights/)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    files = sorted((args.cache / "lights").glob("*.fits"))[:args.frames]
+    if not files:
+        raise SystemExit(f"no lights in {args.cache / 'lights'}")
+    ways = dict(zip(WAYS, (_serial, _hash_during_read, _hash_during_read_and_decode),
+                    strict=True))
+    for path in files:  # page cache, and the decode kernel compiled or loaded
+        path.read_bytes()
+    _serial(files[0])
+    cells: dict[str, list[list[float]]] = {way: [] for way in WAYS}
+    loads = []
+    for _ in range(args.rounds):
+        for path in files:
+            shas = set()
+            for way, fn in ways.items():
+                sha, cell = _timed(fn, path)
+                shas.add(sha)
+                cells[way].append(cell)
+            if len(shas) != 1:
+                raise SystemExit(f"{path}: the ways disagree on the SHA-256: {shas}")
+        loads.append(os.getloadavg()[0])
+    print(f"{len(files)} frames of {args.cache.name} x {args.rounds} rounds, interleaved; "
+          f"load {min(loads):.2f}-{max(loads):.2f}; medians")
+    print("| way | wall ms | CPU user / sys ms | wall vs serial |")
+    print("|---|---|---|---|")
+    base = statistics.median(c[0] for c in cells["serial"])
+    for way in WAYS:
+        med = [statistics.median(c[j] for c in cells[way]) for j in range(3)]
+        print(f"| {way} | {med[0]:.1f} | {med[1]:.0f} / {med[2]:.0f} | {med[0] / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
