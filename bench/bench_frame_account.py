@@ -24,6 +24,22 @@ Compare two trees by running this script with each on ``PYTHONPATH``, one after 
 
 ``--detail`` adds a row for each function the ``calibrate`` and ``normalize`` stages call
 (``part ...``; they nest inside the stages).
+
+Issue 16, the overlap of the hash and the parallel ``frame_stats`` (branch s8overlap against
+main, ``--frames 10 --from 4 --detail`` run A/B/A/B three times, 6 runs per tree, load
+3.1-5.2 on 2 cores from other sessions; medians of the runs' medians, wall / CPU ms)::
+
+    step                         main          s8overlap
+    read file+sha256             57.3 / 46     -
+    read file, hashing           -             34.1 / 33
+    sha256 wait                  -             1.4 / 1
+    read+decode                  48.8 / 38     40.5 / 34
+    read + hash + decode (sum)   104.6 / 84    75.2 / 69
+    stage normalize              41.8 / 30     29.6 / 25
+      part frame_stats           19.8 / 14     10.9 / 7
+    process_path                 614.5 / 484   467.8 / 451   (load-dominated)
+
+The other stages did not change (their differences are the load's).
 """
 
 from __future__ import annotations
