@@ -46,7 +46,7 @@ Frames are cached under ``--cache`` (default: a folder in the system temp dir ke
 arguments), so a second run skips the simulation.
 
 The hash overlap and the parallel ``frame_stats`` (branch s8overlap, ``--repeat 2 --long 12
---naive 0 --baseline <git archive of main>``, 26 MP mono, two sessions at load 2.7-5.1 from
+--naive 0 --baseline <git archive of main>``, 26 MP mono, two sessions at load 2.6-3.8 from
 other engineers' runs; ms per frame, steady ms per frame, CPU ms per frame, peak RSS)::
 
     session 1, run 1   main 303 / 383 / 270 / 1.18 GB   s8overlap 691 / 548 / 412 / 1.18 GB
