@@ -39,7 +39,14 @@ main, ``--frames 10 --from 4 --detail`` run A/B/A/B three times, 6 runs per tree
       part frame_stats           19.8 / 14     10.9 / 7
     process_path                 614.5 / 484   467.8 / 451   (load-dominated)
 
-The other stages did not change (their differences are the load's).
+The other stages did not change (their differences are the load's). Once more at load
+1.7-2.8 (A/B/A/B, wall ms of the two runs per tree; main's runs read 0.9-1.4 MB of the
+frame from the disk, pages the VM had evicted)::
+
+    read + hash + decode (sum)   79.2, 76.3    44.7, 59.1
+    part frame_stats             16.8, 13.6    3.5, 5.2
+    stage normalize              32.6, 23.3    17.2, 23.1
+    process_path                 356.0, 277.1  274.7, 424.8   (the last at load 2.8)
 """
 
 from __future__ import annotations
