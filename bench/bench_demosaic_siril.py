@@ -411,7 +411,7 @@ def main() -> int:
     parser.add_argument("--timing-only", action="store_true",
                         help="only the debayer timings (no Siril, no stacks)")
     parser.add_argument("--warp-kernels", nargs="*", default=["bilinear"],
-                        choices=("nearest", "bilinear", "bicubic", "lanczos3"),
+                        choices=("nearest", "bilinear", "bicubic", "lanczos3", "mitchell"),
                         help="also stack with RCD and each of these warp kernels "
                              "(bilinear is the one Siril 1.0.6's register applies: "
                              "bench/bench_siril_resampler.py)")

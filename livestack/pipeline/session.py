@@ -55,6 +55,7 @@ from livestack.pipeline.saturation import (
     StackSaturation,
 )
 from livestack.pipeline.stretch import auto_stretch, encode_jpeg
+from livestack.pipeline.warp import KERNELS
 from livestack.pipeline.types import (
     FrameInfo,
     FrameMetrics,
@@ -74,7 +75,9 @@ class WarpConfig:
     Attributes
     ----------
     kernel : str
-        Resampling kernel: ``nearest``, ``bilinear``, ``bicubic`` or ``lanczos3``.
+        Resampling kernel: ``nearest``, ``bilinear``, ``bicubic``, ``lanczos3`` or
+        ``mitchell`` (Mitchell-Netravali, B = C = 1/3: it smooths the noise almost as much
+        as bilinear with two thirds of its blur; see ``bench/bench_demosaic_siril.py``).
     reuse_buffer : bool
         Warp each frame into the previous frame's arrays: saves the CPU of a fresh
         output per frame (31-48 % of a rotated Lanczos3 warp's CPU at 26 MP,
@@ -82,8 +85,12 @@ class WarpConfig:
         which raised the peak RSS of a 26 MP mono run by ~110 MB (bench/bench_pipeline.py).
     """
 
-    kernel: str = "lanczos3"
+    kernel: str = field(default="lanczos3", metadata={"choices": tuple(KERNELS)})
     reuse_buffer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 
 
 @dataclass(frozen=True)
