@@ -55,7 +55,6 @@ from livestack.pipeline.saturation import (
     StackSaturation,
 )
 from livestack.pipeline.stretch import auto_stretch, encode_jpeg
-from livestack.pipeline.warp import KERNELS
 from livestack.pipeline.types import (
     FrameInfo,
     FrameMetrics,
@@ -65,6 +64,7 @@ from livestack.pipeline.types import (
     Verdict,
     Warped,
 )
+from livestack.pipeline.warp import KERNELS
 from livestack.reasons import CALIBRATION_FAILURES
 
 

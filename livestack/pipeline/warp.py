@@ -8,8 +8,9 @@ Kernels: ``"nearest"``, ``"bilinear"``, ``"bicubic"`` (Keys, a = -0.5), ``"lancz
 (the default: the only one that keeps >= 0.97 of a 2.5 px FWHM star's peak; see
 ``bench/bench_warp.py``), ``"mitchell"`` (Mitchell-Netravali, B = C = 1/3: nearly
 bilinear's noise reduction with two thirds of its blur; it does not interpolate, so an
-identity or integer shift smooths too, by the same 1/9 px^2 as every other phase). The kernels are linear; Lanczos ringing is NOT clamped here,
-because a clamp is a non-linear, signal-dependent bias that the stack's mean and outlier
+identity or integer shift smooths too, by the same 1/9 px^2 as every other phase). The
+kernels are linear; Lanczos (and Mitchell's smaller) ringing is NOT clamped here, because
+a clamp is a non-linear, signal-dependent bias that the stack's mean and outlier
 rejection would then average in. The stacking pipelines clamp it only where it digs holes:
 next to steep steps and saturated pixels, as a post-pass
 (:func:`livestack.pipeline.saturation.clamp_ringing`, issue 9); elsewhere this output is
@@ -19,9 +20,10 @@ Coordinates are float64 end to end; Lanczos3 weights are evaluated at the exact 
 an even/odd polynomial fit of the normalised kernel (error < 1e-8, no coordinate tables).
 Pure translations take a separable two-pass fast path. Bicubic, Mitchell and Lanczos3
 rotations of 0.15 to ~5 degrees (every stack's frame-to-frame case) take a two-pass
-(Catmull-Smith) separable kernel, horizontal then vertical 1-D passes in tiles (``kernels_twopass``): it
-interpolates along a sheared grid, so it is not bit-identical to the 2-D kernel, but as
-accurate against the truth (within 0.1 % pixel RMS up to 2 degrees) and vectorised.
+(Catmull-Smith) separable kernel, horizontal then vertical 1-D passes in tiles
+(``kernels_twopass``): it interpolates along a sheared grid, so it is not bit-identical
+to the 2-D kernel, but as accurate against the truth (within 0.1 % pixel RMS up to 2
+degrees) and vectorised.
 Everything else (including rotations under 0.15 degrees, where it is as fast) sums the 2-D
 separable kernel per output pixel, vectorised over runs of pixels (see ``kernels_warp``).
 
