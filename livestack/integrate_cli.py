@@ -83,7 +83,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "additive-scaling)")
     p.add_argument("--interpolation", choices=INTERPOLATION,
                    help="resampling kernel for registration, overriding pipeline.warp.kernel "
-                        "(default: the config's, lanczos3): lanczos3 keeps stars sharpest; "
+                        "(default: the config's, auto: lanczos3 for mono stacks, mitchell "
+                        "for colour ones): lanczos3 keeps stars sharpest; "
                         "bilinear (as Siril 1.0 registers) gives lower per-pixel noise but "
                         "softer stars; bicubic lies between; mitchell smooths the noise "
                         "almost as much as bilinear with two thirds of its blur; nearest "

@@ -168,6 +168,7 @@ def test_cli_config_check_error_is_one_line_exit_2(tmp_path: Path) -> None:
 def test_warp_kernel_is_one_of_the_warp_kernels(tmp_path: Path) -> None:
     from livestack.pipeline.warp import KERNELS
 
+    assert Config().pipeline.warp.kernel == "auto"  # lanczos3 on mono, mitchell on colour
     config = load_config(_write(tmp_path, "pipeline: {warp: {kernel: mitchell}}\n"))
     assert config.pipeline.warp.kernel == "mitchell" and "mitchell" in KERNELS
     # Refused at load, naming the key, not at the first frame's warp.

@@ -237,6 +237,7 @@ def test_preview_has_no_value_above_the_level() -> None:
     session = live_stack(sky, 5)
     assert float(np.nanmax(session._stack.preview_mean(64))) <= 4095.0 * (1 + 1e-6)
     assert session.product().header["SATURATE"] == pytest.approx(4095.0)
+    assert session.product().header["WARPKERN"] == "lanczos3"  # auto, on mono frames
     # The level survives a checkpoint round trip.
     arrays, meta = session.state()
     restored = type(session).restore("saturated", session.config, arrays, meta)
@@ -326,6 +327,8 @@ def test_colour_stack_has_no_holes_in_any_plane() -> None:
         reports = star_reports(plane, sky)
         assert [r.holes for r in reports] == [0] * sky.n_bright, reports
     assert "CFAPAT" not in session.product().header
+    # pipeline.warp.kernel auto: colour frames take Mitchell, and the header says so.
+    assert session.product().header["WARPKERN"] == "mitchell"
 
 
 def test_a_wrong_bit_depth_guess_never_clips_real_signal() -> None:

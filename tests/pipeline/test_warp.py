@@ -12,7 +12,7 @@ from scipy import ndimage
 from livestack.pipeline import kernels_twopass as kt
 from livestack.pipeline import kernels_warp as kw
 from livestack.pipeline.types import Transform, Warped
-from livestack.pipeline.warp import KERNELS, warp
+from livestack.pipeline.warp import KERNELS, resolve_kernel, warp
 from tests.pipeline.test_detect import render_stars
 
 SHAPE = (160, 200)
@@ -172,6 +172,25 @@ def test_mitchell_blur_is_the_same_at_every_phase_and_keeps_flux() -> None:
     mitchell, bilinear = np.array(added["mitchell"]), np.array(added["bilinear"])
     np.testing.assert_allclose(mitchell, 1.0 / 9.0, atol=0.003)  # measured 0.1100-0.1102
     assert bilinear.max() - bilinear.min() > 0.1  # bilinear's blur depends on the phase
+
+
+def test_auto_is_lanczos3_on_mono_and_mitchell_on_colour() -> None:
+    rng = np.random.default_rng(43)
+    rgb = rng.normal(100, 10, (3, 50, 60)).astype(np.float32)
+    t = Transform.from_params(1.3, -0.4, 0.6)
+    for kernel, image in (("lanczos3", rgb[0]), ("mitchell", rgb)):
+        auto = warp(image, t, (50, 60), "auto")
+        explicit = warp(image, t, (50, 60), kernel)
+        assert np.array_equal(auto.image, explicit.image), kernel
+        assert np.array_equal(auto.footprint, explicit.footprint), kernel
+    # The two differ (proof that the comparison above can fail).
+    assert not np.array_equal(warp(rgb[0], t, (50, 60), "mitchell").image,
+                              warp(rgb[0], t, (50, 60), "lanczos3").image)
+    assert [resolve_kernel(k, c) for k, c in (("auto", False), ("auto", True),
+                                              ("bicubic", True))] == [
+        "lanczos3", "mitchell", "bicubic"]
+    with pytest.raises(ValueError, match="unknown warp kernel"):
+        resolve_kernel("cubic", False)
 
 
 def test_translation_fast_path_matches_general_path() -> None:
