@@ -38,10 +38,23 @@ and their ratios (two-pass / 2-D) within the same run.
 alternately on the same frame, mono and colour (3 planes), for a pure shift, a 0.1 degree
 rotation (the 2-D kernel) and each of ``--rotations`` (the two-pass kernel): median ms per
 frame, wall and process CPU, and the ratios to the first kernel in the same run. Measured
-on s8mitchell (load ~2 on 2 cores shared with other engineers), 26 MP, 2 threads,
-``--compare-only --compare bicubic mitchell --repeat 5``: mitchell / bicubic wall
-0.95-1.09 (see the commit message for the table); both are 4x4-tap cubics on the same
-code paths, so the cost is the same within the noise.
+on s8mitchell (load 2-3 on 2 cores shared with other engineers), ``--compare-only --compare
+bicubic mitchell --repeat 9``, 26 MP, ms per frame (wall; process CPU within 3 % of it):
+
+| transform | planes | bicubic | mitchell | mitchell / bicubic |
+|---|---|---|---|---|
+| shift | 1 | 25 | 25 | 1.00 |
+| rot 0.10 (2-D) | 1 | 56 | 53 | 0.96 |
+| rot 0.50 (2-pass) | 1 | 96 | 89 | 0.93 |
+| rot 2.00 (2-pass) | 1 | 112 | 101 | 0.90 |
+| shift | 3 | 98 | 113 | 1.16 |
+| rot 0.10 (2-D) | 3 | 192 | 184 | 0.96 |
+| rot 0.50 (2-pass) | 3 | 285 | 259 | 0.91 |
+| rot 2.00 (2-pass) | 3 | 322 | 293 | 0.91 |
+
+Both are 4x4-tap cubics on the same code paths; Mitchell's weights take 11 multiply-adds,
+Keys' about 15. The shift path is the same code for both (weights computed once per
+frame), so its 1.16 is the machine's noise.
 
     /work/venv/bin/python bench/bench_warp.py [--size 6248x4176] [--repeat 5] [--threads 2]
     python bench/bench_warp.py --two-pass-only --repeat 5 --rotations 0.5,2
