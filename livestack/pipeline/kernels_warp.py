@@ -11,8 +11,8 @@ Interpolation kernels (``kind`` codes)
 
 Tap rule: a tap whose weight is exactly 0.0 is ignored, so an integer source
 coordinate needs only its own pixel (an identity warp copies the input, edge pixels
-included). Every other tap must be inside the input and finite, otherwise the
-output pixel leaves the footprint and is set to 0.0.
+included; Mitchell excepted, see below). Every other tap must be inside the input and
+finite, otherwise the output pixel leaves the footprint and is set to 0.0.
 
 Mitchell-Netravali is the one kernel here that does not interpolate: at an integer
 position its weights are (1/18, 8/9, 1/18, 0), so even an identity or integer shift

@@ -81,8 +81,10 @@ class WarpConfig:
         almost as much as bilinear with two thirds of its blur). On the 32 Seestar colour
         frames against Siril 1.0.6 (median FWHM 2.954 px), RCD + mitchell gives 2.924 px at
         1.010 x Siril's star SNR, RCD + lanczos3 2.722 px at 0.983 x, RCD + bilinear
-        2.978 px at 1.018 x (``bench/bench_demosaic_siril.py``): only mitchell is at least
-        as sharp and at least as deep, hence ``auto``'s choice for colour.
+        2.978 px at 1.018 x (``bench/bench_demosaic_siril.py``): only mitchell is as sharp
+        as Siril's stack with at least its SNR, hence ``auto``'s choice for colour. (With
+        Malvar, the demosaic above 8 MP, neither meets both: 3.008 px at 0.990 x with
+        mitchell, 2.831 px at 0.958 x with lanczos3.)
     reuse_buffer : bool
         Warp each frame into the previous frame's arrays: saves the CPU of a fresh
         output per frame (31-48 % of a rotated Lanczos3 warp's CPU at 26 MP,
