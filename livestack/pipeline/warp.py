@@ -166,6 +166,9 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
             # The identity (every stack's reference frame): a copy, in numpy. On a first
             # start the frame is then stacked without waiting for the shift kernel's
             # compile (livestack.precompile does it meanwhile). Same result as the kernel.
+            # Mitchell smooths even here (three taps): its reference frame, a colour
+            # stack's by default, takes the shift kernel, whose compile the precompile
+            # helper does second, and which the colour frame's demosaic outlasts.
             np.isfinite(planes).all(axis=0, out=foot)
             np.add(planes, np.float32(0.0), out=dest)  # -0.0 -> +0.0, as the kernel's sums
             dest[:, ~foot] = 0.0
