@@ -188,6 +188,13 @@ def steps() -> Iterator[str]:
     for method in ("rcd", "malvar"):
         debayer(frames[0], "RGGB", method)
         yield f"demosaic ({method})"
+    # Colour frames warp with Mitchell by default (pipeline.warp.kernel: auto): its
+    # two-pass and 2-D kernels are compiled per kind.
+    warp(frames[1], rotated, (ny, nx), "mitchell")
+    warp(frames[1], Transform(np.array([[np.cos(tiny), -np.sin(tiny), 0.7],
+                                        [np.sin(tiny), np.cos(tiny), 0.3]])), (ny, nx),
+         "mitchell")
+    yield "colour warp (mitchell)"
     # Then the front half, in case the daemon has not reached it yet (a frame waiting
     # behind a slow FITS read, say); kernels already cached just load.
     from livestack.config import Config
