@@ -44,6 +44,19 @@ against it in the same run.
 
 Frames are cached under ``--cache`` (default: a folder in the system temp dir keyed by the
 arguments), so a second run skips the simulation.
+
+The hash overlap and the parallel ``frame_stats`` (branch s8overlap, ``--repeat 2 --long 12
+--naive 0 --baseline <git archive of main>``, 26 MP mono, two sessions at load 2.6-3.8 from
+other engineers' runs; ms per frame, steady ms per frame, CPU ms per frame, peak RSS)::
+
+    session 1, run 1   main 303 / 383 / 270 / 1.18 GB   s8overlap 691 / 548 / 412 / 1.18 GB
+    session 1, run 2   main 429 / 703 / 410 / 1.18 GB   s8overlap 445 / 374 / 405 / 1.18 GB
+    session 2, run 1   main 761 / 324 / 431 / 1.18 GB   s8overlap 590 / 415 / 493 / 1.18 GB
+    session 2, run 2   main 519 / 381 / 498 / 1.18 GB   s8overlap 445 / 408 / 449 / 1.18 GB
+
+At that load the same tree's runs differ by 2x: no speed difference can be read from these,
+only that peak RSS did not move (1.18 GB). ``bench_frame_account.py`` and
+``bench_read_overlap.py`` time the steps that changed.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def steps() -> Iterator[str]:
     # start the helper; the pipeline (and numba) load in the helper process.
     from livestack.pipeline.accumulate import RunningStack, StackConfig
     from livestack.pipeline.cosmetic import find_isolated_hot_pixels
-    from livestack.pipeline.normalize import apply_normalization
+    from livestack.pipeline.normalize import apply_normalization, frame_stats
     from livestack.pipeline.types import Normalization, Transform
     from livestack.pipeline.warp import warp
 
@@ -154,6 +154,7 @@ def steps() -> Iterator[str]:
     yield "shift warp"
     norm = Normalization(scale=1.0, location=100.0, reference_location=100.0, weight=1.0)
     apply_normalization(frames[0], foot, norm, out=frames[0].copy())
+    frame_stats(frames[0], None)
     yield "normalisation"
     angle = np.radians(0.5)
     rotated = Transform(np.array([[np.cos(angle), -np.sin(angle), 0.7],
