@@ -53,21 +53,38 @@ real 2 MP Seestar frame, median of ``--repeat`` runs after a warm-up; and the wh
 times each method on 1 numba thread and on all of them, wall clock and process CPU time,
 with ``rcd-4pass``, the four-pass RCD that the fused kernel replaced, beside them.
 
-Measured on s7siril (main 5db6a1f plus the fixed-aperture photometric scale), load 3-5 on
-2 cores, ``--methods rcd malvar --warp-kernels bilinear bicubic``; "rcd+K" is RCD with warp
-kernel K, livestack's default is rcd (Lanczos3):
+Measured on s8mitchell (main 1ad7dfe plus the Mitchell-Netravali warp kernel), load 2-4 on 2
+cores shared with other engineers, ``--methods rcd malvar --warp-kernels lanczos3 bilinear
+bicubic mitchell --repeat 2 --reuse`` (Siril's result from an earlier run of the same
+script); "rcd+K" is RCD with warp kernel K. livestack's default is ``auto`` for both: RCD
+(up to 8 MP) and, for colour frames, the Mitchell warp, so the rcd column is rcd+mitchell
+(identical stacks):
 
-| | Siril | bilinear | rcd | malvar | rcd+bilinear | rcd+bicubic |
-|---|---|---|---|---|---|---|
-| median FWHM (px) | 2.954 | 3.260 | 2.722 | 2.831 | 2.978 | 2.804 |
-| SNR / Siril's | 1.000 | 1.027 | 0.983 | 0.958 | 1.018 | 0.993 |
-| SNR / Siril's at Siril's FWHM | 1.000 | 1.027 | 1.014 | 0.975 | 1.018 | 1.015 |
-| FWHM at Siril's SNR (px) | 2.954 | 3.260 | 2.836 | 3.104 | 2.978 | 2.852 |
-| detection SNR / Siril's, filter 3 px | 1.000 | 0.984 | 1.008 | 0.989 | 1.006 | 1.009 |
+| | Siril | bilinear | rcd | malvar | rcd+L3 | rcd+bil | rcd+bic | rcd+M |
+|---|---|---|---|---|---|---|---|---|
+| median FWHM (px) | 2.954 | 3.425 | 2.924 | 3.008 | 2.722 | 2.978 | 2.804 | 2.924 |
+| SNR / Siril's | 1.000 | 1.054 | 1.010 | 0.990 | 0.983 | 1.018 | 0.993 | 1.010 |
+| min over apertures, annuli | 1.000 | 1.029 | 1.001 | 0.990 | 0.968 | 1.007 | 0.986 | 1.001 |
+| SNR / Siril's at its FWHM | 1.000 | 1.054 | 1.013 | 0.990 | 1.014 | 1.018 | 1.015 | 1.013 |
+| FWHM at Siril's SNR (px) | 2.954 | 3.425 | 2.924 | 3.082 | 2.836 | 2.978 | 2.852 | 2.924 |
+| detection SNR, 3 px filter | 1.000 | 0.983 | 1.008 | 0.991 | 1.008 | 1.006 | 1.009 | 1.008 |
+| whole run, s per frame | | 0.635 | 0.552 | 0.310 | 0.413 | 0.387 | 0.422 | 0.396 |
 
-With Siril's own resampler (rcd+bilinear) livestack has 1.8 % more star SNR at the same
-FWHM (1.001 x per star); with its default Lanczos3 it is 8 % sharper at 0.983 of Siril's
-SNR, and blurred until its SNR equals Siril's it is still 4 % sharper (2.836 px).
+(L3 Lanczos3, bil bilinear, bic bicubic, M Mitchell; "min over apertures, annuli" is the
+lowest SNR ratio over apertures 3, 5 px x annuli 8-12, 8-20, 10-30 px.)
+
+RCD + Mitchell is the one combination that meets both goals of issue 9 at once: median
+FWHM 1 % below Siril's (2.924 against 2.954 px) at 1.010 x its star SNR (1.001-1.011 over
+the apertures and annuli). It is not a better trade than Lanczos3, the same one at another
+point: at Siril's resolution both have 1.013-1.014 x its SNR, and Lanczos3 blurred until its
+SNR equals Siril's is sharper still (2.836 px); Mitchell's fixed 1/9 px^2 of blur lands
+on the point that beats Siril on both axes, where Lanczos3 (sharper, 0.983 x the SNR) and
+bilinear (1.018 x, 0.8 % wider) each miss one. Malvar + Mitchell (the 26 MP default's
+demosaic) meets neither (3.008 px, 0.990 x; with Lanczos3, the default until then, Malvar
+measured 2.831 px at 0.958 x). The whole-run seconds per frame are noisy (shared machine); the
+warps' own cost at 26 MP is ``bench/bench_warp.py --compare-only``: Mitchell costs what
+bicubic does. The rcd+lanczos3 column reproduces the previous run's rcd column (then the
+default) to the last digit, and the rcd+bilinear and rcd+bicubic columns too.
 
     .venv/bin/python bench/bench_demosaic_siril.py [--data DIR] [--dir WORK] [--repeat N]
         [--methods rcd bilinear malvar] [--warp-kernels bilinear ...] [--reuse]
@@ -411,7 +428,7 @@ def main() -> int:
     parser.add_argument("--timing-only", action="store_true",
                         help="only the debayer timings (no Siril, no stacks)")
     parser.add_argument("--warp-kernels", nargs="*", default=["bilinear"],
-                        choices=("nearest", "bilinear", "bicubic", "lanczos3"),
+                        choices=("nearest", "bilinear", "bicubic", "lanczos3", "mitchell"),
                         help="also stack with RCD and each of these warp kernels "
                              "(bilinear is the one Siril 1.0.6's register applies: "
                              "bench/bench_siril_resampler.py)")

@@ -4,7 +4,9 @@ Runs ``livestack stack`` in this process on the cached frames of
 ``bench/bench_stack_dense.py`` (solver off) with timers wrapped around every step of
 ``Ingest.process_path``: the file checks, the SHA-256 (``sha256``: a streaming read of the
 file; ``read file+sha256``: the one read of a plain FITS file whose bytes the reader then
-decodes), the journal calls, the read and decode, ``StackSession.process`` (and its own
+decodes; in a tree that hashes in a helper thread while it reads, ``read file, hashing`` is
+that read and ``sha256 wait`` the wait for the hash's end after the decode), the journal
+calls, the read and decode, ``StackSession.process`` (and its own
 stage timers) and the outputs after the frame. For each it prints the median wall ms and the CPU ms
 (user / system, from ``getrusage``) over the accepted frames from ``--from`` on, then what
 is left of ``process_path`` outside them. Where a step's wall time exceeds its CPU time, the
@@ -45,7 +47,31 @@ maps are gone; the system time left in ``read file+sha256`` is the copy out of t
 cache. The wall time of read+decode went from 10-27 ms to 6-8 ms; the other wall times
 moved with the load (process_path 248-532 ms on main, 231-445 ms with the pool) and say
 little here. An earlier round at load 5.5-7 gave the same picture: system time 48-59 ->
-11-18 ms per frame, faults 1880 -> 4-29.
+11-18 ms per frame, faults 1880 -> 4-29. (Measured before s8overlap was merged: its
+steps below split ``read file+sha256`` into the read and the hash wait.)
+
+Issue 16, the overlap of the hash and the parallel ``frame_stats`` (branch s8overlap against
+main, ``--frames 10 --from 4 --detail`` run A/B/A/B three times, 6 runs per tree, load
+3.1-5.2 on 2 cores from other sessions; medians of the runs' medians, wall / CPU ms)::
+
+    step                         main          s8overlap
+    read file+sha256             57.3 / 46     -
+    read file, hashing           -             34.1 / 33
+    sha256 wait                  -             1.4 / 1
+    read+decode                  48.8 / 38     40.5 / 34
+    read + hash + decode (sum)   104.6 / 84    75.2 / 69
+    stage normalize              41.8 / 30     29.6 / 25
+      part frame_stats           19.8 / 14     10.9 / 7
+    process_path                 614.5 / 484   467.8 / 451   (load-dominated)
+
+The other stages did not change (their differences are the load's). Once more at load
+1.7-2.8 (A/B/A/B, wall ms of the two runs per tree; main's runs read 0.9-1.4 MB of the
+frame from the disk, pages the VM had evicted)::
+
+    read + hash + decode (sum)   79.2, 76.3    44.7, 59.1
+    part frame_stats             16.8, 13.6    3.5, 5.2
+    stage normalize              32.6, 23.3    17.2, 23.1
+    process_path                 356.0, 277.1  274.7, 424.8   (the last at load 2.8)
 """
 
 from __future__ import annotations
@@ -62,8 +88,8 @@ from pathlib import Path
 from typing import Any
 
 #: Steps directly inside ``Ingest.process_path`` (they do not nest in one another).
-TOP = ("check_entry", "journal.seen", "sha256", "read file+sha256", "journal.already_done",
-       "journal.mark_pending",
+TOP = ("check_entry", "journal.seen", "sha256", "read file+sha256", "read file, hashing",
+       "sha256 wait", "journal.already_done", "journal.mark_pending",
        "read+decode", "select_masters", "route", "runtime", "session.process", "after_frame")
 
 #: [wall ms, user ms, sys ms, disk reads kB, voluntary / involuntary switches, minor faults]
@@ -148,6 +174,9 @@ def main() -> int:
     for owner, name, label in (
             (ing, "check_entry", "check_entry"), (ing, "sha256_file", "sha256"),
             (ing, "read_file_sha256", "read file+sha256"),
+            (ing, "read_file_hashing", "read file, hashing"),
+            (jn.PendingSha256 if hasattr(jn, "PendingSha256") else None, "hexdigest",
+             "sha256 wait"),
             (jn.Journal, "seen", "journal.seen"),
             (jn.Journal, "already_done", "journal.already_done"),
             (jn.Journal, "mark_pending", "journal.mark_pending"),

@@ -56,7 +56,22 @@ pool keeps the arrays a frame needs at its warp, 274 MB at 26 MP mono, instead o
 allocating them per frame; an in-process trace puts the peak at 1123 MB with the pool and
 1122 MB without). CPU ms/frame 0.84x, 0.79x, 0.78x and 1.15x of main; ms/frame and steady
 ms/frame at that load were noise (one baseline long run took less wall time than its short
-run). ``bench/bench_frame_account.py`` has the steadier per-step CPU figures.
+run). Once more at load 1.2-1.4 (two pairs): ms/frame 1.17x and 0.96x, steady ms/frame
+1.16x and 0.97x, CPU ms/frame 1.19x and 0.83x of main, peak RSS 1.18 GB both: within the
+run-to-run spread. ``bench/bench_frame_account.py`` has the steadier per-step CPU figures.
+
+The hash overlap and the parallel ``frame_stats`` (branch s8overlap, ``--repeat 2 --long 12
+--naive 0 --baseline <git archive of main>``, 26 MP mono, two sessions at load 2.6-3.8 from
+other engineers' runs; ms per frame, steady ms per frame, CPU ms per frame, peak RSS)::
+
+    session 1, run 1   main 303 / 383 / 270 / 1.18 GB   s8overlap 691 / 548 / 412 / 1.18 GB
+    session 1, run 2   main 429 / 703 / 410 / 1.18 GB   s8overlap 445 / 374 / 405 / 1.18 GB
+    session 2, run 1   main 761 / 324 / 431 / 1.18 GB   s8overlap 590 / 415 / 493 / 1.18 GB
+    session 2, run 2   main 519 / 381 / 498 / 1.18 GB   s8overlap 445 / 408 / 449 / 1.18 GB
+
+At that load the same tree's runs differ by 2x: no speed difference can be read from these,
+only that peak RSS did not move (1.18 GB). ``bench_frame_account.py`` and
+``bench_read_overlap.py`` time the steps that changed.
 """
 
 from __future__ import annotations

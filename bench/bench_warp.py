@@ -34,8 +34,37 @@ replaced, called directly and alternately on the same frame (``--rotations``, mo
 colour, 1 and ``--threads`` threads): median ns per output pixel, wall and process CPU,
 and their ratios (two-pass / 2-D) within the same run.
 
+``--compare A B ...`` (``--compare-only`` prints just it) times ``warp`` with those kernels
+alternately on the same frame, mono and colour (3 planes), for a pure shift, a 0.1 degree
+rotation (the 2-D kernel) and each of ``--rotations`` (the two-pass kernel): median ms per
+frame, wall and process CPU, and the ratios to the first kernel in the same run. Measured
+on s8mitchell (load 2-3 on 2 cores shared with other engineers), ``--compare-only --compare
+bicubic mitchell --repeat 9``, 26 MP, ms per frame (wall; process CPU within 3 % of it):
+
+| transform | planes | bicubic | mitchell | mitchell / bicubic |
+|---|---|---|---|---|
+| shift | 1 | 25 | 25 | 1.00 |
+| rot 0.10 (2-D) | 1 | 56 | 53 | 0.96 |
+| rot 0.50 (2-pass) | 1 | 96 | 89 | 0.93 |
+| rot 2.00 (2-pass) | 1 | 112 | 101 | 0.90 |
+| shift | 3 | 98 | 113 | 1.16 |
+| rot 0.10 (2-D) | 3 | 192 | 184 | 0.96 |
+| rot 0.50 (2-pass) | 3 | 285 | 259 | 0.91 |
+| rot 2.00 (2-pass) | 3 | 322 | 293 | 0.91 |
+
+Both are 4x4-tap cubics on the same code paths; Mitchell's weights take 11 multiply-adds,
+Keys' about 15. The shift path is the same code for both (weights computed once per
+frame), so its 1.16 is the machine's noise. Over four such runs (3 to 11 repeats, load 2
+to 7, the first before the weights were rewritten in multiply-add form) the CPU ratio
+mitchell / bicubic ranged 0.89-1.08 on the two-pass path and 0.95-1.24 on the 2-D one:
+the same cost within this machine's noise. In the main table (``--repeat 3 --rotations
+1``, same machine) mitchell's quality at FWHM 2.5 px is peak 0.906 (bilinear 0.883,
+bicubic 0.963, lanczos3 0.996), cen p95 0.022 px, mom max 0.0000 (it reproduces linear
+functions, as bilinear and Keys a = -0.5 do).
+
     /work/venv/bin/python bench/bench_warp.py [--size 6248x4176] [--repeat 5] [--threads 2]
     python bench/bench_warp.py --two-pass-only --repeat 5 --rotations 0.5,2
+    python bench/bench_warp.py --compare-only --compare bicubic mitchell --repeat 5
 """
 
 from __future__ import annotations
@@ -56,7 +85,7 @@ from livestack.pipeline.types import Transform
 from livestack.pipeline.warp import warp
 from tests.pipeline.test_detect import render_stars
 
-KERNELS = ("nearest", "bilinear", "bicubic", "lanczos3")
+KERNELS = ("nearest", "bilinear", "bicubic", "lanczos3", "mitchell")
 
 Warper = Callable[[NDArray[np.float32], Transform, tuple[int, int]], NDArray[np.float32]]
 
@@ -192,11 +221,18 @@ def main() -> None:
                     help="degrees, comma-separated, for the two-pass vs 2-D table")
     ap.add_argument("--two-pass-only", action="store_true",
                     help="print only the two-pass vs 2-D kernel table")
+    ap.add_argument("--compare", nargs="+", choices=KERNELS, default=["bicubic", "mitchell"],
+                    help="kernels timed alternately against the first (the last table)")
+    ap.add_argument("--compare-only", action="store_true",
+                    help="print only the --compare table")
     args = ap.parse_args()
     nx, ny = (int(v) for v in args.size.lower().split("x"))
     rotations = [float(r) for r in args.rotations.split(",")]
     if args.two_pass_only:
         paired_two_pass(nx, ny, rotations, args.threads, args.repeat)
+        return
+    if args.compare_only:
+        paired_kernels(nx, ny, args.compare, rotations, args.threads, args.repeat)
         return
 
     import numba
@@ -255,6 +291,7 @@ def main() -> None:
     paired_out_buffer(img, rot, shift, max(args.repeat, 7))
     del img
     paired_two_pass(nx, ny, rotations, args.threads, args.repeat)
+    paired_kernels(nx, ny, args.compare, rotations, args.threads, args.repeat)
 
 
 def paired_out_buffer(img: NDArray[np.float32], rot: Transform, shift: Transform,
@@ -350,6 +387,52 @@ def paired_two_pass(nx: int, ny: int, rotations: list[float], threads: int,
                 print(f"{rot:7.2f} {planes:6d} {n_threads:7d} {w2:7.2f} {wt:7.2f} "
                       f"{wt / w2:6.2f} {c2:8.2f} {ct:8.2f} {ct / c2:6.2f}")
     numba.set_num_threads(threads)
+
+
+def paired_kernels(nx: int, ny: int, names: list[str], rotations: list[float], threads: int,
+                   repeat: int) -> None:
+    """``warp`` with each kernel of ``names``, alternately on the same frame.
+
+    Prints per (transform, planes) the median wall and process-CPU ms per frame of each
+    kernel and its ratio to the first one's, all in the same run (the kernels take turns
+    in every round, so a load that comes and goes hits them alike).
+    """
+    import numba
+
+    numba.set_num_threads(threads)
+    rng = np.random.default_rng(2)
+    mono = rng.normal(1000.0, 10.0, (ny, nx)).astype(np.float32)
+    ys, xs = rng.integers(10, ny - 10, 6000), rng.integers(10, nx - 10, 6000)
+    mono[ys, xs] += rng.uniform(100, 20000, 6000).astype(np.float32)
+    transforms = {"shift": Transform.from_params(3.37, -2.81),
+                  "rot 0.10 (2-D)": Transform.from_params(3.37, -2.81, 0.1)}
+    for rot in rotations:
+        transforms[f"rot {rot:.2f} (2-pass)"] = Transform.from_params(3.37, -2.81, rot)
+    base = names[0]
+    print(f"\nwarp kernels alternately, {nx}x{ny}, {threads} threads, median of {repeat} "
+          "after a warm-up; ms per frame (wall / process CPU), ratio to " + base)
+    print("| transform | planes | " + " | ".join(f"{n} wall | {n} cpu" for n in names)
+          + " | " + " | ".join(f"{n} / {base} wall | cpu" for n in names[1:]) + " |")
+    print("|---|---|" + "---|---|" * len(names) + "---|---|" * (len(names) - 1))
+    for planes in (1, 3):
+        img = mono if planes == 1 else np.ascontiguousarray(np.repeat(mono[None], 3, axis=0))
+        for label, t in transforms.items():
+            for name in names:
+                warp(img, t, (ny, nx), name)  # warm-up (and compile)
+            stats: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+            for _ in range(repeat):
+                for name in names:
+                    c0 = time.process_time()
+                    t0 = time.perf_counter()
+                    warp(img, t, (ny, nx), name)
+                    stats[name].append((time.perf_counter() - t0, time.process_time() - c0))
+            med = {n: (1e3 * statistics.median(x[0] for x in v),
+                       1e3 * statistics.median(x[1] for x in v)) for n, v in stats.items()}
+            cells = " | ".join(f"{med[n][0]:.0f} | {med[n][1]:.0f}" for n in names)
+            ratios = " | ".join(f"{med[n][0] / med[base][0]:.2f} | "
+                                f"{med[n][1] / med[base][1]:.2f}" for n in names[1:])
+            print(f"| {label} | {planes} | {cells} | {ratios} |")
+        del img
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ WEIGHTS = ("noise", "fwhm", "stars", "none")
 NORMALIZE = ("additive-scaling", "multiplicative-scaling", "additive", "none")
 #: Resampling kernels for ``--interpolation`` (``livestack.pipeline.warp.KERNELS``, which
 #: is not imported here so that building the parser stays light).
-INTERPOLATION = ("nearest", "bilinear", "bicubic", "lanczos3")
+INTERPOLATION = ("nearest", "bilinear", "bicubic", "lanczos3", "mitchell")
 #: Default (low, high) limits per rejection method: sigmas, fractions of the median, counts.
 DEFAULT_LIMITS: dict[str, tuple[float, float]] = {
     "winsorized": (3.0, 3.0), "sigma": (3.0, 3.0), "linear-fit": (5.0, 5.0),
@@ -83,10 +83,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "additive-scaling)")
     p.add_argument("--interpolation", choices=INTERPOLATION,
                    help="resampling kernel for registration, overriding pipeline.warp.kernel "
-                        "(default: the config's, lanczos3): lanczos3 keeps stars sharpest; "
+                        "(default: the config's, auto: lanczos3 for mono stacks, mitchell "
+                        "for colour ones): lanczos3 keeps stars sharpest; "
                         "bilinear (as Siril 1.0 registers) gives lower per-pixel noise but "
-                        "softer stars; bicubic lies between; nearest copies whole pixels "
-                        "(no smoothing, but up to half a pixel misplaced)")
+                        "softer stars; bicubic lies between; mitchell smooths the noise "
+                        "almost as much as bilinear with two thirds of its blur; nearest "
+                        "copies whole pixels (no smoothing, but up to half a pixel misplaced)")
     p.add_argument("--exclude", nargs="+", action="extend", default=[],
                    metavar="FILE_OR_GLOB", help="leave these frames out (paths, names, globs)")
     p.add_argument("--select", metavar="EXPR",

@@ -136,7 +136,7 @@ def steps() -> Iterator[str]:
     # start the helper; the pipeline (and numba) load in the helper process.
     from livestack.pipeline.accumulate import RunningStack, StackConfig
     from livestack.pipeline.cosmetic import find_isolated_hot_pixels
-    from livestack.pipeline.normalize import apply_normalization
+    from livestack.pipeline.normalize import apply_normalization, frame_stats
     from livestack.pipeline.types import Normalization, Transform
     from livestack.pipeline.warp import warp
 
@@ -154,6 +154,7 @@ def steps() -> Iterator[str]:
     yield "shift warp"
     norm = Normalization(scale=1.0, location=100.0, reference_location=100.0, weight=1.0)
     apply_normalization(frames[0], foot, norm, out=frames[0].copy())
+    frame_stats(frames[0], None)
     yield "normalisation"
     angle = np.radians(0.5)
     rotated = Transform(np.array([[np.cos(angle), -np.sin(angle), 0.7],
@@ -187,6 +188,13 @@ def steps() -> Iterator[str]:
     for method in ("rcd", "malvar"):
         debayer(frames[0], "RGGB", method)
         yield f"demosaic ({method})"
+    # Colour frames warp with Mitchell by default (pipeline.warp.kernel: auto): its
+    # two-pass and 2-D kernels are compiled per kind.
+    warp(frames[1], rotated, (ny, nx), "mitchell")
+    warp(frames[1], Transform(np.array([[np.cos(tiny), -np.sin(tiny), 0.7],
+                                        [np.sin(tiny), np.cos(tiny), 0.3]])), (ny, nx),
+         "mitchell")
+    yield "colour warp (mitchell)"
     # Then the front half, in case the daemon has not reached it yet (a frame waiting
     # behind a slow FITS read, say); kernels already cached just load.
     from livestack.config import Config

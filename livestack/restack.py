@@ -89,6 +89,7 @@ from livestack.pipeline.saturation import (
     StackSaturation,
 )
 from livestack.pipeline.types import FrameInfo, FrameMetrics, FrameRecord, StarList, Transform
+from livestack.pipeline.warp import resolve_kernel
 from livestack.reasons import Reason
 from livestack.sessionplan import (
     IntegrationPlan,
@@ -672,7 +673,8 @@ def _product(plan: IntegrationPlan, config: IntegrateConfig, norm_config: Normal
         plan.stack_id, ((i.date_obs, i.exposure_s) for i in infos), first,
         gains[-1] if gains else None, INTEGRAT="batch", COMBINE=config.combine,
         REJECT=config.reject, REJLOW=float(config.low), REJHIGH=float(config.high),
-        WEIGHTS=config.weights, NORMALIZ=norm_config.method, WARPKERN=pipeline.warp.kernel,
+        WEIGHTS=config.weights, NORMALIZ=norm_config.method,
+        WARPKERN=resolve_kernel(pipeline.warp.kernel, not mono),
         REFFRAME=os.path.basename(plan.reference.path), NEXCLUDE=len(plan.excluded))
     if n_star_scaled is not None:
         header["NSTARSCL"] = n_star_scaled  # frames scaled by matched-star flux ratio

@@ -163,3 +163,14 @@ def test_cli_config_check_error_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.stderr.strip() == (f"livestack: {path}: output.fits_every_frames: "
                                    "must be >= 1, got -3")
     assert "Traceback" not in proc.stderr
+
+
+def test_warp_kernel_is_one_of_the_warp_kernels(tmp_path: Path) -> None:
+    from livestack.pipeline.warp import KERNELS
+
+    assert Config().pipeline.warp.kernel == "auto"  # lanczos3 on mono, mitchell on colour
+    config = load_config(_write(tmp_path, "pipeline: {warp: {kernel: mitchell}}\n"))
+    assert config.pipeline.warp.kernel == "mitchell" and "mitchell" in KERNELS
+    # Refused at load, naming the key, not at the first frame's warp.
+    with pytest.raises(ConfigError, match=r"pipeline\.warp\.kernel: expected one of .*mitchell"):
+        load_config(_write(tmp_path, "pipeline: {warp: {kernel: cubic}}\n"))

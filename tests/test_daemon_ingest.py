@@ -84,16 +84,16 @@ def test_bad_inputs_end_as_journal_rows_while_the_stack_grows(
 
     import livestack.engine.ingest as ingest
 
-    real_read = ingest.read_file_sha256
+    real_read = ingest.read_file_hashing
 
     def read_and_vanish(path: str, max_bytes: int | None = None,
-                        **kwargs: Any) -> tuple[Any, str]:
+                        **kwargs: Any) -> tuple[Any, Any]:
         # The one read of a FITS file (hash and decode) is where it can vanish.
         if Path(path).name == "vanish.fits":
             Path(path).unlink()  # the test's own copy disappears while being read
         return real_read(path, max_bytes, **kwargs)
 
-    monkeypatch.setattr(ingest, "read_file_sha256", read_and_vanish)
+    monkeypatch.setattr(ingest, "read_file_hashing", read_and_vanish)
     written: list[int] = []
 
     def enospc(fd: int) -> None:
@@ -193,13 +193,68 @@ def test_a_fits_file_above_the_single_read_size_is_hashed_streaming_then_read(
     # Just below this frame's size: it must not be pulled whole into memory first.
     monkeypatch.setattr(ingest, "SINGLE_READ_MAX_BYTES", good[1].stat().st_size - 1)
     whole_reads: list[str] = []
-    monkeypatch.setattr(ingest, "read_file_sha256",
+    monkeypatch.setattr(ingest, "read_file_hashing",
                         lambda path, *_, **__: whole_reads.append(path))  # would fail it
     row = engine.process_path(good[1])
     engine.close()
     assert row is not None and row.status == "accepted"
     assert row.sha256 == sha(good[1])
     assert whole_reads == [] and opened == [str(good[1])]  # header checked, then read
+
+
+def test_the_decode_while_the_hash_finishes_keeps_the_journals_order(
+        tmp_path: Path, frames: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The ingest decodes a FITS file's bytes before the duplicate check and mark_pending
+    # (while the hash finishes); each outcome must still land where the decode used to.
+    watch = tmp_path / "in"
+    good = copy_frames(frames[:2], watch)
+    blob = frames[6].read_bytes()
+    truncated = watch / "truncated.fits"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    copy = watch / "copy.fits"
+    shutil.copy2(good[0], copy)
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    row = engine.process_path(truncated)
+    assert row is not None and (row.status, row.reason) == ("failed", "truncated")
+    assert row.sha256 == sha(truncated)  # a decode failure keeps its sha in the row
+    row = engine.process_path(good[0])
+    assert row is not None and row.status == "accepted"
+    order: list[str] = []
+    real_mark = engine.journal.mark_pending
+
+    def marking(*args: Any) -> int:
+        order.append("mark_pending")
+        return real_mark(*args)
+
+    def bug(path: str, data: Any = None, **kwargs: Any) -> Any:
+        order.append("decode")
+        raise ZeroDivisionError("a bug in the decoder")
+
+    monkeypatch.setattr(engine.journal, "mark_pending", marking)
+    monkeypatch.setattr(engine.reader, "read", bug)
+    # A duplicate is ignored as before, whatever its decode gave: nothing is raised.
+    row = engine.process_path(copy)
+    assert row is not None and (row.status, row.reason) == ("ignored", "duplicate")
+    order.clear()
+    with pytest.raises(ZeroDivisionError, match="a bug in the decoder") as err:
+        engine.process_path(good[1])
+    assert order == ["decode", "mark_pending"]
+    assert any(c.co_name == "bug" for c in _frames_of(err.value.__traceback__))
+    # Raised with the row pending under the file's sha, as before: the worker records the
+    # internal error in that row (a file without a row would crash again at every start).
+    row = engine.fail_open_row(os.path.abspath(good[1]), "internal_error")
+    engine.close()
+    assert row is not None and (row.status, row.reason) == ("failed", "internal_error")
+    assert row.sha256 == sha(good[1])
+
+
+def _frames_of(tb: Any) -> list[Any]:
+    """The code objects of a traceback, outermost first."""
+    codes = []
+    while tb is not None:
+        codes.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    return codes
 
 
 def test_calibration_frames_duplicates_and_touched_files(tmp_path: Path,

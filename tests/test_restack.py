@@ -358,18 +358,23 @@ def test_cli_interpolation_overrides_the_warp_kernel(session_dir: dict[str, Any]
     common = ["integrate", str(session_dir["stack"]), "--darks",
               str(session_dir["base"] / "cal" / "darks"), "--no-progress"]
     images, kernels = {}, {}
-    for name, extra in (("default", []), ("bilinear", ["--interpolation", "bilinear"])):
+    for name, extra in (("default", []), ("bilinear", ["--interpolation", "bilinear"]),
+                        ("mitchell", ["--interpolation", "mitchell"])):
         out = tmp_path / f"{name}.fits"
         args = parser.parse_args([*common, "-o", str(out), *extra])
         assert args.func(args) == 0
         with fits.open(out) as hdul:
             kernels[name] = hdul[0].header["WARPKERN"]
             images[name] = np.asarray(hdul[0].data, dtype=np.float32)
-    assert kernels == {"default": "lanczos3", "bilinear": "bilinear"}
+    # The default (auto) is lanczos3 on these mono frames.
+    assert kernels == {"default": "lanczos3", "bilinear": "bilinear", "mitchell": "mitchell"}
     assert images["default"].shape == images["bilinear"].shape
     assert not np.allclose(images["default"], images["bilinear"], equal_nan=True)
     # bilinear averages neighbours at sub-pixel shifts: less per-pixel noise than lanczos3
     assert _mad_noise(images["bilinear"]) < 0.95 * _mad_noise(images["default"])
+    # so does Mitchell, at every phase (the integer ones included)
+    assert not np.allclose(images["mitchell"], images["bilinear"], equal_nan=True)
+    assert _mad_noise(images["mitchell"]) < 0.95 * _mad_noise(images["default"])
 
 
 def test_cli_interpolation_takes_precedence_over_the_config(

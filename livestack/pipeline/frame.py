@@ -65,7 +65,7 @@ from livestack.pipeline.types import (
     Transform,
     Warped,
 )
-from livestack.pipeline.warp import warp
+from livestack.pipeline.warp import resolve_kernel, warp
 
 if TYPE_CHECKING:
     from livestack.pipeline.session import PipelineConfig
@@ -484,7 +484,8 @@ def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tup
     shape : tuple of int
         ``(ny, nx)`` of the reference grid.
     kernel : str
-        ``nearest``, ``bilinear``, ``bicubic`` or ``lanczos3``.
+        ``nearest``, ``bilinear``, ``bicubic``, ``lanczos3``, ``mitchell`` or ``auto``
+        (:func:`livestack.pipeline.warp.resolve_kernel`).
     saturation : FrameSaturation, optional
     saturation_config : SaturationConfig, optional
         Without it, no clamping.
@@ -599,7 +600,8 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
                                         frame.saturation, config.saturation, out=out,
                                         empty=empty)
     if not warped.footprint.any():
-        raise_no_footprint(frame.luminance, info, config.warp.kernel)
+        raise_no_footprint(frame.luminance, info,
+                           resolve_kernel(config.warp.kernel, frame.image.ndim == 3))
     check_norm(norm, info)
     return RegisteredFrame(warped, saturated, transform, norm)
 

@@ -49,11 +49,13 @@ from livestack.pipeline.kernels_warp import (
     BICUBIC,
     FIRST_TAP,
     LANCZOS3,
+    MITCHELL,
     N_TAPS,
     _cell_end,
     _interval,
     _lanczos3_p,
     _w_bicubic,
+    _w_mitchell,
     _weights,
 )
 
@@ -80,15 +82,17 @@ def _weights32(kind: int, p: np.float32) -> tuple[np.float32, ...]:
 
     Lanczos3 is :func:`kernels_warp._w_lanczos3`'s polynomial without its exact-delta
     branch (at an integer phase the polynomial's weights are within 1e-8 of the delta);
-    bicubic is Keys' cubic.
+    bicubic is Keys' cubic, mitchell Mitchell-Netravali's (B = C = 1/3).
     """
     if kind == LANCZOS3:
         return _lanczos3_p(p)
+    if kind == MITCHELL:
+        return _w_mitchell(np.float64(p) + 0.5)
     return _w_bicubic(np.float64(p) + 0.5)
 
 
 def _make_runs(kind: int) -> Any:
-    """Build the 1-D run kernels of one interpolation kind (bicubic or lanczos3).
+    """Build the 1-D run kernels of one interpolation kind (bicubic, lanczos3, mitchell).
 
     Only plain ints are captured: numba keys its on-disk cache of a closure on the
     pickled captured values, and a captured dispatcher pickles differently per process
@@ -156,6 +160,7 @@ def _make_runs(kind: int) -> Any:
 
 _hrun_lanczos3, _vrun_lanczos3, _hedge_lanczos3 = _make_runs(LANCZOS3)
 _hrun_bicubic, _vrun_bicubic, _hedge_bicubic = _make_runs(BICUBIC)
+_hrun_mitchell, _vrun_mitchell, _hedge_mitchell = _make_runs(MITCHELL)
 
 
 @njit(cache=True, nogil=True, fastmath=False, inline="always")
@@ -163,6 +168,8 @@ def _hrun_kind(kind: int, dst: NDArray[np.float32], row: NDArray[np.float32], n:
                base: int, p0: np.float32, sp: np.float32) -> None:
     if kind == LANCZOS3:
         _hrun_lanczos3(dst, row, n, base, p0, sp)
+    elif kind == MITCHELL:
+        _hrun_mitchell(dst, row, n, base, p0, sp)
     else:
         _hrun_bicubic(dst, row, n, base, p0, sp)
 
@@ -172,6 +179,8 @@ def _vrun_kind(kind: int, srow: NDArray[np.float32], tmp: NDArray[np.float32], c
                r0: int, c0: int, p0: np.float32, sp: np.float32) -> None:
     if kind == LANCZOS3:
         _vrun_lanczos3(srow, tmp, ch, n, r0, c0, p0, sp)
+    elif kind == MITCHELL:
+        _vrun_mitchell(srow, tmp, ch, n, r0, c0, p0, sp)
     else:
         _vrun_bicubic(srow, tmp, ch, n, r0, c0, p0, sp)
 
@@ -180,6 +189,8 @@ def _vrun_kind(kind: int, srow: NDArray[np.float32], tmp: NDArray[np.float32], c
 def _hedge_kind(kind: int, row: NDArray[np.float32], u: float) -> np.float32:
     if kind == LANCZOS3:
         return _hedge_lanczos3(row, u)
+    if kind == MITCHELL:
+        return _hedge_mitchell(row, u)
     return _hedge_bicubic(row, u)
 
 
@@ -325,7 +336,8 @@ def _finish_row(out: NDArray[np.float32], foot: NDArray[np.bool_], srow: NDArray
 
 
 #: Kind -> kernel; each compiles (or loads from numba's cache) on its first call.
-_TWO_PASS = {BICUBIC: _make_two_pass(BICUBIC), LANCZOS3: _make_two_pass(LANCZOS3)}
+_TWO_PASS = {BICUBIC: _make_two_pass(BICUBIC), LANCZOS3: _make_two_pass(LANCZOS3),
+             MITCHELL: _make_two_pass(MITCHELL)}
 
 #: Two-pass kinds.
 TWO_PASS_KINDS = frozenset(_TWO_PASS)
@@ -373,7 +385,7 @@ def warp_two_pass_kernel(src: NDArray[np.float32], inv: NDArray[np.float64], kin
         Output (reference) pixel -> input pixel coordinates; must satisfy
         :func:`two_pass_suits`.
     kind : int
-        ``BICUBIC`` or ``LANCZOS3``.
+        ``BICUBIC``, ``LANCZOS3`` or ``MITCHELL``.
     out : ndarray, shape (nc, ny_out, nx_out), float32
         Written in place; 0.0 outside the footprint.
     foot : ndarray, shape (ny_out, nx_out), bool

@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 
-from livestack.pipeline.kernels_normalize import affine_masked
+from livestack.pipeline.kernels_normalize import affine_masked, plane_stats
 from livestack.pipeline.types import Normalization
 
 _MAD_TO_SIGMA = 1.4826
@@ -89,33 +89,35 @@ class FrameStats:
     noise_adu: float | NDArray[np.float64]
 
 
-def _plane_stats(plane: NDArray[np.float32], mask: NDArray[np.bool_] | None,
-                 step: int) -> tuple[float, float, float]:
-    rows = plane[::step]
-    sub = rows[:, ::step]
-    valid = np.isfinite(sub)
-    if mask is not None:
-        valid &= mask[::step, ::step]
-    values = sub[valid]
-    if values.size == 0:
-        return math.nan, math.nan, math.nan
-    location = float(np.median(values))
-    scale = _MAD_TO_SIGMA * float(np.median(np.abs(values - np.float32(location))))
-    # Lag differences along rows, columns strided by `step` (both ends must be valid).
-    a = rows[:, : -_NOISE_LAG_PX : step]
-    b = rows[:, _NOISE_LAG_PX::step]
-    n = min(a.shape[1], b.shape[1])
-    a, b = a[:, :n], b[:, :n]
-    ok = np.isfinite(a) & np.isfinite(b)
-    if mask is not None:
-        mrows = mask[::step]
-        ok &= mrows[:, : -_NOISE_LAG_PX : step][:, :n] & mrows[:, _NOISE_LAG_PX::step][:, :n]
-    diff = (a[ok] - b[ok]).astype(np.float32, copy=False)
-    if diff.size == 0:
-        return location, scale, math.nan
-    med = np.median(diff)
-    noise = _MAD_TO_SIGMA * float(np.median(np.abs(diff - med))) / math.sqrt(2.0)
-    return location, scale, noise
+def _planes_stats(planes: NDArray[np.float32], mask: NDArray[np.bool_] | None,
+                  step: int) -> NDArray[np.float64]:
+    """Location, scale and noise of each of ``planes`` (nc, ny, nx): ndarray (nc, 3).
+
+    The medians are numpy's of the same strided samples, bit for bit; they run in
+    :func:`~livestack.pipeline.kernels_normalize.plane_stats`, the sample and the lag
+    differences of each plane in parallel (``np.median`` took 13 ms on one core at 26 MP).
+    """
+    nc, ny, nx = planes.shape
+    if mask is not None and mask.shape != (ny, nx):
+        raise ValueError(f"footprint shape {mask.shape} differs from the image's {(ny, nx)}")
+    # Lag differences along rows: columns 0, step, ... paired with lag, lag + step, ...
+    n_lag = min(len(range(0, nx - _NOISE_LAG_PX, step)), len(range(_NOISE_LAG_PX, nx, step)))
+    medians = np.full(2 * nc, np.nan)
+    mads = np.full(2 * nc, np.nan)
+    counts = np.zeros(2 * nc, dtype=np.int64)
+    use_mask = mask is not None
+    mask_u8 = mask.view(np.uint8) if mask is not None else np.zeros((1, 1), np.uint8)
+    plane_stats(planes, mask_u8, use_mask, step, _NOISE_LAG_PX, max(n_lag, 0), medians, mads,
+                counts)
+    out = np.full((nc, 3), np.nan)
+    for c in range(nc):
+        if counts[2 * c] == 0:
+            continue  # no valid pixel: NaN for all three
+        out[c, 0] = medians[2 * c]
+        out[c, 1] = _MAD_TO_SIGMA * mads[2 * c]
+        if counts[2 * c + 1]:
+            out[c, 2] = _MAD_TO_SIGMA * mads[2 * c + 1] / math.sqrt(2.0)
+    return out
 
 
 def frame_stats(image: NDArray[np.float32], footprint: NDArray[np.bool_] | None = None,
@@ -143,7 +145,7 @@ def frame_stats(image: NDArray[np.float32], footprint: NDArray[np.bool_] | None 
     Raises
     ------
     ValueError
-        On a bad shape or ``sample_step < 1``.
+        On a bad shape (of the image or the footprint) or ``sample_step < 1``.
     """
     if sample_step < 1:
         raise ValueError(f"sample_step must be >= 1, got {sample_step}")
@@ -151,12 +153,17 @@ def frame_stats(image: NDArray[np.float32], footprint: NDArray[np.bool_] | None 
     npix = arr.shape[-1] * arr.shape[-2] if arr.ndim >= 2 else 0
     sample_step = max(sample_step, math.ceil(math.sqrt(npix / max(max_samples, 1))))
     if arr.ndim == 2:
-        loc, scale, noise = _plane_stats(arr, footprint, sample_step)
-        return FrameStats(loc, scale, noise)
+        loc, scale, noise = _planes_stats(_float32(arr)[None], footprint, sample_step)[0]
+        return FrameStats(float(loc), float(scale), float(noise))
     if arr.ndim == 3 and arr.shape[0] == 3:
-        per = np.array([_plane_stats(arr[c], footprint, sample_step) for c in range(3)])
+        per = _planes_stats(_float32(arr), footprint, sample_step)
         return FrameStats(per[:, 0].copy(), per[:, 1].copy(), per[:, 2].copy())
     raise ValueError(f"image must be (ny, nx) or (3, ny, nx), got shape {arr.shape}")
+
+
+def _float32(arr: NDArray[np.floating]) -> NDArray[np.float32]:
+    """The array as float32: itself when it is (any strides: the kernel takes views)."""
+    return arr if arr.dtype == np.float32 else arr.astype(np.float32)
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float:

@@ -332,8 +332,9 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
     if saturation is None:
         return warped, None
     if np.array_equal(transform.matrix, _IDENTITY):
-        # The identity "warp" is a copy (the reference frame): nothing rings, and each
-        # output pixel's nearest input pixel is itself. Skipping the kernels also keeps
+        # The identity "warp" is a copy (the reference frame; Mitchell smooths it with
+        # positive weights only, 1/18, 8/9, 1/18): nothing rings, and each output pixel's
+        # nearest input pixel is itself. Skipping the kernels also keeps
         # their compile off a fresh install's first frame.
         mask = saturation.mask
         return warped, (mask if mask is not None and mask.shape == warped.footprint.shape

@@ -6,8 +6,11 @@ samples. NaN never spreads into the output: such pixels are 0.0 and outside the 
 
 Kernels: ``"nearest"``, ``"bilinear"``, ``"bicubic"`` (Keys, a = -0.5), ``"lanczos3"``
 (the default: the only one that keeps >= 0.97 of a 2.5 px FWHM star's peak; see
-``bench/bench_warp.py``). The kernels are linear; Lanczos ringing is NOT clamped here,
-because a clamp is a non-linear, signal-dependent bias that the stack's mean and outlier
+``bench/bench_warp.py``), ``"mitchell"`` (Mitchell-Netravali, B = C = 1/3: nearly
+bilinear's noise reduction with two thirds of its blur; it does not interpolate, so an
+identity or integer shift smooths too, by the same 1/9 px^2 as every other phase). The
+kernels are linear; Lanczos (and Mitchell's smaller) ringing is NOT clamped here, because
+a clamp is a non-linear, signal-dependent bias that the stack's mean and outlier
 rejection would then average in. The stacking pipelines clamp it only where it digs holes:
 next to steep steps and saturated pixels, as a post-pass
 (:func:`livestack.pipeline.saturation.clamp_ringing`, issue 9); elsewhere this output is
@@ -15,11 +18,12 @@ kept bit for bit.
 
 Coordinates are float64 end to end; Lanczos3 weights are evaluated at the exact phase from
 an even/odd polynomial fit of the normalised kernel (error < 1e-8, no coordinate tables).
-Pure translations take a separable two-pass fast path. Bicubic and Lanczos3 rotations of
-0.15 to ~5 degrees (every stack's frame-to-frame case) take a two-pass (Catmull-Smith)
-separable kernel, horizontal then vertical 1-D passes in tiles (``kernels_twopass``): it
-interpolates along a sheared grid, so it is not bit-identical to the 2-D kernel, but as
-accurate against the truth (within 0.1 % pixel RMS up to 2 degrees) and vectorised.
+Pure translations take a separable two-pass fast path. Bicubic, Mitchell and Lanczos3
+rotations of 0.15 to ~5 degrees (every stack's frame-to-frame case) take a two-pass
+(Catmull-Smith) separable kernel, horizontal then vertical 1-D passes in tiles
+(``kernels_twopass``): it interpolates along a sheared grid, so it is not bit-identical
+to the 2-D kernel, but as accurate against the truth (within 0.1 % pixel RMS up to 2
+degrees) and vectorised.
 Everything else (including rotations under 0.15 degrees, where it is as fast) sums the 2-D
 separable kernel per output pixel, vectorised over runs of pixels (see ``kernels_warp``).
 
@@ -51,7 +55,18 @@ from numpy.typing import NDArray
 
 from livestack.pipeline.types import Transform, Warped
 
-KERNELS: dict[str, int] = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos3": 3}
+KERNELS: dict[str, int] = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos3": 3,
+                           "mitchell": 4}
+#: Not a kernel: the choice of one by the image's layout (:func:`resolve_kernel`).
+AUTO = "auto"
+#: The kernels ``"auto"`` picks for a mono (2-D) image and for a colour (3-plane) one.
+#: Mono keeps Lanczos3, the sharpest (its FWHM and efficiency bars). Colour frames are
+#: debayered, whose demosaic (RCD) already correlates neighbouring pixels' noise; there
+#: Mitchell-Netravali meets both of issue 9's goals against Siril 1.0.6 on the Seestar
+#: frames, where Lanczos3 misses the SNR one: median FWHM 2.924 px vs Siril's 2.954 at
+#: 1.010 x its star SNR (Lanczos3: 2.722 px at 0.983 x; bench/bench_demosaic_siril.py).
+AUTO_MONO = "lanczos3"
+AUTO_COLOUR = "mitchell"
 
 #: Output rows per block of the translation fast path (keeps its scratch rows in cache).
 _SHIFT_BLOCK_ROWS = 16
@@ -62,6 +77,23 @@ _TILE_COLS = 256
 #: A transform whose linear part differs from the identity by less than this is treated
 #: as a pure translation (the coordinate error over a 10k px frame is then < 1e-8 px).
 _TRANSLATION_TOL = 1e-12
+
+
+def resolve_kernel(kernel: str, colour: bool) -> str:
+    """The kernel ``kernel`` names for a mono or colour image: itself, or for ``"auto"``
+    :data:`AUTO_MONO` / :data:`AUTO_COLOUR`.
+
+    Raises
+    ------
+    ValueError
+        An unknown kernel name.
+    """
+    if kernel == AUTO:
+        return AUTO_COLOUR if colour else AUTO_MONO
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown warp kernel {kernel!r}; expected one of "
+                         f"{sorted(KERNELS)} or {AUTO!r}")
+    return kernel
 
 
 def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int, int],
@@ -77,7 +109,9 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
     out_shape : tuple of int
         ``(ny_ref, nx_ref)`` of the reference grid.
     kernel : str
-        ``"nearest"``, ``"bilinear"``, ``"bicubic"`` or ``"lanczos3"``.
+        ``"nearest"``, ``"bilinear"``, ``"bicubic"``, ``"lanczos3"``, ``"mitchell"``,
+        or ``"auto"``: Lanczos3 for a 2-D image, Mitchell for a 3-plane one
+        (:func:`resolve_kernel`).
     out : Warped, optional
         A previous result to overwrite instead of allocating a new one (the live stack
         warps every frame onto the same grid; reusing the buffer saves the page faults of
@@ -101,9 +135,8 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
     from livestack.pipeline import kernels_twopass as kt  # numba only when warping
     from livestack.pipeline import kernels_warp as kw
 
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown warp kernel {kernel!r}; expected one of {sorted(KERNELS)}")
     arr = np.asarray(image)
+    kernel = resolve_kernel(kernel, arr.ndim == 3)
     if arr.ndim == 2:
         planes = arr[np.newaxis]
     elif arr.ndim == 3:
@@ -133,6 +166,9 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
             # The identity (every stack's reference frame): a copy, in numpy. On a first
             # start the frame is then stacked without waiting for the shift kernel's
             # compile (livestack.precompile does it meanwhile). Same result as the kernel.
+            # Mitchell smooths even here (three taps): its reference frame, a colour
+            # stack's by default, takes the shift kernel, whose compile the precompile
+            # helper does second, and which the colour frame's demosaic outlasts.
             np.isfinite(planes).all(axis=0, out=foot)
             np.add(planes, np.float32(0.0), out=dest)  # -0.0 -> +0.0, as the kernel's sums
             dest[:, ~foot] = 0.0
@@ -173,7 +209,8 @@ def _shift_taps(kind: int, offset: float) -> tuple[int, NDArray[np.float32]]:
     """1-D taps of a constant offset: input index of the first tap for output 0, weights.
 
     An integer offset gives a single tap of weight 1 (zero-weight taps are dropped so
-    they never need to be inside or finite).
+    they never need to be inside or finite), except for Mitchell, which smooths there
+    too: three taps (1/18, 8/9, 1/18) around the pixel.
     """
     from livestack.pipeline import kernels_warp as kw
 
@@ -181,10 +218,14 @@ def _shift_taps(kind: int, offset: float) -> tuple[int, NDArray[np.float32]]:
         return math.floor(offset + 0.5), np.ones(1, dtype=np.float32)
     base = math.floor(offset)
     frac = offset - base
+    if frac == 0.0 and kind == kw.MITCHELL:
+        buf = np.zeros((6, 1), dtype=np.float32)
+        kw.row_weights(kind, np.array([0.0]), buf, 1)  # the 4th tap is exactly 0.0
+        return int(base) - 1, np.ascontiguousarray(buf[:3, 0])
     if frac == 0.0:
         return int(base), np.ones(1, dtype=np.float32)
     buf = np.zeros((6, 1), dtype=np.float32)
     kw.row_weights(kind, np.array([frac]), buf, 1)
     n = kw.N_TAPS[kind]
-    first = {kw.BILINEAR: 0, kw.BICUBIC: -1, kw.LANCZOS3: -2}[kind]
+    first = kw.FIRST_TAP[kind]
     return int(base) + first, np.ascontiguousarray(buf[:n, 0])

@@ -51,6 +51,66 @@ def test_frame_stats_ignores_pixels_outside_footprint_and_nan() -> None:
     assert abs(float(stats.noise_adu) - 20.0) / 20.0 < 0.04
 
 
+def _numpy_stats(plane: NDArray[np.float32], mask: NDArray[np.bool_] | None,
+                 step: int) -> tuple[float, float, float]:
+    """The estimators with numpy's medians (the implementation before the kernel)."""
+    rows = plane[::step]
+    valid = np.isfinite(rows[:, ::step])
+    if mask is not None:
+        valid &= mask[::step, ::step]
+    values = rows[:, ::step][valid]
+    if values.size == 0:
+        return np.nan, np.nan, np.nan
+    location = float(np.median(values))
+    scale = 1.4826 * float(np.median(np.abs(values - np.float32(location))))
+    a, b = rows[:, :-3:step], rows[:, 3::step]
+    n = min(a.shape[1], b.shape[1])
+    a, b = a[:, :n], b[:, :n]
+    ok = np.isfinite(a) & np.isfinite(b)
+    if mask is not None:
+        mrows = mask[::step]
+        ok &= mrows[:, :-3:step][:, :n] & mrows[:, 3::step][:, :n]
+    diff = a[ok] - b[ok]
+    if diff.size == 0:
+        return location, scale, np.nan
+    med = np.median(diff)
+    return location, scale, 1.4826 * float(np.median(np.abs(diff - med))) / np.sqrt(2.0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_frame_stats_equal_numpys_medians_bit_for_bit(seed: int) -> None:
+    # The kernel's radix selection against np.median on the same samples: odd and even
+    # counts, ties (integer ADU), negative values, NaN/inf, footprints, tiny frames.
+    rng = np.random.default_rng(seed)
+    ny, nx = (int(v) for v in rng.integers(1, 70, 2))
+    img = rng.normal(rng.choice([-50.0, 0.0, 1000.0]), rng.choice([0.0, 0.3, 15.0]),
+                     (ny, nx)).astype(np.float32)
+    if seed % 3 == 0:
+        img = np.round(img)
+    if seed % 4 == 1:
+        img[rng.random((ny, nx)) < 0.25] = np.nan
+    if seed % 5 == 2:
+        img[rng.random((ny, nx)) < 0.1] = -np.inf
+    mask = rng.random((ny, nx)) < 0.7 if seed % 2 else None
+    step = int(rng.integers(1, 5))
+    got = frame_stats(img, mask, sample_step=step, max_samples=10**9)
+    want = _numpy_stats(img, mask, step)
+    np.testing.assert_array_equal([got.location, got.scale, got.noise_adu], want)
+    planes = np.stack([img, img * 2.0 + 7.0, img[::-1]]).astype(np.float32)
+    got3 = frame_stats(planes, mask, sample_step=step, max_samples=10**9)
+    want3 = np.array([_numpy_stats(p, mask, step) for p in planes])
+    np.testing.assert_array_equal(np.stack([got3.location, got3.scale, got3.noise_adu], 1),
+                                  want3)
+    view = np.asfortranarray(img)  # any strides: no copy, the same numbers
+    np.testing.assert_array_equal(
+        [frame_stats(view, mask, sample_step=step, max_samples=10**9).location], want[:1])
+
+
+def test_frame_stats_refuses_a_footprint_of_another_shape() -> None:
+    with pytest.raises(ValueError, match="footprint shape"):
+        frame_stats(np.zeros((10, 12), np.float32), np.ones((12, 10), bool))
+
+
 def test_noise_is_the_per_pixel_sigma_of_an_interpolated_frame() -> None:
     """After a half-pixel bilinear shift neighbours correlate; the estimate must follow
     the per-pixel sigma (what outlier rejection needs), not the lag-1 difference."""

@@ -112,12 +112,14 @@ def test_calibrated_level_follows_the_pedestal() -> None:
 
 
 # ----------------------------------------------------------------------------- the warp
-def _plateau_frame(seed: int) -> np.ndarray:
-    """Sky 300 +- 10 ADU and a star clipped at 4095 over 4x5 px with steep walls."""
+def _plateau_frame(seed: int, halo: bool = True) -> np.ndarray:
+    """Sky 300 +- 10 ADU and a star clipped at 4095 over 4x5 px with steep walls (without
+    ``halo``, straight from the sky to the plateau: the steepest wall)."""
     raw = _noise(seed, shape=(80, 80))
-    yy, xx = np.mgrid[0:80, 0:80]
-    star = 300.0 + 3000.0 * np.exp(-0.5 * ((xx - 40.2) ** 2 + (yy - 39.7) ** 2))
-    raw = np.maximum(raw, star).astype(np.float32)
+    if halo:
+        yy, xx = np.mgrid[0:80, 0:80]
+        star = 300.0 + 3000.0 * np.exp(-0.5 * ((xx - 40.2) ** 2 + (yy - 39.7) ** 2))
+        raw = np.maximum(raw, star).astype(np.float32)
     raw[38:42, 38:43] = 4095.0
     return raw
 
@@ -135,6 +137,25 @@ def test_clamp_removes_ringing_below_the_sky() -> None:
     assert low_before < 300.0 - 5 * 10.0          # Lanczos3 rings into the sky ...
     assert values.min() >= 300.0 - 5 * 10.0       # ... and not after the clamp
     assert values.max() <= 4095.0                 # nor above the plateau
+    assert saturated is not None and 15 <= saturated.sum() <= 40
+    assert np.array_equal(clamped.footprint, plain.footprint)
+
+
+def test_clamp_removes_mitchell_ringing_below_the_sky() -> None:
+    # Mitchell-Netravali's negative lobes are small (-0.035 per axis at most) and reach
+    # 2 px, not Lanczos3's 3: next to the halo of the frame above they ring only into the
+    # halo, but a plateau rising straight from a flat sky digs up to ~130 ADU into it
+    # at half-pixel phases (117 ADU with this transform; 22 ADU with the one above).
+    raw = _plateau_frame(9, halo=False)
+    raw[raw < 4095.0] = 300.0  # a noiseless sky: any dip is ringing
+    sat = frame_saturation(raw, raw, _info(4095.0, "SATURATE"), AUTO)
+    transform = Transform.from_params(3.5, -2.5, 0.3)
+    plain = warp(raw, transform, raw.shape, "mitchell")
+    assert float(plain.image[plain.footprint].min()) < 300.0 - 50.0
+    clamped, saturated = clamp_ringing(warp(raw, transform, raw.shape, "mitchell"), raw,
+                                       transform, sat, AUTO)
+    values = clamped.image[clamped.footprint]
+    assert values.min() >= 300.0 - 1e-3 and values.max() <= 4095.0
     assert saturated is not None and 15 <= saturated.sum() <= 40
     assert np.array_equal(clamped.footprint, plain.footprint)
 
@@ -216,6 +237,7 @@ def test_preview_has_no_value_above_the_level() -> None:
     session = live_stack(sky, 5)
     assert float(np.nanmax(session._stack.preview_mean(64))) <= 4095.0 * (1 + 1e-6)
     assert session.product().header["SATURATE"] == pytest.approx(4095.0)
+    assert session.product().header["WARPKERN"] == "lanczos3"  # auto, on mono frames
     # The level survives a checkpoint round trip.
     arrays, meta = session.state()
     restored = type(session).restore("saturated", session.config, arrays, meta)
@@ -228,6 +250,25 @@ def test_bilinear_kernel_also_stacks_saturated_samples_at_the_level() -> None:
     image = live_stack(sky, 6, PipelineConfig(warp=WarpConfig("bilinear"))).product().image
     reports = star_reports(image, sky)
     assert all(r.holes == 0 and r.peak_adu == pytest.approx(4095.0) for r in reports)
+
+
+def test_mitchell_kernel_stacks_saturated_stars_without_holes() -> None:
+    # Mitchell's negative lobes ring into the sky next to a plateau like Lanczos3's do
+    # (less deeply): the same clamp and saturated-sample handling must hold for it.
+    sky = SaturatedSky(SKIES["12bit"], seed=6)
+    session = live_stack(sky, 6, PipelineConfig(warp=WarpConfig("mitchell")))
+    image = session.product().image
+    reports = star_reports(image, sky)
+    assert [r.holes for r in reports] == [0] * sky.n_bright, reports
+    assert min(r.min_sigma for r in reports) > -5.0
+    assert all(r.peak_adu == pytest.approx(4095.0) for r in reports), reports
+    assert float(np.nanmax(image)) <= 4095.0 * (1 + 1e-6)
+    # Proof that it can fail: without the saturation handling the same stack has holes
+    # or values above the level.
+    off = live_stack(sky, 6, PipelineConfig(warp=WarpConfig("mitchell"), saturation=OFF))
+    unfixed = star_reports(off.product().image, sky)
+    assert (sum(r.holes for r in unfixed) > 0
+            or max(r.peak_adu for r in unfixed) > 4095.0 * (1 + 1e-6)), unfixed
 
 
 # -------------------------------------------------------------------------- integrate
@@ -286,6 +327,8 @@ def test_colour_stack_has_no_holes_in_any_plane() -> None:
         reports = star_reports(plane, sky)
         assert [r.holes for r in reports] == [0] * sky.n_bright, reports
     assert "CFAPAT" not in session.product().header
+    # pipeline.warp.kernel auto: colour frames take Mitchell, and the header says so.
+    assert session.product().header["WARPKERN"] == "mitchell"
 
 
 def test_a_wrong_bit_depth_guess_never_clips_real_signal() -> None:

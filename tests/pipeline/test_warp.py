@@ -12,7 +12,7 @@ from scipy import ndimage
 from livestack.pipeline import kernels_twopass as kt
 from livestack.pipeline import kernels_warp as kw
 from livestack.pipeline.types import Transform, Warped
-from livestack.pipeline.warp import KERNELS, warp
+from livestack.pipeline.warp import KERNELS, resolve_kernel, warp
 from tests.pipeline.test_detect import render_stars
 
 SHAPE = (160, 200)
@@ -79,7 +79,7 @@ def test_row_weights_match_the_exact_kernels() -> None:
     assert np.array_equal(w[:, 0], [0, 0, 1, 0, 0, 0])  # integer positions: exact delta
 
 
-@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("kernel", sorted(set(KERNELS) - {"mitchell"}))
 def test_identity_and_integer_shifts_copy_exactly(kernel: str) -> None:
     rng = np.random.default_rng(1)
     img = rng.normal(100, 10, SHAPE).astype(np.float32)
@@ -96,6 +96,101 @@ def test_identity_and_integer_shifts_copy_exactly(kernel: str) -> None:
     flip = Transform(np.array([[-1.0, 0.0, nx - 1.0], [0.0, -1.0, ny - 1.0]]))
     flipped = warp(img, flip, SHAPE, kernel)
     assert np.array_equal(flipped.image, img[::-1, ::-1]) and flipped.footprint.all()
+
+
+def _mitchell_at_integers(img: NDArray[np.float32]) -> NDArray[np.float64]:
+    """Mitchell-Netravali at integer positions: the separable (1/18, 8/9, 1/18) filter,
+    valid one pixel inside the edges (NaN on the border)."""
+    w = np.array([1.0, 16.0, 1.0]) / 18.0
+    rows = w[0] * img[:, :-2] + w[1] * img[:, 1:-1] + w[2] * img[:, 2:]
+    both = w[0] * rows[:-2] + w[1] * rows[1:-1] + w[2] * rows[2:]
+    out = np.full(img.shape, np.nan)
+    out[1:-1, 1:-1] = both
+    return out
+
+
+def test_mitchell_smooths_identity_and_integer_shifts_like_every_other_phase() -> None:
+    """Mitchell does not interpolate: at an integer position its weights are
+    (1/18, 8/9, 1/18), so the reference frame (the identity) gets the same blur as every
+    other frame, and its footprint loses the one-pixel border those taps need."""
+    rng = np.random.default_rng(41)
+    img = rng.normal(100, 10, SHAPE).astype(np.float32)
+    truth = _mitchell_at_integers(img)
+    inner = np.isfinite(truth)
+    same = warp(img, Transform.identity(), SHAPE, "mitchell")
+    assert np.array_equal(same.footprint, inner)
+    np.testing.assert_allclose(same.image[inner], truth[inner], atol=2e-4)
+    assert np.all(same.image[~inner] == 0.0)
+    # The blur lowers the per-pixel noise by sqrt(sum w^2) = sqrt(0.796) per axis.
+    assert float(np.std(same.image[inner])) == pytest.approx(10.0 * 0.796, rel=0.05)
+    moved = warp(img, Transform.from_params(5.0, -3.0), SHAPE, "mitchell")
+    # x_ref = x + 5, y_ref = y - 3: source pixels 1 .. n - 2 land on rows 0-155, columns 6-199.
+    expected = np.zeros(SHAPE, dtype=bool)
+    expected[:156, 6:] = True
+    assert np.array_equal(moved.footprint, expected)
+    np.testing.assert_allclose(moved.image[:156, 6:], truth[3:159, 1:195], atol=2e-4)
+    # The 180 degree flip through the 2-D kernel: the same filter (it is symmetric).
+    ny, nx = SHAPE
+    flip = Transform(np.array([[-1.0, 0.0, nx - 1.0], [0.0, -1.0, ny - 1.0]]))
+    flipped = warp(img, flip, SHAPE, "mitchell")
+    assert np.array_equal(flipped.footprint, inner)
+    np.testing.assert_allclose(flipped.image[inner], truth[::-1, ::-1][inner], atol=2e-4)
+
+
+def test_mitchell_blur_is_the_same_at_every_phase_and_keeps_flux() -> None:
+    """Against the truth (a direct render at the target positions), Mitchell widens every
+    star by the same second moment, 1/9 px^2 per axis, whatever its sub-pixel phase
+    (bilinear's varies from 0 to 1/4), moves no centroid and keeps every star's flux."""
+    rng = np.random.default_rng(42)
+    shape = (120, 160)
+    xy_ref = _sparse_grid(rng, shape, spacing=30)
+    flux = rng.uniform(2000.0, 8000.0, len(xy_ref))
+    direct = render_stars(shape, xy_ref, flux, radius_px=14).astype(np.float64)
+
+    def moments(img: NDArray[np.float64], x: float, y: float) -> tuple[float, ...]:
+        ix, iy = round(x), round(y)
+        r = 9
+        st = img[iy - r:iy + r + 1, ix - r:ix + r + 1]
+        gy, gx = np.mgrid[iy - r:iy + r + 1, ix - r:ix + r + 1]
+        total = st.sum()
+        mx, my = (st * gx).sum() / total, (st * gy).sum() / total
+        return (total, mx, my, (st * (gx - mx) ** 2).sum() / total,
+                (st * (gy - my) ** 2).sum() / total)
+
+    added: dict[str, list[float]] = {"mitchell": [], "bilinear": []}
+    for _ in range(3):
+        t = Transform.from_params(rng.uniform(-5, 5), rng.uniform(-5, 5))
+        frame = render_stars(shape, t.inverse().apply(xy_ref), flux, radius_px=14)
+        for kernel in added:
+            out = warp(frame, t, shape, kernel).image.astype(np.float64)
+            for x, y in xy_ref:
+                got, want = moments(out, x, y), moments(direct, x, y)
+                added[kernel] += [got[3] - want[3], got[4] - want[4]]
+                if kernel == "mitchell":
+                    assert got[0] == pytest.approx(want[0], rel=2e-3)  # flux
+                    assert abs(got[1] - want[1]) < 2e-3 and abs(got[2] - want[2]) < 2e-3
+    mitchell, bilinear = np.array(added["mitchell"]), np.array(added["bilinear"])
+    np.testing.assert_allclose(mitchell, 1.0 / 9.0, atol=0.003)  # measured 0.1100-0.1102
+    assert bilinear.max() - bilinear.min() > 0.1  # bilinear's blur depends on the phase
+
+
+def test_auto_is_lanczos3_on_mono_and_mitchell_on_colour() -> None:
+    rng = np.random.default_rng(43)
+    rgb = rng.normal(100, 10, (3, 50, 60)).astype(np.float32)
+    t = Transform.from_params(1.3, -0.4, 0.6)
+    for kernel, image in (("lanczos3", rgb[0]), ("mitchell", rgb)):
+        auto = warp(image, t, (50, 60), "auto")
+        explicit = warp(image, t, (50, 60), kernel)
+        assert np.array_equal(auto.image, explicit.image), kernel
+        assert np.array_equal(auto.footprint, explicit.footprint), kernel
+    # The two differ (proof that the comparison above can fail).
+    assert not np.array_equal(warp(rgb[0], t, (50, 60), "mitchell").image,
+                              warp(rgb[0], t, (50, 60), "lanczos3").image)
+    assert [resolve_kernel(k, c) for k, c in (("auto", False), ("auto", True),
+                                              ("bicubic", True))] == [
+        "lanczos3", "mitchell", "bicubic"]
+    with pytest.raises(ValueError, match="unknown warp kernel"):
+        resolve_kernel("cubic", False)
 
 
 def test_translation_fast_path_matches_general_path() -> None:
@@ -123,7 +218,7 @@ def test_lanczos3_keeps_peaks_and_centroids_bilinear_does_not() -> None:
     for rot in (0.0, 0.0, 1.3, -0.7):
         t = Transform.from_params(rng.uniform(-6, 6), rng.uniform(-6, 6), rot)
         frame = render_stars(shape, t.inverse().apply(xy_ref), flux, radius_px=10)
-        for kernel in ("bilinear", "bicubic", "lanczos3"):
+        for kernel in ("bilinear", "bicubic", "lanczos3", "mitchell"):
             out = warp(frame, t, shape, kernel)
             results[kernel].append(_star_quality(out.image, direct, xy_ref))
     peak = {k: float(np.mean([r[0] for r in v])) for k, v in results.items() if v}
@@ -131,6 +226,9 @@ def test_lanczos3_keeps_peaks_and_centroids_bilinear_does_not() -> None:
     assert peak["lanczos3"] >= 0.97 and cen["lanczos3"] <= 0.03
     assert peak["bilinear"] < 0.92 < peak["bicubic"] < peak["lanczos3"]
     assert cen["bicubic"] <= 0.04
+    # Mitchell smooths (less than bilinear on average) and keeps centroids.
+    assert peak["bilinear"] < peak["mitchell"] < peak["bicubic"]
+    assert cen["mitchell"] <= 0.04
 
 
 def test_nan_block_is_excluded_and_never_spreads() -> None:
@@ -315,7 +413,7 @@ def test_out_buffer_is_overwritten_and_reused() -> None:
                   Transform.from_params(2.3, -1.6, 1.2))
     for image in (mono, colour):
         for transform in transforms:
-            for kernel in ("bilinear", "lanczos3"):
+            for kernel in ("bilinear", "lanczos3", "mitchell"):
                 fresh = warp(image, transform, (64, 80), kernel)
                 stale = Warped(np.full(fresh.image.shape, np.nan, np.float32),
                                np.ones((64, 80), dtype=np.bool_))
@@ -383,7 +481,7 @@ def test_two_pass_is_as_accurate_against_the_truth_as_the_2d_kernel(rot: float,
     # Resampling keeps surface brightness: a star's flux scales by scale**2, its FWHM by scale.
     direct = render_stars(shape, xy_ref, flux * scale**2, fwhm_px=2.5 * scale, radius_px=10)
     frame = render_stars(shape, t.inverse().apply(xy_ref), flux, radius_px=10)
-    for name in ("bicubic", "lanczos3"):
+    for name in ("bicubic", "lanczos3", "mitchell"):
         kind = KERNELS[name]
         inv = np.ascontiguousarray(t.inverse().matrix)
         assert kt.two_pass_suits(inv)
@@ -447,7 +545,7 @@ def test_two_pass_tiles_nan_and_colour() -> None:
 
 
 @pytest.mark.parametrize("size", [(40, 7), (7, 40), (10, 10), (14, 14), (15, 9), (4, 3), (3, 4)])
-@pytest.mark.parametrize("name", ["bicubic", "lanczos3"])
+@pytest.mark.parametrize("name", ["bicubic", "lanczos3", "mitchell"])
 def test_inputs_narrower_than_the_kernel_read_nothing_outside_them(
         size: tuple[int, int], name: str) -> None:
     # An input narrower than the kernel's safe interior once gave an inverted, non-empty
@@ -458,7 +556,7 @@ def test_inputs_narrower_than_the_kernel_read_nothing_outside_them(
     inv = t.inverse().matrix
     # Taps at floor(u) + (-1..2) (bicubic) or (-2..3) (Lanczos3); a zero-weight tap at an
     # integer position is not read.
-    lo, margin = {"bicubic": (1.0, 2.0), "lanczos3": (2.0, 3.0)}[name]
+    lo, margin = {"bicubic": (1.0, 2.0), "lanczos3": (2.0, 3.0), "mitchell": (1.0, 2.0)}[name]
     for out in (warp(img, t, (ny, nx), name), _affine_2d(img, t, (ny, nx), KERNELS[name])):
         assert np.all(np.isfinite(out.image))
         assert np.all(out.image[~out.footprint] == 0.0)

@@ -6,9 +6,11 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from livestack.errors import JournalError
+from livestack.storage import journal as journal_mod
 from livestack.storage.journal import Journal, read_file_sha256, sha256_file
 
 
@@ -37,6 +39,91 @@ def test_read_file_sha256_is_the_files_identity(tmp_path: Path, size: int) -> No
     path.write_bytes(data)
     got, sha = read_file_sha256(path)
     assert got.tobytes() == data and sha == sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("size", [4095, 4096, 4097, 3 * 4096 + 17])
+def test_read_file_hashing_hashes_every_chunk_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+    # Chunks of 4 kB: the helper thread gets several, the last one short or empty.
+    monkeypatch.setattr(journal_mod, "READ_CHUNK_BYTES", 4096)
+    rng = np.random.default_rng(16)
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.fits"
+    path.write_bytes(data)
+    got, pending = journal_mod.read_file_hashing(path)
+    assert got.tobytes() == data
+    assert pending.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_read_file_hashing_holds_no_reference_to_the_bytes_once_hashed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A buffer pool hands an array out again only when nothing else holds it: neither the
+    # pending hash nor the chunks given to its thread may keep the file's bytes.
+    import sys
+
+    monkeypatch.setattr(journal_mod, "READ_CHUNK_BYTES", 4096)
+    path = tmp_path / "f.fits"
+    path.write_bytes(bytes(range(256)) * 100)
+    data, pending = journal_mod.read_file_hashing(path)
+    held = sys.getrefcount(data)
+    pending.hexdigest()
+    assert sys.getrefcount(data) == held - 1  # the pending hash let go of it
+    view = np.empty(len(data) + 1, np.uint8)[:len(data)]  # held by its view alone
+    assert sys.getrefcount(data.base) == sys.getrefcount(view.base)  # no chunk left
+    assert pending.hexdigest() == hashlib.sha256(data.tobytes()).hexdigest()  # kept
+
+
+def test_read_file_hashing_leaves_no_thread_after_a_failed_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    monkeypatch.setattr(journal_mod, "READ_CHUNK_BYTES", 1024)
+    started: list[journal_mod.PendingSha256] = []
+    real_init = journal_mod.PendingSha256.__init__
+
+    def recording_init(self: journal_mod.PendingSha256) -> None:
+        real_init(self)
+        started.append(self)
+
+    monkeypatch.setattr(journal_mod.PendingSha256, "__init__", recording_init)
+    path = tmp_path / "growing.fits"
+    path.write_bytes(b"x" * 5000 + b"y" * (2 << 20))
+    real_fstat = os.fstat
+
+    class Stat:
+        st_size = 5000  # small when its size was read; then it grew past the limit
+
+    monkeypatch.setattr(os, "fstat", lambda fd: Stat() if fd > 2 else real_fstat(fd))
+    with pytest.raises(OSError) as err:
+        journal_mod.read_file_hashing(path, max_bytes=1 << 20)
+    assert err.value.errno == errno.EFBIG
+    (pending,) = started
+    pending._thread.join(timeout=60)  # ends by itself: the read ended its input
+    assert not pending._thread.is_alive()
+
+
+def test_read_file_hashing_falls_back_when_the_helper_thread_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    class FailingDigest:
+        def update(self, chunk: memoryview) -> None:
+            raise MemoryError("no memory for the hash")
+
+    data = bytes(range(256)) * 64
+    path = tmp_path / "f.fits"
+    path.write_bytes(data)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # no traceback on stderr
+    real_sha256 = hashlib.sha256
+    expected = real_sha256(data).hexdigest()
+    # The helper's digest (made without data) fails; the fall-back's (with data) works.
+    monkeypatch.setattr(journal_mod.hashlib, "sha256",
+                        lambda *a: FailingDigest() if not a else real_sha256(*a))
+    got, pending = journal_mod.read_file_hashing(path)
+    # The caller still gets the identity of exactly the bytes read.
+    assert pending.hexdigest() == expected
+    assert got.tobytes() == data
 
 
 def test_read_file_sha256_takes_a_file_that_grew_after_its_size_was_read(
