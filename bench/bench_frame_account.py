@@ -23,7 +23,32 @@ Compare two trees by running this script with each on ``PYTHONPATH``, one after 
     python bench/bench_frame_account.py --detail     # also the parts of calibrate / normalize
 
 ``--detail`` adds a row for each function the ``calibrate`` and ``normalize`` stages call
-(``part ...``; they nest inside the stages).
+(``part ...``; they nest inside the stages). The last column counts minor page faults
+(``ru_minflt``): fresh memory the kernel maps (and zeroes) for the step.
+
+Measured (issue 16, the ingest's buffer pool, ``livestack/engine/buffers.py``): 26 MP mono,
+cache ``dense_6248x4176_9000_0.5_0_16_12``, ``--frames 12 --from 5`` (medians of frames
+5-11), main and the pool branch alternated three times (A/B/A/B/A/B) on the shared 2-core
+machine, load average 2.1-2.6 (other engineers' jobs)::
+
+    PYTHONPATH=/work/main   python bench/bench_frame_account.py \
+        --cache /tmp/livestack-bench/dense_6248x4176_9000_0.5_0_16_12 --frames 12 --from 5
+    PYTHONPATH=/work/s8pool python bench/bench_frame_account.py ...   # the same
+
+    | step (per frame) | main: CPU user / sys ms | pool: CPU user / sys ms | page faults |
+    |---|---|---|---|
+    | read file+sha256 | 29-31 / 12-16 | 29-30 / 8-10 | 478 -> 0 |
+    | read+decode | 7-9 / 8-12 | 7-10 / 0 | 444 -> 2 |
+    | session.process | 296-323 / 8-13 | 297-311 / 0-4 | 956 -> 1-9 |
+    | process_path | 339-364 / 41-61 (sum 388-425) | 336-353 / 11-13 (sum 348-364) | 1879 -> 5-15 |
+
+The page faults of the file's bytes, the decoded frame, the warp output and the saturation
+maps are gone; the system time left in ``read file+sha256`` is the copy out of the page
+cache. The wall time of read+decode went from 10-27 ms to 6-8 ms; the other wall times
+moved with the load (process_path 248-532 ms on main, 231-445 ms with the pool) and say
+little here. An earlier round at load 5.5-7 gave the same picture: system time 48-59 ->
+11-18 ms per frame, faults 1880 -> 4-29. (Measured before s8overlap was merged: its
+steps below split ``read file+sha256`` into the read and the hash wait.)
 
 Issue 16, the overlap of the hash and the parallel ``frame_stats`` (branch s8overlap against
 main, ``--frames 10 --from 4 --detail`` run A/B/A/B three times, 6 runs per tree, load
@@ -67,7 +92,8 @@ TOP = ("check_entry", "journal.seen", "sha256", "read file+sha256", "read file, 
        "sha256 wait", "journal.already_done", "journal.mark_pending",
        "read+decode", "select_masters", "route", "runtime", "session.process", "after_frame")
 
-Cell = list[float]  # [wall ms, user ms, sys ms, disk reads kB, voluntary / involuntary switches]
+#: [wall ms, user ms, sys ms, disk reads kB, voluntary / involuntary switches, minor faults]
+Cell = list[float]
 
 
 def main() -> int:
@@ -91,7 +117,7 @@ def main() -> int:
     from livestack.cli import main as cli_main
 
     frame = [-1]
-    cells: dict[int, dict[str, Cell]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 6))
+    cells: dict[int, dict[str, Cell]] = defaultdict(lambda: defaultdict(lambda: [0.0] * 7))
     verdicts: dict[int, str] = {}
 
     def record(label: str, t0: float, r0: resource.struct_rusage) -> None:
@@ -103,6 +129,7 @@ def main() -> int:
         cell[3] += (r1.ru_inblock - r0.ru_inblock) / 2  # 512-byte blocks
         cell[4] += r1.ru_nvcsw - r0.ru_nvcsw
         cell[5] += r1.ru_nivcsw - r0.ru_nivcsw
+        cell[6] += r1.ru_minflt - r0.ru_minflt
 
     def wrap(owner: Any, name: str, label: str, *, new_frame: bool = False) -> None:
         if not hasattr(owner, name):  # an older tree (compared on PYTHONPATH) lacks the step
@@ -180,20 +207,21 @@ def main() -> int:
     if not chosen:
         raise SystemExit("no accepted frame in the chosen range")
     print(f"frames {chosen} (accepted), medians; CPU = whole process (all threads)")
-    print("| step | wall ms | CPU user / sys ms | disk read kB | switches vol / invol |")
-    print("|---|---|---|---|---|")
+    print("| step | wall ms | CPU user / sys ms | disk read kB | switches vol / invol "
+          "| page faults |")
+    print("|---|---|---|---|---|---|")
     labels = [*TOP, *sorted({k for i in chosen for k in cells[i] if k.startswith("  stage")}),
               *sorted({k for i in chosen for k in cells[i] if k.startswith("    part")})]
     for label in labels:
-        med = [statistics.median(cells[i][label][j] for i in chosen) for j in range(6)]
+        med = [statistics.median(cells[i][label][j] for i in chosen) for j in range(7)]
         print(f"| {label} | {med[0]:.1f} | {med[1]:.0f} / {med[2]:.0f} | {med[3]:.0f} "
-              f"| {med[4]:.0f} / {med[5]:.0f} |")
+              f"| {med[4]:.0f} / {med[5]:.0f} | {med[6]:.0f} |")
     rest = statistics.median(cells[i]["process_path"][0] - sum(cells[i][k][0] for k in TOP)
                              for i in chosen)
-    print(f"| rest of process_path | {rest:.1f} | - | - | - |")
-    total = [statistics.median(cells[i]["process_path"][j] for i in chosen) for j in range(6)]
+    print(f"| rest of process_path | {rest:.1f} | - | - | - | - |")
+    total = [statistics.median(cells[i]["process_path"][j] for i in chosen) for j in range(7)]
     print(f"| process_path | {total[0]:.1f} | {total[1]:.0f} / {total[2]:.0f} | {total[3]:.0f} "
-          f"| {total[4]:.0f} / {total[5]:.0f} |")
+          f"| {total[4]:.0f} / {total[5]:.0f} | {total[6]:.0f} |")
     return 0
 
 

@@ -45,6 +45,21 @@ against it in the same run.
 Frames are cached under ``--cache`` (default: a folder in the system temp dir keyed by the
 arguments), so a second run skips the simulation.
 
+Measured with the ingest's buffer pool (issue 16; ``livestack/engine/buffers.py``), 26 MP
+mono, against ``git archive main`` in the same run::
+
+    python bench/bench_stack_dense.py --repeat 2 --long 12 --naive 0 --baseline /tmp/main-tree
+
+Two such runs (four interleaved pairs) on the shared 2-core machine at load average 4.6-7.4
+(other engineers' benches and tests): peak RSS 1.18 GB for both trees in every pair (the
+pool keeps the arrays a frame needs at its warp, 274 MB at 26 MP mono, instead of
+allocating them per frame; an in-process trace puts the peak at 1123 MB with the pool and
+1122 MB without). CPU ms/frame 0.84x, 0.79x, 0.78x and 1.15x of main; ms/frame and steady
+ms/frame at that load were noise (one baseline long run took less wall time than its short
+run). Once more at load 1.2-1.4 (two pairs): ms/frame 1.17x and 0.96x, steady ms/frame
+1.16x and 0.97x, CPU ms/frame 1.19x and 0.83x of main, peak RSS 1.18 GB both: within the
+run-to-run spread. ``bench/bench_frame_account.py`` has the steadier per-step CPU figures.
+
 The hash overlap and the parallel ``frame_stats`` (branch s8overlap, ``--repeat 2 --long 12
 --naive 0 --baseline <git archive of main>``, 26 MP mono, two sessions at load 2.6-3.8 from
 other engineers' runs; ms per frame, steady ms per frame, CPU ms per frame, peak RSS)::

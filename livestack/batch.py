@@ -53,6 +53,7 @@ def stack_files(config: Config, files: Iterable[Path], output_root: Path, *,
                 progress(i, total, row)
         for rt in engine.runtimes.values():
             rt.session.release_scratch()  # the last frame is in: the solve and writes peak less
+        engine.ingest.buffers.release()
         engine.solving.drain()  # batch: the stack.fits written next carries the WCS
         while engine.solving.route_moves():  # frames solved elsewhere: their stacks too
             engine.solving.drain()

@@ -86,11 +86,12 @@ def test_bad_inputs_end_as_journal_rows_while_the_stack_grows(
 
     real_read = ingest.read_file_hashing
 
-    def read_and_vanish(path: str, max_bytes: int | None = None) -> tuple[Any, Any]:
+    def read_and_vanish(path: str, max_bytes: int | None = None,
+                        **kwargs: Any) -> tuple[Any, Any]:
         # The one read of a FITS file (hash and decode) is where it can vanish.
         if Path(path).name == "vanish.fits":
             Path(path).unlink()  # the test's own copy disappears while being read
-        return real_read(path, max_bytes)
+        return real_read(path, max_bytes, **kwargs)
 
     monkeypatch.setattr(ingest, "read_file_hashing", read_and_vanish)
     written: list[int] = []
@@ -193,7 +194,7 @@ def test_a_fits_file_above_the_single_read_size_is_hashed_streaming_then_read(
     monkeypatch.setattr(ingest, "SINGLE_READ_MAX_BYTES", good[1].stat().st_size - 1)
     whole_reads: list[str] = []
     monkeypatch.setattr(ingest, "read_file_hashing",
-                        lambda path, *_: whole_reads.append(path))  # would fail the frame
+                        lambda path, *_, **__: whole_reads.append(path))  # would fail it
     row = engine.process_path(good[1])
     engine.close()
     assert row is not None and row.status == "accepted"
@@ -225,7 +226,7 @@ def test_the_decode_while_the_hash_finishes_keeps_the_journals_order(
         order.append("mark_pending")
         return real_mark(*args)
 
-    def bug(path: str, data: Any = None) -> Any:
+    def bug(path: str, data: Any = None, **kwargs: Any) -> Any:
         order.append("decode")
         raise ZeroDivisionError("a bug in the decoder")
 

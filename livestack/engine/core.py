@@ -152,6 +152,7 @@ class Engine:
             log.error("checkpoints not written within %.0f s; the journal is replayed at the "
                       "next start instead", CHECKPOINT_WAIT_S)
         self.solving.close()
+        self.ingest.buffers.release()  # a closed engine keeps no frame buffers
         self.final_counts = self.journal.counts()
         self.journal.close()
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from livestack.engine.buffers import BufferPool
 from livestack.engine.state import (
     ALIGNMENT_REASONS,
     CALIBRATION_TYPES,
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
     from livestack.engine.core import Engine
     from livestack.pipeline.session import FrameOutcome
-    from livestack.pipeline.types import FrameInfo
+    from livestack.pipeline.types import Allocator, FrameInfo
     from livestack.storage.fitsio import FileBytes
     from livestack.storage.journal import FrameRow
 
@@ -77,10 +78,12 @@ class _EarlyFrame:
         self.error = error
 
     @classmethod
-    def decode(cls, engine: Engine, path: str, data: FileBytes | None) -> _EarlyFrame:
-        """``engine.reader.read(path, data)``, its exception kept instead of raised."""
+    def decode(cls, engine: Engine, path: str, data: FileBytes | None,
+               empty: Allocator | None = None) -> _EarlyFrame:
+        """``engine.reader.read(path, data, empty=empty)``, its exception kept instead of
+        raised."""
         try:
-            return cls(engine.reader.read(path, data), None)
+            return cls(engine.reader.read(path, data, empty=empty), None)
         except Exception as exc:  # deferred, not handled: result() raises it unchanged
             return cls(None, exc)
 
@@ -133,6 +136,9 @@ class Ingest:
         self.redirects: dict[str, str] = dict(self.journal.get_state("redirects", {}))
         #: The journal row left ``pending`` by the frame in progress (None between frames).
         self.open_row: int | None = None
+        #: The frame's file bytes, decoded image and warp output, reused frame after frame
+        #: (an array is handed out again only when nothing else holds it; engine.buffers).
+        self.buffers = BufferPool()
 
     # ---------------------------------------------------------------- routing
 
@@ -206,7 +212,8 @@ class Ingest:
         hashing: PendingSha256 | None = None
         try:
             if frame_format(spath) == "fits" and st.st_size <= SINGLE_READ_MAX_BYTES:
-                data, hashing = read_file_hashing(spath, SINGLE_READ_MAX_BYTES)
+                data, hashing = read_file_hashing(spath, SINGLE_READ_MAX_BYTES,
+                                                  empty=self.buffers.empty)
             else:
                 sha = sha256_file(spath)
         except FileNotFoundError:
@@ -225,7 +232,7 @@ class Ingest:
             # The bytes are decoded while the helper thread finishes their hash (at 26 MP
             # the hash takes 29 ms, the read 10-18 ms); the outcome, a failure included,
             # is used where the decode ran before, after the journal's checks.
-            early = _EarlyFrame.decode(engine, spath, data)
+            early = _EarlyFrame.decode(engine, spath, data, self.buffers.empty)
             sha = hashing.hexdigest()
             data = None  # decoded: not held while the frame is stacked
         done = self.journal.already_done(spath, sha)
@@ -241,7 +248,8 @@ class Ingest:
         self.open_row = row_id
         engine.crash_pause("read", self.journal)
         try:
-            raw, info = engine.reader.read(spath, data) if early is None else early.result()
+            raw, info = (engine.reader.read(spath, data, empty=self.buffers.empty)
+                         if early is None else early.result())
         except FrameError as exc:
             return self.finish_failure(row_id, spath, exc.reason, exc.message)
         finally:
@@ -263,7 +271,8 @@ class Ingest:
         t_read = time.perf_counter()
         try:
             # The frame as read is not needed afterwards: calibrated where it lies.
-            outcome = rt.session.process(raw, info, masters, overwrite_raw=True)
+            outcome = rt.session.process(raw, info, masters, overwrite_raw=True,
+                                         scratch=self.buffers.empty)
         except OSError as exc:  # a lazy import or kernel compile found no descriptor
             if not is_fd_exhaustion(exc):
                 raise

@@ -72,6 +72,7 @@ class Outputs:
         now = time.monotonic()
         for rt in engine.runtimes.values():
             rt.session.release_scratch()  # no frame waits: the warp buffer is not needed
+        engine.ingest.buffers.release()  # nor the frame buffers
         engine.solving.idle()  # the solve-field stopped during frames runs again
         engine.solving.poll()
         engine.solving.route_moves()
@@ -124,6 +125,7 @@ class Outputs:
     def finalize(self) -> None:
         """Checkpoint and write ``stack.fits`` + preview for every stack with new work."""
         engine = self.engine
+        engine.ingest.buffers.release()
         for rt in list(engine.runtimes.values()):
             rt.session.release_scratch()
             if rt.stack_id in engine.rebuilds:

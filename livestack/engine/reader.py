@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from livestack.config import Config
-    from livestack.pipeline.types import FrameInfo
+    from livestack.pipeline.types import Allocator, FrameInfo
     from livestack.storage.fitsio import FileBytes
 
 log = logging.getLogger("livestack.engine")
@@ -70,8 +70,8 @@ class FrameReader:
         self._masters_note: dict[tuple[int, int], str] = {}
         self._uncalibrated_warned = False  # the no-dark/no-flat warning is given once
 
-    def read(self, path: str, data: FileBytes | None = None
-             ) -> tuple[np.ndarray, FrameInfo]:
+    def read(self, path: str, data: FileBytes | None = None, *,
+             empty: Allocator | None = None) -> tuple[np.ndarray, FrameInfo]:
         """Read a frame read-only.
 
         Parameters
@@ -80,6 +80,8 @@ class FrameReader:
         data : ndarray (n_bytes,) uint8 or bytes, optional
             The file's whole content when the caller has read it already (to hash it):
             a plain FITS frame is then decoded from these bytes, not read again.
+        empty : Allocator, optional
+            Where a plain FITS frame's image comes from (the ingest's buffer pool).
 
         Returns
         -------
@@ -96,7 +98,8 @@ class FrameReader:
             No file descriptor was left (never a verdict on the frame).
         """
         try:
-            image, info = read_light(path, self.config.formats, self.masters, data)
+            image, info = read_light(path, self.config.formats, self.masters, data,
+                                     empty=empty)
         except FileNotFoundError:
             raise FrameError(Reason.VANISHED, f"{path}: the file disappeared while it was read",
                              path) from None

@@ -57,6 +57,7 @@ from livestack.pipeline.saturation import (
     raw_saturation,
 )
 from livestack.pipeline.types import (
+    Allocator,
     FrameInfo,
     FrameMetrics,
     Normalization,
@@ -206,8 +207,8 @@ class FrameNorm:
 
 # ------------------------------------------------------------------------------ stages
 def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | None,
-                    config: PipelineConfig, *, overwrite_raw: bool = False
-                    ) -> CalibratedFrame:
+                    config: PipelineConfig, *, overwrite_raw: bool = False,
+                    empty: Allocator | None = None) -> CalibratedFrame:
     """Calibrate, correct hot pixels, debayer and remove the sky gradient of one light.
 
     Parameters
@@ -222,6 +223,8 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
         ``cosmetic``, ``debayer``, ``gradient`` and ``saturation`` are used.
     overwrite_raw : bool
         Calibrate in ``raw`` itself (see :func:`~livestack.pipeline.calibrate.calibrate`).
+    empty : Allocator, optional
+        Where the saturation mask comes from (default ``np.empty``; a caller's pool).
 
     Returns
     -------
@@ -238,7 +241,7 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
     # An RGB frame (TIFF/PNG/JPEG/XISF colour file) is calibrated and corrected per channel
     # and never debayered: it is already what debayer() makes of a CFA frame.
     # The raw half of the saturation facts first: the calibration may overwrite raw.
-    raw_sat = raw_saturation(raw, info, config.saturation)
+    raw_sat = raw_saturation(raw, info, config.saturation, empty)
     calibrated = calibrate(raw, masters, info.bayer_pattern, overwrite_raw=overwrite_raw)
     saturation = calibrated_saturation(raw_sat, calibrated)
     cosmetic = config.cosmetic
@@ -469,7 +472,8 @@ def normalise_frame(image: NDArray[np.float32], reference: FrameReference,
 def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tuple[int, int],
                     kernel: str, saturation: FrameSaturation | None = None,
                     saturation_config: SaturationConfig | None = None, *,
-                    out: Warped | None = None) -> tuple[Warped, NDArray[np.bool_] | None]:
+                    out: Warped | None = None, empty: Allocator | None = None
+                    ) -> tuple[Warped, NDArray[np.bool_] | None]:
     """Warp a calibrated frame onto the reference grid, clamping the kernel's ringing.
 
     Parameters
@@ -487,6 +491,8 @@ def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tup
         Without it, no clamping.
     out : Warped, optional
         A previous result to warp into (see :func:`livestack.pipeline.warp.warp`).
+    empty : Allocator, optional
+        Where the clamp's frame-sized maps come from (default ``np.empty``).
 
     Returns
     -------
@@ -497,7 +503,7 @@ def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tup
     warped = warp(image, transform, shape, kernel, out=out)
     if saturation_config is None:
         return warped, None
-    return clamp_ringing(warped, image, transform, saturation, saturation_config)
+    return clamp_ringing(warped, image, transform, saturation, saturation_config, empty)
 
 
 def check_norm(norm: FrameNorm, info: FrameInfo) -> None:
@@ -550,7 +556,7 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
              stars: StarList | None = None, metrics: FrameMetrics | None = None,
              stats: FrameStats | None = None, is_reference: bool = False,
              norm: FrameNorm | None = None, normalize: NormalizeConfig | None = None,
-             out: Warped | None = None) -> RegisteredFrame:
+             out: Warped | None = None, empty: Allocator | None = None) -> RegisteredFrame:
     """Normalise (measured unwarped) and warp one calibrated frame onto the reference.
 
     Parameters
@@ -572,6 +578,9 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
     out : Warped, optional
         A previous frame's warp to overwrite (the live stack's reusable buffer); the
         result then holds its arrays.
+    empty : Allocator, optional
+        Where the clamp's frame-sized maps come from (default ``np.empty``; the
+        engine's buffer pool).
 
     Returns
     -------
@@ -588,7 +597,8 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
                                transform=transform, stars=stars, metrics=metrics, stats=stats,
                                is_reference=is_reference)
     warped, saturated = apply_transform(frame.image, transform, shape, config.warp.kernel,
-                                        frame.saturation, config.saturation, out=out)
+                                        frame.saturation, config.saturation, out=out,
+                                        empty=empty)
     if not warped.footprint.any():
         raise_no_footprint(frame.luminance, info,
                            resolve_kernel(config.warp.kernel, frame.image.ndim == 3))

@@ -14,10 +14,14 @@ All kernels are parallel over rows, write only their own rows, and read NaN safe
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba import njit, prange
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from livestack.pipeline.types import Allocator
 
 #: Smallest int32: the order key of "no finite pixel" (below every finite float's key).
 _NO_KEY = -2147483648
@@ -216,7 +220,8 @@ def _dilate(seeds: NDArray[np.uint8], offsets: NDArray[np.int64],
 
 
 def steep_flags(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: float,
-                radius: int, flags: NDArray[np.uint8]) -> NDArray[np.uint8]:
+                radius: int, flags: NDArray[np.uint8], empty: Allocator | None = None
+                ) -> NDArray[np.uint8]:
     """Flag the pixels within ``radius`` (box) of a steep step or a saturated pixel.
 
     Seeds are found in one dense pass; the dilation then only visits the seeds (stars'
@@ -236,6 +241,9 @@ def steep_flags(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: flo
     flags : ndarray, shape (ny, nx), uint8
         Written: 2 within ``radius`` of a saturated pixel, else 1 within ``radius`` of a
         steep pixel, else 0.
+    empty : Allocator, optional
+        Where the ``(ny, nx)`` uint8 seed map comes from (default ``np.empty``; a caller's
+        buffer pool saves fresh pages per frame).
 
     Returns
     -------
@@ -243,7 +251,7 @@ def steep_flags(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: flo
         1 for the tiles that hold a flagged pixel (for :func:`clamp_warped`).
     """
     ny, nx = src.shape[1:]
-    seeds = np.empty(src.shape[1:], dtype=np.uint8)
+    seeds = (empty or np.empty)(src.shape[1:], np.uint8)  # every pixel is written
     counts = np.empty(ny, dtype=np.int64)
     _seeds(src, sat, threshold, seeds, counts)
     offsets = np.zeros(ny + 1, dtype=np.int64)

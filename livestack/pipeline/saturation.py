@@ -44,7 +44,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from livestack.pipeline import kernels_saturation as ks
-from livestack.pipeline.types import BoolImage, FrameInfo, Transform, Warped
+from livestack.pipeline.types import Allocator, BoolImage, FrameInfo, Transform, Warped
 
 #: Data maxima that identify a 12- and a 14-bit camera inside a 16-bit container.
 _NARROW_LEVELS = (4095.0, 16383.0)
@@ -157,7 +157,8 @@ def resolve_level(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
     return None if level is None else float(level)
 
 
-def raw_mask(raw: NDArray[Any], level_adu: float | None) -> BoolImage | None:
+def raw_mask(raw: NDArray[Any], level_adu: float | None, empty: Allocator | None = None
+             ) -> BoolImage | None:
     """``raw >= level_adu`` without isolated pixels (NaN is not saturated).
 
     An isolated saturated pixel (no saturated 8-neighbour) is a hot pixel or a cosmic
@@ -168,6 +169,8 @@ def raw_mask(raw: NDArray[Any], level_adu: float | None) -> BoolImage | None:
     ----------
     raw : ndarray, shape (ny, nx)
     level_adu : float or None
+    empty : Allocator, optional
+        Where the mask comes from (default ``np.empty``; a caller's buffer pool).
 
     Returns
     -------
@@ -178,7 +181,7 @@ def raw_mask(raw: NDArray[Any], level_adu: float | None) -> BoolImage | None:
         return None
 
     frame = np.ascontiguousarray(raw, dtype=np.float32)
-    mask = np.empty(frame.shape, dtype=np.bool_)
+    mask = (empty or np.empty)(frame.shape, np.bool_)
     return mask if ks.saturated_mask(frame, float(np.float32(level_adu)), mask) else None
 
 
@@ -226,9 +229,11 @@ class RawSaturation:
     raw_sample: NDArray[np.float64]
 
 
-def raw_saturation(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
-                   ) -> RawSaturation | None:
+def raw_saturation(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig,
+                   empty: Allocator | None = None) -> RawSaturation | None:
     """The raw half of :func:`frame_saturation`, so the raw frame can be calibrated in place.
+
+    ``empty`` (default ``np.empty``) gives a mono frame's mask (a caller's buffer pool).
 
     Returns
     -------
@@ -244,7 +249,7 @@ def raw_saturation(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
         masks = [m for m in (raw_mask(plane, level) for plane in raw) if m is not None]
         mask = np.logical_or.reduce(masks) if masks else None
     else:
-        mask = raw_mask(raw, level)
+        mask = raw_mask(raw, level, empty)
     if info.bayer_pattern:
         mask = debayered_mask(mask)
     sample = np.array(raw[..., ::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
@@ -297,8 +302,8 @@ _IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
 def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transform,
-                  saturation: FrameSaturation | None, config: SaturationConfig
-                  ) -> tuple[Warped, BoolImage | None]:
+                  saturation: FrameSaturation | None, config: SaturationConfig,
+                  empty: Allocator | None = None) -> tuple[Warped, BoolImage | None]:
     """Clamp the warp's ringing near steep steps and saturated pixels (module docstring).
 
     Parameters
@@ -313,6 +318,9 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
     saturation : FrameSaturation or None
         From :func:`frame_saturation`; None leaves ``warped`` untouched.
     config : SaturationConfig
+    empty : Allocator, optional
+        Where the frame-sized flag maps and the returned mask come from (default
+        ``np.empty``; a caller's buffer pool saves their fresh pages per frame).
 
     Returns
     -------
@@ -335,14 +343,15 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
     src = np.ascontiguousarray(image, dtype=np.float32)
     src = src[np.newaxis] if src.ndim == 2 else src
     out = warped.image[np.newaxis] if warped.image.ndim == 2 else warped.image
-    empty = np.zeros((0, 0), dtype=np.bool_)
-    sat = saturation.mask if saturation.mask is not None else empty
+    no_mask = np.zeros((0, 0), dtype=np.bool_)
+    sat = saturation.mask if saturation.mask is not None else no_mask
     threshold = config.clamp_threshold * saturation.range_adu
-    flags = np.empty(src.shape[1:], dtype=np.uint8)
-    tiles = ks.steep_flags(src, sat, float(threshold), _LANCZOS3_RADIUS, flags)
+    alloc = empty or np.empty
+    flags = alloc(src.shape[1:], np.uint8)
+    tiles = ks.steep_flags(src, sat, float(threshold), _LANCZOS3_RADIUS, flags, empty)
     inv = np.ascontiguousarray(transform.inverse().matrix, dtype=np.float64)
-    sat_out = np.empty(warped.footprint.shape if saturation.mask is not None else (0, 0),
-                       dtype=np.bool_)
+    sat_out = alloc(warped.footprint.shape if saturation.mask is not None else (0, 0),
+                    np.bool_)
     ks.clamp_warped(out, warped.footprint, src, flags, tiles, sat, inv, sat_out)
     return warped, (sat_out if sat_out.size and sat_out.any() else None)
 

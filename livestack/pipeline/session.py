@@ -56,6 +56,7 @@ from livestack.pipeline.saturation import (
 )
 from livestack.pipeline.stretch import auto_stretch, encode_jpeg
 from livestack.pipeline.types import (
+    Allocator,
     FrameInfo,
     FrameMetrics,
     FrameRecord,
@@ -244,7 +245,7 @@ class StackSession:
     # ------------------------------------------------------------------ frames
     def process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
                 stored_transform: Transform | None = None, *,
-                overwrite_raw: bool = False) -> FrameOutcome:
+                overwrite_raw: bool = False, scratch: Allocator | None = None) -> FrameOutcome:
         """Put one raw frame through the pipeline and, if it passes, into the stack.
 
         Parameters
@@ -265,6 +266,12 @@ class StackSession:
         overwrite_raw : bool
             Calibrate in ``raw`` itself (the caller does not need it afterwards): one
             full-resolution float32 frame less in memory (104 MB at 26 MP).
+        scratch : Allocator, optional
+            Where the warp output and the saturation maps come from (the engine's
+            buffer pool): the session then keeps no warp buffer of its own between
+            frames, and that memory is the pool's to hand out again once this frame is
+            stacked (the stack copies the warped frame; nothing here keeps any of it).
+            Ignored when ``warp.reuse_buffer`` is off (nothing kept between frames).
 
         Returns
         -------
@@ -273,8 +280,11 @@ class StackSession:
         """
         timer = _Timer()
         self._frame_stars = None
+        if not self.config.warp.reuse_buffer:
+            scratch = None
         try:
-            return self._process(raw, info, masters, stored_transform, timer, overwrite_raw)
+            return self._process(raw, info, masters, stored_transform, timer, overwrite_raw,
+                                 scratch)
         except FrameError as exc:
             # A master that does not fit is the setup's fault, not the frame's.
             verdict = "failed" if exc.reason in CALIBRATION_FAILURES else "rejected"
@@ -284,7 +294,7 @@ class StackSession:
             return outcome
 
     def _prepare(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
-                 timer: _Timer, overwrite_raw: bool = False
+                 timer: _Timer, overwrite_raw: bool = False, scratch: Allocator | None = None
                  ) -> tuple[CalibratedFrame, StarList, FrameMetrics]:
         """Calibrate, correct, debayer and measure one raw frame (:mod:`.frame`).
 
@@ -311,7 +321,8 @@ class StackSession:
                 f"{info.path}: shape {raw.shape} ({'colour' if colour else 'mono'}) differs "
                 f"from the stack's {self._reference.shape}",
             )
-        frame = calibrate_frame(raw, info, masters, self.config, overwrite_raw=overwrite_raw)
+        frame = calibrate_frame(raw, info, masters, self.config, overwrite_raw=overwrite_raw,
+                                empty=scratch)
         # calibrate_frame runs calibrate, cosmetic, debayer and gradient: one lap for all
         timer.lap("calibrate")
         stars, metrics = detect_frame(frame.luminance, info, self.config.detect)
@@ -320,9 +331,9 @@ class StackSession:
 
     def _process(self, raw: np.ndarray, info: FrameInfo, masters: MasterSet | None,
                  stored_transform: Transform | None, timer: _Timer,
-                 overwrite_raw: bool) -> FrameOutcome:
+                 overwrite_raw: bool, scratch: Allocator | None = None) -> FrameOutcome:
         cfg = self.config
-        frame, stars, metrics = self._prepare(raw, info, masters, timer, overwrite_raw)
+        frame, stars, metrics = self._prepare(raw, info, masters, timer, overwrite_raw, scratch)
         image, lum, saturation = frame.image, frame.luminance, frame.saturation
         self._frame_stars = stars  # for the outcome of a frame rejected from here on
         verdict = self.gate.evaluate(metrics)
@@ -372,14 +383,18 @@ class StackSession:
                                      stats=ref.stats if is_reference else None,
                                      is_reference=is_reference)
         timer.lap("normalize")
+        grid = image.shape[:-2] + ref.phase.shape
         buffer = self._warp_buffer
-        if buffer is not None and buffer.image.shape != image.shape[:-2] + ref.phase.shape:
+        if buffer is not None and buffer.image.shape != grid:
             buffer = None
+        pooled = scratch is not None
+        if scratch is not None:
+            buffer = Warped(scratch(grid, np.float32), scratch(ref.phase.shape, np.bool_))
         # Reusing the buffer is safe: what follows normalises it in place and the stack
         # copies it (accumulates or holds it); nothing keeps it past this frame.
         done = register(frame, info, transform, reference, ref.phase.shape, cfg,
-                        norm=frame_norm, out=buffer)
-        self._warp_buffer = done.warped if cfg.warp.reuse_buffer else None
+                        norm=frame_norm, out=buffer, empty=scratch)
+        self._warp_buffer = done.warped if cfg.warp.reuse_buffer and not pooled else None
         timer.lap("warp")
         norm = done.norm.normalization
         noise_norm = done.norm.noise_adu

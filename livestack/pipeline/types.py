@@ -15,12 +15,26 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Protocol
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import DTypeLike, NDArray
 
 FloatImage = NDArray[np.float32]
 BoolImage = NDArray[np.bool_]
+
+
+class Allocator(Protocol):
+    """Where a step's large output comes from: ``np.empty`` or a caller's buffer pool.
+
+    Called as ``empty(shape, dtype)``; returns an uninitialised, writeable, C-contiguous
+    array of that shape and dtype. The steps stay pure: the caller owns the memory and
+    decides when it may be handed out again (``livestack.engine.buffers``).
+    """
+
+    def __call__(self, shape: tuple[int, ...], dtype: DTypeLike, /) -> NDArray[Any]:
+        """An uninitialised array of ``shape`` and ``dtype``."""
+        ...
 
 
 @dataclass(frozen=True)

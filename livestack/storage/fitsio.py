@@ -29,7 +29,7 @@ from astropy.io.fits.verify import VerifyError
 from numpy.typing import NDArray
 
 from livestack.errors import FrameNotReadyError, FrameReadError
-from livestack.pipeline.types import FrameInfo
+from livestack.pipeline.types import Allocator, FrameInfo
 from livestack.reasons import Reason
 from livestack.storage import kernels_fits as kf
 from livestack.storage.atomic import atomic_write
@@ -368,10 +368,13 @@ def read_header(path: Path) -> tuple[fits.Header, FrameInfo]:
 
 
 def _decode(buf: np.ndarray, bitpix: int, shape: tuple[int, int], bscale: float,
-            bzero: float) -> tuple[np.ndarray, int | None]:
-    """Decode a big-endian payload to native float32. Returns (image, finite count or None)."""
+            bzero: float, empty: Allocator | None = None) -> tuple[np.ndarray, int | None]:
+    """Decode a big-endian payload to native float32. Returns (image, finite count or None).
 
-    out = np.empty(shape, dtype=np.float32)
+    The image comes from ``empty`` (default ``np.empty``): every pixel is written.
+    """
+
+    out = (empty or np.empty)(shape, np.float32)
     finite: int | None = None
     if bitpix == 16 and _LITTLE_ENDIAN_HOST:
         kf.decode_be_int16(buf.view(np.uint16).reshape(shape), bscale, bzero, out)
@@ -405,22 +408,22 @@ def _apply_blank(out: np.ndarray, buf: np.ndarray, bitpix: int, blank: int) -> N
 
 
 def _read_fast(fh: io.BufferedReader, path: Path, layout: FrameLayout, header: fits.Header,
-               shape: tuple[int, int]) -> np.ndarray:
+               shape: tuple[int, int], empty: Allocator | None = None) -> np.ndarray:
     nbytes = layout.data_nbytes
     fh.seek(layout.data_start)
-    buf = np.empty(nbytes, dtype=np.uint8)
+    buf = (empty or np.empty)((nbytes,), np.uint8)
     got = fh.readinto(buf.data)
     if got is None or got < nbytes:
         raise _err(Reason.TRUNCATED, path, f"data unit has {got or 0} of {nbytes} bytes")
-    return _decode_payload(buf, path, layout, header, shape)
+    return _decode_payload(buf, path, layout, header, shape, empty)
 
 
 def _decode_payload(buf: np.ndarray, path: Path, layout: FrameLayout, header: fits.Header,
-                    shape: tuple[int, int]) -> np.ndarray:
+                    shape: tuple[int, int], empty: Allocator | None = None) -> np.ndarray:
     """The image from its big-endian data unit ``buf`` (uint8, ``layout.data_nbytes``)."""
     bscale = float(header.get("BSCALE", 1.0))
     bzero = float(header.get("BZERO", 0.0))
-    out, finite = _decode(buf, layout.bitpix, shape, bscale, bzero)
+    out, finite = _decode(buf, layout.bitpix, shape, bscale, bzero, empty)
     blank = header.get("BLANK")
     if layout.bitpix > 0 and isinstance(blank, int) and not isinstance(blank, bool):
         _apply_blank(out, buf, layout.bitpix, blank)
@@ -465,7 +468,7 @@ def _read_astropy(path: Path, layout: FrameLayout, content: np.ndarray | None = 
     return out, header
 
 
-def read_frame(path: Path, data: FileBytes | None = None
+def read_frame(path: Path, data: FileBytes | None = None, *, empty: Allocator | None = None
                ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """Read a 2-D FITS frame as native float32 with BZERO/BSCALE applied.
 
@@ -478,6 +481,10 @@ def read_frame(path: Path, data: FileBytes | None = None
         The file's whole content, already read (the ingest hashes these bytes for the
         journal): decoded from memory without opening the file again. The astropy
         fall-back (compressed, BITPIX 64/-64) still reads ``path``.
+    empty : Allocator, optional
+        Where the fast path's image comes from (default ``np.empty``): the ingest's
+        buffer pool gives the same memory frame after frame. The astropy fall-back
+        allocates its own.
 
     Returns
     -------
@@ -496,7 +503,7 @@ def read_frame(path: Path, data: FileBytes | None = None
     """
     path = Path(path)
     if data is not None:
-        return _read_frame_bytes(path, data)
+        return _read_frame_bytes(path, data, empty)
     size = _stat_size(path)
     with _open(path) as fh:
         layout = _layout(fh, path, size)
@@ -507,13 +514,13 @@ def read_frame(path: Path, data: FileBytes | None = None
         fast = not layout.compressed and layout.bitpix in _FAST_BITPIX
         if fast:
             header = _parse_header(layout.header_bytes, path)
-            image = _read_fast(fh, path, layout, header, shape)
+            image = _read_fast(fh, path, layout, header, shape, empty)
     if not fast:
         image, header = _read_astropy(path, layout)
     return image, parse_frame_info(header, str(path), shape), header
 
 
-def _read_frame_bytes(path: Path, data: FileBytes
+def _read_frame_bytes(path: Path, data: FileBytes, empty: Allocator | None = None
                       ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """:func:`read_frame` on the file's content in memory (same checks, same reasons)."""
     content = np.frombuffer(data, dtype=np.uint8)  # a view: no copy of the bytes
@@ -530,7 +537,7 @@ def _read_frame_bytes(path: Path, data: FileBytes
     else:
         header = _parse_header(layout.header_bytes, path)
         payload = content[layout.data_start:layout.data_start + layout.data_nbytes]
-        image = _decode_payload(payload, path, layout, header, shape)
+        image = _decode_payload(payload, path, layout, header, shape, empty)
     return image, parse_frame_info(header, str(path), shape), header
 
 

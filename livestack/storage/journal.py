@@ -39,12 +39,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from livestack.errors import JournalError, JournalFullError
+
+if TYPE_CHECKING:
+    from livestack.pipeline.types import Allocator
 
 JOURNAL_NAME = "journal.sqlite"
 STATUSES = ("pending", "accepted", "rejected", "failed", "ignored")
@@ -188,7 +191,8 @@ class PendingSha256:
         return self._hex
 
 
-def read_file_hashing(path: str | Path, max_bytes: int | None = None
+def read_file_hashing(path: str | Path, max_bytes: int | None = None, *,
+                      empty: Allocator | None = None
                       ) -> tuple[NDArray[np.uint8], PendingSha256]:
     """Read a whole file once while a helper thread hashes what is read so far.
 
@@ -212,6 +216,9 @@ def read_file_hashing(path: str | Path, max_bytes: int | None = None
     max_bytes : int, optional
         Refuse to hold more than this many bytes: a file that grows past it while it is
         read raises instead of being pulled into memory whole.
+    empty : Allocator, optional
+        Where the buffer comes from (default ``np.empty``): the ingest's buffer pool
+        hands out the same memory frame after frame instead of fresh pages.
 
     Raises
     ------
@@ -224,7 +231,7 @@ def read_file_hashing(path: str | Path, max_bytes: int | None = None
         if max_bytes is not None and expected > max_bytes:
             raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes")
         # One byte more than the size: a file still growing shows as a full buffer.
-        buf = np.empty(expected + 1, dtype=np.uint8)
+        buf = (empty or np.empty)((expected + 1,), np.uint8)
         pending = PendingSha256()
         data: NDArray[np.uint8] | None = None
         try:
@@ -253,8 +260,8 @@ def read_file_hashing(path: str | Path, max_bytes: int | None = None
     return data, pending
 
 
-def read_file_sha256(path: str | Path, max_bytes: int | None = None
-                     ) -> tuple[NDArray[np.uint8], str]:
+def read_file_sha256(path: str | Path, max_bytes: int | None = None, *,
+                     empty: Allocator | None = None) -> tuple[NDArray[np.uint8], str]:
     """Read a whole file once; return its content and the hex SHA-256 of that content.
 
     :func:`read_file_hashing`, waiting for the hash: the caller can decode the same bytes
@@ -271,13 +278,15 @@ def read_file_sha256(path: str | Path, max_bytes: int | None = None
     path : str or Path
     max_bytes : int, optional
         As for :func:`read_file_hashing`.
+    empty : Allocator, optional
+        As for :func:`read_file_hashing`.
 
     Raises
     ------
     OSError
         As :func:`read_file_hashing`.
     """
-    data, pending = read_file_hashing(path, max_bytes)
+    data, pending = read_file_hashing(path, max_bytes, empty=empty)
     return data, pending.hexdigest()
 
 

@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from livestack.pipeline.types import FrameInfo
+from livestack.pipeline.types import Allocator, FrameInfo
 from livestack.storage.fitsio import FileBytes
 from livestack.storage.formats import options_for, read_frame
 
 
 def read_light(path: Path | str, formats: Any = None, masters: Any = None,
-               data: FileBytes | None = None) -> tuple[np.ndarray, FrameInfo]:
+               data: FileBytes | None = None, *, empty: Allocator | None = None
+               ) -> tuple[np.ndarray, FrameInfo]:
     """Read a light frame of any supported format as float32 with its header facts.
 
     Parameters
@@ -34,6 +35,8 @@ def read_light(path: Path | str, formats: Any = None, masters: Any = None,
     data : ndarray (n_bytes,) uint8 or bytes, optional
         The file's whole content, already read (plain FITS is decoded from it; see
         :func:`livestack.storage.formats.read_frame`).
+    empty : Allocator, optional
+        Where a plain FITS frame's image comes from (default ``np.empty``).
 
     Returns
     -------
@@ -53,7 +56,7 @@ def read_light(path: Path | str, formats: Any = None, masters: Any = None,
     exposure_s = getattr(formats, "exposure_s", None)
     image, info, _header = read_frame(Path(path),
                                       options_for(raw_black, utc_offset_h, exposure_s, masters),
-                                      data)
+                                      data, empty=empty)
     return image, info
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from livestack.pipeline.types import FrameInfo
+from livestack.pipeline.types import Allocator, FrameInfo
 from livestack.reasons import Reason
 from livestack.storage import fitsio
 from livestack.storage.fitsio import _open, _stat_size
@@ -93,7 +93,7 @@ def _decode(path: Path, fmt: str, options: ReadOptions) -> tuple[np.ndarray, fit
 
 
 def read_frame(path: Path | str, options: ReadOptions | None = None,
-               data: fitsio.FileBytes | None = None
+               data: fitsio.FileBytes | None = None, *, empty: Allocator | None = None
                ) -> tuple[np.ndarray, FrameInfo, fits.Header]:
     """Read a frame of any supported format as native float32.
 
@@ -105,6 +105,9 @@ def read_frame(path: Path | str, options: ReadOptions | None = None,
     data : ndarray (n_bytes,) uint8 or bytes, optional
         The file's whole content, already read: a plain FITS frame is decoded from it
         without reading the file again. The other formats read ``path`` and ignore it.
+    empty : Allocator, optional
+        Where a plain FITS frame's image comes from (default ``np.empty``; see
+        :func:`livestack.storage.fitsio.read_frame`). The other formats ignore it.
 
     Returns
     -------
@@ -127,7 +130,7 @@ def read_frame(path: Path | str, options: ReadOptions | None = None,
     if fmt is None:
         raise err(Reason.UNKNOWN_FORMAT, path, "unsupported file type (suffix)")
     if fmt in ("fits", "fits.fz"):
-        return fitsio.read_frame(path, data)
+        return fitsio.read_frame(path, data, empty=empty)
     image, header = _decode(path, fmt, options or _DEFAULT)
     shape = (int(image.shape[-2]), int(image.shape[-1]))
     info = parse_frame_info(header, str(path), shape)
