@@ -498,32 +498,12 @@ class StackSession:
         return StackProduct(
             image=image, weight=weight, count=count,
             rejected_low=rejected_low, rejected_high=rejected_high,
-            records=list(self.records), header=self._header(),
+            records=list(self.records), header=_stack_header(self),
         )
 
     def _colour_stack(self) -> bool:
         """Whether the stack holds colour (3-plane) frames."""
         return self._stack is not None and len(self._stack.shape) == 3
-
-    def _header(self) -> dict[str, object]:
-        accepted = [r for r in self.records if r.verdict == "accepted"]
-        cfg = self.config
-        header = provenance_header(
-            self.stack_id, ((r.date_obs, r.exposure_s) for r in accepted), self.first_info,
-            self.egain_e_per_adu, COMBINE=cfg.stack.method, KAPPALO=cfg.stack.kappa_low,
-            KAPPAHI=cfg.stack.kappa_high, NORMALIZ=cfg.normalize.method,
-            WEIGHTS=cfg.normalize.weights,
-            WARPKERN=resolve_kernel(cfg.warp.kernel, self._colour_stack()))
-        # The live total counts every accepted frame's exposure as it came in.
-        header["EXPTIME"] = float(self.total_exposure_s)
-        if self._reference is not None:
-            header["REFFRAME"] = self._reference.file
-        if self.base_header:
-            header.update(self.base_header)
-            header["INTEGRAT"] = "batch+live"  # a rebuild's batch result, then live frames
-        if self.saturation.level_adu is not None:
-            header["SATURATE"] = float(self.saturation.level_adu.min())
-        return header
 
     def preview_jpeg(self, max_size_px: int | None = None, quality: int | None = None) -> bytes:
         """Render the stack as an auto-stretched JPEG.
@@ -627,24 +607,9 @@ class StackSession:
         if stack_state:
             session._stack = RunningStack.from_state(stack_state, config.stack)
         if "reference" in meta:
-            ref_meta = meta["reference"]
-            stars = StarList(np.asarray(arrays["ref.xy"], dtype=np.float64),
-                             np.asarray(arrays["ref.flux"], dtype=np.float64),
-                             np.asarray(arrays["ref.fwhm_px"], dtype=np.float64),
-                             np.asarray(arrays["ref.elongation"], dtype=np.float64))
-            if "ref.phase" in arrays:
-                ny, nx = (int(v) for v in ref_meta["phase_shape"])
-                phase = PhaseImage(np.ascontiguousarray(arrays["ref.phase"], dtype=np.float32),
-                                   int(ref_meta["phase_factor"]), (ny, nx))
-            else:  # a checkpoint from before the binned reference: bin it now
-                phase = phase_image(np.asarray(arrays["ref.luminance"], dtype=np.float32),
-                                    config.register)
-            session._reference = _Reference(
-                ref_meta["file"], tuple(int(s) for s in ref_meta["shape"]), stars,
-                _stats_from_json(ref_meta["stats"]), phase, FrameMetrics(**ref_meta["metrics"]),
-                *_photometry_from_state(arrays, ref_meta, stars),
-            )
-            session._registrar = Registrar(stars, phase, config.register)
+            ref = _reference_from_state(arrays, meta["reference"], config)
+            session._reference = ref
+            session._registrar = Registrar(ref.stars, ref.phase, config.register)
         return session
 
 
@@ -741,6 +706,56 @@ def _accept_message(info: FrameInfo, metrics: FrameMetrics, transform: Transform
 
 def _stats_to_json(stats: FrameStats) -> dict[str, Any]:
     return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in asdict(stats).items()}
+
+
+def _stack_header(session: StackSession) -> dict[str, object]:
+    """The provenance header of the stack of ``session`` as it stands (see
+    :meth:`StackSession.product`)."""
+    accepted = [r for r in session.records if r.verdict == "accepted"]
+    cfg = session.config
+    header = provenance_header(
+        session.stack_id, ((r.date_obs, r.exposure_s) for r in accepted), session.first_info,
+        session.egain_e_per_adu, COMBINE=cfg.stack.method, KAPPALO=cfg.stack.kappa_low,
+        KAPPAHI=cfg.stack.kappa_high, NORMALIZ=cfg.normalize.method,
+        WEIGHTS=cfg.normalize.weights,
+        WARPKERN=resolve_kernel(cfg.warp.kernel, session._colour_stack()))
+    # The live total counts every accepted frame's exposure as it came in.
+    header["EXPTIME"] = float(session.total_exposure_s)
+    if session._reference is not None:
+        header["REFFRAME"] = session._reference.file
+    if session.base_header:
+        header.update(session.base_header)
+        header["INTEGRAT"] = "batch+live"  # a rebuild's batch result, then live frames
+    if session.saturation.level_adu is not None:
+        header["SATURATE"] = float(session.saturation.level_adu.min())
+    return header
+
+
+def _reference_from_state(arrays: dict[str, np.ndarray], ref_meta: dict[str, Any],
+                          config: PipelineConfig) -> _Reference:
+    """The reference frame of a :meth:`StackSession.state` (its ``ref.*`` arrays and meta).
+
+    Raises
+    ------
+    KeyError, ValueError
+        If the state is incomplete or inconsistent (a corrupt checkpoint).
+    """
+    stars = StarList(np.asarray(arrays["ref.xy"], dtype=np.float64),
+                     np.asarray(arrays["ref.flux"], dtype=np.float64),
+                     np.asarray(arrays["ref.fwhm_px"], dtype=np.float64),
+                     np.asarray(arrays["ref.elongation"], dtype=np.float64))
+    if "ref.phase" in arrays:
+        ny, nx = (int(v) for v in ref_meta["phase_shape"])
+        phase = PhaseImage(np.ascontiguousarray(arrays["ref.phase"], dtype=np.float32),
+                           int(ref_meta["phase_factor"]), (ny, nx))
+    else:  # a checkpoint from before the binned reference: bin it now
+        phase = phase_image(np.asarray(arrays["ref.luminance"], dtype=np.float32),
+                            config.register)
+    return _Reference(
+        ref_meta["file"], tuple(int(s) for s in ref_meta["shape"]), stars,
+        _stats_from_json(ref_meta["stats"]), phase, FrameMetrics(**ref_meta["metrics"]),
+        *_photometry_from_state(arrays, ref_meta, stars),
+    )
 
 
 def _photometry_from_state(arrays: dict[str, np.ndarray], ref_meta: dict[str, Any],

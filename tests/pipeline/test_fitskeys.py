@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from livestack.pipeline.fitskeys import is_cfa_key, time_keywords
-from livestack.pipeline.session import PipelineConfig, StackSession
+from livestack.pipeline.session import PipelineConfig, StackSession, _stack_header
 from livestack.pipeline.types import FrameInfo, FrameRecord
 
 T0 = datetime(2024, 3, 1, 22, 0, 0, tzinfo=timezone.utc)
@@ -50,7 +50,7 @@ def test_live_header_times_and_no_cfa_on_colour() -> None:
         FrameRecord(f"f{i}.fits", verdict, exposure_s=60.0,
                     date_obs=T0 + timedelta(seconds=120 * i), mjd_obs=MJD0 + 120 * i / 86400)
         for i, verdict in enumerate(("accepted", "rejected", "accepted", "accepted"))]
-    header = session._header()
+    header = _stack_header(session)
     assert "CFAPAT" not in header and "BAYERPAT" not in header
     assert header["DATE-OBS"] == "2024-03-01T22:00:00.000"
     assert header["MJD-OBS"] == pytest.approx(MJD0, abs=1e-9)
