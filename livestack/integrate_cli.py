@@ -23,9 +23,9 @@ COMBINE = ("mean", "median", "max", "min")
 REJECT = ("winsorized", "sigma", "linear-fit", "percentile", "minmax", "none")
 WEIGHTS = ("noise", "fwhm", "stars", "none")
 NORMALIZE = ("additive-scaling", "multiplicative-scaling", "additive", "none")
-#: Resampling kernels for ``--interpolation`` (``livestack.pipeline.warp.KERNELS``, which
-#: is not imported here so that building the parser stays light).
-INTERPOLATION = ("nearest", "bilinear", "bicubic", "lanczos3", "mitchell")
+#: Resampling kernels for ``--interpolation`` (``livestack.pipeline.warp.KERNELS`` and its
+#: ``AUTO``, which are not imported here so that building the parser stays light).
+INTERPOLATION = ("auto", "nearest", "bilinear", "bicubic", "lanczos3", "mitchell")
 #: Default (low, high) limits per rejection method: sigmas, fractions of the median, counts.
 DEFAULT_LIMITS: dict[str, tuple[float, float]] = {
     "winsorized": (3.0, 3.0), "sigma": (3.0, 3.0), "linear-fit": (5.0, 5.0),

@@ -381,9 +381,9 @@ def test_cli_interpolation_takes_precedence_over_the_config(
         session_dir: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import livestack.restack
     from livestack import integrate_cli
-    from livestack.pipeline.warp import KERNELS
+    from livestack.pipeline.warp import AUTO, KERNELS
 
-    assert set(integrate_cli.INTERPOLATION) == set(KERNELS)
+    assert set(integrate_cli.INTERPOLATION) == {AUTO, *KERNELS}
     seen: list[str] = []
 
     class Stop(Exception):

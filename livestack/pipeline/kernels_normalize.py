@@ -87,7 +87,9 @@ def _kth_key(bits: NDArray[np.uint32], n: int, k: int,
 @njit(cache=True, nogil=True, fastmath=False)
 def _median(values: NDArray[np.float32], n: int,
             hist: NDArray[np.int64]) -> np.float32:  # pragma: no cover - compiled
-    """``np.median(values[:n])`` of finite float32 values, bit for bit (n >= 1).
+    """``np.median(values[:n])`` of finite float32 values, bit for bit (n >= 1), except
+    the sign of a zero median when the values hold both -0.0 and +0.0 (the key orders -0.0
+    below +0.0; numpy's sign then depends on its partition; the values compare equal).
 
     For an even ``n`` numpy averages the two middle values in float32 (their float32 sum,
     halved); so does this.
