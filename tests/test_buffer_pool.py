@@ -3,7 +3,10 @@
 Unit tests of :class:`livestack.engine.buffers.BufferPool`, then the engine with a pool
 that pools the small test frames (``min_bytes=0``): the stacks are bit-identical to an
 engine that never pools, per-frame failures keep their reasons, and a frame something
-still holds is never overwritten by a later one.
+still holds is never overwritten by a later one. The bit-identity tests also run with a
+pool that hands every buffer out poisoned (not zeros, not the last frame's pixels): a step
+that reads pooled memory before writing it (``np.empty`` read as ``np.zeros``) would then
+change the stack.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from livestack.engine import buffers
 from livestack.engine.buffers import BufferPool
 from livestack.engine.core import Engine
 from livestack.pipeline import session as session_mod
+from livestack.sim import SimConfig, write_sequence
 from tests.daemon_helpers import copy_frames, frames, last_row, make_config
 
 __all__ = ["frames"]  # the module-scoped fixture, from tests.daemon_helpers
@@ -123,6 +127,24 @@ def test_the_free_reference_count_is_measured_on_this_interpreter() -> None:
 # ------------------------------------------------------------------------ the engine
 
 
+class PoisonPool(BufferPool):
+    """A pool whose arrays come filled with garbage (3e30, True, the integer maximum)."""
+
+    def empty(self, shape: Any, dtype: Any = np.float32) -> np.ndarray:
+        out = super().empty(shape, dtype)
+        dt = np.dtype(dtype)
+        if dt.kind == "f":
+            out.fill(3.0e30)
+        elif dt.kind == "b":
+            out.fill(True)
+        else:
+            out.fill(np.iinfo(dt).max)
+        return out
+
+
+POOLS = pytest.mark.parametrize("pool_type", [BufferPool, PoisonPool], ids=["pool", "poison"])
+
+
 def _stack(tmp_path: Path, paths: list[Path], pool: BufferPool
            ) -> tuple[Engine, np.ndarray, list[int]]:
     engine = Engine(make_config(tmp_path, checkpoint_every_frames=2), tmp_path / "stacks")
@@ -150,11 +172,12 @@ def _bad_frames(folder: Path, good: Path) -> dict[str, Path]:
     return bad
 
 
+@POOLS
 def test_pooled_buffers_give_a_bit_identical_stack_and_keep_failure_reasons(
-        tmp_path: Path, frames: list[Path]) -> None:
+        tmp_path: Path, frames: list[Path], pool_type: type[BufferPool]) -> None:
     results = {}
     for name, pool in (("fresh", BufferPool(min_bytes=1 << 62)),  # never pools
-                       ("pooled", BufferPool(min_bytes=0))):
+                       ("pooled", pool_type(min_bytes=0))):
         good = copy_frames(frames[:6], tmp_path / name / "in")
         bad = _bad_frames(tmp_path / name / "in", good[0])
         order = [good[0], bad["truncated"], good[1], bad["all_nan"], good[2], good[3],
@@ -174,6 +197,21 @@ def test_pooled_buffers_give_a_bit_identical_stack_and_keep_failure_reasons(
             assert pool.allocated == 0
     assert results["pooled"][0].tobytes() == results["fresh"][0].tobytes()
     assert results["pooled"][1] == results["fresh"][1]
+
+
+def test_bayer_frames_through_a_poisoned_pool_stack_bit_identically(tmp_path: Path) -> None:
+    lights = write_sequence(tmp_path / "lights", SimConfig(
+        width=256, height=192, bayer_pattern="RGGB", drift_px_per_frame=(1.3, 0.7)),
+        seed=11, n_frames=5)
+    images = {}
+    for name, pool in (("fresh", BufferPool(min_bytes=1 << 62)),
+                       ("poison", PoisonPool(min_bytes=0))):
+        good = copy_frames(lights, tmp_path / name / "in")
+        engine, images[name], _ = _stack(tmp_path / name, good, pool)
+        assert all(last_row(engine, p).status == "accepted" for p in good)
+        engine.close()
+    assert images["poison"].ndim == 3
+    assert images["poison"].tobytes() == images["fresh"].tobytes()
 
 
 def test_a_frame_still_held_is_not_overwritten_by_later_frames(
@@ -217,14 +255,16 @@ def test_a_frame_still_held_is_not_overwritten_by_later_frames(
         assert not any(np.may_share_memory(a, b) for b, _ in held[i + 1:])
 
 
-def test_saturated_frames_through_pooled_masks_stack_bit_identically() -> None:
+@POOLS
+def test_saturated_frames_through_pooled_masks_stack_bit_identically(
+        pool_type: type[BufferPool]) -> None:
     # Flat-topped stars: the raw saturation mask, the clamp's seeds and flags and the
     # warped mask all come from the pool (the simulated frames above have none).
     from livestack.pipeline.session import PipelineConfig, StackSession
     from livestack.sim.saturated import SaturatedSky
 
     sky = SaturatedSky(seed=3)
-    pool = BufferPool(min_bytes=0)
+    pool = pool_type(min_bytes=0)
     sessions = {name: StackSession(name, PipelineConfig()) for name in ("fresh", "pooled")}
     for index in range(6):
         for name, session in sessions.items():
