@@ -61,27 +61,26 @@ def _kth_key(bits: NDArray[np.uint32], n: int, k: int,
     hist[:] = 0
     for i in range(n):
         hist[_sort_key(bits[i]) >> 16] += 1
-    below = 0
-    high = 0
-    for b in range(_RADIX_BINS):
-        if below + hist[b] > k:
-            high = b
-            break
-        below += hist[b]
-    rank = k - below
+    high, below = _bin_of_rank(hist, k)
     hist[:] = 0
     for i in range(n):
         key = _sort_key(bits[i])
         if (key >> 16) == high:
             hist[key & np.uint32(0xFFFF)] += 1
+    low, _ = _bin_of_rank(hist, k - below)
+    return np.uint32((high << 16) | low)
+
+
+@njit(cache=True, nogil=True)
+def _bin_of_rank(hist: NDArray[np.int64], rank: int) -> tuple[int, int]:  # pragma: no cover
+    """The bin holding the ``rank``-th smallest (0-based) value counted in ``hist``, and how
+    many values lie in the bins below it."""
     below = 0
-    low = 0
     for b in range(_RADIX_BINS):
         if below + hist[b] > rank:
-            low = b
-            break
+            return b, below
         below += hist[b]
-    return np.uint32((high << 16) | low)
+    return 0, below
 
 
 @njit(cache=True, nogil=True, fastmath=False)
