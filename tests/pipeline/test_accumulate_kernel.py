@@ -8,8 +8,6 @@ structure branch, the two-sample :func:`resolve_pair` case and the saturating co
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numpy.typing import NDArray
 
@@ -22,55 +20,70 @@ def reference_add_clip(image: NDArray[np.float32], footprint: NDArray[np.bool_],
                        noise_sq: NDArray[np.float64], noise_bar_sq: NDArray[np.float64],
                        sky: NDArray[np.float64], prior_n: float, coef_lo: NDArray[np.float64],
                        coef_hi: NDArray[np.float64], state: State) -> tuple[int, int]:
-    """One frame into ``state`` (mean, m2, wsum, count, rej_lo, rej_hi), pixel by pixel."""
+    """One frame into ``state`` (mean, m2, wsum, count, rej_lo, rej_hi), pixel by pixel.
+
+    In float32 numpy scalars, like the kernel: the per-frame and per-row constants are
+    rounded once from float64, then every operation is a float32 one (same order).
+    """
+    f32 = np.float32
     mean, m2, wsum, count, rej_lo, rej_hi = state
     n_lo = n_hi = 0
     nc, ny, nx = image.shape
+    one, quarter = f32(1.0), f32(0.25)
+    shrink_per_rej = f32(ka.WINSOR_C ** 2 - 1.0)
+    klo = [f32(coef_lo[i]) for i in range(ka.N_COEF)]
+    khi = [f32(coef_hi[i]) for i in range(ka.N_COEF)]
+    w_this, prior = f32(weight), f32(prior_n)
+
+    def t_factor(k: list[np.float32], inv_nu: np.float32) -> np.float32:
+        return k[ka.COEF_KAPPA] + inv_nu * (k[ka.COEF_T1] + inv_nu * (k[ka.COEF_T2]
+                                                                      + inv_nu * k[ka.COEF_T3]))
+
     for c in range(nc):
-        sb2 = float(noise_bar_sq[c])
-        ratio = float(noise_sq[c]) / sb2
-        sky_c = float(sky[c])
-        gate2 = ka.STRUCTURE_GATE * ka.STRUCTURE_GATE * sb2
+        sb2 = f32(noise_bar_sq[c])
+        ratio = f32(float(noise_sq[c]) / float(noise_bar_sq[c]))
+        sky_c = f32(sky[c])
+        gate2 = f32(ka.STRUCTURE_GATE * ka.STRUCTURE_GATE * float(noise_bar_sq[c]))
+        prior_ss = f32(prior_n * float(noise_bar_sq[c]))
         for y in range(ny):
             for x in range(nx):
-                v = float(image[c, y, x])
-                if not footprint[y, x] or not abs(v) < math.inf:
+                v = image[c, y, x]
+                if not footprint[y, x] or not abs(v) < np.inf:
                     continue
                 n_int = int(count[c, y, x])
                 if n_int == 0:
-                    mean[c, y, x], m2[c, y, x], wsum[c, y, x], count[c, y, x] = v, 0, weight, 1
+                    mean[c, y, x], m2[c, y, x], wsum[c, y, x], count[c, y, x] = v, 0, w_this, 1
                     continue
-                n = float(n_int)
-                mu, w_old, s = float(mean[c, y, x]), float(wsum[c, y, x]), float(m2[c, y, x])
-                shrink = (ka.WINSOR_C ** 2 - 1.0) * (float(rej_lo[c, y, x])
-                                                     + float(rej_hi[c, y, x]))
-                d, excess, nm1 = v - mu, mu - sky_c, n - 1.0
+                n = f32(n_int)
+                mu, w_old, s = mean[c, y, x], wsum[c, y, x], m2[c, y, x]
+                shrink = shrink_per_rej * (f32(rej_lo[c, y, x]) + f32(rej_hi[c, y, x]))
+                d, excess, nm1 = v - mu, mu - sky_c, n - one
                 sn = s * n
-                inv_nu = 1.0 / max(nm1, 1.0)
-                crit = (1.0 - (2.0 / 9.0) * inv_nu
-                        + ka._Z99 * math.sqrt((2.0 / 9.0) * inv_nu)) ** 3
-                if (n_int >= 2 and excess > 0.0 and excess * excess > gate2
-                        and sn > crit * nm1 * sb2 * w_old):
-                    num, den = sn, max(nm1 - shrink, 0.25 * nm1)
-                    k_lo = ka._t_factor(coef_lo, inv_nu)
-                    k_hi = ka._t_factor(coef_hi, inv_nu)
+                inv_nu = one / max(nm1, one)
+                a = f32(2.0 / 9.0) * inv_nu
+                b = one - a + f32(ka._Z99) * np.sqrt(a)
+                if (n_int >= 2 and excess > 0 and excess * excess > gate2
+                        and sn > b * b * b * nm1 * sb2 * w_old):
+                    num, den = sn, max(nm1 - shrink, quarter * nm1)
+                    k_lo, k_hi = t_factor(klo, inv_nu), t_factor(khi, inv_nu)
                 else:
-                    dof = prior_n + nm1
-                    num, den = prior_n * sb2 * w_old + sn, max(dof - shrink, 0.25 * dof)
-                    spread = nm1 / (dof * dof) if dof > 0.0 else 0.0
-                    k_lo = coef_lo[ka.COEF_KAPPA] + coef_lo[ka.COEF_MODEL] * spread
-                    k_hi = coef_hi[ka.COEF_KAPPA] + coef_hi[ka.COEF_MODEL] * spread
-                lhs, rhs = d * d * (w_old * den * n), num * (ratio * n + 1.0)
+                    dof = prior + nm1
+                    num, den = prior_ss * w_old + sn, max(dof - shrink, quarter * dof)
+                    spread = nm1 / (dof * dof) if dof > 0 else f32(0.0)
+                    k_lo = klo[ka.COEF_KAPPA] + klo[ka.COEF_MODEL] * spread
+                    k_hi = khi[ka.COEF_KAPPA] + khi[ka.COEF_MODEL] * spread
+                lhs, rhs = d * d * (w_old * den * n), num * (ratio * n + one)
                 side = 0
-                if d > 0.0:
+                if d > 0:
                     side = 1 if lhs > k_hi * k_hi * rhs else 0
                 elif lhs > k_lo * k_lo * rhs:
                     side = -1
                 if side != 0 and n_int == 1:
-                    if ka.resolve_pair(min(v, mu) - sky_c, sb2) == ka.PAIR_KEEP_BOTH:
+                    lower_excess = min(v, mu) - sky_c
+                    if lower_excess * abs(lower_excess) > gate2:   # resolve_pair: keep both
                         side = 0
                     elif side < 0:
-                        mean[c, y, x], m2[c, y, x], wsum[c, y, x] = v, 0, weight
+                        mean[c, y, x], m2[c, y, x], wsum[c, y, x] = v, 0, w_this
                         rej_hi[c, y, x] = min(int(rej_hi[c, y, x]) + 1, ka.U16_MAX)
                         n_hi += 1
                         continue
@@ -81,10 +94,10 @@ def reference_add_clip(image: NDArray[np.float32], footprint: NDArray[np.bool_],
                     rej_lo[c, y, x] = min(int(rej_lo[c, y, x]) + 1, ka.U16_MAX)
                     n_lo += 1
                 else:
-                    w_new = w_old + weight
-                    mu_new = mu + d * (weight / w_new)
+                    w_new = w_old + w_this
+                    mu_new = mu + d * (w_this / w_new)
                     mean[c, y, x], wsum[c, y, x] = mu_new, w_new
-                    m2[c, y, x] = s + weight * d * (v - mu_new)
+                    m2[c, y, x] = s + w_this * d * (v - mu_new)
                     count[c, y, x] = min(n_int + 1, ka.U16_MAX)
     return n_lo, n_hi
 
