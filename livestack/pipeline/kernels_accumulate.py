@@ -545,9 +545,62 @@ def replay_warmup(planes: NDArray[np.float32], n_frames: int, weights: NDArray[n
         accept = np.zeros(n_frames, dtype=np.int8)
         work = np.zeros(n_frames, dtype=np.int8)
         sb2 = noise_bar_sq[c]
+        # Fast path, vectorised over the row (frame by frame): the pixels that every held
+        # frame covers and whose samples all agree (_all_agree) accept them all, and
+        # their fit is the weighted West update over the frames in order. The same
+        # operations in the same order as the per-pixel path below, so the same bits;
+        # but the per-pixel path is a serial chain of divisions, 12 ms of CPU per MP.
+        fast = np.empty(nx, dtype=np.bool_)
+        mu_fit = np.zeros(nx, dtype=np.float64)
+        s_fit = np.zeros(nx, dtype=np.float64)
+        w_fit = np.zeros(nx, dtype=np.float64)
+        for x in range(nx):
+            fast[x] = n_frames >= 2
+        for k in range(n_frames):
+            for x in range(nx):
+                v = np.float64(rows[k, x])
+                fast[x] &= not math.isnan(v)
+                mu_fit[x] += v                       # _all_agree's plain sum, for now
+        sky_gate = STRUCTURE_GATE * math.sqrt(sb2)
+        for x in range(nx):
+            mu_fit[x] /= n_frames
+            fast[x] &= not (mu_fit[x] - sky[c] > sky_gate)
+        k2 = k_tight * k_tight
+        for k in range(n_frames):
+            limit = k2 * (noise_sq[k, c] + sb2 / n_frames)
+            for x in range(nx):
+                d = np.float64(rows[k, x]) - mu_fit[x]
+                fast[x] &= not (d * d > limit)
+        for x in range(nx):
+            mu_fit[x] = 0.0
+        for k in range(n_frames):
+            w_k = weights[k]
+            for x in range(nx):
+                v = np.float64(rows[k, x])
+                w_new = w_fit[x] + w_k
+                d = v - mu_fit[x]
+                mu_fit[x] += d * (w_k / w_new)
+                s_fit[x] += w_k * d * (v - mu_fit[x])
+                w_fit[x] = w_new
+        # Every pixel gets the fast path's state (a vectorised store); the loop below
+        # overwrites the others.
+        for x in range(nx):
+            mean[c, y, x] = mu_fit[x]
+            m2[c, y, x] = s_fit[x]
+            wsum[c, y, x] = w_fit[x]
+        if packed:
+            for x in range(nx):
+                rej_hi[c, y, x] = n_frames
+        else:
+            for x in range(nx):
+                count[c, y, x] = n_frames
+                rej_lo[c, y, x] = 0
+                rej_hi[c, y, x] = 0
         n_lo = 0
         n_hi = 0
         for x in range(nx):
+            if fast[x]:
+                continue
             nv = 0
             for k in range(n_frames):
                 v = rows[k, x]

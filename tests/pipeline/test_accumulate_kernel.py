@@ -147,3 +147,45 @@ def test_add_clip_is_bit_identical_to_the_branching_rules() -> None:
             assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (frame, got.dtype)
         rejected += rows.sum(axis=0)
     assert rejected.min() > 100  # both sides were exercised
+
+
+def test_warmup_replay_fast_path_is_the_weighted_west_fit_bit_for_bit() -> None:
+    """Pixels all held frames cover and agree on take the replay's vectorised path: their
+    state must be the per-pixel path's, i.e. West's weighted update over the frames in
+    order (float64, rounded on store). A hot sample sends its pixel down the per-pixel
+    path, which must reject it and fit the others."""
+    rng = np.random.default_rng(21)
+    nc, ny, nx, k_frames = 2, 7, 53, 4
+    sky = np.array([500.0, 80.0])
+    noise_sq = rng.uniform(9.0, 25.0, (k_frames, nc))
+    # Scatter at a tenth of the declared noise: every sample agrees with the others.
+    frames = (sky[None, :, None, None]
+              + 0.1 * np.sqrt(noise_sq)[:, :, None, None]
+              * rng.standard_normal((k_frames, nc, ny, nx))).astype(np.float32)
+    hot = np.zeros((nc, ny, nx), bool)
+    hot[0, 3, 10:20] = True
+    frames[2][hot] += np.float32(5000.0)
+    weights = rng.uniform(0.5, 2.0, k_frames)
+    state: State = ([np.zeros((nc, ny, nx), np.float32) for _ in range(3)]
+                    + [np.zeros((nc, ny, nx), np.uint16) for _ in range(3)])
+    rows = np.zeros((nc * ny, 2), np.int64)
+    coef = ka.clip_coefficients(3.0)
+    ka.replay_warmup(frames.copy(), k_frames, weights, noise_sq, noise_sq.mean(axis=0), sky,
+                     5.0, coef, coef, *state, rows, False)
+
+    mu, s, w = (np.zeros((nc, ny, nx)) for _ in range(3))
+    for k in range(k_frames):
+        v = frames[k].astype(np.float64)
+        use = ~hot if k == 2 else np.ones_like(hot)
+        w_new = w + weights[k]
+        d = v - mu
+        mu_new = mu + d * (weights[k] / w_new)
+        s = np.where(use, s + weights[k] * d * (v - mu_new), s)
+        mu = np.where(use, mu_new, mu)
+        w = np.where(use, w_new, w)
+    mean, m2, wsum, count, rej_lo, rej_hi = state
+    for got, want in ((mean, mu), (m2, s), (wsum, w)):
+        assert np.array_equal(got.view(np.uint8), want.astype(np.float32).view(np.uint8))
+    assert np.array_equal(count, np.where(hot, k_frames - 1, k_frames))
+    assert np.array_equal(rej_hi, hot.astype(np.uint16)) and not rej_lo.any()
+    assert tuple(rows.sum(axis=0)) == (0, int(hot.sum()))
