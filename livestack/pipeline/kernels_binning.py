@@ -268,3 +268,56 @@ def peak_score_kernel(binned: NDArray[np.float32], sky: NDArray[np.float32], fac
                             s += u
                 if n >= min_count:
                     srow[x] = s
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def _row_peak_counts(score: NDArray[np.float32], counts: NDArray[np.int64]) -> None:
+    """Number of non-zero scores in each row of ``score``."""
+    for y in prange(score.shape[0]):
+        row = score[y]
+        n = 0
+        for x in range(row.shape[0]):
+            n += row[x] != 0.0
+        counts[y] = n
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def _row_peak_gather(score: NDArray[np.float32], offsets: NDArray[np.int64],
+                     idx: NDArray[np.int64]) -> None:
+    """Flat indices of the non-zero scores, row ``y``'s at ``offsets[y]:offsets[y + 1]``."""
+    nyb, nxb = score.shape
+    for y in prange(nyb):
+        k = offsets[y]
+        if offsets[y + 1] == k:
+            continue
+        row = score[y]
+        for x in range(nxb):
+            if row[x] != 0.0:
+                idx[k] = y * nxb + x
+                k += 1
+
+
+def peak_indices(score: NDArray[np.float32]) -> NDArray[np.int64]:
+    """``np.flatnonzero(score)`` of a 2-D C-contiguous score map, parallel over rows.
+
+    numpy's ``nonzero`` is one serial pass (~4 ms on the 1.6 MP map of a 26 MP frame);
+    here both passes (count, then gather) run rows in parallel, and the second skips the
+    rows without a peak.
+
+    Parameters
+    ----------
+    score : ndarray, shape (nyb, nxb), float32
+        :func:`peak_score_kernel`'s output (NaN counts as non-zero, as in numpy).
+
+    Returns
+    -------
+    ndarray, shape (n,), int64
+        Flat indices of the non-zero entries, ascending (the order of ``np.flatnonzero``).
+    """
+    counts = np.empty(score.shape[0], dtype=np.int64)
+    _row_peak_counts(score, counts)
+    offsets = np.zeros(score.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    idx = np.empty(int(offsets[-1]), dtype=np.int64)
+    _row_peak_gather(score, offsets, idx)
+    return idx
