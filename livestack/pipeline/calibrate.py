@@ -235,7 +235,8 @@ class RawScan:
     row_key : ndarray, shape (ny,), int32
         Each row's finite maximum as an order key (``kernels_calibrate.NO_KEY``: none).
     row_count : ndarray, shape (ny,), int64
-        Pixels equal to the row's maximum.
+        Pixels equal to the row's maximum, in the rows that can hold the frame's maximum
+        (0 in the others).
     above : ndarray, shape (ny, 3), int64
         Pixels at or above each of the given levels.
     dense : ndarray, shape (ny,), uint8

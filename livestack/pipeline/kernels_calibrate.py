@@ -199,8 +199,12 @@ def _scan_row(bits: np.ndarray, row: np.ndarray, l0: np.float32, l1: np.float32,
         n0 += v >= l0
         n1 += v >= l1
         n2 += v >= l2
+    # A row whose maximum is below the band's running maximum cannot hold the frame's
+    # maximum: only the others (a few per band) need its count and their pixels' codes.
+    # (-0.0 too: max_and_count counts a -0.0 row maximum when the frame's is +0.0.)
+    top = k != NO_KEY and (k >= running or k == -1)
     c = 0
-    if k != NO_KEY:
+    if top:
         for x in range(nx):
             b = bits[x]
             key = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
@@ -210,9 +214,6 @@ def _scan_row(bits: np.ndarray, row: np.ndarray, l0: np.float32, l1: np.float32,
     above[y, 0] = n0
     above[y, 1] = n1
     above[y, 2] = n2
-    # A row whose maximum is below the band's running maximum cannot hold the frame's
-    # maximum: only the others (a few per band) need their pixels' codes.
-    top = k != NO_KEY and k >= running
     if n0 + n1 + n2 + n_inf > 0 or top:
         dense[y] = 1
         out = codes[y]
@@ -267,13 +268,15 @@ def calibrate_inplace_scan(data: np.ndarray, sub: np.ndarray, flat: np.ndarray,
         :data:`CODE_POS_INF` for ``raw == +inf``.
     row_key, row_count : ndarray, shape (ny,), int32 / int64
         Written: each row's maximum as an order key (:data:`NO_KEY` when no pixel is
-        finite) and how many pixels equal it (+0.0 and -0.0 alike).
+        finite) and how many pixels equal it (+0.0 and -0.0 alike); the count only in the
+        rows that can hold the frame's maximum (see ``dense``), 0 elsewhere.
     above : ndarray, shape (ny, 3), int64
         Written: the number of pixels ``>= levels[j]`` in each row.
     dense : ndarray, shape (ny,), uint8
         Written: 1 where ``codes`` was written: a pixel at or above a level, a +inf, or a
         maximum at or above the running maximum of the rows before it in its band of
-        :data:`SCAN_BAND_ROWS` (so every row that holds the frame's maximum is dense).
+        :data:`SCAN_BAND_ROWS` (so every row that holds the frame's maximum is dense and
+        counted), or a maximum of -0.0.
     sample : ndarray, shape (ceil(ny / sample_step), ceil(nx / sample_step)), float64
         Written: ``raw[::sample_step, ::sample_step]``.
     sample_step : int
