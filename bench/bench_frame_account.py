@@ -188,7 +188,10 @@ def main() -> int:
         wrap(owner, name, label)
     wrap(ing.Ingest, "process_path", "process_path", new_frame=True)
     if args.detail:
+        # calibrate_saturated: raw_saturation and calibrate in one (the raw frame read
+        # once, issue 16); a tree has either it or the two.
         for owner, name in ((frm, "raw_saturation"), (frm, "calibrate"),
+                            (frm, "calibrate_saturated"),
                             (frm, "calibrated_saturation"), (frm, "find_isolated_hot_pixels"),
                             (frm, "correct_defects"), (frm, "subtract_gradient"),
                             (frm, "frame_stats"), (frm, "normalization"),

@@ -72,7 +72,11 @@ def warm_up_steps(config: Config, *, with_masters: bool) -> Iterator[str]:
         for (x, y), f in zip(pos, flux, strict=True):
             image += (f / (2 * np.pi * 1.5**2) * np.exp(
                 -((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2))).astype(np.float32)
-        return image * flat + offset
+        image = image * flat + offset
+        # A saturated 3x3 core, so that the saturation mask's kernels compile here too
+        # (detection drops it: flat-topped).
+        image[20:23, 30:33] = 65535.0
+        return image
 
     def info(i: int) -> FrameInfo:
         return FrameInfo(path=f"<warm-up {i}>", image_type="light", shape=(ny, nx),

@@ -183,19 +183,7 @@ def calibrate(raw: np.ndarray, masters: MasterSet | None, bayer_pattern: str | N
             return out
         return data.copy() if (data is raw or np.shares_memory(data, raw)) else data
     _check_shapes(data.shape, masters, frame_name)
-
-    dummy_f = np.zeros((1, 1), dtype=np.float32)
-    sub = np.ascontiguousarray(masters.subtract, dtype=np.float32) \
-        if masters.subtract is not None else dummy_f
-    flat = np.ascontiguousarray(masters.flat, dtype=np.float32) \
-        if masters.flat is not None else dummy_f
-    defects = np.ascontiguousarray(masters.defects, dtype=np.bool_) \
-        if masters.defects is not None else np.zeros((1, 1), dtype=np.bool_)
-    defects_u8 = defects.view(np.uint8)  # see kernels_calibrate: uint8 masks are faster
-    empty_index = np.zeros(1, dtype=np.int64)
-    ptr = masters._defect_ptr if masters._defect_ptr is not None else np.zeros(
-        data.shape[0] + 1, dtype=np.int64)
-    cols = masters._defect_cols if masters._defect_cols is not None else empty_index
+    sub, flat, defects, defects_u8, ptr, cols = _kernel_masters(data.shape, masters)
     if in_place:
         out = data
         unresolved = kc.calibrate_inplace(data, sub, flat, defects_u8, ptr, cols,
@@ -216,6 +204,118 @@ def calibrate(raw: np.ndarray, masters: MasterSet | None, bayer_pattern: str | N
     return out
 
 
+
+
+def _kernel_masters(shape: tuple[int, ...], masters: MasterSet) -> tuple[
+        NDArray[np.float32], NDArray[np.float32], NDArray[np.bool_], NDArray[np.uint8],
+        NDArray[np.int64], NDArray[np.int64]]:
+    """The kernels' master arguments: subtract, flat, defect map (bool and its uint8
+    view), row pointers and columns of the defects; dummies for what is absent."""
+    dummy_f = np.zeros((1, 1), dtype=np.float32)
+    sub = np.ascontiguousarray(masters.subtract, dtype=np.float32) \
+        if masters.subtract is not None else dummy_f
+    flat = np.ascontiguousarray(masters.flat, dtype=np.float32) \
+        if masters.flat is not None else dummy_f
+    defects = np.ascontiguousarray(masters.defects, dtype=np.bool_) \
+        if masters.defects is not None else np.zeros((1, 1), dtype=np.bool_)
+    defects_u8 = defects.view(np.uint8)  # see kernels_calibrate: uint8 masks are faster
+    empty_index = np.zeros(1, dtype=np.int64)
+    ptr = masters._defect_ptr if masters._defect_ptr is not None else np.zeros(
+        shape[0] + 1, dtype=np.int64)
+    cols = masters._defect_cols if masters._defect_cols is not None else empty_index
+    return sub, flat, defects, defects_u8, ptr, cols
+
+
+@dataclass(frozen=True)
+class RawScan:
+    """What :func:`calibrate_scanned` read from each raw row before calibrating it.
+
+    Attributes
+    ----------
+    row_key : ndarray, shape (ny,), int32
+        Each row's finite maximum as an order key (``kernels_calibrate.NO_KEY``: none).
+    row_count : ndarray, shape (ny,), int64
+        Pixels equal to the row's maximum, in the rows that can hold the frame's maximum
+        (0 in the others).
+    above : ndarray, shape (ny, 3), int64
+        Pixels at or above each of the given levels.
+    dense : ndarray, shape (ny,), uint8
+        The rows whose per-pixel codes were written
+        (``kernels_calibrate.calibrate_inplace_scan``).
+    sample : ndarray, float64
+        ``raw[::sample_step, ::sample_step]``.
+    """
+
+    row_key: NDArray[np.int32]
+    row_count: NDArray[np.int64]
+    above: NDArray[np.int64]
+    dense: NDArray[np.uint8]
+    sample: NDArray[np.float64]
+
+
+def can_scan(raw: np.ndarray, masters: MasterSet | None) -> bool:
+    """Whether :func:`calibrate_scanned` applies: a 2-D C-contiguous float32 frame and
+    masters to apply (otherwise the raw frame survives calibration and is read as it is)."""
+    return (raw.ndim == 2 and raw.dtype == np.float32 and raw.flags.c_contiguous
+            and raw.flags.writeable and masters is not None and not masters.is_empty())
+
+
+def calibrate_scanned(raw: NDArray[np.float32], masters: MasterSet,
+                      bayer_pattern: str | None, levels: NDArray[np.float32],
+                      codes: NDArray[np.uint8], sample_step: int, *,
+                      frame_name: str | None = None) -> tuple[NDArray[np.float32], RawScan]:
+    """Calibrate ``raw`` in place, reading what the saturation step needs from each raw row
+    first (the raw frame is read once instead of three times).
+
+    Parameters
+    ----------
+    raw : ndarray, shape (ny, nx), float32, C-contiguous
+        The frame (ADU); overwritten by the calibrated frame (see :func:`can_scan`).
+    masters : MasterSet
+        Not empty.
+    bayer_pattern : str or None
+        As for :func:`calibrate`.
+    levels : ndarray, shape (n_levels,), float32
+        Levels whose pixel counts (and per-pixel codes) are wanted; at most 3.
+    codes : ndarray, shape (ny, nx), uint8
+        Scratch for the per-pixel codes of the rare rows that need them.
+    sample_step : int
+        Stride of :attr:`RawScan.sample`.
+    frame_name : str or None
+        Named in error messages.
+
+    Returns
+    -------
+    calibrated : ndarray, shape (ny, nx), float32
+        ``raw`` itself, calibrated exactly as :func:`calibrate` with ``overwrite_raw``.
+    scan : RawScan
+
+    Raises
+    ------
+    CalibrationError
+        ``"master_shape_mismatch"``.
+    ValueError
+        More than 3 levels, or a frame :func:`can_scan` refuses.
+    """
+    if not can_scan(raw, masters) or codes.shape != raw.shape or levels.size > 3:
+        raise ValueError("calibrate_scanned needs a writeable C-contiguous float32 2-D "
+                         "frame, masters, codes of its shape and at most 3 levels")
+    _check_shapes(raw.shape, masters, frame_name)
+    sub, flat, defects, defects_u8, ptr, cols = _kernel_masters(raw.shape, masters)
+    ny, nx = raw.shape
+    scan = RawScan(np.empty(ny, np.int32), np.empty(ny, np.int64), np.empty((ny, 3), np.int64),
+                   np.empty(ny, np.uint8),
+                   np.empty((-(-ny // sample_step), -(-nx // sample_step)), np.float64))
+    slots = np.full(3, np.nan, dtype=np.float32)
+    slots[:levels.size] = levels
+    unresolved = kc.calibrate_inplace_scan(
+        raw, sub, flat, defects_u8, ptr, cols, masters.subtract is not None,
+        masters.flat is not None, masters.defects is not None, neighbour_step(bayer_pattern),
+        slots, codes, scan.row_key, scan.row_count, scan.above, scan.dense, scan.sample,
+        sample_step)
+    if unresolved:  # as in calibrate()
+        raw[...] = correct_defects(raw, defects, bayer_pattern)
+    return raw, scan
 
 
 def local_level(image: np.ndarray, step: int = 2) -> NDArray[np.float32]:

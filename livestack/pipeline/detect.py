@@ -445,7 +445,7 @@ def _peak_candidates(binned: NDArray[np.float32], config: DetectConfig, factor: 
                          sky.factor, float(config.threshold_sigma) * rms,
                          min(int(config.min_area_px), 9), score)
     flat = score.ravel()
-    idx = np.flatnonzero(flat)
+    idx = kb.peak_indices(score)
     if idx.size == 0:
         return none
     need = config.max_stars + max(config.max_stars // 4, 25)
@@ -794,7 +794,7 @@ def _fit_moffat(st: NDArray[np.float64], valid: NDArray[np.bool_], gx: NDArray[n
         trial[:, 7] = np.clip(trial[:, 7], 1.01, 20.0)
         det_q = trial[:, 4] * trial[:, 6] - trial[:, 5] ** 2
         shape_ok = (trial[:, 4] > 0) & (trial[:, 6] > 0) & (det_q > 0) & (trial[:, 0] > 0)
-        f_new, *_ = profile(trial)
+        f_new, *parts_new = profile(trial)
         c_new = np.sum(vmask * (data - f_new) ** 2, axis=1)
         better = shape_ok & np.isfinite(c_new) & (c_new < c)
         gain = np.where(better, (c - c_new) / np.maximum(c, 1e-300), 0.0)
@@ -803,7 +803,16 @@ def _fit_moffat(st: NDArray[np.float64], valid: NDArray[np.bool_], gx: NDArray[n
         lam = np.clip(np.where(better, lam * 0.3, lam * 10.0), 1e-9, 1e9)
         if np.all((gain < 1e-7) & (better | (lam > 1e3))):
             break
-        f, *parts = profile(p)
+        if not better.any():
+            continue  # p, f and the Jacobian are those of the last step
+        # The profile at the new p is the trial's where it was better and the old one
+        # elsewhere (per star, elementwise): select it instead of evaluating it again.
+        if better.all():
+            f, parts = f_new, parts_new
+        else:
+            f = np.where(better[:, None], f_new, f)
+            parts = [np.where(better[:, None, None], new, old)
+                     for new, old in zip(parts_new, parts, strict=True)]
         jac = jacobian(p, *parts)
     q11, q12, q22, beta = p[:, 4], p[:, 5], p[:, 6], p[:, 7]
     tr = q11 + q22

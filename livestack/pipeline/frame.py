@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 
 from livestack.errors import FrameError
 from livestack.pipeline.background import subtract_gradient
-from livestack.pipeline.calibrate import MasterSet, calibrate
+from livestack.pipeline.calibrate import MasterSet
 from livestack.pipeline.cosmetic import correct_defects, find_isolated_hot_pixels
 from livestack.pipeline.debayer import debayer, luminance
 from livestack.pipeline.detect import DetectConfig, measure
@@ -52,9 +52,9 @@ from livestack.pipeline.register import Registrar
 from livestack.pipeline.saturation import (
     FrameSaturation,
     SaturationConfig,
+    calibrate_saturated,
     calibrated_saturation,
     clamp_ringing,
-    raw_saturation,
 )
 from livestack.pipeline.types import (
     Allocator,
@@ -241,8 +241,8 @@ def calibrate_frame(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | Non
     # An RGB frame (TIFF/PNG/JPEG/XISF colour file) is calibrated and corrected per channel
     # and never debayered: it is already what debayer() makes of a CFA frame.
     # The raw half of the saturation facts first: the calibration may overwrite raw.
-    raw_sat = raw_saturation(raw, info, config.saturation, empty)
-    calibrated = calibrate(raw, masters, info.bayer_pattern, overwrite_raw=overwrite_raw)
+    calibrated, raw_sat = calibrate_saturated(raw, info, masters, config.saturation,
+                                              overwrite_raw=overwrite_raw, empty=empty)
     saturation = calibrated_saturation(raw_sat, calibrated)
     cosmetic = config.cosmetic
     if cosmetic.auto_hot_pixels and (masters is None or masters.defects is None):

@@ -149,33 +149,34 @@ def block_mean_counted(mean: NDArray[np.float32], count: NDArray[np.uint16],
     return _block_mean(mean, count, True, factor)
 
 
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def _sky_columns(sky: NDArray[np.float32], x0: NDArray[np.intp], x1: NDArray[np.intp],
+                 wx: NDArray[np.float32], out: NDArray[np.float32]) -> None:
+    """Every row of the sky map resampled at the binned columns ``x0 + wx`` (the
+    horizontal half of the bilinear resampling, done once per sky row instead of twice
+    per binned row)."""
+    for j in prange(sky.shape[0]):
+        srow = sky[j]
+        orow = out[j]
+        for x in range(orow.shape[0]):
+            orow[x] = srow[x0[x]] * (np.float32(1.0) - wx[x]) + srow[x1[x]] * wx[x]
+
+
 @njit(cache=True, nogil=True, fastmath=False)
-def _sky_row(sky: NDArray[np.float32], py: float, x0: NDArray[np.intp], x1: NDArray[np.intp],
-             wx: NDArray[np.float32], out: NDArray[np.float32]) -> None:
-    """One row of the sky map, bilinearly resampled at sky-grid row ``py`` and columns
-    ``x0 + wx`` (precomputed per column)."""
-    nys = sky.shape[0]
+def _signal_row(binned: NDArray[np.float32], hsky: NDArray[np.float32], y: int, ratio: float,
+                off: float, out: NDArray[np.float32]) -> None:
+    """``binned[y] - sky`` (resampled; ``hsky`` from :func:`_sky_columns`), with
+    non-finite pixels as -inf (never a peak)."""
+    nys = hsky.shape[0]
+    py = min(max(y * ratio + off, 0.0), nys - 1.0)
     y0 = min(int(py), max(nys - 2, 0))
     y1 = min(y0 + 1, nys - 1)
     wy = np.float32(py - y0)
-    for x in range(out.shape[0]):
-        top = sky[y0, x0[x]] * (np.float32(1.0) - wx[x]) + sky[y0, x1[x]] * wx[x]
-        bot = sky[y1, x0[x]] * (np.float32(1.0) - wx[x]) + sky[y1, x1[x]] * wx[x]
-        out[x] = top * (np.float32(1.0) - wy) + bot * wy
-
-
-@njit(cache=True, nogil=True, fastmath=False)
-def _signal_row(binned: NDArray[np.float32], sky: NDArray[np.float32], y: int, ratio: float,
-                off: float, x0: NDArray[np.intp], x1: NDArray[np.intp],
-                wx: NDArray[np.float32], skyrow: NDArray[np.float32],
-                out: NDArray[np.float32]) -> None:
-    """``binned[y] - sky`` (resampled), with non-finite pixels as -inf (never a peak)."""
-    nys = sky.shape[0]
-    py = min(max(y * ratio + off, 0.0), nys - 1.0)
-    _sky_row(sky, py, x0, x1, wx, skyrow)
+    top = hsky[y0]
+    bot = hsky[y1]
     row = binned[y]
     for x in range(out.shape[0]):
-        v = row[x] - skyrow[x]
+        v = row[x] - (top[x] * (np.float32(1.0) - wy) + bot[x] * wy)
         out[x] = v if math.isfinite(v) else -np.inf
 
 
@@ -225,6 +226,8 @@ def peak_score_kernel(binned: NDArray[np.float32], sky: NDArray[np.float32], fac
         x0[x] = min(int(px), max(nxs - 2, 0))
         x1[x] = min(x0[x] + 1, nxs - 1)
         wx[x] = px - x0[x]
+    hsky = np.empty((sky.shape[0], nxb), dtype=np.float32)
+    _sky_columns(sky, x0, x1, wx, hsky)
     thr = np.float32(threshold_adu)
     block = 32
     nblocks = (nyb + block - 1) // block
@@ -232,7 +235,6 @@ def peak_score_kernel(binned: NDArray[np.float32], sky: NDArray[np.float32], fac
         y_start = b * block
         y_stop = min(nyb, y_start + block)
         rows = np.empty((3, nxb), dtype=np.float32)  # rolling window of signal rows
-        skyrow = np.empty(nxb, dtype=np.float32)
         for y in range(y_start, y_stop):
             srow = score[y]
             srow[:] = 0.0
@@ -240,11 +242,9 @@ def peak_score_kernel(binned: NDArray[np.float32], sky: NDArray[np.float32], fac
                 continue
             if y == y_start or y == 1:
                 for k in range(3):
-                    _signal_row(binned, sky, y - 1 + k, ratio, off, x0, x1, wx, skyrow,
-                                rows[(y - 1 + k) % 3])
+                    _signal_row(binned, hsky, y - 1 + k, ratio, off, rows[(y - 1 + k) % 3])
             else:
-                _signal_row(binned, sky, y + 1, ratio, off, x0, x1, wx, skyrow,
-                            rows[(y + 1) % 3])
+                _signal_row(binned, hsky, y + 1, ratio, off, rows[(y + 1) % 3])
             up = rows[(y - 1) % 3]
             mid = rows[y % 3]
             down = rows[(y + 1) % 3]
@@ -268,3 +268,56 @@ def peak_score_kernel(binned: NDArray[np.float32], sky: NDArray[np.float32], fac
                             s += u
                 if n >= min_count:
                     srow[x] = s
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def _row_peak_counts(score: NDArray[np.float32], counts: NDArray[np.int64]) -> None:
+    """Number of non-zero scores in each row of ``score``."""
+    for y in prange(score.shape[0]):
+        row = score[y]
+        n = 0
+        for x in range(row.shape[0]):
+            n += row[x] != 0.0
+        counts[y] = n
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def _row_peak_gather(score: NDArray[np.float32], offsets: NDArray[np.int64],
+                     idx: NDArray[np.int64]) -> None:
+    """Flat indices of the non-zero scores, row ``y``'s at ``offsets[y]:offsets[y + 1]``."""
+    nyb, nxb = score.shape
+    for y in prange(nyb):
+        k = offsets[y]
+        if offsets[y + 1] == k:
+            continue
+        row = score[y]
+        for x in range(nxb):
+            if row[x] != 0.0:
+                idx[k] = y * nxb + x
+                k += 1
+
+
+def peak_indices(score: NDArray[np.float32]) -> NDArray[np.int64]:
+    """``np.flatnonzero(score)`` of a 2-D C-contiguous score map, parallel over rows.
+
+    numpy's ``nonzero`` is one serial pass (~4 ms on the 1.6 MP map of a 26 MP frame);
+    here both passes (count, then gather) run rows in parallel, and the second skips the
+    rows without a peak.
+
+    Parameters
+    ----------
+    score : ndarray, shape (nyb, nxb), float32
+        :func:`peak_score_kernel`'s output (NaN counts as non-zero, as in numpy).
+
+    Returns
+    -------
+    ndarray, shape (n,), int64
+        Flat indices of the non-zero entries, ascending (the order of ``np.flatnonzero``).
+    """
+    counts = np.empty(score.shape[0], dtype=np.int64)
+    _row_peak_counts(score, counts)
+    offsets = np.zeros(score.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    idx = np.empty(int(offsets[-1]), dtype=np.int64)
+    _row_peak_gather(score, offsets, idx)
+    return idx

@@ -412,3 +412,69 @@ def apply_level(planes: NDArray[np.float32], foot: NDArray[np.bool_],
                 if foot[y, x]:
                     if (has_sat and saturated[y, x]) or row[x] > level:
                         row[x] = level
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def mask_from_codes(codes: NDArray[np.uint8], dense: NDArray[np.uint8], code_bits: int,
+                    max_rows: NDArray[np.uint8],
+                    max_bits: int) -> int:  # pragma: no cover - numba
+    """The saturation mask from the calibration's raw scan, isolated pixels cleared.
+
+    ``kernels_calibrate.calibrate_inplace_scan`` left per-pixel codes in the ``dense``
+    rows of ``codes``; the mask (written over ``codes``, 0 or 1) is then
+    :func:`saturated_mask`'s: the pixels of the dense rows whose code has one of
+    ``code_bits`` (or of ``max_bits`` in the rows marked in ``max_rows``); an isolated
+    pixel (no saturated 8-neighbour) is cleared.
+
+    Parameters
+    ----------
+    codes : ndarray, shape (ny, nx), uint8
+        The scan's codes (a bool mask's memory viewed as uint8); rewritten as the mask.
+    dense : ndarray, shape (ny,), uint8
+    code_bits : int
+        Code bits that make a pixel saturated.
+    max_rows : ndarray, shape (ny,), uint8
+        1 for the rows whose maximum is saturated (the level is the frame's maximum).
+    max_bits : int
+        Code bits that make a pixel of those rows saturated.
+
+    Returns
+    -------
+    int
+        Saturated pixels left (0: no pixel at all).
+    """
+    ny, nx = codes.shape
+    above = np.zeros(ny, dtype=np.int64)
+    for y in prange(ny):
+        row = codes[y]
+        n = 0
+        if dense[y]:
+            bits = code_bits | max_bits if max_rows[y] else code_bits
+            for x in range(nx):
+                v = np.uint8(1) if row[x] & bits else np.uint8(0)
+                row[x] = v
+                n += v
+        else:
+            row[:] = 0
+        above[y] = n
+    if above.sum() == 0:
+        return 0
+    counts = np.zeros(ny, dtype=np.int64)
+    for y in prange(ny):
+        n = 0
+        if above[y] == 0:
+            continue
+        for x in range(nx):
+            if not codes[y, x]:
+                continue
+            alone = True
+            for yy in range(max(0, y - 1), min(ny, y + 2)):
+                for xx in range(max(0, x - 1), min(nx, x + 2)):
+                    if (yy != y or xx != x) and codes[yy, xx]:
+                        alone = False
+            if alone:
+                codes[y, x] = 0
+            else:
+                n += 1
+        counts[y] = n
+    return int(counts.sum())

@@ -43,7 +43,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from livestack.pipeline import kernels_calibrate as kc
 from livestack.pipeline import kernels_saturation as ks
+from livestack.pipeline.calibrate import MasterSet, calibrate, calibrate_scanned, can_scan
 from livestack.pipeline.types import Allocator, BoolImage, FrameInfo, Transform, Warped
 
 #: Data maxima that identify a 12- and a 14-bit camera inside a 16-bit container.
@@ -143,6 +145,13 @@ def resolve_level(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
     if frame.ndim == 3:  # RGB: the channels' planes end to end (max and count only)
         frame = frame.reshape(-1, frame.shape[-1])
     data_max, n_at_max = ks.max_and_count(frame)
+    return _level_from_max(level, data_max, n_at_max, frame.size, config)
+
+
+def _level_from_max(level: float | None, data_max: float, n_at_max: int, size: int,
+                    config: SaturationConfig) -> float | None:
+    """:func:`resolve_level` once the header gave ``level`` (a BITPIX level or None) and
+    the data their finite maximum and how many of the ``size`` pixels hold it."""
     if not np.isfinite(data_max):
         return level
     if level is not None:
@@ -150,7 +159,7 @@ def resolve_level(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig
             if level > narrow and data_max <= narrow:
                 level = narrow
                 break
-    flat_top = (n_at_max >= config.min_flat_pixels and n_at_max <= 0.01 * frame.size
+    flat_top = (n_at_max >= config.min_flat_pixels and n_at_max <= 0.01 * size
                 and data_max > 0)
     if flat_top and (level is None or data_max < level):
         level = float(data_max)
@@ -254,6 +263,101 @@ def raw_saturation(raw: NDArray[Any], info: FrameInfo, config: SaturationConfig,
         mask = debayered_mask(mask)
     sample = np.array(raw[..., ::_OFFSET_STEP, ::_OFFSET_STEP], dtype=np.float64)
     return RawSaturation(level, mask, sample)
+
+
+def calibrate_saturated(raw: NDArray[Any], info: FrameInfo, masters: MasterSet | None,
+                        config: SaturationConfig, *, overwrite_raw: bool = False,
+                        empty: Allocator | None = None
+                        ) -> tuple[NDArray[np.float32], RawSaturation | None]:
+    """:func:`raw_saturation`, then :func:`~livestack.pipeline.calibrate.calibrate`, with
+    the raw frame read once where it can be.
+
+    When the frame is calibrated in place (``overwrite_raw``, a 2-D float32 frame, masters
+    to apply), the calibration kernel takes the saturation facts from each raw row just
+    before calibrating it (:func:`~livestack.pipeline.calibrate.calibrate_scanned`): the
+    frame's maximum, the pixel counts at the candidate levels, the codes of the few rows
+    that hold a candidate, and the offset sample. The level, the mask and the sample are
+    those of :func:`raw_saturation` exactly (``tests/pipeline/test_saturation.py``
+    compares them); 26 MP, that saves two reads of the raw frame (``resolve_level``'s
+    maximum, ``raw_mask``'s count). Otherwise the two steps run as before.
+
+    Parameters
+    ----------
+    raw : ndarray, shape (ny, nx) or (3, ny, nx)
+        The frame as read (ADU); overwritten when ``overwrite_raw`` (see ``calibrate``).
+    info : FrameInfo
+    masters : MasterSet or None
+    config : SaturationConfig
+    overwrite_raw : bool
+    empty : Allocator, optional
+        Where a mono frame's mask comes from (default ``np.empty``).
+
+    Returns
+    -------
+    calibrated : ndarray, shape of ``raw``, float32
+    raw_saturation : RawSaturation or None
+        As :func:`raw_saturation` returns it.
+
+    Raises
+    ------
+    CalibrationError
+        As :func:`~livestack.pipeline.calibrate.calibrate`.
+    """
+    if not (config.enabled and overwrite_raw and can_scan(raw, masters)):
+        raw_sat = raw_saturation(raw, info, config, empty)
+        return calibrate(raw, masters, info.bayer_pattern,
+                         overwrite_raw=overwrite_raw), raw_sat
+    assert masters is not None  # can_scan
+    fixed: float | None = None
+    base: float | None = None
+    if config.level_adu is not None:
+        fixed = float(config.level_adu)
+    elif (info.saturation_adu is not None
+          and info.saturation_source in ("SATURATE", "DATAMAX")):
+        fixed = float(info.saturation_adu)
+    else:
+        base = info.saturation_adu
+    if fixed is not None:
+        candidates = [fixed]
+    elif base is not None:
+        candidates = [float(base), *(n for n in _NARROW_LEVELS if base > n)]
+    else:
+        candidates = []
+    levels = np.array(candidates, dtype=np.float32)
+    mask = (empty or np.empty)(raw.shape, np.bool_)
+    codes = mask.view(np.uint8)
+    calibrated, scan = calibrate_scanned(raw, masters, info.bayer_pattern, levels, codes,
+                                         _OFFSET_STEP)
+    # The frame's maximum and its count as ks.max_and_count gives them.
+    keys = scan.row_key
+    row_max = (keys ^ ((keys >> 31) & np.int32(0x7FFFFFFF))).view(np.float32)
+    row_max = np.where(keys == kc.NO_KEY, np.float32(-np.inf), row_max)
+    data_max = float(row_max.max())
+    at_max = row_max == np.float32(data_max)
+    n_at_max = int(scan.row_count[at_max].sum()) if np.isfinite(data_max) else 0
+    level = fixed if fixed is not None else _level_from_max(base, data_max, n_at_max,
+                                                            raw.size, config)
+    if level is None:
+        return calibrated, None
+    level32 = np.float32(level)
+    hits = np.flatnonzero(levels == level32)
+    no_rows = np.zeros(raw.shape[0], np.uint8)
+    if hits.size:  # a fixed candidate: its code bit (rows without one have no pixel)
+        bit = int(hits[0])
+        n = (ks.mask_from_codes(codes, scan.dense, 1 << bit, no_rows, 0)
+             if scan.above[:, bit].any() else 0)
+    elif np.isfinite(data_max) and level32 == np.float32(data_max):
+        # The frame's maximum: its pixels (the rows that hold it are dense) and the +inf
+        # pixels of every row.
+        n = ks.mask_from_codes(codes, scan.dense, kc.CODE_POS_INF, at_max.astype(np.uint8),
+                               kc.CODE_ROW_MAX)
+    else:  # cannot happen: _level_from_max returns a candidate or the maximum
+        raise AssertionError(f"saturation level {level} is neither a candidate nor the "
+                             f"frame's maximum {data_max}")
+    out_mask: BoolImage | None = mask if n else None
+    if info.bayer_pattern:
+        out_mask = debayered_mask(out_mask)
+    return calibrated, RawSaturation(level, out_mask, scan.sample)
 
 
 def calibrated_saturation(raw: RawSaturation | None, calibrated: NDArray[Any]

@@ -373,3 +373,82 @@ def test_max_and_count_matches_numpy_on_nan_inf_and_signed_zeros() -> None:
         assert ks.max_and_count(frame) == expected, frame
     assert ks.max_and_count(np.full((3, 4), np.nan, np.float32)) == (-np.inf, 0)
     assert ks.max_and_count(np.array([[-0.0, 0.0, -1.0]], np.float32)) == (0.0, 2)
+
+
+def _scan_frames(rng: np.random.Generator, ny: int, nx: int) -> dict[str, np.ndarray]:
+    """Raw frames for the fused scan: plateaus at each kind of level, NaN, inf, ties."""
+    base = np.rint(rng.normal(1000, 30, (ny, nx))).astype(np.float32)
+    frames = {"plain": base}
+    for name, value in (("12bit", 4095.0), ("14bit", 16383.0), ("flat60000", 60000.0),
+                        ("flat3000", 3000.0), ("above_bitpix", 70000.0)):
+        f = base.copy()
+        f[5:8, 9:12] = value
+        f[ny - 2:, nx - 3:] = value  # the last rows (another band of the scan)
+        f[20, 3] = value  # isolated: never in the mask
+        frames[name] = f
+    f = base.copy()
+    f[::7, ::5] = np.nan
+    f[3:6, 3:6] = 65535.0
+    f[40, 40] = np.inf
+    f[12, :] = np.nan
+    f[13, :] = np.inf
+    frames["nan_inf"] = f
+    f = base.copy()
+    f[10, :] = 2000.0  # a whole row at the maximum
+    f[11, :30] = 2000.0
+    frames["flat_row"] = f
+    frames["all_nan"] = np.full((ny, nx), np.nan, np.float32)
+    f = np.zeros((ny, nx), np.float32)
+    f[2::3, 1::4] = -0.0
+    frames["signed_zeros"] = f
+    f = base.copy()
+    f[rng.random((ny, nx)) < 0.02] = 5000.0  # too many at the maximum for a flat top
+    frames["many_max"] = f
+    return frames
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (300, 77)])
+def test_calibration_scan_gives_raw_saturation_facts_exactly(shape: tuple[int, int]) -> None:
+    """calibrate_saturated (the raw frame read once, inside the in-place calibration) gives
+    the calibrated frame, level, mask and offset sample of raw_saturation + calibrate, for
+    every way the level is found (config, SATURATE, DATAMAX, BITPIX narrowed, flat top,
+    none), mono and CFA, with NaN, inf, signed zeros and rows full of the maximum."""
+    from livestack.pipeline.calibrate import MasterSet, calibrate
+    from livestack.pipeline.saturation import calibrate_saturated, raw_saturation
+
+    rng = np.random.default_rng(11)
+    ny, nx = shape
+    masters = [MasterSet(subtract=rng.normal(100, 5, shape).astype(np.float32)),
+               MasterSet(subtract=rng.normal(100, 5, shape).astype(np.float32),
+                         flat=rng.uniform(0.8, 1.2, shape).astype(np.float32),
+                         defects=rng.random(shape) < 0.01)]
+    configs = [AUTO, SaturationConfig(level_adu=1500.0), SaturationConfig(min_flat_pixels=2)]
+    headers = [("BITPIX", 65535.0), ("SATURATE", 16000.0), ("DATAMAX", 4000.0), ("", None),
+               ("BITPIX", 5000.0)]
+    checked = masked = 0
+    for raw in _scan_frames(rng, ny, nx).values():
+        for (source, level), bayer in ((h, b) for h in headers for b in (None, "RGGB")):
+            info = FrameInfo(path="x.fits", image_type="light", shape=shape,
+                             saturation_adu=level, saturation_source=source,
+                             bayer_pattern=bayer)
+            for ms in masters:
+                for config in configs:
+                    old_raw, new_raw = raw.copy(), raw.copy()
+                    expected = raw_saturation(old_raw, info, config)
+                    expected_cal = calibrate(old_raw, ms, bayer, overwrite_raw=True)
+                    cal, got = calibrate_saturated(new_raw, info, ms, config,
+                                                   overwrite_raw=True)
+                    assert cal is new_raw
+                    np.testing.assert_array_equal(cal, expected_cal)
+                    assert (got is None) == (expected is None)
+                    checked += 1
+                    if got is None or expected is None:
+                        continue
+                    assert got.level_adu == expected.level_adu
+                    np.testing.assert_array_equal(got.raw_sample, expected.raw_sample)
+                    assert got.raw_sample.dtype == expected.raw_sample.dtype
+                    assert (got.mask is None) == (expected.mask is None)
+                    if got.mask is not None and expected.mask is not None:
+                        np.testing.assert_array_equal(got.mask, expected.mask)
+                        masked += 1
+    assert checked == 11 * 10 * 2 * 3 and masked > 100
