@@ -58,6 +58,7 @@ from livestack.pipeline.kernels_warp import (
     _w_mitchell,
     _weights,
 )
+from livestack.pipeline.types import OutputMap
 
 _Z32 = np.float32(0.0)
 _NAN32 = np.float32(np.nan)
@@ -236,7 +237,9 @@ def _make_two_pass(kind: int) -> Any:
 
     @njit(cache=True, nogil=True, fastmath=False, parallel=True)
     def two_pass(src: NDArray[np.float32], inv: NDArray[np.float64], out: NDArray[np.float32],
-                 foot: NDArray[np.bool_], tile_rows: int, tile_cols: int) -> None:
+                 foot: NDArray[np.bool_], tile_rows: int, tile_cols: int,
+                 gains: NDArray[np.float32], offsets: NDArray[np.float32],
+                 ceilings: NDArray[np.float32]) -> None:
         nc, ny_in = src.shape[0], src.shape[1]
         ny_out = out.shape[1]
         nx_out = out.shape[2]
@@ -307,18 +310,39 @@ def _make_two_pass(kind: int) -> Any:
                                      * _LANES, r0, x - x0, np.float32(v - fv - 0.5),
                                      np.float32(d))
                             x = end
-                    _finish_row(out[:, y, x0:x1], foot[y, x0:x1], srow, x1 - x0)
+                    _finish_row(out[:, y, x0:x1], foot[y, x0:x1], srow, x1 - x0, gains,
+                                offsets, ceilings)
 
     return two_pass
 
 
 @njit(cache=True, nogil=True, fastmath=False)
 def _finish_row(out: NDArray[np.float32], foot: NDArray[np.bool_], srow: NDArray[np.float32],
-                n: int) -> None:
+                n: int, gains: NDArray[np.float32], offsets: NDArray[np.float32],
+                ceilings: NDArray[np.float32]) -> None:
     """Copy a row of raw sums out: 0.0 and outside the footprint where any plane is not
-    finite."""
+    finite; with ``gains`` (shape (nc,), else shape (0,)) each sample in the footprint is
+    mapped on the way (:class:`~livestack.pipeline.types.OutputMap`: ``v = s * gain``,
+    ``v + offset`` rounded apart, as ``fastmath=False`` keeps them; 0.0 if not finite;
+    then at most the ceiling), which saves the normalisation's and the level clip's two
+    passes over the frame."""
     nc = srow.shape[0]
+    mapped = gains.shape[0] > 0
     if nc == 1:
+        if mapped:
+            g = gains[0]
+            o = offsets[0]
+            top = ceilings[0]
+            for k in range(n):
+                val = srow[0, k]
+                ok = math.isfinite(val)
+                v = val * g
+                v = v + o
+                v = v if math.isfinite(v) else _Z32
+                v = top if v > top else v
+                out[0, k] = v if ok else _Z32
+                foot[k] = ok
+            return
         for k in range(n):
             val = srow[0, k]
             ok = math.isfinite(val)
@@ -330,6 +354,18 @@ def _finish_row(out: NDArray[np.float32], foot: NDArray[np.bool_], srow: NDArray
     for ch in range(nc):
         for k in range(n):
             foot[k] = foot[k] and math.isfinite(srow[ch, k])
+    if mapped:
+        for ch in range(nc):
+            g = gains[ch]
+            o = offsets[ch]
+            top = ceilings[ch]
+            for k in range(n):
+                v = srow[ch, k] * g
+                v = v + o
+                v = v if math.isfinite(v) else _Z32
+                v = top if v > top else v
+                out[ch, k] = v if foot[k] else _Z32
+        return
     for ch in range(nc):
         for k in range(n):
             out[ch, k] = srow[ch, k] if foot[k] else _Z32
@@ -374,7 +410,8 @@ def two_pass_pays(inv: NDArray[np.float64]) -> bool:
 
 def warp_two_pass_kernel(src: NDArray[np.float32], inv: NDArray[np.float64], kind: int,
                          out: NDArray[np.float32], foot: NDArray[np.bool_],
-                         tile_rows: int = 128, tile_cols: int = 256) -> None:
+                         tile_rows: int = 128, tile_cols: int = 256,
+                         post: OutputMap | None = None) -> None:
     """Affine resampling by two 1-D passes: ``out[c, y, x] ~ src[c](inv @ (x, y, 1))``.
 
     Parameters
@@ -392,6 +429,9 @@ def warp_two_pass_kernel(src: NDArray[np.float32], inv: NDArray[np.float64], kin
         Written in place.
     tile_rows, tile_cols : int
         Output tile size (pixels); one parallel task per row of tiles.
+    post : OutputMap, optional
+        Applied to each sample as it is written (its gain, offset and ceiling; not its
+        ``saturate``, which needs the clamp's mask).
 
     Raises
     ------
@@ -402,4 +442,10 @@ def warp_two_pass_kernel(src: NDArray[np.float32], inv: NDArray[np.float64], kin
         raise ValueError(f"no two-pass kernel for kind {kind}")
     if not two_pass_suits(inv):
         raise ValueError("transform outside the two-pass kernel's range")
-    _TWO_PASS[kind](src, inv, out, foot, int(tile_rows), int(tile_cols))
+    if post is None:
+        gains = offsets = ceilings = np.zeros(0, dtype=np.float32)
+    else:
+        gains, offsets, ceilings = post.arrays(src.shape[0])
+    _TWO_PASS[kind](src, inv, out, foot, int(tile_rows), int(tile_cols), gains, offsets,
+                    ceilings)
+
