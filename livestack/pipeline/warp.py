@@ -182,6 +182,9 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
             np.isfinite(planes).all(axis=0, out=foot)
             np.add(planes, np.float32(0.0), out=dest)  # -0.0 -> +0.0, as the kernel's sums
             dest[:, ~foot] = 0.0
+            if post is not None:  # numpy too: the same numbers as ks.map_level
+                _map_numpy(dest, foot, post)
+                post = None
         else:
             kw.warp_shift_kernel(planes, ix0, wx, iy0, wy, dest, foot, _SHIFT_BLOCK_ROWS)
     elif kind in kt.TWO_PASS_KINDS and kt.two_pass_pays(inv):
@@ -193,6 +196,18 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
         ks.map_level(dest, foot, *post.arrays(nc))
     result = dest[0] if arr.ndim == 2 else dest
     return Warped(result, foot)
+
+
+def _map_numpy(planes: NDArray[np.float32], foot: NDArray[np.bool_], post: OutputMap) -> None:
+    """:func:`kernels_saturation.map_level` in numpy (float32 ``x * g`` then ``+ o``
+    round as the kernel's), for the identity warp, which compiles nothing."""
+    for plane, gain, offset, ceiling in zip(planes, *post.arrays(planes.shape[0]),
+                                            strict=True):
+        np.multiply(plane, gain, out=plane)
+        np.add(plane, offset, out=plane)
+        plane[~np.isfinite(plane)] = 0.0
+        np.minimum(plane, ceiling, out=plane, where=plane > ceiling)
+        plane[~foot] = 0.0
 
 
 def _check_out(out: Warped, shape: tuple[int, ...], planes: NDArray[np.float32]
