@@ -310,65 +310,70 @@ def _make_two_pass(kind: int) -> Any:
                                      * _LANES, r0, x - x0, np.float32(v - fv - 0.5),
                                      np.float32(d))
                             x = end
-                    _finish_row(out[:, y, x0:x1], foot[y, x0:x1], srow, x1 - x0, gains,
-                                offsets, ceilings)
+                    _finish_row(out, foot, srow, y, x0, x1 - x0, gains, offsets, ceilings)
 
     return two_pass
 
 
 @njit(cache=True, nogil=True, fastmath=False)
 def _finish_row(out: NDArray[np.float32], foot: NDArray[np.bool_], srow: NDArray[np.float32],
-                n: int, gains: NDArray[np.float32], offsets: NDArray[np.float32],
-                ceilings: NDArray[np.float32]) -> None:
-    """Copy a row of raw sums out: 0.0 and outside the footprint where any plane is not
-    finite; with ``gains`` (shape (nc,), else shape (0,)) each sample in the footprint is
-    mapped on the way (:class:`~livestack.pipeline.types.OutputMap`: ``v = s * gain``,
-    ``v + offset`` rounded apart, as ``fastmath=False`` keeps them; 0.0 if not finite;
-    then at most the ceiling), which saves the normalisation's and the level clip's two
-    passes over the frame."""
+                y: int, x0: int, n: int, gains: NDArray[np.float32],
+                offsets: NDArray[np.float32], ceilings: NDArray[np.float32]) -> None:
+    """Copy a row of raw sums out to ``out[:, y, x0:x0 + n]`` and ``foot[y, x0:x0 + n]``:
+    0.0 and outside the footprint where any plane is not finite; with ``gains`` (shape
+    (nc,), else shape (0,)) each sample in the footprint is mapped on the way
+    (:class:`~livestack.pipeline.types.OutputMap`: ``v = s * gain``, ``v + offset``
+    rounded apart, as ``fastmath=False`` keeps them; 0.0 if not finite; then at most the
+    ceiling), which saves the normalisation's and the level clip's two passes over the
+    frame. Whole arrays and offsets, not slices: a slice of a row of a 3-D array has no
+    known layout, and its loops would not vectorise."""
     nc = srow.shape[0]
     mapped = gains.shape[0] > 0
+    uy = uint64(y)
+    ux = uint64(x0)
     if nc == 1:
         if mapped:
             g = gains[0]
             o = offsets[0]
             top = ceilings[0]
             for k in range(n):
-                val = srow[0, k]
+                uk = uint64(k)
+                val = srow[0, uk]
                 ok = math.isfinite(val)
                 v = val * g
                 v = v + o
                 v = v if math.isfinite(v) else _Z32
                 v = top if v > top else v
-                out[0, k] = v if ok else _Z32
-                foot[k] = ok
+                out[0, uy, ux + uk] = v if ok else _Z32
+                foot[uy, ux + uk] = ok
             return
         for k in range(n):
-            val = srow[0, k]
+            uk = uint64(k)
+            val = srow[0, uk]
             ok = math.isfinite(val)
-            out[0, k] = val if ok else _Z32
-            foot[k] = ok
+            out[0, uy, ux + uk] = val if ok else _Z32
+            foot[uy, ux + uk] = ok
         return
     for k in range(n):
-        foot[k] = True
-    for ch in range(nc):
-        for k in range(n):
-            foot[k] = foot[k] and math.isfinite(srow[ch, k])
-    if mapped:
+        uk = uint64(k)
+        ok = True
         for ch in range(nc):
-            g = gains[ch]
-            o = offsets[ch]
-            top = ceilings[ch]
-            for k in range(n):
-                v = srow[ch, k] * g
+            ok = ok and math.isfinite(srow[ch, uk])
+        foot[uy, ux + uk] = ok
+    for ch in range(nc):
+        uch = uint64(ch)
+        g = gains[ch] if mapped else _Z32
+        o = offsets[ch] if mapped else _Z32
+        top = ceilings[ch] if mapped else _Z32
+        for k in range(n):
+            uk = uint64(k)
+            v = srow[uch, uk]
+            if mapped:
+                v = v * g
                 v = v + o
                 v = v if math.isfinite(v) else _Z32
                 v = top if v > top else v
-                out[ch, k] = v if foot[k] else _Z32
-        return
-    for ch in range(nc):
-        for k in range(n):
-            out[ch, k] = srow[ch, k] if foot[k] else _Z32
+            out[uch, uy, ux + uk] = v if foot[uy, ux + uk] else _Z32
 
 
 #: Kind -> kernel; each compiles (or loads from numba's cache) on its first call.
