@@ -54,7 +54,6 @@ from livestack.pipeline.kernels_warp import (
     _cell_end,
     _interval,
     _w_bicubic,
-    _w_mitchell,
     _weights,
     lanczos3_p4,
 )
@@ -77,6 +76,31 @@ _MIN_SHEAR = 0.0026
 _PAD = 16
 
 
+#: Mitchell-Netravali's coefficients (B = C = 1/3) in float32.
+_MI3 = np.float32(21.0 / 18.0)
+_MI0 = np.float32(16.0 / 18.0)
+_MO0 = np.float32(1.0 / 18.0)
+_MO1 = np.float32(7.0 / 18.0)
+_THIRD = np.float32(1.0 / 3.0)
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")
+def _mitchell32(p: np.float32) -> tuple[np.float32, ...]:
+    """Mitchell-Netravali weights at ``p = frac - 0.5``: :func:`kernels_warp._w_mitchell`'s
+    eleven multiply-adds in float32 (within 3e-7 of its float64 ones, a float32 rounding
+    or two): half the vector lanes of float64 made them most of a colour frame's two-pass
+    time (26 MP, 3 planes, 0.5 deg: 27 % less CPU)."""
+    f = p + np.float32(0.5)
+    g = np.float32(1.0) - f
+    ff = f * f
+    gg = g * g
+    w0 = gg * (_MO0 - _MO1 * f)
+    w1 = (_MI3 * f - np.float32(2.0)) * ff + _MI0
+    w2 = (_MI3 * g - np.float32(2.0)) * gg + _MI0
+    w3 = ff * (_MO1 * f - _THIRD)
+    return (w0, w1, w2, w3, _Z32, _Z32)
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")
 def _weights32(kind: int, p: np.float32) -> tuple[np.float32, ...]:
     """Weights at ``p = frac - 0.5`` (float32), branch-free, for the vectorised runs.
@@ -84,12 +108,12 @@ def _weights32(kind: int, p: np.float32) -> tuple[np.float32, ...]:
     Lanczos3 is the degree-4 fit (:func:`kernels_warp.lanczos3_p4`, within 1.5e-7 of the
     exact weights, about a float32 rounding; the 2-D kernel's degree 5 costs this kernel
     ~10 % more time, 26 MP at 0.5 deg) without the exact-delta branch; bicubic is Keys'
-    cubic, mitchell Mitchell-Netravali's (B = C = 1/3).
+    cubic, mitchell Mitchell-Netravali's (B = C = 1/3) in float32 (:func:`_mitchell32`).
     """
     if kind == LANCZOS3:
         return lanczos3_p4(p)
     if kind == MITCHELL:
-        return _w_mitchell(np.float64(p) + 0.5)
+        return _mitchell32(p)
     return _w_bicubic(np.float64(p) + 0.5)
 
 
