@@ -40,9 +40,11 @@ State after warm-up: ``mean``, ``m2``, ``wsum`` (float32) and ``count``, ``rej_l
 ``rej_hi`` (uint16): **18 bytes per pixel per channel** (:data:`STATE_BYTES_PER_PIXEL`).
 float32 is enough: the mean is kept at data magnitude by the incremental update
 (relative rounding 6e-8, i.e. 1e-4 ADU at 2000 ADU, far below sigma / sqrt(N)); ``m2``
-only sets a threshold; ``wsum`` sums O(1) weights. Every update is computed in float64
-registers. No per-pixel sum of squared weights is kept (the reliability-weight
-correction uses ``n``), which saves 4 B/px.
+only sets a threshold; ``wsum`` sums O(1) weights. The per-frame update is computed in
+float32 as well (twice the SIMD lanes of float64; it rounds the increment, which is
+small against the stored value: the mean is that of a float64 update to an ulp or so,
+``m2`` to a few 1e-6). No per-pixel sum of squared weights is kept (the
+reliability-weight correction uses ``n``), which saves 4 B/px.
 
 During warm-up the frames are held (:class:`.warmup.WarmupBuffer`) in one buffer of
 ``max(K, 4)`` float32 planes (NaN outside a frame's footprint, so no footprint masks are
