@@ -137,7 +137,7 @@ def steps() -> Iterator[str]:
     from livestack.pipeline.accumulate import RunningStack, StackConfig
     from livestack.pipeline.cosmetic import find_isolated_hot_pixels
     from livestack.pipeline.normalize import apply_normalization, frame_stats
-    from livestack.pipeline.types import Normalization, Transform
+    from livestack.pipeline.types import Normalization, OutputMap, Transform
     from livestack.pipeline.warp import warp
 
     rng = np.random.default_rng(0)
@@ -151,6 +151,11 @@ def steps() -> Iterator[str]:
     yield "hold + preview"
     shifted = np.array([[1.0, 0.0, 0.4], [0.0, 1.0, 0.3]])  # the identity is numpy
     warp(frames[0], Transform(shifted), (ny, nx))
+    # The live stack's warps map their output (normalisation, level): the shift path
+    # does it in a pass of its own.
+    gains = np.ones(1, dtype=np.float32)
+    warp(frames[0], Transform(shifted), (ny, nx),
+         post=OutputMap(gains, 0.0 * gains, np.full(1, np.inf, dtype=np.float32)))
     yield "shift warp"
     norm = Normalization(scale=1.0, location=100.0, reference_location=100.0, weight=1.0)
     apply_normalization(frames[0], foot, norm, out=frames[0].copy())

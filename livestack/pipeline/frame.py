@@ -61,6 +61,7 @@ from livestack.pipeline.types import (
     FrameInfo,
     FrameMetrics,
     Normalization,
+    OutputMap,
     StarList,
     Transform,
     Warped,
@@ -472,7 +473,8 @@ def normalise_frame(image: NDArray[np.float32], reference: FrameReference,
 def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tuple[int, int],
                     kernel: str, saturation: FrameSaturation | None = None,
                     saturation_config: SaturationConfig | None = None, *,
-                    out: Warped | None = None, empty: Allocator | None = None
+                    out: Warped | None = None, empty: Allocator | None = None,
+                    post: OutputMap | None = None
                     ) -> tuple[Warped, NDArray[np.bool_] | None]:
     """Warp a calibrated frame onto the reference grid, clamping the kernel's ringing.
 
@@ -493,6 +495,10 @@ def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tup
         A previous result to warp into (see :func:`livestack.pipeline.warp.warp`).
     empty : Allocator, optional
         Where the clamp's frame-sized maps come from (default ``np.empty``).
+    post : OutputMap, optional
+        The normalisation and saturation level to apply on the way (the live stack):
+        the result is then what ``apply_normalization`` and ``StackSaturation.apply``
+        would make of the plain result, bit for bit, in fewer passes over the frame.
 
     Returns
     -------
@@ -500,10 +506,26 @@ def apply_transform(image: NDArray[np.float32], transform: Transform, shape: tup
     saturated : ndarray (ny, nx) bool or None
         Saturated pixels on the reference grid.
     """
-    warped = warp(image, transform, shape, kernel, out=out)
+    if post is not None and not post.monotone:
+        # The clamp cannot run after an order-reversing map: the plain steps, in order.
+        from livestack.pipeline.kernels_normalize import affine_masked
+        from livestack.pipeline.kernels_saturation import apply_level
+
+        warped, saturated = apply_transform(image, transform, shape, kernel, saturation,
+                                            saturation_config, out=out, empty=empty)
+        planes = warped.image[np.newaxis] if warped.image.ndim == 2 else warped.image
+        gains, offsets, ceilings = post.arrays(planes.shape[0])
+        affine_masked(planes, warped.footprint.view(np.uint8), gains, offsets, planes)
+        no_mask = np.zeros((0, 0), dtype=np.bool_)
+        apply_level(planes, warped.footprint,
+                    saturated if saturated is not None and post.saturate else no_mask,
+                    ceilings)
+        return warped, saturated
+    warped = warp(image, transform, shape, kernel, out=out, post=post)
     if saturation_config is None:
         return warped, None
-    return clamp_ringing(warped, image, transform, saturation, saturation_config, empty)
+    return clamp_ringing(warped, image, transform, saturation, saturation_config, empty,
+                         post)
 
 
 def check_norm(norm: FrameNorm, info: FrameInfo) -> None:
@@ -556,7 +578,8 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
              stars: StarList | None = None, metrics: FrameMetrics | None = None,
              stats: FrameStats | None = None, is_reference: bool = False,
              norm: FrameNorm | None = None, normalize: NormalizeConfig | None = None,
-             out: Warped | None = None, empty: Allocator | None = None) -> RegisteredFrame:
+             out: Warped | None = None, empty: Allocator | None = None,
+             post: OutputMap | None = None) -> RegisteredFrame:
     """Normalise (measured unwarped) and warp one calibrated frame onto the reference.
 
     Parameters
@@ -581,6 +604,9 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
     empty : Allocator, optional
         Where the clamp's frame-sized maps come from (default ``np.empty``; the
         engine's buffer pool).
+    post : OutputMap, optional
+        The frame's normalisation and the stack's level, applied by the warp
+        (:func:`apply_transform`): the result is then normalised and level-clipped.
 
     Returns
     -------
@@ -598,7 +624,7 @@ def register(frame: CalibratedFrame, info: FrameInfo, transform: Transform,
                                is_reference=is_reference)
     warped, saturated = apply_transform(frame.image, transform, shape, config.warp.kernel,
                                         frame.saturation, config.saturation, out=out,
-                                        empty=empty)
+                                        empty=empty, post=post)
     if not warped.footprint.any():
         raise_no_footprint(frame.luminance, info,
                            resolve_kernel(config.warp.kernel, frame.image.ndim == 3))

@@ -268,8 +268,10 @@ def steep_flags(src: NDArray[np.float32], sat: NDArray[np.bool_], threshold: flo
 @njit(cache=True, nogil=True, parallel=True)
 def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray[np.float32],
                  flags: NDArray[np.uint8], tiles: NDArray[np.uint8], sat: NDArray[np.bool_],
-                 inv: NDArray[np.float64],
-                 sat_out: NDArray[np.bool_]) -> int:  # pragma: no cover - numba
+                 inv: NDArray[np.float64], sat_out: NDArray[np.bool_],
+                 gains: NDArray[np.float32], offsets: NDArray[np.float32],
+                 ceilings: NDArray[np.float32],
+                 saturate: bool) -> int:  # pragma: no cover - numba
     """Clamp flagged output pixels to their bilinear cell's range; warp the mask.
 
     For an output pixel in the footprint whose source cell (the 2x2 input pixels around
@@ -301,6 +303,14 @@ def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray
     sat_out : ndarray, shape (ny_out, nx_out) bool, or shape (0, 0) when ``sat`` is empty
         Written: True where the nearest input pixel is saturated (False outside the
         footprint).
+    gains, offsets, ceilings : ndarray, shape (nc,) float32, or shape (0,)
+        When given, ``out`` holds the warp's samples already mapped by them
+        (:class:`~livestack.pipeline.types.OutputMap`, gains > 0): the cell's bounds are
+        mapped the same way (an order-preserving map commutes with the min and max, so
+        the result is the mapped clamp bit for bit) and each clamped sample is then
+        capped at the ceiling again (a clamp may raise it past the warp's cap).
+    saturate : bool
+        With the map: samples whose nearest input pixel is saturated become the ceiling.
 
     Returns
     -------
@@ -339,7 +349,7 @@ def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray
             if hit:
                 n += _clamp_run(out, frow, src, flags, sat,
                                 sat_out[y] if has_sat_out else no_row, m00, m10,
-                                u0, v0, y, xs, xe)
+                                u0, v0, y, xs, xe, gains, offsets, ceilings, saturate)
         changed[y] = n
     return int(changed.sum())
 
@@ -348,11 +358,14 @@ def clamp_warped(out: NDArray[np.float32], foot: NDArray[np.bool_], src: NDArray
 def _clamp_run(out: NDArray[np.float32], frow: NDArray[np.bool_], src: NDArray[np.float32],
                flags: NDArray[np.uint8], sat: NDArray[np.bool_], srow: NDArray[np.bool_],
                m00: float, m10: float, u0: float, v0: float, y: int, xs: int,
-               xe: int) -> int:  # pragma: no cover - numba
+               xe: int, gains: NDArray[np.float32], offsets: NDArray[np.float32],
+               ceilings: NDArray[np.float32],
+               saturate: bool) -> int:  # pragma: no cover - numba
     """The per-pixel clamp of output pixels ``xs .. xe - 1`` of row ``y``."""
     nc = out.shape[0]
     ny, nx = flags.shape
     has_sat = sat.shape[0] == ny
+    mapped = gains.shape[0] > 0
     n = 0
     for x in range(xs, xe):
         u = m00 * x + u0
@@ -377,9 +390,21 @@ def _clamp_run(out: NDArray[np.float32], frow: NDArray[np.bool_], src: NDArray[n
             d = src[c, v1, fu]
             e = src[c, v1, u1]
             val = out[c, y, x]
-            new = max(val, min(min(a, b), min(d, e)))
+            lo = min(min(a, b), min(d, e))
+            hi = max(max(a, b), max(d, e))
+            if mapped:
+                # Two roundings (no fused multiply-add), as the warp mapped ``val``.
+                lo = lo * gains[c]
+                lo = lo + offsets[c]
+                hi = hi * gains[c]
+                hi = hi + offsets[c]
+            new = max(val, lo)
             if flag == 2:
-                new = min(new, max(max(a, b), max(d, e)))
+                new = min(new, hi)
+            if mapped:
+                top = ceilings[c]
+                if new > top or (saturate and len(srow) > 0 and srow[x]):
+                    new = top
             if new != val:
                 out[c, y, x] = new
                 n += 1
@@ -478,3 +503,39 @@ def mask_from_codes(codes: NDArray[np.uint8], dense: NDArray[np.uint8], code_bit
                 n += 1
         counts[y] = n
     return int(counts.sum())
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def map_level(planes: NDArray[np.float32], foot: NDArray[np.bool_],
+              gains: NDArray[np.float32], offsets: NDArray[np.float32],
+              ceilings: NDArray[np.float32]) -> None:  # pragma: no cover - numba
+    """In place, one pass: a warp's samples mapped as the two-pass kernel maps them on
+    its output write (:class:`~livestack.pipeline.types.OutputMap`), for the kernels
+    that do not (shift, 2-D, identity).
+
+    In the footprint ``v = s * gain``, ``v + offset`` (two roundings, as
+    :func:`livestack.pipeline.kernels_normalize.affine_masked`), 0.0 if not finite, then
+    at most the ceiling; 0.0 outside it.
+
+    Parameters
+    ----------
+    planes : ndarray, shape (nc, ny, nx), float32
+        Modified in place.
+    foot : ndarray, shape (ny, nx), bool
+    gains, offsets, ceilings : ndarray, shape (nc,), float32
+    """
+    nc, ny, nx = planes.shape
+    for task in prange(nc * ny):
+        c = task // ny
+        y = task - c * ny
+        g = gains[c]
+        o = offsets[c]
+        top = ceilings[c]
+        row = planes[c, y]
+        frow = foot[y]
+        for x in range(nx):
+            v = row[x] * g
+            v = v + o
+            v = v if math.isfinite(v) else np.float32(0.0)
+            v = top if v > top else v
+            row[x] = v if frow[x] else np.float32(0.0)

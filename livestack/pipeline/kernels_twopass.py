@@ -15,9 +15,9 @@ The result interpolates along a sheared grid, so it is not bit-identical to the 
 of :mod:`.kernels_warp`, but for the near-identity transforms of a stack (a few degrees of
 rotation, scale ~1) it is as accurate against the truth (``tests/pipeline/test_warp.py``,
 ``bench/bench_warp.py``). The point is speed: both passes are unit-stride 1-D loops whose
-weights come from the same polynomials as the 2-D kernel's, computed per pixel without
-branches or tuples in memory, so LLVM vectorises them (the 2-D kernel's 36 taps with 2-D
-loads compile to scalar code).
+weights come from polynomials like the 2-D kernel's (Lanczos3: a degree-4 fit, within
+1.5e-7 of the exact weights), computed per pixel without branches or tuples in memory,
+so LLVM vectorises them (the 2-D kernel's 36 taps with 2-D loads compile to scalar code).
 
 Runs: over ``x`` the integer part of ``U`` advances by exactly 1 per pixel inside a run
 (``alpha`` is near 1), and ``floor(V)`` is constant inside a run (``d`` is near 0), so each
@@ -53,11 +53,11 @@ from livestack.pipeline.kernels_warp import (
     N_TAPS,
     _cell_end,
     _interval,
-    _lanczos3_p,
     _w_bicubic,
-    _w_mitchell,
     _weights,
+    lanczos3_p4,
 )
+from livestack.pipeline.types import OutputMap
 
 _Z32 = np.float32(0.0)
 _NAN32 = np.float32(np.nan)
@@ -76,18 +76,44 @@ _MIN_SHEAR = 0.0026
 _PAD = 16
 
 
+#: Mitchell-Netravali's coefficients (B = C = 1/3) in float32.
+_MI3 = np.float32(21.0 / 18.0)
+_MI0 = np.float32(16.0 / 18.0)
+_MO0 = np.float32(1.0 / 18.0)
+_MO1 = np.float32(7.0 / 18.0)
+_THIRD = np.float32(1.0 / 3.0)
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")
+def _mitchell32(p: np.float32) -> tuple[np.float32, ...]:
+    """Mitchell-Netravali weights at ``p = frac - 0.5``: :func:`kernels_warp._w_mitchell`'s
+    eleven multiply-adds in float32 (within 3e-7 of its float64 ones, a float32 rounding
+    or two): half the vector lanes of float64 made them most of a colour frame's two-pass
+    time (26 MP, 3 planes, 0.5 deg: 27 % less CPU)."""
+    f = p + np.float32(0.5)
+    g = np.float32(1.0) - f
+    ff = f * f
+    gg = g * g
+    w0 = gg * (_MO0 - _MO1 * f)
+    w1 = (_MI3 * f - np.float32(2.0)) * ff + _MI0
+    w2 = (_MI3 * g - np.float32(2.0)) * gg + _MI0
+    w3 = ff * (_MO1 * f - _THIRD)
+    return (w0, w1, w2, w3, _Z32, _Z32)
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")
 def _weights32(kind: int, p: np.float32) -> tuple[np.float32, ...]:
     """Weights at ``p = frac - 0.5`` (float32), branch-free, for the vectorised runs.
 
-    Lanczos3 is :func:`kernels_warp._w_lanczos3`'s polynomial without its exact-delta
-    branch (at an integer phase the polynomial's weights are within 1e-8 of the delta);
-    bicubic is Keys' cubic, mitchell Mitchell-Netravali's (B = C = 1/3).
+    Lanczos3 is the degree-4 fit (:func:`kernels_warp.lanczos3_p4`, within 1.5e-7 of the
+    exact weights, about a float32 rounding; the 2-D kernel's degree 5 costs this kernel
+    ~10 % more time, 26 MP at 0.5 deg) without the exact-delta branch; bicubic is Keys'
+    cubic, mitchell Mitchell-Netravali's (B = C = 1/3) in float32 (:func:`_mitchell32`).
     """
     if kind == LANCZOS3:
-        return _lanczos3_p(p)
+        return lanczos3_p4(p)
     if kind == MITCHELL:
-        return _w_mitchell(np.float64(p) + 0.5)
+        return _mitchell32(p)
     return _w_bicubic(np.float64(p) + 0.5)
 
 
@@ -236,7 +262,9 @@ def _make_two_pass(kind: int) -> Any:
 
     @njit(cache=True, nogil=True, fastmath=False, parallel=True)
     def two_pass(src: NDArray[np.float32], inv: NDArray[np.float64], out: NDArray[np.float32],
-                 foot: NDArray[np.bool_], tile_rows: int, tile_cols: int) -> None:
+                 foot: NDArray[np.bool_], tile_rows: int, tile_cols: int,
+                 gains: NDArray[np.float32], offsets: NDArray[np.float32],
+                 ceilings: NDArray[np.float32]) -> None:
         nc, ny_in = src.shape[0], src.shape[1]
         ny_out = out.shape[1]
         nx_out = out.shape[2]
@@ -307,32 +335,70 @@ def _make_two_pass(kind: int) -> Any:
                                      * _LANES, r0, x - x0, np.float32(v - fv - 0.5),
                                      np.float32(d))
                             x = end
-                    _finish_row(out[:, y, x0:x1], foot[y, x0:x1], srow, x1 - x0)
+                    _finish_row(out, foot, srow, y, x0, x1 - x0, gains, offsets, ceilings)
 
     return two_pass
 
 
 @njit(cache=True, nogil=True, fastmath=False)
 def _finish_row(out: NDArray[np.float32], foot: NDArray[np.bool_], srow: NDArray[np.float32],
-                n: int) -> None:
-    """Copy a row of raw sums out: 0.0 and outside the footprint where any plane is not
-    finite."""
+                y: int, x0: int, n: int, gains: NDArray[np.float32],
+                offsets: NDArray[np.float32], ceilings: NDArray[np.float32]) -> None:
+    """Copy a row of raw sums out to ``out[:, y, x0:x0 + n]`` and ``foot[y, x0:x0 + n]``:
+    0.0 and outside the footprint where any plane is not finite; with ``gains`` (shape
+    (nc,), else shape (0,)) each sample in the footprint is mapped on the way
+    (:class:`~livestack.pipeline.types.OutputMap`: ``v = s * gain``, ``v + offset``
+    rounded apart, as ``fastmath=False`` keeps them; 0.0 if not finite; then at most the
+    ceiling), which saves the normalisation's and the level clip's two passes over the
+    frame. Whole arrays and offsets, not slices: a slice of a row of a 3-D array has no
+    known layout, and its loops would not vectorise."""
     nc = srow.shape[0]
+    mapped = gains.shape[0] > 0
+    uy = uint64(y)
+    ux = uint64(x0)
     if nc == 1:
+        if mapped:
+            g = gains[0]
+            o = offsets[0]
+            top = ceilings[0]
+            for k in range(n):
+                uk = uint64(k)
+                val = srow[0, uk]
+                ok = math.isfinite(val)
+                v = val * g
+                v = v + o
+                v = v if math.isfinite(v) else _Z32
+                v = top if v > top else v
+                out[0, uy, ux + uk] = v if ok else _Z32
+                foot[uy, ux + uk] = ok
+            return
         for k in range(n):
-            val = srow[0, k]
+            uk = uint64(k)
+            val = srow[0, uk]
             ok = math.isfinite(val)
-            out[0, k] = val if ok else _Z32
-            foot[k] = ok
+            out[0, uy, ux + uk] = val if ok else _Z32
+            foot[uy, ux + uk] = ok
         return
     for k in range(n):
-        foot[k] = True
+        uk = uint64(k)
+        ok = True
+        for ch in range(nc):
+            ok = ok and math.isfinite(srow[ch, uk])
+        foot[uy, ux + uk] = ok
     for ch in range(nc):
+        uch = uint64(ch)
+        g = gains[ch] if mapped else _Z32
+        o = offsets[ch] if mapped else _Z32
+        top = ceilings[ch] if mapped else _Z32
         for k in range(n):
-            foot[k] = foot[k] and math.isfinite(srow[ch, k])
-    for ch in range(nc):
-        for k in range(n):
-            out[ch, k] = srow[ch, k] if foot[k] else _Z32
+            uk = uint64(k)
+            v = srow[uch, uk]
+            if mapped:
+                v = v * g
+                v = v + o
+                v = v if math.isfinite(v) else _Z32
+                v = top if v > top else v
+            out[uch, uy, ux + uk] = v if foot[uy, ux + uk] else _Z32
 
 
 #: Kind -> kernel; each compiles (or loads from numba's cache) on its first call.
@@ -374,7 +440,8 @@ def two_pass_pays(inv: NDArray[np.float64]) -> bool:
 
 def warp_two_pass_kernel(src: NDArray[np.float32], inv: NDArray[np.float64], kind: int,
                          out: NDArray[np.float32], foot: NDArray[np.bool_],
-                         tile_rows: int = 128, tile_cols: int = 256) -> None:
+                         tile_rows: int = 128, tile_cols: int = 256,
+                         post: OutputMap | None = None) -> None:
     """Affine resampling by two 1-D passes: ``out[c, y, x] ~ src[c](inv @ (x, y, 1))``.
 
     Parameters
@@ -392,6 +459,9 @@ def warp_two_pass_kernel(src: NDArray[np.float32], inv: NDArray[np.float64], kin
         Written in place.
     tile_rows, tile_cols : int
         Output tile size (pixels); one parallel task per row of tiles.
+    post : OutputMap, optional
+        Applied to each sample as it is written (its gain, offset and ceiling; not its
+        ``saturate``, which needs the clamp's mask).
 
     Raises
     ------
@@ -402,4 +472,10 @@ def warp_two_pass_kernel(src: NDArray[np.float32], inv: NDArray[np.float64], kin
         raise ValueError(f"no two-pass kernel for kind {kind}")
     if not two_pass_suits(inv):
         raise ValueError("transform outside the two-pass kernel's range")
-    _TWO_PASS[kind](src, inv, out, foot, int(tile_rows), int(tile_cols))
+    if post is None:
+        gains = offsets = ceilings = np.zeros(0, dtype=np.float32)
+    else:
+        gains, offsets, ceilings = post.arrays(src.shape[0])
+    _TWO_PASS[kind](src, inv, out, foot, int(tile_rows), int(tile_cols), gains, offsets,
+                    ceilings)
+

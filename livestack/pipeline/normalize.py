@@ -37,7 +37,7 @@ from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 
 from livestack.pipeline.kernels_normalize import affine_masked, plane_stats
-from livestack.pipeline.types import Normalization
+from livestack.pipeline.types import Normalization, OutputMap
 
 _MAD_TO_SIGMA = 1.4826
 _NOISE_LAG_PX = 3
@@ -421,6 +421,55 @@ def normalized_noise(stats: FrameStats, norm: Normalization) -> float | NDArray[
     return float(noise) if noise.ndim == 0 else noise
 
 
+def affine_terms(norm: Normalization, n_planes: int
+                 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """The normalisation as ``x * gain + offset`` per plane, in float32.
+
+    Parameters
+    ----------
+    norm : Normalization
+    n_planes : int
+        1 (mono) or 3 (colour).
+
+    Returns
+    -------
+    gains, offsets : ndarray, shape (n_planes,), float32
+        ``scale`` and ``reference_location - location * scale`` (computed in float64).
+    """
+    scale = np.broadcast_to(np.asarray(norm.scale, dtype=np.float64), (n_planes,))
+    loc = np.broadcast_to(np.asarray(norm.location, dtype=np.float64), (n_planes,))
+    ref = np.broadcast_to(np.asarray(norm.reference_location, dtype=np.float64), (n_planes,))
+    return scale.astype(np.float32), (ref - loc * scale).astype(np.float32)
+
+
+def output_map(norm: Normalization, n_planes: int,
+               level_adu: NDArray[np.float64] | None) -> OutputMap:
+    """The warp's output map for a frame (:class:`~livestack.pipeline.types.OutputMap`):
+    :func:`apply_normalization`'s numbers and the stack's saturation level.
+
+    Parameters
+    ----------
+    norm : Normalization
+    n_planes : int
+        1 (mono) or 3 (colour).
+    level_adu : ndarray, shape (n_planes,), float64, or None
+        The stack's level after this frame
+        (:meth:`~livestack.pipeline.saturation.StackSaturation.level_after`); None: the
+        frame's level is unknown, nothing is clipped or saturated.
+
+    Returns
+    -------
+    OutputMap
+    """
+    gains, offsets = affine_terms(norm, n_planes)
+    if level_adu is None:
+        ceilings = np.full(n_planes, np.inf, dtype=np.float32)
+    else:
+        ceilings = np.broadcast_to(np.asarray(level_adu, dtype=np.float64),
+                                   (n_planes,)).astype(np.float32)
+    return OutputMap(gains, offsets, ceilings, saturate=level_adu is not None)
+
+
 def apply_normalization(image: NDArray[np.float32], footprint: NDArray[np.bool_] | None,
                         norm: Normalization,
                         out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
@@ -452,11 +501,7 @@ def apply_normalization(image: NDArray[np.float32], footprint: NDArray[np.bool_]
     ny, nx = arr.shape[-2], arr.shape[-1]
     planes = arr.reshape((-1, ny, nx))
     n_planes = 1 if arr.ndim == 2 else 3
-    scale = np.broadcast_to(np.asarray(norm.scale, dtype=np.float64), (n_planes,))
-    loc = np.broadcast_to(np.asarray(norm.location, dtype=np.float64), (n_planes,))
-    ref = np.broadcast_to(np.asarray(norm.reference_location, dtype=np.float64), (n_planes,))
-    gains = scale.astype(np.float32)
-    offsets = (ref - loc * scale).astype(np.float32)
+    gains, offsets = affine_terms(norm, n_planes)
     if footprint is None:
         mask = np.ones((ny, nx), dtype=np.uint8)
     else:

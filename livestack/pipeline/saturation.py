@@ -46,7 +46,14 @@ from numpy.typing import NDArray
 from livestack.pipeline import kernels_calibrate as kc
 from livestack.pipeline import kernels_saturation as ks
 from livestack.pipeline.calibrate import MasterSet, calibrate, calibrate_scanned, can_scan
-from livestack.pipeline.types import Allocator, BoolImage, FrameInfo, Transform, Warped
+from livestack.pipeline.types import (
+    Allocator,
+    BoolImage,
+    FrameInfo,
+    OutputMap,
+    Transform,
+    Warped,
+)
 
 #: Data maxima that identify a 12- and a 14-bit camera inside a 16-bit container.
 _NARROW_LEVELS = (4095.0, 16383.0)
@@ -407,7 +414,8 @@ _IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transform,
                   saturation: FrameSaturation | None, config: SaturationConfig,
-                  empty: Allocator | None = None) -> tuple[Warped, BoolImage | None]:
+                  empty: Allocator | None = None, post: OutputMap | None = None
+                  ) -> tuple[Warped, BoolImage | None]:
     """Clamp the warp's ringing near steep steps and saturated pixels (module docstring).
 
     Parameters
@@ -425,6 +433,13 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
     empty : Allocator, optional
         Where the frame-sized flag maps and the returned mask come from (default
         ``np.empty``; a caller's buffer pool saves their fresh pages per frame).
+    post : OutputMap, optional
+        The order-preserving map (``post.monotone``) the warp applied to ``warped``
+        (``warp(..., post=post)``): the clamp's bounds are mapped the same way, clamped
+        samples are capped at its ceiling again and, with ``post.saturate``, saturated
+        samples become the ceiling, so that the result is bit for bit that of the clamp on
+        the plain warp followed by ``apply_normalization`` and
+        :meth:`StackSaturation.apply`.
 
     Returns
     -------
@@ -441,8 +456,16 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
         # nearest input pixel is itself. Skipping the kernels also keeps
         # their compile off a fresh install's first frame.
         mask = saturation.mask
-        return warped, (mask if mask is not None and mask.shape == warped.footprint.shape
-                        and mask.any() else None)
+        found = (mask if mask is not None and mask.shape == warped.footprint.shape
+                 and mask.any() else None)
+        if found is not None and post is not None and post.saturate:
+            # What StackSaturation.apply does to them after the normalisation.
+            planes = warped.image[np.newaxis] if warped.image.ndim == 2 else warped.image
+            hit = found & warped.footprint
+            ceilings = post.arrays(planes.shape[0])[2]
+            for c in range(planes.shape[0]):
+                planes[c][hit] = ceilings[c]
+        return warped, found
 
     src = np.ascontiguousarray(image, dtype=np.float32)
     src = src[np.newaxis] if src.ndim == 2 else src
@@ -456,7 +479,13 @@ def clamp_ringing(warped: Warped, image: NDArray[np.float32], transform: Transfo
     inv = np.ascontiguousarray(transform.inverse().matrix, dtype=np.float64)
     sat_out = alloc(warped.footprint.shape if saturation.mask is not None else (0, 0),
                     np.bool_)
-    ks.clamp_warped(out, warped.footprint, src, flags, tiles, sat, inv, sat_out)
+    if post is None:
+        no_map = np.zeros(0, dtype=np.float32)
+        maps = (no_map, no_map, no_map)
+    else:
+        maps = post.arrays(out.shape[0])
+    ks.clamp_warped(out, warped.footprint, src, flags, tiles, sat, inv, sat_out, *maps,
+                    post is not None and post.saturate)
     return warped, (sat_out if sat_out.size and sat_out.any() else None)
 
 
@@ -495,21 +524,47 @@ class StackSaturation:
         if frame is None:
             return
         view = planes[np.newaxis] if planes.ndim == 2 else planes
-        nc = view.shape[0]
+        level = self.level_after(frame, view.shape[0], location, scale, reference_location)
+        assert level is not None
+        self.level_adu = level
+        empty = np.zeros((0, 0), dtype=np.bool_)
+        ks.apply_level(view, footprint, saturated if saturated is not None else empty,
+                       level.astype(np.float32))
+
+    def level_after(self, frame: FrameSaturation | None, channels: int, location: Any,
+                    scale: Any, reference_location: Any) -> NDArray[np.float64] | None:
+        """The stack's level once a frame is stacked, without changing it (the live
+        stack maps the frame by it in the warp, and commits it if the frame is stacked).
+
+        Parameters
+        ----------
+        frame : FrameSaturation or None
+            The frame's facts; None (level unknown) gives None: the frame is not clipped.
+        channels : int
+            Planes of the frame.
+        location, scale, reference_location : float or ndarray (channels,)
+            The frame's :class:`~livestack.pipeline.types.Normalization` terms.
+
+        Returns
+        -------
+        ndarray, shape (channels,), float64, or None
+            The level in normalised ADU that :meth:`apply` would clip the frame at (and
+            leave as :attr:`level_adu`).
+        """
+        if frame is None:
+            return None
         level = np.broadcast_to(
             (frame.level_adu - np.asarray(location, dtype=np.float64)) *
             np.asarray(scale, dtype=np.float64) +
-            np.asarray(reference_location, dtype=np.float64), (nc,)).astype(np.float64)
-        if self.level_adu is None or np.any(level > _LEVEL_RAISE * self.level_adu):
-            # First level, or a frame that records far more than the stack's level (the
-            # 12/14-bit guess was wrong for an earlier frame whose data stayed low): the
-            # higher level wins, so no real signal is ever clipped at a guessed level.
-            self.level_adu = (level.copy() if self.level_adu is None
-                              else np.maximum(self.level_adu, level))
-
-        empty = np.zeros((0, 0), dtype=np.bool_)
-        ks.apply_level(view, footprint, saturated if saturated is not None else empty,
-                       self.level_adu.astype(np.float32))
+            np.asarray(reference_location, dtype=np.float64), (channels,)).astype(np.float64)
+        if self.level_adu is None:
+            return level.copy()
+        if np.any(level > _LEVEL_RAISE * self.level_adu):
+            # A frame that records far more than the stack's level (the 12/14-bit guess
+            # was wrong for an earlier frame whose data stayed low): the higher level
+            # wins, so no real signal is ever clipped at a guessed level.
+            return np.maximum(self.level_adu, level)
+        return self.level_adu
 
     def to_json(self) -> list[float] | None:
         """The level as a JSON list (checkpoints), None when unknown."""

@@ -43,8 +43,8 @@ from livestack.pipeline.frame import (
 from livestack.pipeline.normalize import (
     FrameStats,
     NormalizeConfig,
-    apply_normalization,
     frame_stats,
+    output_map,
 )
 from livestack.pipeline.product import StackProduct, provenance_header
 from livestack.pipeline.quality import GateConfig, QualityGate
@@ -390,18 +390,24 @@ class StackSession:
         pooled = scratch is not None
         if scratch is not None:
             buffer = Warped(scratch(grid, np.float32), scratch(ref.phase.shape, np.bool_))
-        # Reusing the buffer is safe: what follows normalises it in place and the stack
-        # copies it (accumulates or holds it); nothing keeps it past this frame.
+        # Reusing the buffer is safe: the stack copies it (accumulates or holds it);
+        # nothing keeps it past this frame.
+        norm = frame_norm.normalization
+        channels = 1 if image.ndim == 2 else image.shape[0]
+        level = self.saturation.level_after(saturation, channels, norm.location, norm.scale,
+                                            norm.reference_location)
+        # The warp writes the frame normalised and clipped at the stack's level (what
+        # apply_normalization and StackSaturation.apply did in two more passes).
         done = register(frame, info, transform, reference, ref.phase.shape, cfg,
-                        norm=frame_norm, out=buffer, empty=scratch)
+                        norm=frame_norm, out=buffer, empty=scratch,
+                        post=output_map(norm, channels, level))
         self._warp_buffer = done.warped if cfg.warp.reuse_buffer and not pooled else None
+        if level is not None:  # the frame is stacked from here on
+            self.saturation.level_adu = level
         timer.lap("warp")
-        norm = done.norm.normalization
         noise_norm = done.norm.noise_adu
         warped = done.warped
-        normalised = apply_normalization(warped.image, warped.footprint, norm, out=warped.image)
-        self.saturation.apply(normalised, warped.footprint, done.saturated, saturation,
-                              norm.location, norm.scale, norm.reference_location)
+        normalised = warped.image
         timer.lap("normalize")
 
         if self._stack is None:

@@ -332,6 +332,58 @@ class Normalization:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class OutputMap:
+    """What the warp applies to each output sample as it writes it (the live stack's
+    normalisation and saturation level, fused into the warp's output pass).
+
+    In the footprint, plane ``c``'s sample ``w`` becomes ``v = w * gain[c]``, then
+    ``v + offset[c]`` (two float32 roundings, no fused multiply-add: the numbers of
+    :func:`livestack.pipeline.normalize.apply_normalization`), 0.0 if that is not finite,
+    then ``ceiling[c]`` if above it; saturated samples become ``ceiling[c]``
+    (:meth:`livestack.pipeline.saturation.StackSaturation.apply`). Outside the footprint
+    samples stay 0.0.
+
+    Attributes
+    ----------
+    gain : ndarray, shape (nc,), float32
+        Per-plane multiplier (the normalisation's scale), > 0 and finite for the fused
+        path (:attr:`monotone`).
+    offset : ndarray, shape (nc,), float32
+        Per-plane offset in normalised ADU (``reference_location - location * scale``).
+    ceiling : ndarray, shape (nc,), float32
+        The stack's saturation level in normalised ADU; +inf when unknown (no clip).
+    saturate : bool
+        Whether saturated samples are set to the ceiling (the frame's level is known).
+    """
+
+    gain: NDArray[np.float32]
+    offset: NDArray[np.float32]
+    ceiling: NDArray[np.float32]
+    saturate: bool = False
+
+    def arrays(self, nc: int
+               ) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
+        """Gain, offset and ceiling as contiguous float32 arrays of shape ``(nc,)`` (the
+        kernels' arguments).
+
+        Raises
+        ------
+        ValueError
+            An attribute that does not broadcast to ``(nc,)``.
+        """
+        gain, offset, ceiling = (
+            np.ascontiguousarray(np.broadcast_to(np.asarray(a, dtype=np.float32), (nc,)))
+            for a in (self.gain, self.offset, self.ceiling))
+        return gain, offset, ceiling
+
+    @property
+    def monotone(self) -> bool:
+        """Whether the map preserves order (every gain finite and > 0), so that a clamp
+        to mapped bounds equals the mapped clamp, bit for bit."""
+        return bool(np.all(np.isfinite(self.gain) & (self.gain > 0)))
+
+
 @dataclass
 class FrameRecord:
     """One frame's row in a stack's provenance table (mutable while stacking).

@@ -53,7 +53,7 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
-from livestack.pipeline.types import Transform, Warped
+from livestack.pipeline.types import OutputMap, Transform, Warped
 
 KERNELS: dict[str, int] = {"nearest": 0, "bilinear": 1, "bicubic": 2, "lanczos3": 3,
                            "mitchell": 4}
@@ -97,7 +97,8 @@ def resolve_kernel(kernel: str, colour: bool) -> str:
 
 
 def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int, int],
-         kernel: str = "lanczos3", *, out: Warped | None = None) -> Warped:
+         kernel: str = "lanczos3", *, out: Warped | None = None,
+         post: OutputMap | None = None) -> Warped:
     """Resample ``image`` onto the reference grid described by ``transform``.
 
     Parameters
@@ -119,6 +120,13 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
         float32, C-contiguous, of the result's shape and not overlap ``image``; its
         footprint bool, C-contiguous, ``out_shape``. The returned object holds these same
         arrays, so a caller must not keep a result it passes back as ``out``.
+    post : OutputMap, optional
+        A per-plane affine map and ceiling applied to every output sample in the
+        footprint (the live stack's normalisation and saturation level; its ``saturate``
+        is the clamp's business, :func:`livestack.pipeline.saturation.clamp_ringing`).
+        The two-pass kernel applies it as it writes its output, saving two passes over
+        the frame; the other paths in one pass after their kernel. Either way the numbers
+        are those of ``apply_normalization`` then the level clip, bit for bit.
 
     Returns
     -------
@@ -130,9 +138,11 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
     ------
     ValueError
         Unknown kernel, bad image dimensions, non-positive ``out_shape``, a singular
-        transform, or an ``out`` that does not fit.
+        transform, an ``out`` that does not fit, or a ``post`` whose arrays do not
+        broadcast to the planes.
     """
-    from livestack.pipeline import kernels_twopass as kt  # numba only when warping
+    from livestack.pipeline import kernels_saturation as ks  # numba only when warping
+    from livestack.pipeline import kernels_twopass as kt
     from livestack.pipeline import kernels_warp as kw
 
     arr = np.asarray(image)
@@ -172,14 +182,32 @@ def warp(image: NDArray[np.float32], transform: Transform, out_shape: tuple[int,
             np.isfinite(planes).all(axis=0, out=foot)
             np.add(planes, np.float32(0.0), out=dest)  # -0.0 -> +0.0, as the kernel's sums
             dest[:, ~foot] = 0.0
+            if post is not None:  # numpy too: the same numbers as ks.map_level
+                _map_numpy(dest, foot, post)
+                post = None
         else:
             kw.warp_shift_kernel(planes, ix0, wx, iy0, wy, dest, foot, _SHIFT_BLOCK_ROWS)
     elif kind in kt.TWO_PASS_KINDS and kt.two_pass_pays(inv):
-        kt.warp_two_pass_kernel(planes, inv, kind, dest, foot, _TILE_ROWS, _TILE_COLS)
+        kt.warp_two_pass_kernel(planes, inv, kind, dest, foot, _TILE_ROWS, _TILE_COLS, post)
+        post = None  # applied on the kernel's output write
     else:
         kw.warp_affine_kernel(planes, inv, kind, dest, foot)
+    if post is not None:
+        ks.map_level(dest, foot, *post.arrays(nc))
     result = dest[0] if arr.ndim == 2 else dest
     return Warped(result, foot)
+
+
+def _map_numpy(planes: NDArray[np.float32], foot: NDArray[np.bool_], post: OutputMap) -> None:
+    """:func:`kernels_saturation.map_level` in numpy (float32 ``x * g`` then ``+ o``
+    round as the kernel's), for the identity warp, which compiles nothing."""
+    for plane, gain, offset, ceiling in zip(planes, *post.arrays(planes.shape[0]),
+                                            strict=True):
+        np.multiply(plane, gain, out=plane)
+        np.add(plane, offset, out=plane)
+        plane[~np.isfinite(plane)] = 0.0
+        np.minimum(plane, ceiling, out=plane, where=plane > ceiling)
+        plane[~foot] = 0.0
 
 
 def _check_out(out: Warped, shape: tuple[int, ...], planes: NDArray[np.float32]
