@@ -212,8 +212,9 @@ class Ingest:
         hashing: PendingSha256 | None = None
         try:
             if frame_format(spath) == "fits" and st.st_size <= SINGLE_READ_MAX_BYTES:
+                # The bytes are dropped once decoded: they borrow the warp output's arena.
                 data, hashing = read_file_hashing(spath, SINGLE_READ_MAX_BYTES,
-                                                  empty=self.buffers.empty)
+                                                  empty=self.buffers.transient)
             else:
                 sha = sha256_file(spath)
         except FileNotFoundError:
