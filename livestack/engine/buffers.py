@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
+
+if TYPE_CHECKING:
+    from livestack.pipeline.types import Allocator
 
 #: Requests below this size get a plain ``np.empty``: malloc recycles small blocks itself,
 #: and glibc serves blocks above its mmap threshold (32 MiB at most) with fresh pages.
@@ -123,13 +126,31 @@ class BufferPool:
         """
         return self._get(shape, dtype, largest=True)
 
-    def _get(self, shape: int | tuple[int, ...], dtype: DTypeLike, *, largest: bool
-             ) -> NDArray[Any]:
+    def at_least(self, min_bytes: int) -> Allocator:
+        """An allocator that pools only requests of ``min_bytes`` or more (and this pool's
+        own minimum); smaller ones get a plain ``np.empty``.
+
+        Parameters
+        ----------
+        min_bytes : int
+
+        Returns
+        -------
+        Allocator
+            Called as ``empty(shape, dtype)``, like :meth:`empty`.
+        """
+        def empty(shape: tuple[int, ...], dtype: DTypeLike, /) -> NDArray[Any]:
+            return self._get(shape, dtype, largest=False, min_bytes=min_bytes)
+
+        return empty
+
+    def _get(self, shape: int | tuple[int, ...], dtype: DTypeLike, *, largest: bool,
+             min_bytes: int = 0) -> NDArray[Any]:
         dt = np.dtype(dtype)
         dims = (int(shape),) if isinstance(shape, int | np.integer) else tuple(
             int(s) for s in shape)
         nbytes = math.prod(dims) * dt.itemsize
-        if nbytes < self.min_bytes or dt.hasobject:
+        if nbytes < max(self.min_bytes, min_bytes) or dt.hasobject:
             return np.empty(dims, dtype=dt)
         arena = self._take(nbytes, largest)
         if arena is None:
