@@ -116,6 +116,18 @@ def test_the_smallest_free_arena_that_fits_is_taken() -> None:
     assert _address(pool.empty((2 * MB,), np.uint8)) == where_large
 
 
+def test_at_least_pools_only_the_large_requests() -> None:
+    pool = BufferPool(min_bytes=0)
+    empty = pool.at_least(2 * MB)
+    small = empty((MB,), np.uint8)
+    assert pool.allocated == 0 and small.shape == (MB,)
+    large = empty((MB,), np.float32)  # 4 MiB
+    assert pool.allocated == 1 and large.dtype == np.float32
+    where = _address(large)
+    del large
+    assert _address(pool.empty((MB,), np.float32)) == where  # the same arena, pooled
+
+
 def test_the_free_reference_count_is_measured_on_this_interpreter() -> None:
     probe = [np.empty(8, np.uint8)]
     held = probe[0]
@@ -279,3 +291,53 @@ def test_saturated_frames_through_pooled_masks_stack_bit_identically(
     assert pool.allocated <= 6 and pool.reused >= 5 * 6 - 3, (pool.allocated, pool.reused)
     fresh, pooled = (s.product().image for s in sessions.values())
     assert pooled.tobytes() == fresh.tobytes()
+
+
+@pytest.mark.parametrize("colour", [False, True], ids=["mono", "colour"])
+def test_the_file_bytes_borrow_the_warp_arena_so_nothing_idles_at_the_peak(
+        colour: bool) -> None:
+    # One frame's requests in the ingest's order, 1 MiB per 26 MP bool plane: the file's
+    # bytes (transient), the decoded frame, the raw mask; the bytes are dropped once
+    # decoded; the warp output (three planes for colour), its footprint, the clamp's
+    # flags and seeds. With the smallest fit, a colour frame's bytes took the mosaic's
+    # arena, the mosaic the warp's and the warp a second warp-sized arena.
+    pool = BufferPool(min_bytes=0)
+    planes = 3 if colour else 1
+    for frame in range(4):
+        data = pool.transient((2 * MB + 1,), np.uint8)
+        decoded = pool.empty((MB,), np.float32)
+        mask = pool.empty((MB,), np.bool_)
+        held = [decoded] if colour else [decoded, mask]  # colour: the debayered mask is new
+        del data, mask
+        warp = pool.empty((planes, MB), np.float32)
+        held += [warp, *(pool.empty((MB,), dt) for dt in (np.bool_, np.uint8, np.uint8))]
+        # At the frame's peak every arena the pool keeps is in use.
+        assert pool.idle_bytes() == 0, frame
+        assert pool.held_bytes() == sum(a.nbytes for a in held), frame
+        del decoded, warp, held
+        if frame == 0:
+            first = pool.allocated
+    assert pool.allocated == first == 7  # none after the first frame
+
+
+def test_a_colour_stack_keeps_one_warp_sized_arena(tmp_path: Path) -> None:
+    # The engine's own order of requests for Bayer frames: the file's bytes must not push
+    # the mosaic into the three-plane warp output's arena (which made the pool keep two).
+    ny, nx = 192, 256
+    lights = write_sequence(tmp_path / "lights", SimConfig(
+        width=nx, height=ny, bayer_pattern="RGGB", drift_px_per_frame=(1.3, 0.7)),
+        seed=11, n_frames=5)
+    pool = BufferPool(min_bytes=0)
+    engine = Engine(make_config(tmp_path), tmp_path / "stacks")
+    engine.ingest.buffers = pool
+    held = []
+    for path in copy_frames(lights, tmp_path / "in"):
+        assert engine.process_path(path) is not None
+        held.append(pool.held_bytes())
+    assert len(engine.journal.rows(status="accepted")) == 5
+    engine.close()
+    warp, mosaic = 3 * ny * nx * 4, ny * nx * 4
+    # The warp output (the file's bytes before it) and the mosaic, nothing twice; a
+    # colour frame's byte maps are not pooled (Ingest._scratch).
+    assert held[-1] == warp + mosaic, held
+    assert held[-1] == held[-2] == held[-3], held
