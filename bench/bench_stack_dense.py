@@ -132,12 +132,17 @@ def run_stack(files: list[Path], darks: Path, out: Path, config: Path | None = N
            "-o", str(out), "--no-progress"]
     if config is not None:
         cmd += ["-c", str(config)]
-    env = None
-    if tree is not None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    # ``python -c`` puts the working directory first on sys.path, ahead of PYTHONPATH: run
+    # from the repository root, the child imported this tree's livestack even when given
+    # another one (every baseline before this fix measured this tree against itself). So
+    # the child runs in the output's folder, with the tree named first on its path.
+    here = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str((tree or here).resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            cwd=out.parent)
     _, status, usage = os.wait4(proc.pid, 0)
     wall_s = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
