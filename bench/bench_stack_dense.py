@@ -79,6 +79,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -321,6 +322,9 @@ def main() -> int:
                 stages[label] = stage_medians(out / "long")
                 counts = verdict_counts(out / "long")
                 steady = steady_ms(out / "long")
+                # A 26 MP pair writes ~1 GB (stacks, checkpoints, masters): free it now,
+                # or --repeat 5 with a baseline filled the disk of a small /tmp.
+                shutil.rmtree(out)
                 ms = (long_s - short_s) / (args.long - args.short) * 1e3
                 cpu_ms = (long_cpu - short_cpu) / (args.long - args.short) * 1e3
                 rows.append((run + 1, label, ms, rss, short_s, long_s, counts,

@@ -29,6 +29,7 @@ from livestack.pipeline.wcs import field_geometry, header_cards
 from livestack.reasons import Reason
 from livestack.service.solving import add_wcs_cards
 from livestack.storage.atomic import atomic_write
+from livestack.storage.fitsio import write_hdul
 from livestack.storage.headers import parse_frame_info
 from livestack.storage.solver import hints_from_header, solve_stars
 
@@ -171,4 +172,4 @@ def _write_into_stack(path: Path, cards: dict) -> None:
         add_wcs_cards(hdul[0].header, cards)
         with atomic_write(path, what="stack FITS") as (fd, _tmp), \
                 os.fdopen(fd, "wb", closefd=False) as fh:
-            hdul.writeto(fh)
+            write_hdul(hdul, fh)

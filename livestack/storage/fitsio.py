@@ -571,6 +571,32 @@ def write_fits_float32(path: Path, data: np.ndarray, header: fits.Header | None,
     hdul = fits.HDUList([primary, *extensions])
     with atomic_write(path, what="FITS") as (fd, _tmp), \
             os.fdopen(fd, "wb", closefd=False) as fh:
+        write_hdul(hdul, fh)
+
+
+def write_hdul(hdul: fits.HDUList, fh: IO[bytes]) -> None:
+    """``hdul.writeto(fh)`` for a file object made from a descriptor, with its errors intact.
+
+    astropy's free-space check looks up the name of the file it writes to; a descriptor's
+    file object (``os.fdopen``) is named by its number, so on a write error (a full disk)
+    the check raised ``AttributeError`` in place of the ``OSError`` it caught, and the
+    error escaped :func:`~livestack.storage.atomic.atomic_write`'s handling as a traceback.
+
+    Parameters
+    ----------
+    hdul : astropy.io.fits.HDUList
+    fh : binary file object, open for writing
+
+    Raises
+    ------
+    OSError
+        The write's own error (``atomic_write`` turns it into ``StorageError``).
+    """
+    try:
         hdul.writeto(fh)
+    except AttributeError as exc:
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
 
 

@@ -426,3 +426,24 @@ def test_read_frame_from_bytes_keeps_the_reasons(tmp_path: Path) -> None:
             read_frame(path, data)
         assert from_bytes.value.reason == from_file.value.reason == reason
         assert str(from_bytes.value) == str(from_file.value)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_a_storage_error_naming_the_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # astropy's free-space check reads the name of the file it writes to; a descriptor's
+    # file object has none, so it raised AttributeError in place of the disk's OSError.
+    path = tmp_path / "master_dark.fits"
+    real_fdopen = os.fdopen
+
+    def onto_a_full_disk(fd: int, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if "w" in mode:
+            # A descriptor's file object, as the real one: every write fails with ENOSPC.
+            return real_fdopen(os.open("/dev/full", os.O_WRONLY), "wb", buffering=0)
+        return real_fdopen(fd, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "fdopen", onto_a_full_disk)
+    with pytest.raises(StorageError, match=r"master_dark\.fits.*No space left"):
+        fitsio.write_fits_float32(path, np.ones((640, 640), np.float32), fits.Header())
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # no temp file, no partial product
