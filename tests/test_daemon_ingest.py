@@ -492,3 +492,43 @@ def test_reroute_checkpoints_the_old_stack_at_the_journal_seq(tmp_path: Path,
     rt = again.runtime(old)
     assert rt.last_seq == 4 and rt.session.n_accepted >= 1
     again.close()
+
+
+@pytest.mark.parametrize("disk_full", [False, True])
+def test_the_final_checkpoint_is_written_in_the_checkpoint_thread(
+        tmp_path: Path, frames: list[Path], disk_full: bool,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    from livestack.errors import StorageError
+
+    good = copy_frames(frames[:4], tmp_path / "in")
+    staged_in: list[tuple[str, int]] = []
+
+    def writer(path: Path, arrays: dict, meta: dict) -> tuple[StagedFile, int]:
+        staged_in.append((threading.current_thread().name, int(meta["seq"])))
+        if disk_full and threading.current_thread().name == "livestack-checkpoint":
+            raise StorageError(f"{path}: cannot write checkpoint: No space left on device")
+        return stage_checkpoint(path, arrays, meta)
+
+    # No checkpoint during the frames: the only one is finalize's.
+    engine = Engine(make_config(tmp_path, checkpoint_every_frames=100), tmp_path / "stacks",
+                    checkpoint_writer=writer)
+    for path in good:
+        engine.process_path(path)
+    with caplog.at_level(logging.ERROR, logger="livestack"):
+        engine.finalize()  # waits for the checkpoint thread
+    (rt,) = engine.runtimes.values()
+    assert staged_in == [("livestack-checkpoint", rt.last_seq)]  # not in the worker
+    assert (rt.folder / "stack.fits").is_file() and (rt.folder / "preview.jpg").is_file()
+    if disk_full:  # one line naming the file; no checkpoint, no temp file left
+        assert [r.getMessage() for r in caplog.records
+                if "No space left" in r.getMessage()] == [
+            f"{rt.folder / CHECKPOINT_NAME}: cannot write checkpoint: No space left on device "
+            "(the previous checkpoint is kept; stacking goes on)"]
+        assert not (rt.folder / CHECKPOINT_NAME).exists()
+    else:
+        _arrays, meta = load_checkpoint(rt.folder / CHECKPOINT_NAME)
+        assert meta["seq"] == rt.last_seq and meta["n_accepted"] == rt.session.n_accepted == 4
+    assert not [p for p in rt.folder.iterdir() if p.name.endswith(".tmp")]
+    engine.close()

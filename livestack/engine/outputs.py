@@ -131,7 +131,9 @@ class Outputs:
             if rt.stack_id in engine.rebuilds:
                 continue
             if rt.frames_since_checkpoint > 0:
-                engine.checkpointer.checkpoint(rt)
+                # The stack takes no more frames: its checkpoint is written while
+                # stack.fits and the preview are (the wait below).
+                engine.checkpointer.checkpoint(rt, final=True)
             if rt.session.n_accepted and (rt.accepted_since_fits or
                                           not (rt.folder / FITS_NAME).exists()):
                 self.write_fits(rt)
