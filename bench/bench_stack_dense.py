@@ -45,33 +45,30 @@ against it in the same run.
 Frames are cached under ``--cache`` (default: a folder in the system temp dir keyed by the
 arguments), so a second run skips the simulation.
 
-Measured with the ingest's buffer pool (issue 16; ``livestack/engine/buffers.py``), 26 MP
-mono, against ``git archive main`` in the same run::
+Until the fix of 2026-12-07 the child ran in the caller's working directory, where
+``python -c`` finds ``livestack`` before ``PYTHONPATH``: run from the repository root, every
+``--baseline`` column measured this tree against itself (the naive loop and the absolute
+figures were right). The ratios printed by earlier sessions are void; these are not.
 
-    python bench/bench_stack_dense.py --repeat 2 --long 12 --naive 0 --baseline /tmp/main-tree
+Issue 16's figures (quiet 2-core machine, load 1.1-1.6 from the bench itself; baseline
+``git archive 22136d7 livestack``, this session's start; ms per frame as (long - short) /
+(long - short frames), steady ms per frame, CPU ms per frame, peak RSS)::
 
-Two such runs (four interleaved pairs) on the shared 2-core machine at load average 4.6-7.4
-(other engineers' benches and tests): peak RSS 1.18 GB for both trees in every pair (the
-pool keeps the arrays a frame needs at its warp, 274 MB at 26 MP mono, instead of
-allocating them per frame; an in-process trace puts the peak at 1123 MB with the pool and
-1122 MB without). CPU ms/frame 0.84x, 0.79x, 0.78x and 1.15x of main; ms/frame and steady
-ms/frame at that load were noise (one baseline long run took less wall time than its short
-run). Once more at load 1.2-1.4 (two pairs): ms/frame 1.17x and 0.96x, steady ms/frame
-1.16x and 0.97x, CPU ms/frame 1.19x and 0.83x of main, peak RSS 1.18 GB both: within the
-run-to-run spread. ``bench/bench_frame_account.py`` has the steadier per-step CPU figures.
+    python bench/bench_stack_dense.py --repeat 2 --long 16 --naive 2 --baseline /tmp/s9start
+    run 1   22136d7 419 / 279 / 557 / 1.18 GB   main 175 / 206 / 361 / 1.18 GB
+    run 2   22136d7 326 / 270 / 460 / 1.18 GB   main 156 / 195 / 326 / 1.18 GB
+    naive astroalign loop 2502 ms per frame, 1.86 GB
 
-The hash overlap and the parallel ``frame_stats`` (branch s8overlap, ``--repeat 2 --long 12
---naive 0 --baseline <git archive of main>``, 26 MP mono, two sessions at load 2.6-3.8 from
-other engineers' runs; ms per frame, steady ms per frame, CPU ms per frame, peak RSS)::
+    python bench/bench_stack_dense.py --size 9576x6388 --stars 20000 --repeat 2 --naive 2 \
+        --baseline /tmp/s9start                                        # 61 MP
+    run 1   22136d7 805 / 646 / 1098 / 2.38 GB  main 328 / 494 / 655 / 2.39 GB
+    run 2   22136d7 899 / 616 / 1386 / 2.38 GB  main 621 / 386 / 1094 / 2.39 GB
+    naive astroalign loop 5106 ms per frame, 4.28 GB
 
-    session 1, run 1   main 303 / 383 / 270 / 1.18 GB   s8overlap 691 / 548 / 412 / 1.18 GB
-    session 1, run 2   main 429 / 703 / 410 / 1.18 GB   s8overlap 445 / 374 / 405 / 1.18 GB
-    session 2, run 1   main 761 / 324 / 431 / 1.18 GB   s8overlap 590 / 415 / 493 / 1.18 GB
-    session 2, run 2   main 519 / 381 / 498 / 1.18 GB   s8overlap 445 / 408 / 449 / 1.18 GB
-
-At that load the same tree's runs differ by 2x: no speed difference can be read from these,
-only that peak RSS did not move (1.18 GB). ``bench_frame_account.py`` and
-``bench_read_overlap.py`` time the steps that changed.
+The issue's own protocol (8 frames - 2 frames) / 6 divides the spread of two ~10 s
+start-ups by 6 (+-170 ms per frame) and charges the stack's one-off costs (the warm-up
+replay at frame 4, the final checkpoint of a grown state) to those 6 frames; it scatters
+108-245 ms (``--repeat 4 --naive 0``) around a steady cost near 200 ms.
 """
 
 from __future__ import annotations
