@@ -121,6 +121,27 @@ def calibrate_fused(raw: np.ndarray, sub: np.ndarray, flat: np.ndarray, defects:
 
 
 @njit(cache=True, nogil=True, fastmath=False, parallel=True)
+def _defects_from_neighbours(data: np.ndarray, sub: np.ndarray, flat: np.ndarray,
+                             defects: np.ndarray, defect_ptr: np.ndarray,
+                             defect_cols: np.ndarray, step: int) -> int:
+    """In place, the in-place kernels' second pass: each defect becomes the median of its
+    ring of calibrated neighbours, read from ``data`` (a defect is never a neighbour, so
+    no pixel this pass writes is read by it). Returns the defects left NaN."""
+    ny = data.shape[0]
+    unresolved = np.zeros(ny, np.int64)
+    for y in prange(ny):
+        buf = np.empty(8, np.float32)
+        for k in range(defect_ptr[y], defect_ptr[y + 1]):
+            x = defect_cols[k]
+            # data is calibrated by now: its neighbours are read as they are.
+            v = _ring_median(data, sub, flat, False, False, defects, y, x, step, buf)
+            data[y, x] = v
+            if np.isnan(v):
+                unresolved[y] += 1
+    return int(unresolved.sum())
+
+
+@njit(cache=True, nogil=True, fastmath=False, parallel=True)
 def calibrate_inplace(data: np.ndarray, sub: np.ndarray, flat: np.ndarray, defects: np.ndarray,
                       defect_ptr: np.ndarray, defect_cols: np.ndarray, use_sub: bool,
                       use_flat: bool, use_defects: bool, step: int) -> int:
@@ -147,19 +168,9 @@ def calibrate_inplace(data: np.ndarray, sub: np.ndarray, flat: np.ndarray, defec
     for y in prange(ny):
         for x in range(nx):
             data[y, x] = _calibrated_at(data, sub, flat, use_sub, use_flat, y, x)
-    unresolved = np.zeros(ny, np.int64)
     if not use_defects:
         return 0
-    for y in prange(ny):
-        buf = np.empty(8, np.float32)
-        for k in range(defect_ptr[y], defect_ptr[y + 1]):
-            x = defect_cols[k]
-            # data is calibrated by now: its neighbours are read as they are.
-            v = _ring_median(data, sub, flat, False, False, defects, y, x, step, buf)
-            data[y, x] = v
-            if np.isnan(v):
-                unresolved[y] += 1
-    return int(unresolved.sum())
+    return _defects_from_neighbours(data, sub, flat, defects, defect_ptr, defect_cols, step)
 
 
 #: Bit of a scan code (:func:`calibrate_inplace_scan`): the raw value is >= its row's
@@ -303,18 +314,9 @@ def calibrate_inplace_scan(data: np.ndarray, sub: np.ndarray, flat: np.ndarray,
                     srow[i] = data[y, i * sample_step]
             for x in range(nx):
                 data[y, x] = _calibrated_at(data, sub, flat, use_sub, use_flat, y, x)
-    unresolved = np.zeros(ny, np.int64)
     if not use_defects:
         return 0
-    for y in prange(ny):
-        buf = np.empty(8, np.float32)
-        for k in range(defect_ptr[y], defect_ptr[y + 1]):
-            x = defect_cols[k]
-            v = _ring_median(data, sub, flat, False, False, defects, y, x, step, buf)
-            data[y, x] = v
-            if np.isnan(v):
-                unresolved[y] += 1
-    return int(unresolved.sum())
+    return _defects_from_neighbours(data, sub, flat, defects, defect_ptr, defect_cols, step)
 
 
 @njit(cache=True, nogil=True, fastmath=False, parallel=True)

@@ -14,7 +14,7 @@ All kernels are parallel over rows, write only their own rows, and read NaN safe
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numba import njit, prange
@@ -76,6 +76,38 @@ def max_and_count(raw: NDArray[np.float32]) -> tuple[float, int]:  # pragma: no 
 
 
 @njit(cache=True, nogil=True, parallel=True)
+def _clear_isolated(mask: NDArray[Any], above: NDArray[np.int64],
+                    off: Any) -> int:  # pragma: no cover - numba
+    """In place: a set pixel with no set 8-neighbour becomes ``off``; returns the set
+    pixels left. Only rows with ``above[y] > 0`` can hold set pixels. ``mask`` is bool
+    (``off`` False) or a bool mask's memory as uint8 (``off`` 0).
+
+    A cleared pixel can never be the neighbour of a set one, so clearing it changes no
+    other pixel's test: the rows run in parallel.
+    """
+    ny, nx = mask.shape
+    counts = np.zeros(ny, dtype=np.int64)
+    for y in prange(ny):
+        n = 0
+        if above[y] == 0:
+            continue
+        for x in range(nx):
+            if not mask[y, x]:
+                continue
+            alone = True
+            for yy in range(max(0, y - 1), min(ny, y + 2)):
+                for xx in range(max(0, x - 1), min(nx, x + 2)):
+                    if (yy != y or xx != x) and mask[yy, xx]:
+                        alone = False
+            if alone:
+                mask[y, x] = off
+            else:
+                n += 1
+        counts[y] = n
+    return int(counts.sum())
+
+
+@njit(cache=True, nogil=True, parallel=True)
 def saturated_mask(raw: NDArray[np.float32], level: float,
                    mask: NDArray[np.bool_]) -> int:  # pragma: no cover - numba
     """``mask = raw >= level`` without isolated pixels; return the number left.
@@ -100,25 +132,7 @@ def saturated_mask(raw: NDArray[np.float32], level: float,
         else:
             for x in range(nx):
                 mask[y, x] = raw[y, x] >= level
-    counts = np.zeros(ny, dtype=np.int64)
-    for y in prange(ny):
-        n = 0
-        if above[y] == 0:
-            continue
-        for x in range(nx):
-            if not mask[y, x]:
-                continue
-            alone = True
-            for yy in range(max(0, y - 1), min(ny, y + 2)):
-                for xx in range(max(0, x - 1), min(nx, x + 2)):
-                    if (yy != y or xx != x) and mask[yy, xx]:
-                        alone = False
-            if alone:
-                mask[y, x] = False
-            else:
-                n += 1
-        counts[y] = n
-    return int(counts.sum())
+    return _clear_isolated(mask, above, False)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -484,25 +498,7 @@ def mask_from_codes(codes: NDArray[np.uint8], dense: NDArray[np.uint8], code_bit
         above[y] = n
     if above.sum() == 0:
         return 0
-    counts = np.zeros(ny, dtype=np.int64)
-    for y in prange(ny):
-        n = 0
-        if above[y] == 0:
-            continue
-        for x in range(nx):
-            if not codes[y, x]:
-                continue
-            alone = True
-            for yy in range(max(0, y - 1), min(ny, y + 2)):
-                for xx in range(max(0, x - 1), min(nx, x + 2)):
-                    if (yy != y or xx != x) and codes[yy, xx]:
-                        alone = False
-            if alone:
-                codes[y, x] = 0
-            else:
-                n += 1
-        counts[y] = n
-    return int(counts.sum())
+    return _clear_isolated(codes, above, np.uint8(0))
 
 
 @njit(cache=True, nogil=True, parallel=True)
